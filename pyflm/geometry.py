@@ -1,0 +1,219 @@
+"""Every geometric convention pyflm uses, in one place.
+
+MOSFLM's laboratory frame
+    X along the X-ray beam (source towards crystal), Z along the rotation axis, Y = Z x X.
+    The crystal turns right-handedly about Z as phi increases (DETECTOR REVERSEPHI reverses it).
+    s0 = (1/lambda, 0, 0); a reciprocal lattice vector at phi is r = R_z(phi) . A . h, with A = M . U . B
+    and M the missetting rotation.
+
+imgCIF / dxtbx frame (DIALS, and the truth of the simulated data)
+    beam along -z, rotation axis +x.  A vector v there is (-v_z, v_y, v_x) in MOSFLM's frame.
+
+MOSFLM detector coordinates
+    (X, Y) in mm from the corner of the image.  For every format pyflm reads, X runs along the SLOW
+    pixel axis and Y along the FAST one, so a pixel position (fast, slow), counted from the outer edge
+    of the first pixel (pixel i spans [i, i+1)), is X = slow * pixel_slow, Y = fast * pixel_fast.
+    BEAM x y is the direct beam in these mm.  For a detector perpendicular to the beam (two-theta 0)
+    the point (X, Y) lies in the lab at (D, Xb - X, Y - Yb): detector Y is parallel to the rotation
+    axis and detector X runs opposite to lab Y.
+
+Format beam centres (see header_beam_to_mosflm)
+    Pilatus miniCBF  Beam_xy (fast px, slow px)            -> (slow*p, fast*p)
+    ADSC SMV         BEAM_CENTER_X / _Y mm                -> used as MOSFLM X, Y directly
+    Mar345           header centre not trusted            -> the image centre (with a warning)
+    MarCCD           beam_x / beam_y in pixels (fast, slow) -> (slow*p, fast*p)
+    Eiger HDF5       beam_center_x / _y (fast px, slow px)  -> (slow*p, fast*p)
+    R-AXIS           beam position (fast px, slow px)     -> (slow*p, fast*p)
+
+Units: lengths mm (detector) and Angstrom (crystal, wavelength); angles degrees at every interface,
+radians only inside functions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# imgCIF (dxtbx) -> MOSFLM: v_mosflm = IMGCIF_TO_MOSFLM @ v_imgcif ; a proper rotation (det +1).
+IMGCIF_TO_MOSFLM = np.array([[0.0, 0.0, -1.0],
+                             [0.0, 1.0, 0.0],
+                             [1.0, 0.0, 0.0]])
+MOSFLM_TO_IMGCIF = IMGCIF_TO_MOSFLM.T
+
+BEAM_DIRECTION = np.array([1.0, 0.0, 0.0])   # MOSFLM lab: unit vector of s0
+ROTATION_AXIS = np.array([0.0, 0.0, 1.0])    # MOSFLM lab: phi axis
+
+
+def imgcif_to_mosflm(v):
+    """Vectors (..., 3) from the imgCIF/dxtbx lab frame to MOSFLM's."""
+    return np.asarray(v, float) @ IMGCIF_TO_MOSFLM.T
+
+
+def mosflm_to_imgcif(v):
+    """Vectors (..., 3) from MOSFLM's lab frame to imgCIF/dxtbx's."""
+    return np.asarray(v, float) @ MOSFLM_TO_IMGCIF.T
+
+
+def rot_x(deg):
+    t = np.radians(deg)
+    c, s = np.cos(t), np.sin(t)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def rot_y(deg):
+    t = np.radians(deg)
+    c, s = np.cos(t), np.sin(t)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def rot_z(deg):
+    t = np.radians(deg)
+    c, s = np.cos(t), np.sin(t)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+def rot_z_many(deg):
+    """Stack of rotations about Z for an array of angles (degrees): shape (n, 3, 3)."""
+    t = np.radians(np.asarray(deg, float))
+    c, s = np.cos(t), np.sin(t)
+    out = np.zeros(t.shape + (3, 3))
+    out[..., 0, 0] = c
+    out[..., 0, 1] = -s
+    out[..., 1, 0] = s
+    out[..., 1, 1] = c
+    out[..., 2, 2] = 1.0
+    return out
+
+
+def misset_matrix(phix, phiy, phiz):
+    """MOSFLM's missetting rotation [PHIZ][PHIY][PHIX]: applied in front of U.B (angles in degrees)."""
+    return rot_z(phiz) @ rot_y(phiy) @ rot_x(phix)
+
+
+def b_matrix(cell):
+    """Busing & Levy B (a* along x, b* in the xy plane), in 1/Angstrom, from (a, b, c, al, be, ga)."""
+    a, b, c, al, be, ga = [float(x) for x in cell]
+    al, be, ga = np.radians([al, be, ga])
+    ca, cb, cg = np.cos(al), np.cos(be), np.cos(ga)
+    sa, sb, sg = np.sin(al), np.sin(be), np.sin(ga)
+    vol = a * b * c * np.sqrt(max(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg, 0.0))
+    if vol <= 0:
+        raise ValueError(f"cell {cell} has no volume")
+    ast, bst, cst = b * c * sa / vol, a * c * sb / vol, a * b * sg / vol
+    cbs = (ca * cg - cb) / (sa * sg)   # cos(beta*)
+    cgs = (ca * cb - cg) / (sa * sb)   # cos(gamma*)
+    sbs, sgs = np.sqrt(1 - cbs * cbs), np.sqrt(1 - cgs * cgs)
+    return np.array([[ast, bst * cgs, cst * cbs],
+                     [0.0, bst * sgs, -cst * sbs * ca],
+                     [0.0, 0.0, 1.0 / c]])
+
+
+def cell_from_a(a_matrix):
+    """Real cell (a, b, c, al, be, ga) from a reciprocal setting matrix (columns a*, b*, c*, 1/Angstrom)."""
+    real = np.linalg.inv(np.asarray(a_matrix, float)).T   # columns a, b, c
+    lens = np.linalg.norm(real, axis=0)
+    ang = lambda i, j: np.degrees(np.arccos(np.clip(real[:, i] @ real[:, j] / (lens[i] * lens[j]), -1, 1)))
+    return np.array([lens[0], lens[1], lens[2], ang(1, 2), ang(0, 2), ang(0, 1)])
+
+
+def d_spacing(a_matrix, hkl):
+    """Resolution (Angstrom) of indices (n, 3) for setting matrix A (1/Angstrom)."""
+    r = np.asarray(hkl, float) @ np.asarray(a_matrix, float).T
+    return 1.0 / np.linalg.norm(r, axis=-1)
+
+
+# ---- detector pixels <-> MOSFLM detector mm --------------------------------------------------------
+
+def pixel_to_mm(fast, slow, pixel_fast, pixel_slow):
+    """Pixel coordinates (fast, slow; outer edge of first pixel = 0) -> MOSFLM (X, Y) mm."""
+    return np.asarray(slow, float) * pixel_slow, np.asarray(fast, float) * pixel_fast
+
+
+def mm_to_pixel(x_mm, y_mm, pixel_fast, pixel_slow):
+    """MOSFLM (X, Y) mm -> pixel coordinates (fast, slow)."""
+    return np.asarray(y_mm, float) / pixel_fast, np.asarray(x_mm, float) / pixel_slow
+
+
+def header_beam_to_mosflm(kind, header_beam, pixel_fast, pixel_slow, image_size=None):
+    """The direct beam of a header in MOSFLM mm (X along slow, Y along fast).
+
+    kind        'pixels_fast_slow' (Pilatus Beam_xy, MarCCD, Eiger, R-AXIS),
+                'mm_slow_fast' (ADSC BEAM_CENTER_X/_Y), or 'image_centre' (Mar345: header not trusted).
+    header_beam the two numbers as the header gives them.
+    image_size  (n_fast, n_slow), needed for 'image_centre'.
+    Returns (X, Y) mm.
+    """
+    if kind == "pixels_fast_slow":
+        bf, bs = header_beam
+        return float(bs) * pixel_slow, float(bf) * pixel_fast
+    if kind == "mm_slow_fast":
+        return float(header_beam[0]), float(header_beam[1])
+    if kind == "image_centre":
+        nf, ns = image_size
+        return ns * pixel_slow / 2.0, nf * pixel_fast / 2.0
+    raise ValueError(f"unknown beam-centre convention {kind!r}")
+
+
+# ---- lab <-> detector ------------------------------------------------------------------------------
+
+def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0):
+    """Origin (corner of the image, mm) and unit vectors along detector X (slow) and Y (fast) and the
+    normal, all in MOSFLM's lab frame.
+
+    The untilted detector stands at lab x = distance, normal along the beam, with the point (beam_x,
+    beam_y) on the beam.  two_theta swings it about the rotation axis (Z) through the crystal; tilt and
+    twist (degrees) are small rotations about detector X and Y applied before the swing.
+    """
+    ex = np.array([0.0, -1.0, 0.0])   # detector X direction (along slow)
+    ey = np.array([0.0, 0.0, 1.0])    # detector Y direction (along fast), parallel to the rotation axis
+    n = np.array([1.0, 0.0, 0.0])     # normal, towards the detector from the crystal
+    if tilt or twist:
+        r = rot_about(ex, tilt) @ rot_about(ey, twist)
+        ex, ey, n = r @ ex, r @ ey, r @ n
+    centre = distance * n             # the foot of the normal: the beam position for two-theta 0
+    origin = centre - beam_x * ex - beam_y * ey
+    if two_theta:
+        r = rot_z(two_theta)
+        origin, ex, ey, n = r @ origin, r @ ex, r @ ey, r @ n
+    return origin, ex, ey, n
+
+
+def rot_about(axis, deg):
+    """Right-handed rotation matrix about a unit axis (degrees)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    t = np.radians(deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+
+
+def mm_to_lab(x_mm, y_mm, frame):
+    """MOSFLM detector (X, Y) mm -> lab points (n, 3) mm, for frame = detector_frame(...)."""
+    origin, ex, ey, _ = frame
+    x = np.asarray(x_mm, float)[..., None]
+    y = np.asarray(y_mm, float)[..., None]
+    return origin + x * ex + y * ey
+
+
+def lab_to_mm(s1, frame):
+    """Where rays along s1 (n, 3, any length) from the crystal meet the detector: (X, Y) mm and a mask
+    of rays that hit the detector plane in front of the crystal."""
+    origin, ex, ey, n = frame
+    s1 = np.asarray(s1, float)
+    denom = s1 @ n
+    ok = denom > 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(ok, (origin @ n) / np.where(ok, denom, 1.0), np.nan)
+    p = s1 * t[..., None] - origin
+    return p @ ex, p @ ey, ok
+
+
+def two_theta_of(x_mm, y_mm, frame):
+    """Scattering angle (degrees) of detector points."""
+    p = mm_to_lab(x_mm, y_mm, frame)
+    cos2t = p[..., 0] / np.linalg.norm(p, axis=-1)
+    return np.degrees(np.arccos(np.clip(cos2t, -1, 1)))
+
+
+def resolution_of(x_mm, y_mm, frame, wavelength):
+    """d-spacing (Angstrom) of detector points."""
+    tt = np.radians(two_theta_of(x_mm, y_mm, frame))
+    with np.errstate(divide="ignore"):
+        return wavelength / (2.0 * np.sin(tt / 2.0))
