@@ -372,11 +372,14 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
     mtz.set_data(data)
     for info in batches:
         mtz.batches.append(_make_batch(info, sg, wavelength))
-    mtz.history = [str(h)[:80] for h in history]
+    mtz.history = [str(h)[:80] for h in history][:30]     # readers accept at most 30 history lines
     if len(rec):
         mtz.update_reso()
-    with atomic_path(path) as tmp:
-        mtz.write_to_file(tmp)
+    try:
+        with atomic_path(path) as tmp:
+            mtz.write_to_file(tmp)
+    except (OSError, RuntimeError) as exc:
+        raise MtzError(os.fspath(path), f"cannot be written ({exc})") from None
     return len(rec)
 
 

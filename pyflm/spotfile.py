@@ -61,15 +61,22 @@ def write_spot_file(path, spots, *, image_size, pixel_size, beam, two_theta=0.0,
     if not np.all(np.isfinite(values)):
         raise InputError("spot list", given="non-finite positions or intensities", expected="finite numbers")
     order = np.argsort(-values[:, 3], kind="stable")     # MOSFLM takes the brightest spots first
+    try:
+        _write(path, values[order], n_fast, n_slow, p_fast, p_slow, beam, two_theta)
+    except OSError as exc:
+        raise SpotFileError(os.fspath(path), f"cannot be written ({exc.strerror or exc})") from None
+    return len(keep)
+
+
+def _write(path, rows, n_fast, n_slow, p_fast, p_slow, beam, two_theta):
     with atomic_open(path, "w") as f:
         # MOSFLM's X runs along the slow pixel axis, so NXPIX counts slow pixels and PIXEL is their size
         f.write(f"{n_slow:10d} {n_fast:10d} {p_slow:10.8f} {p_fast / p_slow:10.6f} {0.0:10.6f}\n")
         f.write(f"{0:10d} {1 if two_theta else 0:10d}\n")
         f.write(f"{float(beam[0]):10.5f} {float(beam[1]):10.5f}\n")
-        for x, y, phi, inten, sig in values[order]:
+        for x, y, phi, inten, sig in rows:
             f.write(f"{x:10.4f} {y:10.4f} {0.0:10.2f} {phi:10.4f} {inten:14.2f} {sig:12.2f}\n")
         f.write(" ".join(f"{END_MARK:10.2f}" for _ in range(6)) + "\n")
-    return len(keep)
 
 
 def _numbers(line, count, path, line_no, what):

@@ -186,6 +186,13 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_unwritable_place_is_reported_in_one_line(tmp_path):
+    records, batches, cell = random_sweep("P 1", n=20)
+    with pytest.raises(MtzError, match="cannot be written"):
+        write_unmerged_mtz(tmp_path / "no" / "such" / "dir.mtz", records, space_group="P 1", cell=cell,
+                           wavelength=1, batches=batches)
+
+
 def test_unreadable_files_are_reported_in_one_line(tmp_path):
     junk = tmp_path / "junk.mtz"
     junk.write_text("this is not an MTZ file\n")

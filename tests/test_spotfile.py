@@ -122,3 +122,6 @@ def test_missing_file_and_bad_spot_lists(tmp_path):
         write_spot_file(old, spots, image_size=SIZE, pixel_size=PIXEL, beam=BEAM)
     assert old.read_text() == "previous run\n"     # a failed write leaves the old file as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.spt"]
+    with pytest.raises(SpotFileError, match="cannot be written"):
+        write_spot_file(tmp_path / "no" / "dir" / "x.spt", spots[1:], image_size=SIZE, pixel_size=PIXEL,
+                        beam=BEAM)
