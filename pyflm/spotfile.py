@@ -51,18 +51,22 @@ def write_spot_file(path, spots, *, image_size, pixel_size, beam, two_theta=0.0,
             and all(n in spots.dtype.names for n in _NEEDED)):
         raise InputError("spot list", given=type(spots).__name__,
                          expected=f"a structured array with fields {', '.join(_NEEDED)} (SPOT_DTYPE)")
-    n_fast, n_slow = (int(v) for v in image_size)
-    p_fast, p_slow = (float(pixel_size),) * 2 if np.ndim(pixel_size) == 0 else map(float, pixel_size)
+    try:
+        n_fast, n_slow = (int(v) for v in image_size)
+        p_fast, p_slow = (float(pixel_size),) * 2 if np.ndim(pixel_size) == 0 else map(float, pixel_size)
+        bx, by = float(beam[0]), float(beam[1])
+    except (TypeError, ValueError):
+        n_fast = n_slow = p_fast = p_slow = 0
     if min(n_fast, n_slow) <= 0 or min(p_fast, p_slow) <= 0:
-        raise InputError("detector", given=(image_size, pixel_size),
-                         expected="positive image size (pixels) and pixel size (mm)")
+        raise InputError("detector", given=(image_size, pixel_size, beam),
+                         expected="image size (n_fast, n_slow) pixels, pixel size (mm) and beam (X, Y) mm")
     keep = spots if include_flagged or "flag" not in spots.dtype.names else spots[spots["flag"] == 0]
     values = np.stack([keep[n].astype(float) for n in _NEEDED], axis=1) if len(keep) else np.zeros((0, 5))
     if not np.all(np.isfinite(values)):
         raise InputError("spot list", given="non-finite positions or intensities", expected="finite numbers")
     order = np.argsort(-values[:, 3], kind="stable")     # MOSFLM takes the brightest spots first
     try:
-        _write(path, values[order], n_fast, n_slow, p_fast, p_slow, beam, two_theta)
+        _write(path, values[order], n_fast, n_slow, p_fast, p_slow, (bx, by), two_theta)
     except OSError as exc:
         raise SpotFileError(os.fspath(path), f"cannot be written ({exc.strerror or exc})") from None
     return len(keep)

@@ -125,3 +125,5 @@ def test_missing_file_and_bad_spot_lists(tmp_path):
     with pytest.raises(SpotFileError, match="cannot be written"):
         write_spot_file(tmp_path / "no" / "dir" / "x.spt", spots[1:], image_size=SIZE, pixel_size=PIXEL,
                         beam=BEAM)
+    with pytest.raises(InputError, match="detector"):
+        write_spot_file(old, spots[1:], image_size=SIZE, pixel_size="0.172 mm", beam=BEAM)
