@@ -130,6 +130,19 @@ def test_gemmi_puts_records_back_on_their_original_indices(tmp_path):
     np.testing.assert_array_equal(hkl, np.stack([records["H"], records["K"], records["L"]], axis=1))
 
 
+def test_a_file_read_back_can_be_written_again_unchanged(tmp_path):
+    records, batches, cell = random_sweep("C 1 2 1", seed=5)
+    write_unmerged_mtz(tmp_path / "a.mtz", records, space_group="C 1 2 1", cell=cell, wavelength=0.9,
+                       batches=batches)
+    first = read_unmerged_mtz(tmp_path / "a.mtz")
+    write_unmerged_mtz(tmp_path / "b.mtz", first.records, space_group=first.space_group, cell=first.cell,
+                       wavelength=first.wavelength, batches=first.batches)
+    second = read_unmerged_mtz(tmp_path / "b.mtz")
+    np.testing.assert_array_equal(second.records, first.records)
+    assert [(b.number, b.phi_start, b.phi_end) for b in second.batches] == \
+        [(b.number, b.phi_start, b.phi_end) for b in first.batches]
+
+
 def test_missets_are_folded_into_the_header_u():
     from pyflm.geometry import misset_matrix
     from pyflm.mtz import _make_batch
