@@ -1,0 +1,252 @@
+"""Reflection prediction: Ewald-sphere crossings, rocking widths, partiality, LP and detector positions.
+
+For a setting matrix A (columns a*, b*, c*, MOSFLM lab frame at phi 0; see pyflm.geometry), the
+reciprocal lattice vector of h at phi is r(phi) = R_z(phi) . A . h.  With r0 = A.h split along the
+rotation axis e (= Z) and perpendicular to it, the diffracting condition |s0 + r|^2 = |s0|^2 becomes
+    a cos(phi) + b sin(phi) = c,   a = s0x r0x + s0y r0y, b = s0x r0y - s0y r0x (for e = Z), c = -|r0|^2/2
+(s0 = (1/lambda, 0, 0)), with 0 or 2 solutions.  The diffracted ray s1 = s0 + r(phi) meets the
+detector at the predicted position.
+
+Rocking width (full width, degrees): the angular spread of the lattice point (mosaic spread with the
+beam divergence, plus 2 tan(theta) dlambda/lambda from the dispersion) divided by
+zeta = |e . (s1^ x s0^)|, the rate at which rotation carries it through the sphere (1/zeta is the
+Lorentz factor), so widths grow without limit near the rotation axis (MAXWIDTH rejects those).
+Partiality on an image [phi1, phi2]: the fraction of a smooth rocking profile (the integral of a
+raised-cosine of full width `width` centred on the crossing) inside the image's range.
+
+Public API
+    generate_hkl(A, dmin, dmax=None) -> (n, 3) int array of every h with dmax >= d >= dmin
+    crossings(A, hkl, wavelength, axis_sign=1) -> (phi1, phi2, valid) degrees
+    predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=None, *, mosaic=None,
+            use_cython=True) -> PRED_DTYPE array of crossings with phi in [phi_start - margin, phi_end + margin]
+    fractions(phi, width, lo, hi) -> fraction of the rocking curve inside [lo, hi]
+    image_parts(pred, phi0, osc, first, last, min_fraction) -> rows (index into pred, image, fraction)
+    classify(pred, detector, separation, maxwidth, osc) -> flags
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import geometry
+
+PRED_DTYPE = np.dtype([
+    ("h", "i4"), ("k", "i4"), ("l", "i4"),
+    ("phi", "f8"),            # crossing, degrees
+    ("fast", "f8"), ("slow", "f8"),
+    ("x_mm", "f8"), ("y_mm", "f8"),
+    ("d", "f8"),
+    ("width", "f8"),          # full rocking width, degrees
+    ("lorentz", "f8"), ("polar", "f8"),
+    ("on_detector", "?"),
+])
+
+
+def generate_hkl(A, dmin, dmax=None):
+    """Every h with dmin <= d (<= dmax), h != 0, for setting matrix A (1/Angstrom)."""
+    A = np.asarray(A, float)
+    real = np.linalg.inv(A).T                       # columns a, b, c (Angstrom)
+    lim = np.floor(np.linalg.norm(real, axis=0) / dmin).astype(int)
+    h = np.arange(-lim[0], lim[0] + 1)
+    k = np.arange(-lim[1], lim[1] + 1)
+    l = np.arange(-lim[2], lim[2] + 1)
+    hkl = np.stack(np.meshgrid(h, k, l, indexing="ij"), -1).reshape(-1, 3)
+    r2 = np.einsum("ij,ij->i", hkl @ A.T, hkl @ A.T)
+    keep = (r2 <= 1.0 / dmin ** 2) & (r2 > 0)
+    if dmax:
+        keep &= r2 >= 1.0 / dmax ** 2
+    return hkl[keep].astype(np.int32)
+
+
+def crossings(A, hkl, wavelength, reverse=False):
+    """Both phi (degrees) at which h crosses the Ewald sphere, and whether it does."""
+    r0 = np.asarray(hkl, float) @ np.asarray(A, float).T
+    x, y = r0[:, 0], r0[:, 1]
+    rho = np.hypot(x, y)
+    r2 = np.einsum("ij,ij->i", r0, r0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        K = -wavelength * r2 / (2.0 * rho)
+    ok = (np.abs(K) <= 1.0) & (rho > 0)
+    alpha = np.arctan2(y, x)
+    acos = np.arccos(np.clip(K, -1, 1))
+    p1, p2 = np.degrees(-alpha + acos), np.degrees(-alpha - acos)
+    if reverse:
+        p1, p2 = -p1, -p2
+    return p1, p2, ok
+
+
+def _wrap_into(phi, lo):
+    """Shift angles by multiples of 360 so they fall in [lo, lo + 360)."""
+    return lo + np.mod(phi - lo, 360.0)
+
+
+def lorentz_polar(s1_unit, axis, polarisation=0.95, model="SYNCHROTRON", mono_two_theta=0.0):
+    """Lorentz factor 1/|e.(s0^ x s1^)| and the polarisation factor for unit diffracted beams (n, 3).
+
+    Synchrotron: a fraction p of the beam is polarised with its electric vector along the horizontal,
+    which is MOSFLM's Z (the rotation axis lies horizontal on beamlines), the rest along Y."""
+    s0u = geometry.BEAM_DIRECTION
+    cross = np.cross(s0u, s1_unit)
+    with np.errstate(divide="ignore"):
+        lor = 1.0 / np.abs(cross @ np.asarray(axis, float))
+    cos2t = s1_unit[:, 0]
+    if model == "PINHOLE" or model == "UNPOLARISED":
+        pol = 0.5 * (1.0 + cos2t ** 2)
+    elif model == "MONOCHROMATOR":
+        c2m = np.cos(np.radians(mono_two_theta)) ** 2
+        pol = (1.0 + c2m * cos2t ** 2) / (1.0 + c2m)
+    else:
+        p = float(polarisation)
+        pol = p * (1.0 - s1_unit[:, 2] ** 2) + (1.0 - p) * (1.0 - s1_unit[:, 1] ** 2)
+    return lor, pol
+
+
+def fraction_inside(phi, width, lo, hi):
+    """Fraction of a reflection's rocking curve (a raised cosine of full width `width` centred on phi)
+    recorded between lo and hi degrees."""
+    return _cum(hi, phi, width) - _cum(lo, phi, width)
+
+
+def _cum(x, phi, width):
+    t = np.clip((np.asarray(x, float) - phi) / np.maximum(width, 1e-9) + 0.5, 0.0, 1.0)
+    return t - np.sin(2 * np.pi * t) / (2 * np.pi)
+
+
+def predict_numpy(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None):
+    """Crossings of every reflection with phi in [phi_lo, phi_hi): (hkl, phi, s1 unit, x_mm, y_mm, hit, d)."""
+    hkl = generate_hkl(A, dmin, dmax)
+    p1, p2, ok = crossings(A, hkl, wavelength, reverse=axis_sign < 0)
+    hh = np.concatenate([hkl[ok], hkl[ok]])
+    ph = np.concatenate([_wrap_into(p1[ok], phi_lo), _wrap_into(p2[ok], phi_lo)])
+    keep = ph < phi_hi
+    hh, ph = hh[keep], ph[keep]
+    r0 = hh @ np.asarray(A, float).T
+    rot = geometry.rot_z_many(axis_sign * ph)
+    r = np.einsum("nij,nj->ni", rot, r0)
+    s1 = r + geometry.BEAM_DIRECTION / wavelength
+    s1u = s1 * wavelength
+    x, y, hit = geometry.lab_to_mm(s1u, frame)
+    d = 1.0 / np.linalg.norm(r0, axis=1)
+    return hh, ph, s1u, x, y, hit, d
+
+
+def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=None, *, mosaic=None,
+            margin=None, use_cython=True):
+    """Every Ewald-sphere crossing whose rocking curve overlaps [phi_start, phi_end] (degrees).
+
+    Returns a PRED_DTYPE array.  `margin` (degrees) widens the search so that partials starting on
+    earlier images are found (default: MAXWIDTH-like 5 degrees)."""
+    A = crystal.A
+    mosaic = crystal.mosaic if mosaic is None else mosaic
+    margin = 5.0 if margin is None else margin
+    frame = detector.frame()
+    sign = -1 if goniometer.reverse_phi else 1
+    hh, ph, s1u, x, y, hit, d = predict_numpy(A, beam.wavelength, frame, sign, phi_start - margin,
+                                              phi_end + margin, dmin, dmax)
+    lor, pol = lorentz_polar(s1u, goniometer.axis, beam.polarisation, beam.polarisation_model,
+                             beam.monochromator_two_theta)
+    width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)
+    lo = ph - width / 2
+    hi = ph + width / 2
+    keep = (hi > phi_start) & (lo < phi_end)
+    out = np.zeros(int(keep.sum()), PRED_DTYPE)
+    out["h"], out["k"], out["l"] = hh[keep].T
+    out["phi"] = ph[keep]
+    out["x_mm"], out["y_mm"] = x[keep], y[keep]
+    fast, slow = detector.mm_to_pixel(x[keep], y[keep])
+    out["fast"], out["slow"] = fast, slow
+    out["d"] = d[keep]
+    out["width"] = width[keep]
+    out["lorentz"], out["polar"] = lor[keep], pol[keep]
+    out["on_detector"] = hit[keep] & (fast >= 0) & (fast < detector.n_fast) & (slow >= 0) & \
+        (slow < detector.n_slow)
+    return out
+
+
+def rocking_width_xds(s1u, axis, mosaic, beam):
+    """Full rocking width in phi (degrees): the angular spread of the lattice point (mosaic, divergence,
+    dispersion) divided by zeta = |e.(s1^ x s0^)|, the rate at which rotation moves it through the sphere."""
+    zeta = np.abs(np.cross(s1u, geometry.BEAM_DIRECTION) @ np.asarray(axis, float))
+    div = float(np.hypot(*beam.divergence))
+    two_theta = np.arccos(np.clip(s1u[:, 0], -1, 1))
+    disp = np.degrees(2.0 * np.tan(two_theta / 2) * beam.dispersion)
+    spread = np.sqrt(mosaic ** 2 + div ** 2) + disp
+    return spread / np.maximum(zeta, 1e-6)
+
+
+PART_DTYPE = np.dtype([("index", "i8"), ("image", "i4"), ("fraction", "f8"), ("n_parts", "i4"),
+                       ("part", "i4")])
+
+
+def image_parts(pred, phi0, osc, first, last, min_fraction=0.0):
+    """Split each predicted reflection over the images it touches: rows (index into pred, image,
+    fraction on that image, number of images it spans inside [first, last], which part this is)."""
+    lo = pred["phi"] - pred["width"] / 2
+    hi = pred["phi"] + pred["width"] / 2
+    i_lo = np.floor((lo - phi0) / osc).astype(np.int64) + first
+    i_hi = np.floor((hi - phi0) / osc).astype(np.int64) + first
+    i_lo = np.maximum(i_lo, first)
+    i_hi = np.minimum(i_hi, last)
+    n = np.maximum(i_hi - i_lo + 1, 0)
+    idx = np.repeat(np.arange(len(pred)), n)
+    offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    img = i_lo[idx] + offs
+    a = phi0 + (img - first) * osc
+    f = fraction_inside(pred["phi"][idx], pred["width"][idx], a, a + osc)
+    keep = f > min_fraction
+    out = np.zeros(int(keep.sum()), PART_DTYPE)
+    out["index"], out["image"], out["fraction"] = idx[keep], img[keep], f[keep]
+    # renumber parts after dropping negligible slivers
+    if len(out):
+        start = np.ones(len(out), bool)
+        start[1:] = out["index"][1:] != out["index"][:-1]
+        gid = np.cumsum(start) - 1
+        first_pos = np.flatnonzero(start)
+        out["part"] = np.arange(len(out)) - first_pos[gid] + 1
+        out["n_parts"] = np.bincount(gid)[gid]
+    return out
+
+
+# classification bits (MOSFLM's colours in pictures: blue full, yellow partial, red overlap, green wide)
+FULL, PARTIAL, OVERLAP, TOO_WIDE, EXCLUDED = 1, 2, 4, 8, 16
+
+
+def classify(pred, parts, detector, *, separation=None, maxwidth=5.0, osc=1.0, dmin=None, dmax=None,
+             mask_fn=None):
+    """Flags per part row: FULL or PARTIAL, plus OVERLAP (closer than SEPARATION x, y mm to another
+    reflection on the same image), TOO_WIDE (wider than MAXWIDTH degrees) and EXCLUDED (off the detector,
+    behind the backstop, outside the limits or the resolution range)."""
+    p = pred[parts["index"]]
+    flags = np.where(parts["n_parts"] == 1, FULL, PARTIAL)
+    flags = np.where(p["width"] > maxwidth, flags | TOO_WIDE, flags)
+    excl = ~p["on_detector"]
+    if dmin is not None:
+        excl |= p["d"] < dmin
+    if dmax is not None:
+        excl |= p["d"] > dmax
+    if detector.backstop:
+        bx, by, br = detector.backstop
+        excl |= np.hypot(p["x_mm"] - bx, p["y_mm"] - by) < br
+    if mask_fn is not None:
+        excl |= mask_fn(p["x_mm"], p["y_mm"])
+    flags = np.where(excl, flags | EXCLUDED, flags)
+    if separation is not None and len(p):
+        from scipy.spatial import cKDTree
+        sx, sy = separation
+        ov = np.zeros(len(p), bool)
+        for img in np.unique(parts["image"]):
+            sel = np.flatnonzero(parts["image"] == img)
+            pts = np.stack([p["x_mm"][sel] / sx, p["y_mm"][sel] / sy], 1)
+            tree = cKDTree(pts)
+            pairs = tree.query_pairs(1.0 - 1e-9, p=np.inf, output_type="ndarray")
+            if len(pairs):
+                ov[sel[pairs[:, 0]]] = True
+                ov[sel[pairs[:, 1]]] = True
+        flags = np.where(ov, flags | OVERLAP, flags)
+    return flags.astype(np.int32)
+
+
+def corner_resolution(detector, wavelength):
+    """The highest resolution (Angstrom) recorded anywhere on the detector (its farthest corner)."""
+    xs = np.array([0, detector.size_mm[0], 0, detector.size_mm[0]])
+    ys = np.array([0, 0, detector.size_mm[1], detector.size_mm[1]])
+    return float(np.min(geometry.resolution_of(xs, ys, detector.frame(), wavelength)))

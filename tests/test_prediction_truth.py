@@ -1,0 +1,137 @@
+"""Prediction against the exact truth of the simulated sweep (predictions.csv beside its images)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SIM
+from pyflm import geometry, predict
+from pyflm.model import Beam, Crystal, Detector, Goniometer
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return json.load(open(SIM / "truth.json"))
+
+
+@pytest.fixture(scope="module")
+def sim_models(truth):
+    crystal = Crystal(tuple(truth["cell"]), "P212121", np.array(truth["U_mosflm"]), (0, 0, 0),
+                      truth["mosaic_fwhm_deg"])
+    beam = Beam(truth["wavelength_A"], divergence=(0.02, 0.02), dispersion=truth["dispersion_rel_sigma"],
+                polarisation=truth["polarisation_fraction"])
+    x, y = truth["mosflm_beam_mm"]
+    nf, ns = truth["image_size_px"]
+    det = Detector(truth["distance_mm"], x, y, truth["pixel_mm"], truth["pixel_mm"], nf, ns)
+    return crystal, beam, det, Goniometer()
+
+
+@pytest.fixture(scope="module")
+def csv_rows():
+    with open(SIM / "predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep_prediction(sim_models):
+    crystal, beam, det, gonio = sim_models
+    dmin = predict.corner_resolution(det, beam.wavelength)
+    return predict.predict(crystal, beam, det, gonio, 0.0, 60.0, dmin)
+
+
+def _match(pred, rows):
+    index = {}
+    for i, (h, k, l) in enumerate(zip(pred["h"], pred["k"], pred["l"])):
+        index.setdefault((h, k, l), []).append(i)
+    pairs = []
+    for r in rows:
+        phi = float(r["phi_deg"])
+        if not 0.0 <= phi < 60.0:
+            continue
+        cand = index.get((int(r["h"]), int(r["k"]), int(r["l"])))
+        j = None if not cand else min(cand, key=lambda j: abs(pred["phi"][j] - phi))
+        pairs.append((r, j))
+    return pairs
+
+
+def test_predicted_positions_and_phi_match_the_truth(sweep_prediction, csv_rows):
+    pairs = _match(sweep_prediction, csv_rows)
+    found = [(r, j) for r, j in pairs if j is not None]
+    pos = np.array([np.hypot(sweep_prediction["fast"][j] - float(r["x_px"]),
+                             sweep_prediction["slow"][j] - float(r["y_px"])) for r, j in found])
+    dphi = np.array([sweep_prediction["phi"][j] - float(r["phi_deg"]) for r, j in found])
+    assert np.median(pos) < 0.1
+    assert np.max(np.abs(dphi)) < 0.05
+    # every recorded reflection on the detector is predicted (within the detector's corner resolution)
+    missing = [r for r, j in pairs if j is None and not r["flags"]]
+    assert not missing, f"{len(missing)} reflections of predictions.csv not predicted, e.g. {missing[0]}"
+
+
+def test_each_reflection_is_predicted_on_its_image_or_a_neighbour(sweep_prediction, csv_rows):
+    parts = predict.image_parts(sweep_prediction, 0.0, 1.0, 1, 60, min_fraction=0.0)
+    on = set(zip(sweep_prediction["h"][parts["index"]], sweep_prediction["k"][parts["index"]],
+                 sweep_prediction["l"][parts["index"]], parts["image"]))
+    bad = 0
+    n = 0
+    for r in csv_rows:
+        if not r["image"] or r["flags"]:
+            continue
+        n += 1
+        h, img = (int(r["h"]), int(r["k"]), int(r["l"])), int(r["image"])
+        if not any((*h, i) in on for i in (img - 1, img, img + 1)):
+            bad += 1
+    assert n > 50000 and bad == 0
+
+
+def test_lorentz_and_polarisation_match_the_simulation(sweep_prediction, csv_rows):
+    pairs = [(r, j) for r, j in _match(sweep_prediction, csv_rows[:20000]) if j is not None]
+    lor = np.array([sweep_prediction["lorentz"][j] / float(r["lorentz"]) for r, j in pairs])
+    pol = np.array([sweep_prediction["polar"][j] / float(r["polarisation"]) for r, j in pairs])
+    assert np.allclose(lor, 1, atol=1e-4) and np.allclose(pol, 1, atol=1e-4)
+
+
+def test_fractions_follow_the_simulated_mosaic_blocks(sweep_prediction, csv_rows):
+    pairs = [(r, j) for r, j in _match(sweep_prediction, csv_rows) if j is not None and not r["flags"]
+             and 3 <= float(r["phi_deg"]) < 57]
+    diffs = []
+    for r, j in pairs:
+        f = r["fractions"].split(";")
+        first = int(f[0])
+        for n, v in enumerate(f[1:]):
+            lo = first + n - 1.0
+            diffs.append(float(v) - predict.fraction_inside(sweep_prediction["phi"][j],
+                                                            sweep_prediction["width"][j], lo, lo + 1))
+    diffs = np.abs(diffs)
+    # 96 Monte Carlo blocks carry ~0.05 of sampling noise per fraction; the model is at that floor
+    assert np.mean(diffs) < 0.06
+
+
+def test_missets_predict_as_if_folded_into_u(sim_models):
+    crystal, beam, det, gonio = sim_models
+    mis = (0.3, -0.2, 0.15)
+    with_missets = Crystal(crystal.cell, crystal.space_group, crystal.U, mis, crystal.mosaic)
+    folded = Crystal(crystal.cell, crystal.space_group, geometry.misset_matrix(*mis) @ crystal.U,
+                     (0, 0, 0), crystal.mosaic)
+    a = predict.predict(with_missets, beam, det, gonio, 10, 12, 2.0)
+    b = predict.predict(folded, beam, det, gonio, 10, 12, 2.0)
+    assert len(a) == len(b) > 100
+    assert np.allclose(a["phi"], b["phi"]) and np.allclose(a["fast"], b["fast"])
+
+
+def test_reverse_phi_mirrors_the_crossings(sim_models):
+    crystal, beam, det, gonio = sim_models
+    fwd = predict.predict(crystal, beam, det, Goniometer(), 0, 90, 3.0)
+    rev = predict.predict(crystal, beam, det, Goniometer(reverse_phi=True), -90, 0, 3.0)
+    f = np.sort(fwd["phi"][(fwd["phi"] > 10) & (fwd["phi"] < 80)])
+    r = np.sort(-rev["phi"][(-rev["phi"] > 10) & (-rev["phi"] < 80)])
+    assert len(f) == len(r) > 1000 and np.allclose(f, r)
+
+
+def test_two_theta_detector_round_trip():
+    frame = geometry.detector_frame(160.0, 100.0, 110.0, two_theta=30.0)
+    x = np.array([10.0, 100.0, 200.0])
+    y = np.array([20.0, 110.0, 150.0])
+    lab = geometry.mm_to_lab(x, y, frame)
+    x2, y2, ok = geometry.lab_to_mm(lab / np.linalg.norm(lab, axis=1)[:, None], frame)
+    assert ok.all() and np.allclose(x, x2) and np.allclose(y, y2)
