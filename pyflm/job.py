@@ -86,3 +86,145 @@ def resolve_action(name):
             return None
         raise
     return getattr(mod, fn_name, None)
+
+
+# ---- applying parsed keywords to the job ----------------------------------------------------------
+
+def apply_statement(job, st):
+    """Change the job state for one parsed statement (pyflm.parser.Statement).  Returns 'stop' for
+    EXIT/END, 'go' for GO/RUN, None otherwise.  Raises pyflm.errors.InputError for values that parse but
+    cannot be used (an unknown space group, an unreadable matrix file)."""
+    from . import keywords
+    from .errors import InputError
+    name, v = st.keyword, st.values
+    kw = keywords.BY_NAME[name]
+    args = v.get("_args", [])
+    if name in ("EXIT", "END"):
+        return "stop"
+    if name in ("GO", "RUN"):
+        return "go"
+    if name == "HELP":
+        return "help"
+    if kw.kind == "file":
+        job.files[name] = args[0]
+        if name == "MATRIX":
+            _read_matrix(job, args[0], st.line_no)
+        return None
+    if name == "TEMPLATE":
+        job.template = args[0]
+        return None
+    if name == "DIRECTORY":
+        job.directory = args[0]
+        return None
+    if name == "EXTENSION":
+        job.extension = args[0]
+        return None
+    if name == "IMAGE":
+        job.image = int(args[0])
+        if "PHI" in v:
+            a, b = v["PHI"]
+            if b <= a:
+                raise InputError("the phi range must increase", st.line_no, "IMAGE", f"{a} TO {b}",
+                                 "PHI start TO end with end > start")
+            job.phi_override[job.image] = (float(a), float(b))
+        return None
+    if kw.kind == "action":
+        _queue_action(job, st)
+        return None
+    if name == "MOSAIC" and "ESTIMATE" in v:
+        est = v["ESTIMATE"]
+        job.queue.append(("MOSAIC", {"IMAGE": est} if est is not True else {}, st.line_no))
+        if not args:
+            return None
+    # settings: merge sub-key by sub-key
+    cur = job.kw.setdefault(name, {})
+    cur.update(v)
+    if name in ("CELL", "SYMMETRY", "MISSETS", "MOSAIC"):
+        _update_crystal(job, name, args, st.line_no)
+    return None
+
+
+def _queue_action(job, st):
+    name = keywords_action(st.keyword)
+    args = dict(st.values)
+    if name == "AUTOINDEX":
+        spec = {"IMAGE": args.pop("IMAGE")} if "IMAGE" in args else None
+        if spec is not None:
+            if "TO" in args:
+                spec["TO"] = args.pop("TO")
+            if "PHI" in args:
+                spec["PHI"] = args.pop("PHI")
+        for q in job.queue:      # several AUTOINDEX lines before one GO make one indexing
+            if q[0] == "AUTOINDEX":
+                q[1].update({k: a for k, a in args.items()})
+                if spec:
+                    q[1].setdefault("IMAGES", []).append(spec)
+                return
+        if spec:
+            args["IMAGES"] = [spec]
+    job.queue.append((name, args, st.line_no))
+
+
+def keywords_action(name):
+    from . import keywords
+    return keywords.BY_NAME[name].action or name
+
+
+def _read_matrix(job, path, line_no):
+    from .errors import InputError, MatrixError
+    try:
+        from .matrix import read_matrix
+    except ImportError:
+        return
+    try:
+        crystal = read_matrix(path)
+    except MatrixError as e:
+        raise InputError(e.problem, line_no, "MATRIX", path, "a MOSFLM matrix file") from None
+    if job.crystal is not None:
+        crystal.mosaic = crystal.mosaic or job.crystal.mosaic
+        if "SYMMETRY" in job.kw:
+            crystal.space_group = job.crystal.space_group
+    job.crystal = crystal
+
+
+def space_group_name(value, line_no=None):
+    """A space group given by name or number, as gemmi's Hermann-Mauguin name (H3 -> R 3 :H)."""
+    import gemmi
+    from .errors import InputError
+    s = str(value).strip()
+    sg = None
+    try:
+        if s.isdigit():
+            sg = gemmi.find_spacegroup_by_number(int(s))
+        else:
+            sg = gemmi.find_spacegroup_by_name(s)
+            if sg is None and s.upper().startswith("H"):
+                sg = gemmi.find_spacegroup_by_name("R" + s[1:] + ":H")
+    except (ValueError, RuntimeError):
+        sg = None
+    if sg is None:
+        raise InputError("unknown space group", line_no, "SYMMETRY", value,
+                         "a space group name such as P212121, H3, R3 or a number 1-230")
+    return sg.hm
+
+
+def _update_crystal(job, name, args, line_no):
+    from .errors import InputError
+    if job.crystal is None:
+        job.crystal = Crystal((1, 1, 1, 90, 90, 90))
+        job.crystal.U = None         # no orientation until MATRIX or indexing gives one
+    c = job.crystal
+    if name == "CELL":
+        from . import geometry
+        try:
+            geometry.b_matrix(args)
+        except ValueError:
+            raise InputError("impossible cell", line_no, "CELL", " ".join(map(str, args)),
+                             "angles that make a cell with volume") from None
+        c.cell = tuple(float(a) for a in args)
+    elif name == "SYMMETRY":
+        c.space_group = space_group_name(args[0], line_no)
+    elif name == "MISSETS":
+        c.missets = tuple(float(a) for a in args)
+    elif name == "MOSAIC" and args:
+        c.mosaic = float(args[0])
