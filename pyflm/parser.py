@@ -90,11 +90,19 @@ def tokenize(text, line_no=None):
 
 # ---- values ---------------------------------------------------------------------------------------
 
-_SPEC = re.compile(r"^([rislft])([?*]?)(?:([\[(])([^:\])]*):([^\])]*)([\])]))?$")
+_SPEC = re.compile(r"^([rislft])([?*]?)(?:([\[(])([^:\])]*):([^\])]*)([\])]))?([?*]?)$")
 
 
 def _spec_items(spec):
-    return [_SPEC.match(tok).groups() for tok in spec.split()]
+    """[(type, multiplicity, low bracket, low, high, high bracket)] for a value spec."""
+    out = []
+    for tok in spec.split():
+        m = _SPEC.match(tok)
+        if m is None:
+            raise ValueError(f"bad value spec {tok!r}")
+        t, m1, lb, lo, hi, hb, m2 = m.groups()
+        out.append((t, m1 or m2 or "", lb, lo, hi, hb))
+    return out
 
 
 def _convert(tok, item, kw, line_no, what):
