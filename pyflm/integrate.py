@@ -102,8 +102,10 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             out_stats.append(st)
             continue
         p = pred[parts["index"][sel]]
-        res = integrate_fn(data, p["fast"], p["slow"], raster=settings.raster or (11, 11, 0, 3, 3),
-                           gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix)
+        fulls = parts["n_parts"][sel] == 1
+        res, _ = integrate_fn(data, p["fast"], p["slow"], raster=settings.raster or (15, 15, 3, 4, 4),
+                              gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
+                              strong_mask=fulls)
         lp = p["lorentz"] * p["polar"]
         rec = np.zeros(len(sel), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
@@ -118,7 +120,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         rec["width"] = p["width"]
         rec["lp"] = 1.0 / lp
         rec["flag"] = res["flag"]
-        ok = (res["flag"] & 32) == 0 & np.isfinite(rec["i"])
+        ok = ((res["flag"] & 32) == 0) & np.isfinite(rec["i"]) & np.isfinite(rec["ipr"])
         rec = rec[ok]
         n_parts = parts["n_parts"][sel][ok]
         st.n_full = int(np.sum(n_parts == 1))
