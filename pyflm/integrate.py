@@ -176,3 +176,143 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
         hkl = np.stack([rec["h"], rec["k"], rec["l"]], 1)
         rec["mpart"] = partial_codes(hkl, rec["batch"], rec["fractioncalc"])
     return Result(rec, stats)
+
+
+# ---- the PROCESS action ---------------------------------------------------------------------------
+
+def read_image_data(template, directory, extension, number):
+    """Image data by number (module level so worker processes can be handed it)."""
+    from .images import image_path, read_image
+    return read_image(image_path(template, directory, number, extension))[0]
+
+
+def settings_from_job(job, detector):
+    kw = job.kw
+    s = Settings()
+    res = (kw.get("RESOLUTION") or {}).get("_args") or []
+    if res:
+        s.dmin = float(min(res))
+        if len(res) > 1:
+            s.dmax = float(max(res))
+    sep = (kw.get("SEPARATION") or {}).get("_args") or []
+    if sep:
+        s.separation = (float(sep[0]), float(sep[-1]))
+    else:     # MOSFLM sets it from the spot size; a box's worth of pixels is the safe default
+        s.separation = (4 * detector.pixel_slow, 4 * detector.pixel_fast)
+    ras = (kw.get("RASTER") or {}).get("_args")
+    if ras:
+        s.raster = tuple(int(r) for r in ras)
+    mw = (kw.get("MAXWIDTH") or {}).get("_args")
+    if mw:
+        s.maxwidth = float(mw[0])
+    blk = (kw.get("BLOCK") or {}).get("_args")
+    if blk:
+        s.block = int(blk[0])
+    s.nproc = nproc_from(kw)
+    return s
+
+
+def _image_range(job, args):
+    a = args.get("_args") or []
+    if len(a) >= 2:
+        return int(a[0]), int(a[1])
+    if len(a) == 1 and "TO" in args:
+        return int(a[0]), int(args["TO"])
+    if len(a) == 1:
+        return int(a[0]), int(a[0])
+    raise ProcessingError("PROCESS needs the images to integrate: PROCESS first TO last")
+
+
+def run_process(job, args):
+    """PROCESS a TO b [START phi ANGLE dphi]: integrate images a..b into HKLOUT and SUMMARY."""
+    from .fileio import atomic_open  # noqa: F401  (outputs below are all written atomically)
+    from .mtz import BatchInfo, write_unmerged_mtz
+    from . import summary as summ
+    import functools
+    first, last = _image_range(job, args)
+    if last < first:
+        raise ProcessingError(f"PROCESS {first} TO {last}: the last image comes before the first")
+    if "START" in args:
+        start, width = float(args["START"]), float(args.get("ANGLE", 0) or 0)
+        if width <= 0:
+            raise ProcessingError("PROCESS START needs ANGLE (the oscillation of each image)")
+        for i in range(first, last + 1):
+            job.phi_override[i] = (start + (i - first) * width, start + (i - first + 1) * width)
+    crystal = job.crystal
+    if crystal is None or getattr(crystal, "U", None) is None:
+        raise ProcessingError("no orientation matrix: give MATRIX (or run AUTOINDEX) before PROCESS")
+    beam, det, gonio, scan = job.experiment(first)
+    if scan.first > first or scan.last < last:
+        raise ProcessingError(f"images {first} to {last} are not all on disk for {job.template} "
+                              f"(found {scan.first} to {scan.last})")
+    if not crystal.mosaic:
+        crystal.mosaic = 0.3
+        job.log.line(" No MOSAIC given: a mosaic spread of 0.30 degrees is assumed (MOSAIC r sets it)")
+    settings = settings_from_job(job, det)
+    log = job.log
+    log.line("")
+    log.line(f" Integrating images {first} to {last} in blocks of {settings.block}"
+             f" on {settings.nproc} process{'es' if settings.nproc > 1 else ''}")
+    log.line(f" Cell {' '.join(f'{c:.3f}' for c in crystal.cell)}  Space group {crystal.space_group}"
+             f"  Mosaic {crystal.mosaic:.2f}")
+    tables = [summ.detector_table(), summ.postref_table(), summ.integration_table()]
+
+    def on_image(st):
+        a, b = st.phi
+        log.line("")
+        log.line(" ************************************************")
+        log.line(f" Integrating Image {st.image:4d}  Phi {a:7.2f} to {b:7.2f}")
+        log.line(" ************************************************")
+        if st.error:
+            log.line(f" ***** WARNING ***** image {st.image} skipped: {st.error}")
+            return
+        log.line(f"   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
+        log.line(f" {det.beam_x:7.2f} {det.beam_y:7.2f}  1.0000 {det.distance:7.2f}  "
+                 f"{det.yscale:6.4f} {det.tilt * 100:5.0f} {det.twist * 100:5.0f}")
+        log.line(f"   {st.n_full:6d} Fully recorded and {st.n_partial:6d} partials measured;"
+                 f" {st.n_overload} overloads, {st.n_bad} bad spots")
+        log.line(f"   <I/sigI> profile fitted {st.isig_pr:7.1f}  summation {st.isig_sum:7.1f};"
+                 f"  outer shell {st.isig_pr_outer:6.1f} {st.isig_sum_outer:6.1f}")
+        log.line(f" Smoothed value for refined mosaic spread {crystal.mosaic:7.3f}")
+        tables[0].add(st.image, det.beam_x, det.beam_y, det.distance, det.yscale, det.tilt * 100,
+                      det.twist * 100, det.roff, det.toff, 0.0, 0.0)
+        tables[1].add(st.image, *crystal.missets, *crystal.cell, crystal.mosaic)
+        tables[2].add(st.image, st.n_full, st.n_partial, st.n_overload, st.n_bad, st.isig_pr,
+                      st.isig_sum, st.isig_pr_outer, st.isig_sum_outer)
+        log.flush()
+
+    from .shoebox import integrate_image
+    reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
+    result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings, reader,
+                              integrate_image, on_image=on_image)
+    bad = [s for s in result.stats if s.error]
+    hklout = job.files.get("HKLOUT", "hklout.mtz")
+    batches = []
+    U = __import__("pyflm.geometry", fromlist=["misset_matrix"]).misset_matrix(*crystal.missets) @ crystal.U
+    for s in result.stats:
+        if s.error:
+            continue
+        batches.append(BatchInfo(s.image, s.phi[0], s.phi[1], tuple(crystal.cell), U,
+                                 mosaic=crystal.mosaic, wavelength=beam.wavelength, distance=det.distance,
+                                 divergence=tuple(beam.divergence), dispersion=beam.dispersion,
+                                 two_theta=det.two_theta,
+                                 detector_limits=((0.0, float(det.n_slow)), (0.0, float(det.n_fast)))))
+    if not batches:
+        raise ProcessingError("no image could be integrated")
+    keep = np.isin(result.records["batch"], [b.number for b in batches])
+    kwn = lambda n, d: ((job.kw.get(n) or {}).get("_args") or [d])[0]
+    n = write_unmerged_mtz(hklout, result.records[keep], space_group=crystal.space_group,
+                           cell=crystal.cell, wavelength=beam.wavelength, batches=batches,
+                           pname=kwn("PNAME", "PNAME"), xname=kwn("XNAME", "XNAME"),
+                           dname=kwn("DNAME", "DNAME"), title=kwn("TITLE", ""),
+                           history=[f"From pyflm, images {first} to {last}"])
+    if "SUMMARY" in job.files:
+        summ.write_summary(job.files["SUMMARY"], tables,
+                           header=f" pyflm summary file: images {first} to {last}")
+    log.line("")
+    if bad:
+        log.line(f" {len(bad)} image(s) could not be integrated: " + ", ".join(str(s.image) for s in bad))
+    log.line(" WRITTEN OUTPUT MTZ FILE")
+    log.line(f" Logical Name: {hklout}   Filename: {hklout}")
+    log.line(f" * Number of Reflections = {n}")
+    job.results["integration"] = result
