@@ -1,0 +1,197 @@
+"""FINDSPOTS: spots on an image (algorithms.md 1a).
+
+A pixel is a spot pixel when, over a 7 x 7 window of valid pixels around it, the index of dispersion
+var/mean exceeds 1 + k_d.sqrt(2/(n-1)) (the window is not pure Poisson background) and the pixel
+exceeds mean + k_s.sqrt(gain.mean) (DIALS's "dispersion" test, Parkhurst et al. 2016; a photon-counting
+background has var = mean).  Spot pixels are joined by 8-connectivity (scipy.ndimage.label); spots of
+fewer than MINPIX pixels, or larger than MAXSIZE times the median, are rejected.  Per spot: background
+(the window mean outside spot pixels), background-subtracted intensity, sigma, intensity-weighted
+centroid, size.  Spots inside the backstop, outside RMIN..RMAX or the LIMITS, on ice rings, or closer to
+each other than SEPARATION are flagged (kept in the list with a non-zero flag).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from . import geometry
+from .spots import SPOT_DTYPE
+
+# flag bits of rejected spots
+TOO_SMALL, TOO_BIG, OUTSIDE, BACKSTOP, ICE, TOO_CLOSE, OVERLOADED = 1, 2, 4, 8, 16, 32, 64
+
+ICE_RINGS_D = (3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883, 1.721)
+
+
+def dispersion_mask(data, valid, gain=1.0, kernel=7, sigma_b=6.0, sigma_s=3.0, min_count=2):
+    """Spot-pixel mask by the dispersion test, and the local background mean."""
+    d = np.where(valid, data, 0).astype(np.float64)
+    v = valid.astype(np.float64)
+    size = (kernel, kernel)
+    n = ndimage.uniform_filter(v, size, mode="constant") * kernel * kernel
+    s1 = ndimage.uniform_filter(d, size, mode="constant") * kernel * kernel
+    s2 = ndimage.uniform_filter(d * d, size, mode="constant") * kernel * kernel
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 1, s1 / n, 0.0)
+        var = np.where(n > 1, (s2 - s1 * s1 / n) / (n - 1), 0.0)
+        disp = np.where(mean > 0, var / (mean * gain), 0.0)
+        bound = 1.0 + sigma_b * np.sqrt(2.0 / np.maximum(n - 1, 1))
+        strong = (disp > bound) & (d > mean + sigma_s * np.sqrt(np.maximum(mean * gain, 1e-9))) & \
+            valid & (d >= min_count) & (n >= kernel * kernel // 2)
+    return strong, mean
+
+
+def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None, max_size_ratio=10.0,
+               rmin=None, rmax=None, wavelength=None, ice_rings=False, separation=None, sigma_b=6.0,
+               kernel=7, mask=None):
+    """Spots on one image -> spot list (pyflm.spots.SPOT_DTYPE), brightest first.
+
+    threshold is the I/sigma a spot must reach to be kept (FINDSPOTS THRESHOLD); min_pix defaults to
+    MOSFLM's 6, or 3 for small pixels that see small spots."""
+    data = np.asarray(data)
+    valid = data > detector.nullpix
+    if mask is not None:
+        valid &= ~mask
+    over = data >= detector.overload
+    strong, bgmean = dispersion_mask(data, valid & ~over, detector.gain, kernel, sigma_b)
+    strong |= over & valid
+    # close one-pixel holes so a spot is not split by a noisy pixel
+    strong = ndimage.binary_closing(strong, structure=np.ones((2, 2))) & valid
+    labels, n = ndimage.label(strong, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros(0, SPOT_DTYPE)
+    idx = np.arange(1, n + 1)
+    d = data.astype(np.float64)
+    net = np.where(strong, d - bgmean, 0.0)
+    npix = ndimage.sum_labels(np.ones_like(d), labels, idx)
+    inten = ndimage.sum_labels(net, labels, idx)
+    bgsum = ndimage.sum_labels(bgmean, labels, idx)
+    var = detector.gain * (inten + 2 * bgsum)
+    sig = np.sqrt(np.maximum(var, 1e-9))
+    ss, ff = np.indices(d.shape)
+    w = np.maximum(net, 0)
+    wsum = np.maximum(ndimage.sum_labels(w, labels, idx), 1e-9)
+    cs = ndimage.sum_labels(w * (ss + 0.5), labels, idx) / wsum
+    cf = ndimage.sum_labels(w * (ff + 0.5), labels, idx) / wsum
+    objs = ndimage.find_objects(labels)
+    size_s = np.array([o[0].stop - o[0].start for o in objs], float)
+    size_f = np.array([o[1].stop - o[1].start for o in objs], float)
+    n_over = ndimage.sum_labels(over.astype(float), labels, idx)
+    spots = np.zeros(n, SPOT_DTYPE)
+    spots["image"] = image
+    spots["phi"] = phi
+    spots["fast"], spots["slow"] = cf, cs
+    spots["x_mm"], spots["y_mm"] = detector.pixel_to_mm(cf, cs)
+    spots["intensity"], spots["sigma"] = inten, sig
+    spots["npix"] = npix
+    spots["size_fast"], spots["size_slow"] = size_f, size_s
+    flag = np.zeros(n, np.int32)
+    if min_pix is None:
+        min_pix = 3 if detector.pixel_fast >= 0.1 else 4
+    flag[npix < min_pix] |= TOO_SMALL
+    flag[inten < threshold * sig] |= TOO_SMALL
+    ok = flag == 0
+    if ok.any():
+        med = np.median(npix[ok])
+        flag[npix > max_size_ratio * max(med, 1) * 4] |= TOO_BIG
+    flag[n_over > 0] |= OVERLOADED
+    r = np.hypot(spots["x_mm"] - detector.beam_x, spots["y_mm"] - detector.beam_y)
+    if rmin is not None:
+        flag[r < rmin] |= OUTSIDE
+    if rmax is not None:
+        flag[r > rmax] |= OUTSIDE
+    if detector.backstop:
+        bx, by, br = detector.backstop
+        flag[np.hypot(spots["x_mm"] - bx, spots["y_mm"] - by) < br] |= BACKSTOP
+    lim = detector.limits or {}
+    for key, coord, cmp in (("XMIN", "x_mm", np.less), ("XMAX", "x_mm", np.greater),
+                            ("YMIN", "y_mm", np.less), ("YMAX", "y_mm", np.greater)):
+        if key in lim and lim[key] is not True:
+            flag[cmp(spots[coord], float(lim[key]))] |= OUTSIDE
+    if ice_rings and wavelength:
+        dsp = geometry.resolution_of(spots["x_mm"], spots["y_mm"], detector.frame(), wavelength)
+        for dr in ICE_RINGS_D:
+            flag[np.abs(1 / dsp - 1 / dr) < 0.01] |= ICE
+    if separation is not None and n > 1:
+        from scipy.spatial import cKDTree
+        good = np.flatnonzero(flag == 0)
+        if len(good) > 1:
+            pts = np.stack([spots["x_mm"][good] / separation[0], spots["y_mm"][good] / separation[1]], 1)
+            pairs = cKDTree(pts).query_pairs(1.0, p=np.inf, output_type="ndarray")
+            if len(pairs):
+                flag[good[pairs.ravel()]] |= TOO_CLOSE
+    spots["flag"] = flag
+    order = np.argsort(-spots["intensity"] / np.maximum(spots["sigma"], 1e-9))
+    return spots[order]
+
+
+def spot_statistics(spots, detector, wavelength):
+    """Counts and resolution figures MOSFLM prints after a spot search."""
+    ok = spots[spots["flag"] == 0]
+    out = {"found": len(spots), "ok": len(ok),
+           "too_close": int(np.sum(spots["flag"] & TOO_CLOSE != 0)),
+           "rejected": int(np.sum(spots["flag"] != 0))}
+    if len(ok):
+        d = geometry.resolution_of(ok["x_mm"], ok["y_mm"], detector.frame(), wavelength)
+        out["highest_resolution"] = float(np.min(d))
+        out["res99"] = float(np.quantile(d, 0.01))
+        out["median_size"] = (float(np.median(ok["size_slow"])), float(np.median(ok["size_fast"])))
+    return out
+
+
+def run_findspots(job, args):
+    """FINDSPOTS [FIND n] [THRESHOLD r] [RMIN r] [RMAX r] [MINPIX i] ...: search the current image."""
+    from .images import current_path, read_image
+    from .shoebox import choose_raster
+    image = int(args.get("FIND", args.get("IMAGE", job.image or 0)) or 0) or None
+    beam, det, gonio, scan = job.experiment(image)
+    image = image or scan.first
+    data = read_image(current_path(job, image))[0]
+    a, b = scan.phi_range(image)
+    spots_kw = dict(job.kw.get("SPOTS") or {})
+    spots_kw.update(args)
+    sep = (job.kw.get("SEPARATION") or {}).get("_args")
+    spots = find_spots(data, det, image=image, phi=0.5 * (a + b),
+                       threshold=float(spots_kw.get("THRESHOLD", 3.0)),
+                       min_pix=spots_kw.get("MINPIX"), rmin=spots_kw.get("RMIN"), rmax=spots_kw.get("RMAX"),
+                       wavelength=beam.wavelength, ice_rings=bool(spots_kw.get("ICE")),
+                       separation=(sep[0], sep[-1]) if sep else None)
+    log_spot_search(job.log, spots, det, beam.wavelength, image, 0.5 * (a + b), sep)
+    job.results.setdefault("spots", {})[image] = spots
+    st = spot_statistics(spots, det, beam.wavelength)
+    if "median_size" in st:
+        job.results["raster"] = choose_raster(*st["median_size"])
+    if "SPOTOD" in job.files:
+        from .spotfile import write_spot_file
+        allspots = np.concatenate(list(job.results["spots"].values()))
+        write_spot_file(job.files["SPOTOD"], allspots, image_size=(det.n_fast, det.n_slow),
+                        pixel_size=det.pixel_fast, beam=(det.beam_x, det.beam_y), two_theta=det.two_theta)
+    pic = job.kw.get("PICTURE") or {}
+    if pic.get("ON") or (pic.get("_args") or [""])[0] == "ON":
+        import os
+        from .pictures import spot_picture
+        d = pic.get("DIRECTORY", ".")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"spots_{image:05d}.png")
+        spot_picture(path, data, spots, float(job.kw.get("THRESHOLD", {}).get("_args", [20])[0]))
+        job.log.line(f" Picture of the spots written to {path}")
+
+
+def log_spot_search(log, spots, det, wavelength, image, phi, sep=None):
+    from .shoebox import choose_raster
+    st = spot_statistics(spots, det, wavelength)
+    log.line("")
+    log.line(f" Finding spots on image {image:5d} (Midpoint of phi {phi:8.3f} degrees)")
+    log.line(f" {st['found']:6d} spots found;  {st['rejected']:5d} rejected")
+    log.line(f" Number too close (SEPARATION keyword) {st['too_close']:5d}")
+    if sep:
+        log.line(f" (currently SEPARATION {sep[0]:6.2f}{sep[-1]:6.2f})")
+    log.line(f" Number stored as OK {st['ok']:6d}")
+    if st["ok"]:
+        log.line(f" The highest resolution is {st['highest_resolution']:6.2f} Angstrom")
+        log.line(f" 99% have resolution less than {st['res99']:6.2f} Angstrom")
+        sx, sy = st["median_size"]
+        r = choose_raster(sx, sy)
+        log.line(f" Based on a median spot size of {int(round(sx)):2d} by {int(round(sy)):2d} pixels in X and Y,"
+                 " the measurement box")
+        log.line(" parameters have been set to " + "".join(f"{v:4d}" for v in r))
