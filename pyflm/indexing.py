@@ -1,0 +1,534 @@
+"""AUTOINDEX (DPS) and MOSAIC ESTIMATE (algorithms.md 1b).
+
+1. Spots (x, y mm, phi) become reciprocal-lattice vectors at phi 0: s1 = unit(detector point)/lambda,
+   r = s1 - s0, rotated back by -phi about the rotation axis (pyflm.geometry conventions).
+2. DPS (Steller, Bolotovsky & Rossmann 1997): for directions t over a hemisphere, the projections r.t
+   are quantised at multiples of 1/|a| when t lies along a real-space lattice vector a; the FFT of their
+   histogram peaks at frequency |a|.  The strongest directions give candidate vectors, each refined by
+   linear least squares (r.a = integer for the spots it indexes).
+3. The three non-coplanar candidates of smallest cell volume that index the most spots form a basis; the
+   cell is reduced (pyflm.lattice.reduce_basis) and the orientation, cell and beam centre refined by
+   least squares on spot positions and phi (scipy.optimize.least_squares).
+4. The lattice characters (pyflm.lattice) are listed with penalties; the preferred solution is refined
+   again with its lattice's constraints and becomes job.crystal (and the NEWMAT file).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from . import geometry, lattice, predict
+from .errors import ProcessingError
+
+
+# ---- reciprocal space -----------------------------------------------------------------------------
+
+def spots_to_reciprocal(x_mm, y_mm, phi, wavelength, frame, reverse_phi=False):
+    """Reciprocal-lattice vectors (n, 3) at phi = 0 for spots at detector (x, y) mm and phi (deg)."""
+    p = geometry.mm_to_lab(x_mm, y_mm, frame)
+    s1 = p / np.linalg.norm(p, axis=1)[:, None] / wavelength
+    r = s1 - geometry.BEAM_DIRECTION / wavelength
+    sign = 1.0 if reverse_phi else -1.0
+    rot = geometry.rot_z_many(sign * np.asarray(phi, float))
+    return np.einsum("nij,nj->ni", rot, r)
+
+
+def hemisphere(step_deg):
+    """Unit vectors over a hemisphere (z >= 0) about step_deg apart."""
+    out = []
+    n_theta = int(np.ceil(90.0 / step_deg))
+    for i in range(n_theta + 1):
+        th = np.radians(i * 90.0 / n_theta)
+        n_phi = max(1, int(round(360.0 * np.sin(th) / step_deg)))
+        ph = np.radians(np.arange(n_phi) * 360.0 / n_phi)
+        out.append(np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph),
+                             np.full(n_phi, np.cos(th))], 1))
+    return np.concatenate(out)
+
+
+def dps_scan(r, directions, max_cell, n_bins=None):
+    """For each direction, the strongest FFT peak of the projection histogram: (score, length Å)."""
+    pmax = np.max(np.linalg.norm(r, axis=1)) * 1.001
+    if n_bins is None:
+        n_bins = int(2 ** np.ceil(np.log2(max(4 * pmax * max_cell * 2, 256))))
+    proj = r @ directions.T                                       # (n_spots, n_dir)
+    bins = np.clip(((proj + pmax) / (2 * pmax) * n_bins).astype(np.int64), 0, n_bins - 1)
+    flat = bins + np.arange(directions.shape[0])[None, :] * n_bins
+    hist = np.bincount(flat.ravel(), minlength=directions.shape[0] * n_bins).reshape(-1, n_bins)
+    amp = np.abs(np.fft.rfft(hist, axis=1))
+    freq_len = np.arange(amp.shape[1]) / (2 * pmax)               # Å per cycle
+    lo = np.searchsorted(freq_len, 2.5)                            # shorter than 2.5 Å: not a cell edge
+    hi = np.searchsorted(freq_len, max_cell, side="right")
+    amp[:, :lo] = 0
+    amp[:, hi:] = 0
+    k = np.argmax(amp, axis=1)
+    return amp[np.arange(len(k)), k] / max(len(r), 1), freq_len[k]
+
+
+def refine_vector(r, a, hkldev=0.15, n_iter=3):
+    """Least-squares real-space vector a with r.a integer for the spots it indexes."""
+    for _ in range(n_iter):
+        p = r @ a
+        h = np.round(p)
+        ok = np.abs(p - h) < hkldev
+        if ok.sum() < 6:
+            break
+        a, *_ = np.linalg.lstsq(r[ok], h[ok], rcond=None)
+    p = r @ a
+    return a, float(np.mean(np.abs(p - np.round(p)) < hkldev))
+
+
+def candidate_vectors(r, max_cell, n_keep=30, step=2.0):
+    dirs = hemisphere(step)
+    score, length = dps_scan(r, dirs, max_cell)
+    order = np.argsort(-score)
+    cands = []
+    for i in order[: n_keep * 8]:
+        v = dirs[i] * length[i]
+        v, frac = refine_vector(r, v)
+        L = np.linalg.norm(v)
+        if L < 2.5 or L > max_cell * 1.05 or frac < 0.3:
+            continue
+        dup = False
+        for j, (w, f) in enumerate(cands):
+            c = abs(v @ w) / (L * np.linalg.norm(w))
+            if c > 0.995:
+                ratio = L / np.linalg.norm(w)
+                if abs(ratio - round(ratio)) < 0.05 or abs(1 / ratio - round(1 / ratio)) < 0.05:
+                    dup = True
+                    if np.linalg.norm(w) > L * 1.5 and frac >= f - 0.05:   # keep the basic vector
+                        cands[j] = (v, frac)
+                    break
+        if not dup:
+            cands.append((v, frac))
+        if len(cands) >= n_keep:
+            break
+    return cands
+
+
+def choose_basis(r, cands, hkldev=0.15):
+    """Three non-coplanar candidates indexing the most spots, then of smallest volume."""
+    best = None
+    vecs = [c[0] for c in cands]
+    n = len(vecs)
+    for i in range(n):
+        for j in range(i + 1, n):
+            for k in range(j + 1, n):
+                B = np.array([vecs[i], vecs[j], vecs[k]])
+                vol = abs(np.linalg.det(B))
+                if vol < 1e-3 * np.prod(np.linalg.norm(B, axis=1)) * 0.2:
+                    continue
+                p = r @ B.T
+                frac = float(np.mean(np.all(np.abs(p - np.round(p)) < hkldev, axis=1)))
+                key = (round(frac, 2), -vol)
+                if best is None or key > best[0]:
+                    best = (key, B, frac)
+    if best is None:
+        raise ProcessingError("no three independent lattice vectors were found among the spots")
+    return best[1], best[2]
+
+
+# ---- refinement on spot positions ------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    A: np.ndarray              # reciprocal setting matrix (columns a*, b*, c*) at phi 0
+    beam_x: float
+    beam_y: float
+    rms_mm: float
+    rms_phi: float
+    n_used: int
+    hkl: np.ndarray = None
+    used: np.ndarray = None
+
+
+def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
+    """Predicted (x mm, y mm, phi) of indexed spots: the crossing nearer the observed phi."""
+    p1, p2, ok = predict.crossings(A, hkl, wavelength, reverse)
+    d1 = np.abs((p1 - phi_obs + 180) % 360 - 180)
+    d2 = np.abs((p2 - phi_obs + 180) % 360 - 180)
+    phi = np.where(d1 <= d2, p1, p2)
+    phi = phi_obs + ((phi - phi_obs + 180) % 360 - 180)
+    sign = -1 if reverse else 1
+    rot = geometry.rot_z_many(sign * phi)
+    r = np.einsum("nij,nj->ni", rot, hkl @ A.T)
+    s1 = r + geometry.BEAM_DIRECTION / wavelength
+    frame = geometry.detector_frame(detector.distance, beam_xy[0], beam_xy[1], detector.two_theta,
+                                    detector.tilt, detector.twist)
+    x, y, hit = geometry.lab_to_mm(s1, frame)
+    return x, y, phi, ok & hit
+
+
+def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, reverse=False,
+                       refine_beam=True, cell_params=None, phi_weight=None):
+    """Least-squares refinement of A (9 free elements, or orientation + constrained cell given by
+    cell_params = (lattice, cell)) and the beam centre on spot positions (mm) and phi."""
+    beam0 = np.array([detector.beam_x, detector.beam_y])
+    px = detector.pixel_fast
+    phi_w = phi_weight or (px / np.radians(0.2) / detector.distance * 57.3 * 0.02)   # ~1 px per 0.2 deg
+    if cell_params is None:
+        x0 = np.concatenate([A.ravel(), beam0 if refine_beam else []])
+
+        def unpack(x):
+            return x[:9].reshape(3, 3), (x[9:11] if refine_beam else beam0)
+        scale = np.concatenate([np.abs(A).ravel() * 0.01 + 1e-6, [0.1, 0.1] if refine_beam else []])
+    else:
+        lat, cell0 = cell_params
+        U0 = A @ np.linalg.inv(geometry.b_matrix(cell0))
+        uu, _, vv = np.linalg.svd(U0)
+        U0 = uu @ vv
+        free = _free_cell(lat, cell0)
+
+        def unpack(x):
+            rot = geometry.rot_about(x[:3] / (np.linalg.norm(x[:3]) + 1e-30), np.degrees(np.linalg.norm(x[:3]))) \
+                if np.linalg.norm(x[:3]) > 0 else np.eye(3)
+            cell = free(x[3:3 + free.n])
+            Am = rot @ U0 @ geometry.b_matrix(cell)
+            return Am, (x[3 + free.n:5 + free.n] if refine_beam else beam0)
+        x0 = np.concatenate([np.zeros(3), free.x0, beam0 if refine_beam else []])
+        scale = np.concatenate([np.full(3, 1e-3), np.abs(free.x0) * 1e-3 + 1e-3,
+                                [0.1, 0.1] if refine_beam else []])
+
+    def resid(x):
+        Am, b = unpack(x)
+        xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, detector, b, reverse)
+        rx = np.where(ok, xp - x_obs, 1.0)
+        ry = np.where(ok, yp - y_obs, 1.0)
+        rp = np.where(ok, (pp - phi_obs) * phi_w, 1.0)
+        return np.concatenate([rx, ry, rp])
+
+    res = least_squares(resid, x0, x_scale=scale, loss="soft_l1", f_scale=0.3, max_nfev=200)
+    Am, b = unpack(res.x)
+    xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, detector, b, reverse)
+    dxy = np.hypot(xp - x_obs, yp - y_obs)
+    good = ok & (dxy < max(3 * np.median(dxy[ok]) if ok.any() else 1.0, 0.05))
+    rms = float(np.sqrt(np.mean(dxy[good] ** 2))) if good.any() else float("nan")
+    rphi = float(np.sqrt(np.mean((pp - phi_obs)[good] ** 2))) if good.any() else float("nan")
+    return Fit(Am, float(b[0]), float(b[1]), rms, rphi, int(good.sum()), hkl, good)
+
+
+class _free_cell:
+    """Free parameters of a cell under a lattice's constraints."""
+
+    def __init__(self, lat, cell):
+        a, b, c, al, be, ga = cell
+        k = lat[0]
+        self.k = k
+        if k == "a":
+            self.x0 = np.array(cell, float)
+        elif k == "m":
+            self.x0 = np.array([a, b, c, be])
+        elif k == "o":
+            self.x0 = np.array([a, b, c])
+        elif k in "th":
+            self.x0 = np.array([(a + b) / 2, c])
+        else:
+            self.x0 = np.array([(a + b + c) / 3])
+        self.n = len(self.x0)
+
+    def __call__(self, x):
+        k = self.k
+        if k == "a":
+            return tuple(x)
+        if k == "m":
+            return (x[0], x[1], x[2], 90.0, x[3], 90.0)
+        if k == "o":
+            return (x[0], x[1], x[2], 90.0, 90.0, 90.0)
+        if k == "t":
+            return (x[0], x[0], x[1], 90.0, 90.0, 90.0)
+        if k == "h":
+            return (x[0], x[0], x[1], 90.0, 90.0, 120.0)
+        return (x[0], x[0], x[0], 90.0, 90.0, 90.0)
+
+
+# ---- the whole indexing ----------------------------------------------------------------------------
+
+@dataclass
+class IndexingResult:
+    solutions: list
+    chosen: lattice.Solution
+    crystal: object
+    beam_x: float
+    beam_y: float
+    beam_start: tuple
+    rms_mm: float
+    rms_phi: float
+    n_indexed: int
+    n_spots: int
+    initial_cell: tuple
+    lines: list = field(default_factory=list)
+
+
+def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15, refine_beam=True,
+                known_cell=None, known_symmetry=None, solution=None):
+    """Index a spot list (pyflm.spots.SPOT_DTYPE).  Returns IndexingResult; raises ProcessingError."""
+    from .model import Crystal
+    ok = spots[spots["flag"] == 0] if "flag" in spots.dtype.names else spots
+    if len(ok) < 10:
+        raise ProcessingError(f"only {len(ok)} spots to index: too few (at least 10 are needed). Lower "
+                              "THRESHOLD, add images (AUTOINDEX IMAGE n), or check the beam centre and "
+                              "distance")
+    frame = detector.frame()
+    r = spots_to_reciprocal(ok["x_mm"], ok["y_mm"], ok["phi"], beam.wavelength, frame,
+                            goniometer.reverse_phi)
+    dmin = 1.0 / np.max(np.linalg.norm(r, axis=1))
+    if max_cell is None:
+        # the longest cell edge a spot separation on this detector can resolve, capped
+        max_cell = min(400.0, detector.distance * beam.wavelength / (3 * detector.pixel_fast))
+    cands = candidate_vectors(r, max_cell)
+    if len(cands) < 3:
+        raise ProcessingError("DPS found fewer than three lattice directions: the spots do not form a "
+                              "lattice with this geometry. Check the beam centre, distance and wavelength")
+    basis, frac = choose_basis(r, cands, hkldev)
+    red, _ = lattice.reduce_basis(basis)
+    Astar = np.linalg.inv(red)                     # columns: reciprocal axes of the reduced cell
+    hkl = np.round(r @ red.T)
+    good = np.all(np.abs(r @ red.T - hkl) < hkldev, axis=1) & np.any(hkl != 0, axis=1)
+    fit = refine_orientation(Astar, hkl[good], ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good],
+                             beam.wavelength, detector, reverse=goniometer.reverse_phi, refine_beam=refine_beam)
+    red = np.linalg.inv(fit.A)
+    sols = lattice.lattice_solutions(red)
+    if known_cell is not None:
+        for s in sols:
+            dev = np.abs(np.array(s.reg_cell[:3]) - np.array(known_cell[:3])) / np.array(known_cell[:3])
+            if dev.max() > 0.03:
+                s.penalty = max(s.penalty, 999.0)
+    if solution:
+        chosen = next((s for s in sols if s.number == int(solution)), None)
+        if chosen is None:
+            raise ProcessingError(f"there is no solution {solution} in the table")
+    else:
+        chosen = lattice.preferred(sols)
+    conv = chosen.transform @ red                # conventional real basis rows
+    A_conv = np.linalg.inv(conv)
+    # keep the conventional cell's own order but make its axes right-handed (det of conv > 0)
+    hkl_c = np.round(hkl[good] @ np.linalg.inv(chosen.transform).T)
+    initial_cell = chosen.reg_cell
+    fit2 = refine_orientation(A_conv, hkl_c, ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good],
+                              beam.wavelength, detector, reverse=goniometer.reverse_phi,
+                              refine_beam=refine_beam, cell_params=(chosen.lattice, chosen.reg_cell))
+    cell = tuple(geometry.cell_from_a(fit2.A))
+    B = geometry.b_matrix(cell)
+    U = fit2.A @ np.linalg.inv(B)
+    uu, _, vv = np.linalg.svd(U)
+    U = uu @ vv
+    sg = known_symmetry or chosen.space_group
+    from .job import space_group_name
+    crystal = Crystal(cell, space_group_name(sg), U, (0.0, 0.0, 0.0))
+    res = IndexingResult(sols, chosen, crystal, fit2.beam_x, fit2.beam_y,
+                         (detector.beam_x, detector.beam_y), fit2.rms_mm, fit2.rms_phi, fit2.n_used,
+                         len(ok), tuple(initial_cell))
+    res.fraction_indexed = float(np.mean(good))
+    return res
+
+
+def index_with_beam_search(spots, beam, detector, goniometer, log=None, **kw):
+    """Index; if it fails or fits badly, search a grid of beam centres (+/- 2 mm) for a better one."""
+    import copy
+    first_err = None
+    try:
+        res = index_spots(spots, beam, detector, goniometer, **kw)
+        if res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6:
+            return res
+    except ProcessingError as e:
+        first_err, res = e, None
+    best = res
+    for dx in np.arange(-2.0, 2.01, 0.5):
+        for dy in np.arange(-2.0, 2.01, 0.5):
+            if dx == 0 and dy == 0:
+                continue
+            det = copy.copy(detector)
+            det.beam_x, det.beam_y = detector.beam_x + dx, detector.beam_y + dy
+            sp = spots.copy()
+            sp["x_mm"], sp["y_mm"] = spots["x_mm"], spots["y_mm"]
+            try:
+                r = index_spots(sp, beam, det, goniometer, **kw)
+            except ProcessingError:
+                continue
+            if best is None or (r.fraction_indexed, -r.rms_mm) > (best.fraction_indexed, -best.rms_mm):
+                best = r
+    if best is None:
+        raise first_err or ProcessingError("indexing failed")
+    if log is not None and best is not res:
+        log.line(f" Beam centre search: the beam has been moved from {detector.beam_x:.2f} "
+                 f"{detector.beam_y:.2f} to {best.beam_x:.2f} {best.beam_y:.2f} mm")
+    best.beam_start = (detector.beam_x, detector.beam_y)
+    return best
+
+
+def format_result(res, wavelength):
+    c = res.chosen
+    cell = res.crystal.cell
+    L = []
+    L += lattice.format_table(res.solutions)
+    L.append("")
+    L.append(f" Suggested Solution: {c.number:2d}  {c.space_group}")
+    L.append(f"            penalty: {c.penalty:3.0f}")
+    L.append("               cell: " + " ".join(f"{v:8.3f}" for v in c.cell[:3]) + " " +
+             " ".join(f"{v:6.2f}" for v in c.cell[3:]))
+    L.append("   regularized cell: " + " ".join(f"{v:8.3f}" for v in c.reg_cell[:3]) + " " +
+             " ".join(f"{v:6.2f}" for v in c.reg_cell[3:]))
+    L.append(f"           Symmetry: {c.lattice} ({lattice.LATTICE_NAMES[c.lattice]})")
+    L.append("")
+    sgn = lattice.SG_NUMBER.get(c.space_group, 0)
+    L.append(f"Refining solution #{c.number:2d} with {c.space_group} (number {sgn:4d}) symmetry imposed")
+    L.append("")
+    L.append("Initial cell (before refinement) is " + "".join(f"{v:10.4f}" for v in res.initial_cell[:3])
+             + "".join(f"{v:8.3f}" for v in res.initial_cell[3:]))
+    L.append(f"Using {res.n_indexed:4d} indexed reflections (out of {res.n_spots:4d} spots used in indexing)")
+    L.append(f"final sd in spot positions is {res.rms_mm:4.2f}mm and in phi {res.rms_phi:4.2f} degrees")
+    L.append("Refined cell parameters " + "".join(f"{v:8.2f}" for v in cell))
+    bx0, by0 = res.beam_start
+    L.append(f"Beam coordinates of {bx0:6.2f} {by0:6.2f} have been refined to {res.beam_x:6.2f} "
+             f"{res.beam_y:6.2f}")
+    L.append("  Final cell (after refinement) is " + "".join(f"{v:10.4f}" for v in cell[:3]) +
+             "".join(f"{v:8.3f}" for v in cell[3:]))
+    L.append(f"           Symmetry: {c.lattice} ({lattice.LATTICE_NAMES[c.lattice]})")
+    return L
+
+
+# ---- mosaicity ------------------------------------------------------------------------------------
+
+def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin, grid=None):
+    """Mosaic spread (full width, degrees): the smallest spread at which the reflections predicted on
+    the image account for (98 % of the plateau of) the found spots near a predicted position."""
+    from scipy.spatial import cKDTree
+    import copy
+    ok = spots[spots["flag"] == 0]
+    if len(ok) < 10:
+        return None
+    grid = np.arange(0.02, 2.01, 0.02) if grid is None else grid
+    a, b = phi_range
+    tree = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1))
+    fracs = []
+    for eta in grid:
+        c = copy.copy(crystal)
+        c.mosaic = float(eta)
+        pred = predict.predict(c, beam, detector, goniometer, a, b, dmin, margin=3.0)
+        lo = pred["phi"] - pred["width"] / 2
+        hi = pred["phi"] + pred["width"] / 2
+        on = (hi > a) & (lo < b)
+        if not on.any():
+            fracs.append(0.0)
+            continue
+        dist, _ = tree.query(np.stack([pred["x_mm"][on], pred["y_mm"][on]], 1), distance_upper_bound=
+                             3 * detector.pixel_fast)
+        matched = np.unique(_[np.isfinite(dist)])
+        fracs.append(len(matched) / len(ok))
+    fracs = np.array(fracs)
+    plateau = fracs.max()
+    if plateau < 0.3:
+        return None
+    i = int(np.argmax(fracs >= 0.98 * plateau))
+    return float(grid[i])
+
+
+# ---- actions --------------------------------------------------------------------------------------
+
+def _spots_for(job, image, threshold):
+    from .images import current_path, read_image
+    from .spotfinder import find_spots, log_spot_search
+    beam, det, gonio, scan = job.experiment(image)
+    data = read_image(current_path(job, image))[0]
+    a, b = scan.phi_range(image)
+    spots = find_spots(data, det, image=image, phi=0.5 * (a + b), threshold=3.0,
+                       wavelength=beam.wavelength)
+    log_spot_search(job.log, spots, det, beam.wavelength, image, 0.5 * (a + b))
+    job.results.setdefault("spots", {})[image] = spots
+    return spots, (beam, det, gonio, scan)
+
+
+def _default_images(job):
+    from .images import images_on_disk, sectors
+    nums = images_on_disk(job.template, job.directory, job.extension)
+    if not nums:
+        raise ProcessingError(f"no images found for template {job.template} in {job.directory}")
+    first, last = sectors(nums)[0]
+    beam, det, gonio, scan = job.experiment(first)
+    # two images as close to 90 degrees apart as the sector allows
+    target = first + int(round(90.0 / scan.osc))
+    second = min(last, target)
+    return [first] if second == first else [first, second]
+
+
+def run_autoindex(job, args):
+    """AUTOINDEX [DPS] [REFINE] [IMAGE n ...] [THRESH r] [MAXCELL r] [SOLU n]."""
+    specs = args.get("IMAGES") or []
+    images = []
+    for s in specs:
+        if "TO" in s:
+            images += list(range(int(s["IMAGE"]), int(s["TO"]) + 1))
+        else:
+            images.append(int(s["IMAGE"]))
+    if not images:
+        images = _default_images(job)
+    thresh = float(args.get("THRESHOLD", (job.kw.get("THRESHOLD") or {}).get("_args", [20])[0]))
+    log = job.log
+    log.line("")
+    log.line(f" Autoindexing using {len(images):2d} images")
+    log.line(" Image numbers: " + "".join(f"{i:6d}" for i in images))
+    all_spots, models = [], None
+    for img in images:
+        sp, m = _spots_for(job, img, thresh)
+        models = models or m
+        all_spots.append(sp)
+    spots = np.concatenate(all_spots)
+    beam, det, gonio, scan = models
+    ok = spots["flag"] == 0
+    isig = spots["intensity"] / np.maximum(spots["sigma"], 1e-9)
+    t = thresh
+    while np.sum(ok & (isig >= t)) < 60 and t > 3:       # weak images: lower the threshold, as MOSFLM
+        t = max(3.0, t * 0.6)
+    if t != thresh:
+        log.line(f" Threshold reduced from {thresh:.1f} to {t:.1f} to have enough spots for indexing")
+    use = spots[ok & (isig >= t)]
+    log.line(f" {len(use)} spots with I/sigma above {t:.1f} used for indexing")
+    known = job.crystal.cell if (job.crystal is not None and "CELL" in job.kw) else None
+    ksym = job.crystal.space_group if (job.crystal is not None and "SYMMETRY" in job.kw) else None
+    sol = args.get("SOLUTION") or (job.kw.get("SOLUTION") or {}).get("_args", [None])[0]
+    try:
+        res = index_with_beam_search(use, beam, det, gonio, log=log, max_cell=args.get("MAXCELL"),
+                                     hkldev=float(args.get("HKLDEV", (job.kw.get("HKLDEV") or {}).get(
+                                         "_args", [0.15])[0])),
+                                     refine_beam=not args.get("NOREFINE"), known_cell=known,
+                                     known_symmetry=ksym, solution=sol)
+    except ProcessingError as e:
+        raise ProcessingError(f"Indexing failed: {e}. Likely causes: a wrong beam centre (check BEAM "
+                              "against the backstop shadow), a wrong distance or wavelength, too few spots, "
+                              "ice rings or several lattices. Try BEAM, DISTANCE, THRESHOLD, more images "
+                              "(AUTOINDEX IMAGE n), RESOLUTION EXCLUDE for ice.") from None
+    for ln in format_result(res, beam.wavelength):
+        log.line(ln)
+    if job.crystal is not None and job.crystal.mosaic:
+        res.crystal.mosaic = job.crystal.mosaic
+    job.crystal = res.crystal
+    job.kw.setdefault("BEAM", {})["_args"] = [res.beam_x, res.beam_y]
+    job.results["indexing"] = res
+    if "NEWMAT" in job.files:
+        from .matrix import write_matrix
+        write_matrix(job.files["NEWMAT"], res.crystal, beam.wavelength)
+        log.line(f" Matrix written to {job.files['NEWMAT']}")
+
+
+def run_mosaic_estimate(job, args):
+    """MOSAIC ESTIMATE [n]: the mosaic spread from the spots of image n and the current orientation."""
+    if job.crystal is None or getattr(job.crystal, "U", None) is None:
+        raise ProcessingError("MOSAIC ESTIMATE needs an orientation: run AUTOINDEX or give MATRIX first")
+    image = args.get("IMAGE") or job.image
+    if image is None or image is True:
+        idx = job.results.get("spots") or {}
+        image = min(idx) if idx else _default_images(job)[0]
+    image = int(image)
+    spots = (job.results.get("spots") or {}).get(image)
+    beam, det, gonio, scan = job.experiment(image)
+    if spots is None:
+        spots, _ = _spots_for(job, image, 20)
+    dmin = predict.corner_resolution(det, beam.wavelength)
+    eta = estimate_mosaic(job.crystal, beam, det, gonio, spots, scan.phi_range(image), dmin)
+    if eta is None:
+        job.log.line(" The mosaicity estimation has not worked for some reason")
+        return
+    job.crystal.mosaic = eta
+    job.log.line(f" The mosaicity has been estimated as ---> {eta:.2f} <--- for this image only;")
