@@ -192,7 +192,10 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
                                 [0.1, 0.1] if refine_beam else []])
 
     def resid(x):
-        Am, b = unpack(x)
+        try:
+            Am, b = unpack(x)
+        except (ValueError, np.linalg.LinAlgError):      # a step into an impossible cell
+            return np.full(3 * len(hkl), 1e3)
         xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, detector, b, reverse)
         rx = np.where(ok, xp - x_obs, 1.0)
         ry = np.where(ok, yp - y_obs, 1.0)
@@ -324,35 +327,58 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     return res
 
 
-def index_with_beam_search(spots, beam, detector, goniometer, log=None, **kw):
-    """Index; if it fails or fits badly, search a grid of beam centres (+/- 2 mm) for a better one."""
+def _good(res, detector):
+    return res is not None and res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6
+
+
+def _index_refining_beam(spots, beam, detector, goniometer, n_rounds=3, **kw):
+    """Index, then index again from the refined beam centre while it keeps moving."""
     import copy
-    first_err = None
+    det = detector
+    res = index_spots(spots, beam, det, goniometer, **kw)
+    for _ in range(n_rounds):
+        if abs(res.beam_x - det.beam_x) < 0.02 and abs(res.beam_y - det.beam_y) < 0.02:
+            break
+        det = copy.copy(det)
+        det.beam_x, det.beam_y = res.beam_x, res.beam_y
+        try:
+            nxt = index_spots(spots, beam, det, goniometer, **kw)
+        except ProcessingError:
+            break
+        if (nxt.fraction_indexed, -nxt.rms_mm) < (res.fraction_indexed, -res.rms_mm):
+            break
+        res = nxt
+    return res
+
+
+def index_with_beam_search(spots, beam, detector, goniometer, log=None, **kw):
+    """Index; if that fails or fits badly, search beam centres within +/- 2 mm (1 mm grid, then the
+    refinement moves the beam the rest of the way) and keep the best-indexing one."""
+    import copy
+    first_err, res = None, None
     try:
-        res = index_spots(spots, beam, detector, goniometer, **kw)
-        if res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6:
-            return res
+        res = _index_refining_beam(spots, beam, detector, goniometer, **kw)
     except ProcessingError as e:
-        first_err, res = e, None
+        first_err = e
     best = res
-    for dx in np.arange(-2.0, 2.01, 0.5):
-        for dy in np.arange(-2.0, 2.01, 0.5):
-            if dx == 0 and dy == 0:
-                continue
+    if not _good(res, detector):
+        offsets = sorted(((dx, dy) for dx in (-2, -1, 0, 1, 2) for dy in (-2, -1, 0, 1, 2) if dx or dy),
+                         key=lambda o: np.hypot(*o))
+        for dx, dy in offsets:
             det = copy.copy(detector)
             det.beam_x, det.beam_y = detector.beam_x + dx, detector.beam_y + dy
-            sp = spots.copy()
-            sp["x_mm"], sp["y_mm"] = spots["x_mm"], spots["y_mm"]
             try:
-                r = index_spots(sp, beam, det, goniometer, **kw)
+                r = _index_refining_beam(spots, beam, det, goniometer, **kw)
             except ProcessingError:
                 continue
             if best is None or (r.fraction_indexed, -r.rms_mm) > (best.fraction_indexed, -best.rms_mm):
                 best = r
+            if _good(best, detector):
+                break
     if best is None:
         raise first_err or ProcessingError("indexing failed")
-    if log is not None and best is not res:
-        log.line(f" Beam centre search: the beam has been moved from {detector.beam_x:.2f} "
+    if log is not None and (abs(best.beam_x - detector.beam_x) > 0.3 or abs(best.beam_y - detector.beam_y) > 0.3):
+        log.line(f" Beam centre search: the direct beam has been moved from {detector.beam_x:.2f} "
                  f"{detector.beam_y:.2f} to {best.beam_x:.2f} {best.beam_y:.2f} mm")
     best.beam_start = (detector.beam_x, detector.beam_y)
     return best
@@ -393,7 +419,7 @@ def format_result(res, wavelength):
 
 def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin, grid=None):
     """Mosaic spread (full width, degrees): the smallest spread at which the reflections predicted on
-    the image account for (98 % of the plateau of) the found spots near a predicted position."""
+    the image account for (all but 0.2 % of the plateau of) the found spots near a predicted position."""
     from scipy.spatial import cKDTree
     import copy
     ok = spots[spots["flag"] == 0]
@@ -421,7 +447,9 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
     plateau = fracs.max()
     if plateau < 0.3:
         return None
-    i = int(np.argmax(fracs >= 0.98 * plateau))
+    # the spread at which (all but one in five hundred of) the matched spots are predicted
+    tol = max(1.0, 0.002 * len(ok)) / len(ok)
+    i = int(np.argmax(fracs >= plateau - tol))
     return float(grid[i])
 
 

@@ -1,0 +1,116 @@
+"""Autoindexing the simulated sweep: the right lattice, cell and orientation, also from a wrong beam."""
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SIM, run_ipmosflm
+from pyflm import indexing, lattice, geometry
+from pyflm.job import JobState
+
+
+@pytest.fixture(scope="module")
+def sim_spots():
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    s1, models = indexing._spots_for(job, 1, 20)
+    s2, _ = indexing._spots_for(job, 45, 20)
+    spots = np.concatenate([s1, s2])
+    isig = spots["intensity"] / spots["sigma"]
+    return spots[(spots["flag"] == 0) & (isig > 20)], models
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return json.load(open(SIM / "truth.json"))
+
+
+def axis_errors(A_fit, A_true):
+    """Angle (deg) between each fitted reciprocal axis and the true one (either sign)."""
+    out = []
+    for i in range(3):
+        u, v = A_fit[:, i], A_true[:, i]
+        c = abs(u @ v) / np.linalg.norm(u) / np.linalg.norm(v)
+        out.append(np.degrees(np.arccos(min(c, 1.0))))
+    return np.array(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift", [(0, 0), (0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5),
+                                   (1.0, 0), (-1.0, 0), (0, 1.0), (0, -1.0)])
+def test_sim_sweep_indexes_to_the_true_cell_and_orientation(sim_spots, truth, shift):
+    spots, (beam, det, gonio, scan) = sim_spots
+    det = copy.copy(det)
+    det.beam_x += shift[0]
+    det.beam_y += shift[1]
+    # the spots' mm positions do not depend on the beam; their reciprocal vectors do
+    res = indexing.index_with_beam_search(spots, beam, det, gonio)
+    assert res.chosen.lattice == "oP"
+    cell = np.array(res.crystal.cell[:3])
+    assert np.all(np.abs(cell / np.array(truth["cell"][:3]) - 1) < 0.003), cell
+    A_true = np.array(truth["U_mosflm"]) @ geometry.b_matrix(truth["cell"])
+    assert axis_errors(res.crystal.A, A_true).max() < 0.1
+    bx, by = truth["mosflm_beam_mm"]
+    assert abs(res.beam_x - bx) < 0.1 and abs(res.beam_y - by) < 0.1
+
+
+def test_mosaic_estimate_is_near_the_truth(sim_spots, truth):
+    from pyflm.matrix import read_matrix
+    spots, (beam, det, gonio, scan) = sim_spots
+    crystal = read_matrix(str(SIM / "truth.mat"))
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    on1, _ = indexing._spots_for(job, 1, 20)
+    eta = indexing.estimate_mosaic(crystal, beam, det, gonio, on1, scan.phi_range(1), 1.27)
+    assert abs(eta - truth["mosaic_fwhm_deg"]) < 0.3 * truth["mosaic_fwhm_deg"]
+
+
+def test_xia2_index_deck_prints_the_lines_xia2_parses(workdir):
+    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nnewmat xiaindex.mat\n'
+            "autoindex dps refine image 1 thresh 20\nautoindex dps refine image 45 thresh 20\n"
+            "mosaic estimate 1\ngo\nmosaic estimate 45\ngo\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    out = r.stdout.splitlines()
+    final = [ln for ln in out if "Final cell (after refinement)" in ln][0]
+    cell = [float(x) for x in final.split()[-6:]]
+    assert abs(cell[0] - 42.3) < 0.13 and abs(cell[2] - 78.6) < 0.24
+    assert [ln for ln in out if "Symmetry:" in ln][-1].split(":")[1].split()[0] == "oP"
+    beam = [ln for ln in out if "Beam coordinates of" in ln][0].split()[-2:]
+    assert abs(float(beam[0]) - 89.66) < 0.1
+    refining = [ln for ln in out if "Refining solution #" in ln][0]
+    assert refining.split("(number")[1].split(")")[0].strip() == "16"
+    mos = [ln for ln in out if "The mosaicity has been estimated as" in ln]
+    assert len(mos) == 2 and abs(float(mos[0].split(">")[1].split()[0]) - 0.3) < 0.09
+    assert (workdir / "xiaindex.mat").exists()
+
+
+def test_lattice_characters_of_known_cells():
+    cases = {"oP": (42.3, 51.9, 78.6, 90, 90, 90), "cP": (50, 50, 50, 90, 90, 90),
+             "hP": (91.4, 91.4, 45.9, 90, 90, 120), "tP": (50, 50, 70, 90, 90, 90),
+             "mP": (40, 50, 60, 90, 100, 90), "aP": (40, 50, 60, 80, 95, 101)}
+    centred = {"tI": ((60, 60, 100, 90, 90, 90), [[.5, .5, .5], [1, 0, 0], [0, 1, 0]]),
+               "oC": ((40, 75, 60, 90, 90, 90), [[.5, .5, 0], [-.5, .5, 0], [0, 0, 1]]),
+               "cF": ((100, 100, 100, 90, 90, 90), [[0, .5, .5], [.5, 0, .5], [.5, .5, 0]]),
+               "cI": ((70, 70, 70, 90, 90, 90), [[.5, .5, .5], [1, 0, 0], [0, 1, 0]]),
+               "hR": ((80, 80, 150, 90, 90, 120), [[2 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, 1 / 3],
+                                                   [-1 / 3, -2 / 3, 1 / 3]])}
+    rot = geometry.rot_about([0.3, -0.5, 0.8], 37)
+    for lat, cell in list(cases.items()) + [(k, v[0]) for k, v in centred.items()]:
+        basis = np.linalg.inv(geometry.b_matrix(cell))
+        if lat in centred:
+            basis = np.array(centred[lat][1]) @ basis
+        red, _ = lattice.reduce_basis(basis @ rot.T)
+        sols = lattice.lattice_solutions(red)
+        best = lattice.preferred(sols)
+        assert best.lattice == lat and best.penalty < 1, (lat, best)
+        assert any(s.lattice == "aP" for s in sols)
+
+
+def test_too_few_spots_is_one_clear_line():
+    from pyflm.errors import ProcessingError
+    from pyflm.model import Beam, Detector, Goniometer
+    from pyflm.spots import empty
+    with pytest.raises(ProcessingError, match="too few"):
+        indexing.index_spots(empty(5), Beam(1.0), Detector(100, 50, 50, 0.1, 0.1, 1000, 1000), Goniometer())
