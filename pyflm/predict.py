@@ -129,6 +129,26 @@ def predict_numpy(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=No
     return hh, ph, s1u, x, y, hit, d
 
 
+try:
+    from ._ext import _predict as _ext
+except ImportError:     # not built (a source checkout without build_ext): the numpy twin serves
+    _ext = None
+
+
+def hkl_limits(A, dmin):
+    real = np.linalg.inv(np.asarray(A, float)).T
+    return np.floor(np.linalg.norm(real, axis=0) / dmin).astype(int)
+
+
+def predict_window_cython(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None):
+    """The Cython kernel with predict_numpy's signature and results (in another order)."""
+    lim = hkl_limits(A, dmin)
+    origin, ex, ey, n = (np.ascontiguousarray(v, float) for v in frame)
+    return _ext.predict_window(np.ascontiguousarray(A, float), float(wavelength), origin, ex, ey, n,
+                               int(axis_sign), float(phi_lo), float(phi_hi), float(dmin),
+                               float(dmax or 0.0), int(lim[0]), int(lim[1]), int(lim[2]))
+
+
 def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=None, *, mosaic=None,
             margin=None, use_cython=True):
     """Every Ewald-sphere crossing whose rocking curve overlaps [phi_start, phi_end] (degrees).
@@ -140,8 +160,9 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     margin = 5.0 if margin is None else margin
     frame = detector.frame()
     sign = -1 if goniometer.reverse_phi else 1
-    hh, ph, s1u, x, y, hit, d = predict_numpy(A, beam.wavelength, frame, sign, phi_start - margin,
-                                              phi_end + margin, dmin, dmax)
+    window = predict_window_cython if (use_cython and _ext is not None) else predict_numpy
+    hh, ph, s1u, x, y, hit, d = window(A, beam.wavelength, frame, sign, phi_start - margin,
+                                       phi_end + margin, dmin, dmax)
     lor, pol = lorentz_polar(s1u, goniometer.axis, beam.polarisation, beam.polarisation_model,
                              beam.monochromator_two_theta)
     width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)

@@ -1,0 +1,126 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True
+"""Prediction kernel: every reflection inside the resolution sphere whose Ewald-sphere crossing lies in a
+phi window, with its detector position.  The numpy twin is pyflm.predict.predict_numpy."""
+import numpy as np
+cimport numpy as cnp
+from libc.math cimport sqrt, atan2, acos, cos, sin, floor, fabs, M_PI
+
+cnp.import_array()
+
+
+def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, double[::1] ex,
+                   double[::1] ey, double[::1] nrm, int axis_sign, double phi_lo, double phi_hi,
+                   double dmin, double dmax, int hmax, int kmax, int lmax):
+    """Crossings with phi in [phi_lo, phi_hi) (phi_hi - phi_lo <= 360).
+
+    Returns arrays (hkl int32 (n,3), phi deg, s1 unit (n,3), x mm, y mm, hit bool, d)."""
+    cdef Py_ssize_t cap = 1024, n = 0
+    hkl = np.empty((cap, 3), np.int32)
+    out_f = np.empty((cap, 8), np.float64)      # phi, s1x, s1y, s1z, x, y, hit, d
+    cdef int[:, ::1] H = hkl
+    cdef double[:, ::1] F = out_f
+    cdef int h, k, l, sol
+    cdef double rx, ry, rz, r2, rho, K, ca, sa, sq, sg, phi, c, s, qx, qy, sx, sy, sz, norm, dn, t, px, py, pz
+    cdef double inv_lam = 1.0 / wavelength
+    cdef double rmax2 = 1.0 / (dmin * dmin)
+    cdef double rmin2 = 0.0 if dmax <= 0 else 1.0 / (dmax * dmax)
+    cdef double on = origin[0] * nrm[0] + origin[1] * nrm[1] + origin[2] * nrm[2]
+    cdef double rad = M_PI / 180.0
+    cdef double a00 = A[0, 0], a01 = A[0, 1], a02 = A[0, 2], a10 = A[1, 0], a11 = A[1, 1]
+    cdef double a12 = A[1, 2], a20 = A[2, 0], a21 = A[2, 1], a22 = A[2, 2]
+    cdef double c2 = a02 * a02 + a12 * a12 + a22 * a22, bx, by, bz, bc, disc, lo_l, hi_l
+    cdef int l0, l1
+    # the window as rotation angles theta = axis_sign * phi
+    cdef double th_lo = (phi_lo if axis_sign > 0 else -phi_hi) * M_PI / 180.0
+    cdef double th_hi = (phi_hi if axis_sign > 0 else -phi_lo) * M_PI / 180.0
+    cdef double clo = cos(th_lo), slo = sin(th_lo), chi = cos(th_hi), shi = sin(th_hi)
+    cdef bint narrow = (phi_hi - phi_lo) < 179.0
+    for h in range(-hmax, hmax + 1):
+        for k in range(-kmax, kmax + 1):
+            # only the l inside the resolution sphere: |b + l c*|^2 <= rmax2, a quadratic in l
+            bx = a00 * h + a01 * k
+            by = a10 * h + a11 * k
+            bz = a20 * h + a21 * k
+            bc = bx * a02 + by * a12 + bz * a22
+            disc = bc * bc - c2 * (bx * bx + by * by + bz * bz - rmax2)
+            if disc < 0:
+                continue
+            disc = sqrt(disc)
+            lo_l = (-bc - disc) / c2
+            hi_l = (-bc + disc) / c2
+            l0 = <int>floor(lo_l)
+            l1 = <int>floor(hi_l) + 1
+            if l0 < -lmax:
+                l0 = -lmax
+            if l1 > lmax:
+                l1 = lmax
+            for l in range(l0, l1 + 1):
+                rx = bx + a02 * l
+                ry = by + a12 * l
+                rz = bz + a22 * l
+                r2 = rx * rx + ry * ry + rz * rz
+                if r2 > rmax2 or r2 <= 0 or r2 < rmin2:
+                    continue
+                rho = sqrt(rx * rx + ry * ry)
+                if rho <= 0:
+                    continue
+                K = -wavelength * r2 / (2.0 * rho)
+                if K < -1.0 or K > 1.0:
+                    continue
+                # cos(phi + alpha) = K with cos(alpha) = rx/rho, sin(alpha) = ry/rho: the two solutions'
+                # cos and sin follow algebraically, so only one atan2 per solution is needed
+                sq = sqrt(1.0 - K * K)
+                for sol in range(2):
+                    sg = 1.0 if sol == 0 else -1.0
+                    # rho * cos and rho * sin: the sign tests need no division
+                    c = K * rx + sg * sq * ry
+                    s = sg * sq * rx - K * ry
+                    if narrow:
+                        # inside the window iff sin(theta - theta_lo) >= 0 and sin(theta_hi - theta) > 0:
+                        # no trigonometry for the many reflections that cross elsewhere
+                        if s * clo - c * slo < 0 or shi * c - chi * s <= 0:
+                            continue
+                    c = c / rho
+                    s = s / rho
+                    phi = atan2(s, c) / rad
+                    if axis_sign < 0:
+                        phi = -phi
+                    phi = phi_lo + (phi - phi_lo) - 360.0 * floor((phi - phi_lo) / 360.0)
+                    if phi >= phi_hi:
+                        continue
+                    # (c, s) are the cosine and sine of the rotation R_z that brings r onto the sphere
+                    qx = c * rx - s * ry
+                    qy = s * rx + c * ry
+                    sx = (qx + inv_lam) * wavelength
+                    sy = qy * wavelength
+                    sz = rz * wavelength
+                    if n == cap:
+                        cap *= 2
+                        hkl = np.resize(hkl, (cap, 3))
+                        out_f = np.resize(out_f, (cap, 8))
+                        H = hkl
+                        F = out_f
+                    H[n, 0] = h
+                    H[n, 1] = k
+                    H[n, 2] = l
+                    F[n, 0] = phi
+                    F[n, 1] = sx
+                    F[n, 2] = sy
+                    F[n, 3] = sz
+                    dn = sx * nrm[0] + sy * nrm[1] + sz * nrm[2]
+                    if dn > 1e-12:
+                        t = on / dn
+                        px = sx * t - origin[0]
+                        py = sy * t - origin[1]
+                        pz = sz * t - origin[2]
+                        F[n, 4] = px * ex[0] + py * ex[1] + pz * ex[2]
+                        F[n, 5] = px * ey[0] + py * ey[1] + pz * ey[2]
+                        F[n, 6] = 1.0
+                    else:
+                        F[n, 4] = F[n, 5] = np.nan
+                        F[n, 6] = 0.0
+                    F[n, 7] = 1.0 / sqrt(r2)
+                    n += 1
+    f = out_f[:n]
+    return (hkl[:n].copy(), f[:, 0].copy(), f[:, 1:4].copy(), f[:, 4].copy(), f[:, 5].copy(),
+            f[:, 6] > 0.5, f[:, 7].copy())
