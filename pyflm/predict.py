@@ -271,3 +271,65 @@ def corner_resolution(detector, wavelength):
     xs = np.array([0, detector.size_mm[0], 0, detector.size_mm[0]])
     ys = np.array([0, 0, detector.size_mm[1], detector.size_mm[1]])
     return float(np.min(geometry.resolution_of(xs, ys, detector.frame(), wavelength)))
+
+
+# ---- the PREDICT action ---------------------------------------------------------------------------
+
+def run_predict(job, args):
+    """PREDICT: reflections of the current image by class, and a picture when asked for."""
+    from .errors import ProcessingError
+    crystal = job.crystal
+    if crystal is None or getattr(crystal, "U", None) is None:
+        raise ProcessingError("PREDICT needs an orientation: give MATRIX or run AUTOINDEX first")
+    beam, det, gonio, scan = job.experiment(job.image)
+    image = job.image if job.image is not None else scan.first
+    a, b = scan.phi_range(image)
+    res = (job.kw.get("RESOLUTION") or {}).get("_args") or []
+    dmin = float(min(res)) if res else corner_resolution(det, beam.wavelength)
+    dmax = float(max(res)) if len(res) > 1 else None
+    sep = (job.kw.get("SEPARATION") or {}).get("_args")
+    sep = (sep[0], sep[-1]) if sep else (4 * det.pixel_slow, 4 * det.pixel_fast)
+    maxwidth = float(((job.kw.get("MAXWIDTH") or {}).get("_args") or [5.0])[0])
+    if not crystal.mosaic:
+        crystal.mosaic = 0.3
+    pred = predict(crystal, beam, det, gonio, a, b, dmin, dmax, margin=maxwidth)
+    parts = image_parts(pred, scan.phi_start, scan.osc, scan.first, max(scan.last, image), 0.01)
+    parts = parts[parts["image"] == image]
+    flags = classify(pred, parts, det, separation=sep, maxwidth=maxwidth, osc=scan.osc, dmin=dmin,
+                     dmax=dmax)
+    inc = (flags & EXCLUDED) == 0
+    log = job.log
+    log.line("")
+    log.line(f" Prediction for image {image:5d}  Phi {a:8.2f} to {b:8.2f}  resolution {dmin:.2f} A")
+    log.line(f" {int(inc.sum()):7d} Reflections generated:")
+    log.line(f" {int(np.sum(inc & (flags & FULL != 0))):7d} Fully recorded")
+    log.line(f" {int(np.sum(inc & (flags & PARTIAL != 0))):7d} Partials")
+    log.line(f" {int(np.sum(inc & (flags & OVERLAP != 0))):7d} Overlapped reflections")
+    log.line(f" {int(np.sum(inc & (flags & TOO_WIDE != 0))):7d} Too wide in phi")
+    log.line(f" {int(np.sum(~inc)):7d} Excluded (off the detector, backstop or resolution)")
+    job.results.setdefault("predictions", {})[image] = (pred, parts, flags)
+    pic = job.kw.get("PICTURE") or {}
+    png = args.get("PNG")
+    if png or pic.get("ON") or (pic.get("_args") or [""])[0] == "ON":
+        import os
+        from .images import current_path, read_image
+        from .pictures import save_overlay
+        path = png if isinstance(png, str) else os.path.join(pic.get("DIRECTORY", "."),
+                                                             f"predict_{image:05d}.png")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        data = read_image(current_path(job, image))[0]
+        save_overlay(path, data, prediction_marks(pred, parts, flags), title=f"image {image}")
+        log.line(f" Picture of the predictions written to {path}")
+
+
+def prediction_marks(pred, parts, flags, half=4):
+    """Marks in MOSFLM's colours: blue full, yellow partial, red overlap, green too wide."""
+    p = pred[parts["index"]]
+    marks = []
+    for f, s, fl in zip(p["fast"], p["slow"], flags):
+        if fl & EXCLUDED:
+            continue
+        colour = "wide" if fl & TOO_WIDE else "overlap" if fl & OVERLAP else \
+            "full" if fl & FULL else "partial"
+        marks.append((f, s, colour, half))
+    return marks
