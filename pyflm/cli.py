@@ -36,6 +36,7 @@ usage: ipmosflm [LOGICAL file]... [< deck]
   LOGICAL is one of HKLOUT SUMMARY SPOTOD COORDS XMLFILE GENFILE NEWMAT MATRIX (any case).
   Keywords are read from standard input; at a terminal the prompt is 'MOSFLM => '.
   --help     this text        --version  the version
+  --demo-dir the folder of the demo images and deck shipped with pyflm
 """
 
 
@@ -204,6 +205,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("--help", "-h", "-help") for a in argv):
         sys.stdout.write(USAGE)
+        return 0
+    if "--demo-dir" in argv:     # where the shipped demo images and deck are
+        sys.stdout.write(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo") + "\n")
         return 0
     if any(a in ("--version", "-version", "-v") for a in argv):
         sys.stdout.write(f"pyflm (ipmosflm) Version {__version__}\n")
