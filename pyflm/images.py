@@ -181,6 +181,17 @@ def _check_truncated(img, path, data):
         if os.path.getsize(path) < int(size):
             raise ImageError(path, f"is {os.path.getsize(path)} bytes, shorter than its {size} bytes of "
                                    "compressed data (truncated)")
+    md5 = h.get("Content-MD5")
+    if md5 and size is not None:
+        # fabio only logs a checksum mismatch; corrupt pixel data must not pass as an image
+        import base64
+        import hashlib
+        raw = _raw_bytes(path, -1)
+        start = raw.find(b"\x0c\x1a\x04\xd5")
+        if start >= 0:
+            blob = raw[start + 4:start + 4 + int(size)]
+            if base64.b64encode(hashlib.md5(blob).digest()).decode() != md5.strip():
+                raise ImageError(path, "the image data is corrupt (its checksum does not match)")
 
 
 def _num(s, default=None):
@@ -255,6 +266,10 @@ def _parse_smv(img, path):
     h.wavelength = _num(g.get("WAVELENGTH"))
     h.distance = _num(g.get("DISTANCE"))
     bx, by = _num(g.get("BEAM_CENTER_X")), _num(g.get("BEAM_CENTER_Y"))
+    if bx is not None and p and h.n_fast and max(bx, by) > max(h.n_fast, h.n_slow) * p:
+        # beyond the detector in mm but inside it in pixels (Timepix-style SMV): pixels
+        bx, by = bx * p, by * p
+        h.warnings.append("BEAM_CENTER_X/Y in this header are in pixels, not mm: converted")
     if bx is not None and by is not None:
         h.beam = geometry.header_beam_to_mosflm("mm_slow_fast", (bx, by), p, p)
     h.phi_start = _num(g.get("OSC_START"), _num(g.get("PHI")))
