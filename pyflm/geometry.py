@@ -154,17 +154,23 @@ def header_beam_to_mosflm(kind, header_beam, pixel_fast, pixel_slow, image_size=
 
 # ---- lab <-> detector ------------------------------------------------------------------------------
 
-def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0):
+def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0, omega=0.0):
     """Origin (corner of the image, mm) and unit vectors along detector X (slow) and Y (fast) and the
     normal, all in MOSFLM's lab frame.
 
     The untilted detector stands at lab x = distance, normal along the beam, with the point (beam_x,
     beam_y) on the beam.  two_theta swings it about the rotation axis (Z) through the crystal; tilt and
-    twist (degrees) are small rotations about detector X and Y applied before the swing.
+    twist (degrees) are small rotations about detector X and Y applied before the swing.  omega (MOSFLM's
+    DETECTOR OMEGA) turns the detector about the beam: 0 puts detector Y (fast) along the rotation axis,
+    90 puts detector X (slow) along -Z (a vertical goniometer on a standard Pilatus mounting), 270 along
+    +Z (Diamond I19's Pilatus 2M).
     """
     ex = np.array([0.0, -1.0, 0.0])   # detector X direction (along slow)
     ey = np.array([0.0, 0.0, 1.0])    # detector Y direction (along fast), parallel to the rotation axis
     n = np.array([1.0, 0.0, 0.0])     # normal, towards the detector from the crystal
+    if omega:
+        r = rot_about(n, omega)
+        ex, ey = r @ ex, r @ ey
     if tilt or twist:
         r = rot_about(ex, tilt) @ rot_about(ey, twist)
         ex, ey, n = r @ ex, r @ ey, r @ n

@@ -40,6 +40,7 @@ class ImageHeader:
     phi_start: Optional[float] = None   # degrees
     osc: Optional[float] = None         # degrees
     two_theta: float = 0.0              # degrees
+    omega: float = 0.0                  # detector rotation about the beam (MOSFLM's DETECTOR OMEGA)
     overload: Optional[float] = None
     gain: Optional[float] = None
     exposure: Optional[float] = None
@@ -247,6 +248,12 @@ def _parse_minicbf(img, path):
         if h.phi_start is None and lines.get(axis) is not None:
             h.phi_start = _num(lines.get(axis))
     h.two_theta = _num(lines.get("Detector_2theta"), 0.0) or 0.0
+    # Which detector axis the rotation axis runs along is not in a miniCBF header except as a hint;
+    # MOSFLM's DETECTOR OMEGA says it (0: fast along the axis).  Known mountings:
+    if "SLOW" in lines.get("Oscillation_axis", "").upper():
+        h.omega = 90.0                       # vertical goniometer, axis along the slow direction
+    elif "24-0107" in det:
+        h.omega = 270.0                      # Diamond I19-1's Pilatus 2M: slow along the axis
     h.overload = _num(lines.get("Count_cutoff"))
     h.exposure = _num(lines.get("Exposure_time"))
     h.polarisation = _num(lines.get("Polarization"))
@@ -488,7 +495,7 @@ def experiment_for(job, image):
     det.tilt = float(dist_kw.get("TILT", 0)) / 100.0
     det.twist = float(dist_kw.get("TWIST", 0)) / 100.0
     det.ccomega = float(dist_kw.get("CCOMEGA", 0)) / 100.0
-    det.omega = float(_kw(job, "DETECTOR").get("OMEGA", 0.0))
+    det.omega = float(_kw(job, "DETECTOR").get("OMEGA", hdr.omega))
     bs = _kw(job, "BACKSTOP")
     if "CENTRE" in bs and "RADIUS" in bs:
         det.backstop = (float(bs["CENTRE"][0]), float(bs["CENTRE"][1]), float(bs["RADIUS"]))

@@ -59,7 +59,8 @@ def dps_scan(r, directions, max_cell, n_bins=None):
     hist = np.bincount(flat.ravel(), minlength=directions.shape[0] * n_bins).reshape(-1, n_bins)
     amp = np.abs(np.fft.rfft(hist, axis=1))
     freq_len = np.arange(amp.shape[1]) / (2 * pmax)               # Å per cycle
-    lo = np.searchsorted(freq_len, 2.5)                            # shorter than 2.5 Å: not a cell edge
+    # a period must repeat several times across the projections to be trusted (and 2.5 Å is no cell edge)
+    lo = np.searchsorted(freq_len, max(2.5, 6.0 / (2 * pmax)))
     hi = np.searchsorted(freq_len, max_cell, side="right")
     amp[:, :lo] = 0
     amp[:, hi:] = 0
@@ -72,16 +73,20 @@ def refine_vector(r, a, hkldev=0.15, n_iter=3):
     for _ in range(n_iter):
         p = r @ a
         h = np.round(p)
-        ok = np.abs(p - h) < hkldev
+        ok = (np.abs(p - h) < hkldev) & (h != 0)     # index 0 would pull a towards the null vector
         if ok.sum() < 6:
             break
-        a, *_ = np.linalg.lstsq(r[ok], h[ok], rcond=None)
+        new, *_ = np.linalg.lstsq(r[ok], h[ok], rcond=None)
+        if not 0.8 < np.linalg.norm(new) / np.linalg.norm(a) < 1.25:
+            break
+        a = new
     p = r @ a
     return a, float(np.mean(np.abs(p - np.round(p)) < hkldev))
 
 
 def candidate_vectors(r, max_cell, n_keep=30, step=2.0):
     dirs = hemisphere(step)
+    pmax = np.max(np.linalg.norm(r, axis=1))
     score, length = dps_scan(r, dirs, max_cell)
     order = np.argsort(-score)
     cands = []
@@ -89,7 +94,7 @@ def candidate_vectors(r, max_cell, n_keep=30, step=2.0):
         v = dirs[i] * length[i]
         v, frac = refine_vector(r, v)
         L = np.linalg.norm(v)
-        if L < 2.5 or L > max_cell * 1.05 or frac < 0.3:
+        if L < max(2.5, 6.0 / (2 * pmax)) or L > max_cell * 1.05 or frac < 0.3:
             continue
         dup = False
         for j, (w, f) in enumerate(cands):
@@ -109,25 +114,24 @@ def candidate_vectors(r, max_cell, n_keep=30, step=2.0):
 
 
 def choose_basis(r, cands, hkldev=0.15):
-    """Three non-coplanar candidates indexing the most spots, then of smallest volume."""
-    best = None
+    """Three non-coplanar candidates indexing the most spots (to 1 %), then of smallest cell volume."""
     vecs = [c[0] for c in cands]
     n = len(vecs)
+    trials = []
     for i in range(n):
         for j in range(i + 1, n):
             for k in range(j + 1, n):
                 B = np.array([vecs[i], vecs[j], vecs[k]])
                 vol = abs(np.linalg.det(B))
-                if vol < 1e-3 * np.prod(np.linalg.norm(B, axis=1)) * 0.2:
+                if vol < 2e-4 * np.prod(np.linalg.norm(B, axis=1)):      # coplanar
                     continue
                 p = r @ B.T
                 frac = float(np.mean(np.all(np.abs(p - np.round(p)) < hkldev, axis=1)))
-                key = (round(frac, 2), -vol)
-                if best is None or key > best[0]:
-                    best = (key, B, frac)
-    if best is None:
+                trials.append((frac, vol, B))
+    if not trials:
         raise ProcessingError("no three independent lattice vectors were found among the spots")
-    return best[1], best[2]
+    frac, vol, B = max(trials, key=lambda t: (round(t[0], 2), -t[1]))
+    return B, frac
 
 
 # ---- refinement on spot positions ------------------------------------------------------------------
@@ -156,7 +160,7 @@ def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
     r = np.einsum("nij,nj->ni", rot, hkl @ A.T)
     s1 = r + geometry.BEAM_DIRECTION / wavelength
     frame = geometry.detector_frame(detector.distance, beam_xy[0], beam_xy[1], detector.two_theta,
-                                    detector.tilt, detector.twist)
+                                    detector.tilt, detector.twist, detector.omega)
     x, y, hit = geometry.lab_to_mm(s1, frame)
     return x, y, phi, ok & hit
 

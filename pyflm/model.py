@@ -55,7 +55,7 @@ class Detector:
 
     def frame(self):
         return geometry.detector_frame(self.distance, self.beam_x, self.beam_y,
-                                       self.two_theta, self.tilt, self.twist)
+                                       self.two_theta, self.tilt, self.twist, self.omega)
 
     @property
     def size_mm(self):
