@@ -130,12 +130,20 @@ def run_batch(lines, job):
         if action == "go":
             if not _run_queue(job):
                 job.log.line(" MOSFLM HAS TERMINATED EARLY")
+                _xml_fatal(job)
                 return 1
     else:
         if job.queue:   # end of input runs nothing still queued, as EXIT does; say so
             job.log.line(" End of input: queued actions without GO or RUN were not run.")
     job.log.line(" Normal termination of pyflm")
     return 0
+
+
+def _xml_fatal(job):
+    from .xmlout import responses
+    x = responses(job)
+    if x is not None:
+        x.add("fatal_condition_response", status="error", message=job.results.get("_last_error", ""))
 
 
 def _order(line_no):

@@ -256,6 +256,8 @@ def run_process(job, args):
     log.line(f" Cell {' '.join(f'{c:.3f}' for c in crystal.cell)}  Space group {crystal.space_group}"
              f"  Mosaic {crystal.mosaic:.2f}")
     tables = [summ.detector_table(), summ.postref_table(), summ.integration_table()]
+    from .xmlout import responses
+    xml = responses(job)
 
     def on_image(st):
         a, b = st.phi
@@ -265,6 +267,8 @@ def run_process(job, args):
         log.line(" ************************************************")
         if st.error:
             log.line(f" ***** WARNING ***** image {st.image} skipped: {st.error}")
+            if xml is not None:
+                xml.add("integration_response", status="error", image=st.image, message=st.error)
             return
         log.line(f"   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
         log.line(f" {det.beam_x:7.2f} {det.beam_y:7.2f}  1.0000 {det.distance:7.2f}  "
@@ -279,6 +283,11 @@ def run_process(job, args):
         tables[1].add(st.image, *crystal.missets, *crystal.cell, crystal.mosaic)
         tables[2].add(st.image, st.n_full, st.n_partial, st.n_overload, st.n_bad, st.isig_pr,
                       st.isig_sum, st.isig_pr_outer, st.isig_sum_outer)
+        if xml is not None:
+            xml.add("integration_response", image=st.image, phi_start=a, phi_end=b, xcen=det.beam_x,
+                    ycen=det.beam_y, distance=det.distance, mosaic=crystal.mosaic, fulls=st.n_full,
+                    partials=st.n_partial, overloads=st.n_overload, bad_spots=st.n_bad,
+                    mean_isigi_profile=st.isig_pr, mean_isigi_summation=st.isig_sum)
         log.flush()
 
     from .shoebox import integrate_image

@@ -69,6 +69,7 @@ class JobState:
                 fn(self, args)
             except PyflmError as e:
                 self.log.line(f" Error in {name} (input line {line_no}): {e.line()}")
+                self.results["_last_error"] = e.line()
                 self.failed = True
                 return False
         return True

@@ -27,7 +27,7 @@ class Statement:
 # ---- lines ----------------------------------------------------------------------------------------
 
 def strip_comment(line):
-    """Remove a `!` or `#` comment that is not inside quotes."""
+    """Remove a `!` comment, or a `#` comment starting a word, that is not inside quotes."""
     quote = None
     for i, ch in enumerate(line):
         if quote:
@@ -35,7 +35,8 @@ def strip_comment(line):
                 quote = None
         elif ch in "\"'":
             quote = ch
-        elif ch in "!#":
+        elif ch == "!" or (ch == "#" and (i == 0 or line[i - 1].isspace())):
+            # '#' inside a word is part of a template (hg_###.mar1600), not a comment
             return line[:i]
     return line
 

@@ -152,7 +152,7 @@ def test_every_keyword_has_help_and_every_help_entry_a_keyword():
 def test_abbreviations_comments_continuation_and_quotes():
     from pyflm.parser import parse_lines
     deck = ["DIST 120.0   ! the distance", "# a whole-line comment", "", "wave 0.9795 # trailing",
-            "limits xmin 0 xmax 100 -", "  ymin 0 ymax 90", 'template "My Images_###.cbf"',
+            "limits xmin 0 xmax 100 -", "  ymin 0 ymax 90", "extension cbf # a comment after a word", 'template "My Images_###.cbf"',
             "symm P212121", "thresh 10", "sepa 0.5 0.6 clos"]
     st, err = parse_lines(deck)
     assert not err
@@ -160,6 +160,9 @@ def test_abbreviations_comments_continuation_and_quotes():
     assert by["DISTANCE"]["_args"] == [120.0]
     assert by["LIMITS"] == {"XMIN": 0.0, "XMAX": 100.0, "YMIN": 0.0, "YMAX": 90.0}
     assert by["TEMPLATE"]["_args"] == ["My Images_###.cbf"]
+    assert by["EXTENSION"]["_args"] == ["cbf"]
+    st, err = parse_lines(["TEMPLATE hg_###.mar1600"])      # unquoted, as the tutorial writes it
+    assert not err and st[0].values["_args"] == ["hg_###.mar1600"]
     assert by["SEPARATION"] == {"_args": [0.5, 0.6], "CLOSE": True}
 
 
