@@ -35,6 +35,7 @@ class Settings:
     block: int = 5
     nproc: int = 1
     min_fraction: float = 0.01       # parts smaller than this are not measured
+    sd_add: float = 0.02             # error model: sigma^2 += (sd_add * I)^2
 
 
 @dataclass
@@ -90,22 +91,37 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     flags = predict.classify(pred, parts, detector, separation=sep, maxwidth=settings.maxwidth,
                              osc=scan.osc, dmin=dmin, dmax=settings.dmax)
     measurable = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) == 0
+    raster = settings.raster or (15, 15, 3, 4, 4)
     out_records, out_stats = [], []
+    # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
+    from .shoebox import block_profiles, profile_sums
+    datas, sums, counts = {}, None, None
+    for img in block_images:
+        try:
+            datas[img] = read_image(img)
+        except Exception as e:           # a bad image is skipped and reported, the rest goes on
+            datas[img] = e
+            continue
+        sel = np.flatnonzero((parts["image"] == img) & measurable & (parts["n_parts"] == 1))
+        p = pred[parts["index"][sel]]
+        s_, c_ = profile_sums(datas[img], p["fast"], p["slow"], raster=raster, gain=detector.gain,
+                              overload=detector.overload, nullpix=detector.nullpix)
+        sums, counts = (s_, c_) if sums is None else (sums + s_, counts + c_)
+    profiles = block_profiles(sums, counts, raster) if sums is not None else None
     for img in block_images:
         t0 = time.time()
         st = ImageStats(img, scan.phi_range(img))
         sel = np.flatnonzero((parts["image"] == img) & measurable)
-        try:
-            data = read_image(img)
-        except Exception as e:           # a bad image is skipped and reported, the rest goes on
-            st.error = str(e)
+        data = datas[img]
+        if isinstance(data, Exception):
+            st.error = str(data)
             out_stats.append(st)
             continue
         p = pred[parts["index"][sel]]
         fulls = parts["n_parts"][sel] == 1
-        res, _ = integrate_fn(data, p["fast"], p["slow"], raster=settings.raster or (15, 15, 3, 4, 4),
+        res, _ = integrate_fn(data, p["fast"], p["slow"], raster=raster,
                               gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
-                              strong_mask=fulls)
+                              strong_mask=fulls, profiles=profiles)
         lp = p["lorentz"] * p["polar"]
         rec = np.zeros(len(sel), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
@@ -114,6 +130,10 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         rec["sigi"] = res["SIGI"] / lp
         rec["ipr"] = res["IPR"] / lp
         rec["sigipr"] = res["SIGIPR"] / lp
+        # error model: a fraction of the intensity for the errors of the profile and partiality models
+        # (counting statistics alone make strong reflections look better than they are)
+        rec["sigi"] = np.sqrt(rec["sigi"] ** 2 + (settings.sd_add * rec["i"]) ** 2)
+        rec["sigipr"] = np.sqrt(rec["sigipr"] ** 2 + (settings.sd_add * rec["ipr"]) ** 2)
         rec["fractioncalc"] = parts["fraction"][sel]
         rec["xdet"], rec["ydet"] = p["slow"], p["fast"]
         rec["rot"] = p["phi"]

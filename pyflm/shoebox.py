@@ -27,6 +27,33 @@ SB_DTYPE = np.dtype([("I", "f8"), ("SIGI", "f8"), ("IPR", "f8"), ("SIGIPR", "f8"
 F_BGRATIO, F_NEGATIVE, F_GRADIENT, F_OVERLOAD, F_EDGE = 1, 4, 8, 16, 32
 
 
+def shift_boxes(boxes, ds, df):
+    """Boxes (n, nxs, nys) moved by sub-pixel amounts (ds along slow, df along fast; |d| <= 1) with
+    bilinear interpolation: content at x goes to x + d."""
+    out = boxes
+    for axis, d in ((1, ds), (2, df)):
+        d = np.asarray(d, float)
+        w = np.abs(d)[:, None, None]
+        fwd = np.roll(out, 1, axis=axis)      # content moved by +1
+        bwd = np.roll(out, -1, axis=axis)     # content moved by -1
+        if axis == 1:
+            fwd[:, 0, :] = out[:, 0, :]
+            bwd[:, -1, :] = out[:, -1, :]
+        else:
+            fwd[:, :, 0] = out[:, :, 0]
+            bwd[:, :, -1] = out[:, :, -1]
+        moved = np.where((d > 0)[:, None, None], fwd, bwd)
+        out = (1 - w) * out + w * moved
+    return out
+
+
+def subpixel_offsets(fast, slow):
+    """Offsets (slow, fast) of predicted positions from the centre of the pixel holding them."""
+    f = np.asarray(fast, float)
+    s = np.asarray(slow, float)
+    return s - np.floor(s) - 0.5, f - np.floor(f) - 0.5
+
+
 def choose_raster(spot_x, spot_y):
     """MOSFLM's RASTER (nxs nys nc nrx nry) from the median spot size in pixels along X (slow) and Y."""
     px = int(np.ceil(spot_x)) + 2 | 1            # peak a little larger than the spot, odd
@@ -168,6 +195,48 @@ def fit_profiles(boxes, plane, profiles_for_each, peak_mask, valid, I_start, gai
     return I, 1.0 / np.sqrt(np.maximum(a, 1e-30))
 
 
+def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, strong_isig=10.0,
+                 strong_mask=None, grid=3):
+    """Sums of normalised strong-reflection peaks per detector region, and their counts, on one image:
+    added over a block of images they give the block's standard profiles (block_profiles)."""
+    peak_mask, bg_mask = box_masks(raster)
+    nreg = grid * grid
+    sums = np.zeros((nreg,) + peak_mask.shape)
+    counts = np.zeros(nreg, int)
+    if len(fast) == 0:
+        return sums, counts
+    boxes, cs, cf, on = extract_boxes(data, fast, slow, raster)
+    valid = boxes > nullpix
+    plane, coef, used, rms = fit_background(boxes, bg_mask, valid, gain)
+    I, sig, net, npk = summation(boxes, plane, peak_mask, valid, used, gain)
+    bad_peak = (peak_mask[None] & ~valid).any((1, 2))
+    over = (np.where(peak_mask[None], boxes, 0) >= overload).any((1, 2))
+    strong = on & ~bad_peak & ~over & (I > strong_isig * sig)
+    if strong_mask is not None:
+        strong &= strong_mask
+    regions = region_of(fast, slow, data.shape[1], data.shape[0], grid)
+    if strong.any():
+        ds, df = subpixel_offsets(fast, slow)
+        s = shift_boxes(net[strong], -ds[strong], -df[strong])     # every spot centred on its box
+        tot = s.sum((1, 2))
+        good = tot > 0
+        np.add.at(sums, regions[strong][good], s[good] / tot[good, None, None])
+        counts = np.bincount(regions[strong][good], minlength=nreg)
+    return sums, counts
+
+
+def block_profiles(sums, counts, raster, min_spots=10):
+    """Standard profiles from summed normalised peaks (profile_sums over a block)."""
+    peak_mask, _ = box_masks(raster)
+    overall = np.where(peak_mask, np.maximum(sums.sum(0), 0), 0)
+    overall = overall / overall.sum() if overall.sum() > 0 else peak_mask / peak_mask.sum()
+    prof = np.empty_like(sums)
+    for r in range(len(sums)):
+        p = np.where(peak_mask, np.maximum(sums[r], 0), 0)
+        prof[r] = p / p.sum() if counts[r] >= min_spots and p.sum() > 0 else overall
+    return prof
+
+
 def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, profiles=None,
                     regions=None, strong_isig=10.0, strong_mask=None, bgratio=3.0, grid=3):
     """Measure reflections at predicted (fast, slow) pixel positions on one image.
@@ -192,7 +261,9 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
         if strong_mask is not None:
             strong &= strong_mask
         profiles, _ = build_profiles(net, regions, strong, peak_mask, grid)
-    Ipr, sigpr = fit_profiles(boxes, plane, profiles[regions], peak_mask, valid, I, gain, overload=overload)
+    ds, df = subpixel_offsets(fast, slow)
+    prof_each = shift_boxes(profiles[regions], ds, df)               # each profile moved onto its spot
+    Ipr, sigpr = fit_profiles(boxes, plane, prof_each, peak_mask, valid, I, gain, overload=overload)
     # centroid of the net peak, in continuous pixel coordinates
     w = np.maximum(net, 0)
     tot = np.maximum(w.sum((1, 2)), 1e-9)
