@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from . import __version__
-from .errors import InputError, PyflmError
+from .errors import InputError, Interrupted, PyflmError
 from .job import JobState, apply_statement
 from .log import Log
 
@@ -240,6 +240,9 @@ def main(argv=None):
         else:
             data = sys.stdin.buffer.read().decode("utf-8", errors="replace")
             status = run_batch(data.splitlines(), job)
+    except Interrupted as e:
+        log.line(f" Interrupted by signal {e.signum}: output files hold the images finished")
+        status = e.status
     except KeyboardInterrupt:
         log.line(" Interrupted")
         status = 130

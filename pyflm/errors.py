@@ -49,3 +49,16 @@ class MatrixError(PyflmError):
 
 class ProcessingError(PyflmError):
     """A stage could not do its job (indexing failed, too few spots...): says why and what to try."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run: outputs finished so far are written, then the program exits
+    with 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum):
+        self.signum = signum
+        super().__init__(f"interrupted by signal {signum}")
+
+    @property
+    def status(self):
+        return 128 + self.signum

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ProcessingError
+from .errors import Interrupted, ProcessingError
 
 from .mtz import RECORD_DTYPE
 
@@ -174,28 +174,48 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     blocks = _block_ranges(images, max(1, settings.block))
     records, stats = [], []
     args = (crystal, beam, detector, goniometer, scan)
+    interrupted = None
     if settings.nproc > 1 and len(blocks) > 1:
-        with ProcessPoolExecutor(max_workers=settings.nproc) as ex:
+        ex = ProcessPoolExecutor(max_workers=settings.nproc, initializer=_ignore_signals)
+        try:
             futures = [ex.submit(integrate_block, *args, b, settings, read_image, integrate_fn)
                        for b in blocks]
-            results = (f.result() for f in futures)
-            for recs, sts in results:
+            for f in futures:
+                recs, sts = f.result()
                 records += recs
                 stats += sts
                 for s in sts:
                     on_image and on_image(s)
+        except Interrupted as e:
+            interrupted = e
+            for f in futures:
+                f.cancel()
+        finally:
+            ex.shutdown(wait=interrupted is None, cancel_futures=True)
     else:
-        for b in blocks:
-            recs, sts = integrate_block(*args, b, settings, read_image, integrate_fn)
-            records += recs
-            stats += sts
-            for s in sts:
-                on_image and on_image(s)
+        try:
+            for b in blocks:
+                recs, sts = integrate_block(*args, b, settings, read_image, integrate_fn)
+                records += recs
+                stats += sts
+                for s in sts:
+                    on_image and on_image(s)
+        except Interrupted as e:      # keep what is finished; the caller writes it
+            interrupted = e
     rec = np.concatenate(records) if records else np.zeros(0, RECORD_DTYPE)
     if len(rec):
         hkl = np.stack([rec["h"], rec["k"], rec["l"]], 1)
         rec["mpart"] = partial_codes(hkl, rec["batch"], rec["fractioncalc"])
-    return Result(rec, stats)
+    result = Result(rec, stats)
+    result.interrupted = interrupted
+    return result
+
+
+def _ignore_signals():
+    """Workers leave SIGINT/SIGTERM to the main process, which stops them and writes what is done."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---- the PROCESS action ---------------------------------------------------------------------------
@@ -312,8 +332,22 @@ def run_process(job, args):
 
     from .shoebox import integrate_image
     reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
-    result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings, reader,
-                              integrate_image, on_image=on_image)
+    import signal
+
+    def _stop(signum, frame):
+        raise Interrupted(signum)
+    old = {s_: signal.signal(s_, _stop) for s_ in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
+                                  reader, integrate_image, on_image=on_image)
+    finally:
+        for s_, h in old.items():
+            signal.signal(s_, h)
+    if result.interrupted is not None:
+        done = [s.image for s in result.stats if not s.error]
+        log.line("")
+        log.line(f" ***** Interrupted (signal {result.interrupted.signum}) after "
+                 f"{len(done)} image(s): writing what is finished")
     bad = [s for s in result.stats if s.error]
     hklout = job.files.get("HKLOUT", "hklout.mtz")
     batches = []
@@ -327,6 +361,8 @@ def run_process(job, args):
                                  two_theta=det.two_theta,
                                  detector_limits=((0.0, float(det.n_slow)), (0.0, float(det.n_fast)))))
     if not batches:
+        if result.interrupted is not None:
+            raise result.interrupted
         raise ProcessingError("no image could be integrated")
     keep = np.isin(result.records["batch"], [b.number for b in batches])
     kwn = lambda n, d: ((job.kw.get(n) or {}).get("_args") or [d])[0]
@@ -345,3 +381,5 @@ def run_process(job, args):
     log.line(f" Logical Name: {hklout}   Filename: {hklout}")
     log.line(f" * Number of Reflections = {n}")
     job.results["integration"] = result
+    if result.interrupted is not None:
+        raise result.interrupted
