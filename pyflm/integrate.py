@@ -24,6 +24,10 @@ from .errors import Interrupted, ProcessingError
 
 from .mtz import RECORD_DTYPE
 
+# what refinement needs of each measured part: observed centroid and intensity
+OBS_DTYPE = np.dtype([("h", "i4"), ("k", "i4"), ("l", "i4"), ("image", "i4"), ("fast", "f8"),
+                      ("slow", "f8"), ("I", "f8"), ("sigI", "f8"), ("phi_mid", "f8"), ("fraction", "f8")])
+
 
 @dataclass
 class Settings:
@@ -92,7 +96,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                              osc=scan.osc, dmin=dmin, dmax=settings.dmax)
     measurable = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) == 0
     raster = settings.raster or (15, 15, 3, 4, 4)
-    out_records, out_stats = [], []
+    out_records, out_stats, out_obs = [], [], []
     # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
     from .shoebox import block_profiles, profile_sums
     datas, sums, counts = {}, None, None
@@ -141,7 +145,13 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         rec["lp"] = 1.0 / lp
         rec["flag"] = res["flag"]
         ok = ((res["flag"] & 32) == 0) & np.isfinite(rec["i"]) & np.isfinite(rec["ipr"])
+        obs = np.zeros(len(sel), OBS_DTYPE)
+        obs["h"], obs["k"], obs["l"], obs["image"] = p["h"], p["k"], p["l"], img
+        obs["fast"], obs["slow"] = res["fast_obs"], res["slow_obs"]
+        obs["I"], obs["sigI"], obs["phi_mid"] = res["I"], res["SIGI"], 0.5 * sum(scan.phi_range(img))
+        obs["fraction"] = parts["fraction"][sel]
         rec = rec[ok]
+        out_obs.append(obs[ok])
         n_parts = parts["n_parts"][sel][ok]
         st.n_full = int(np.sum(n_parts == 1))
         st.n_partial = int(np.sum(n_parts > 1))
@@ -160,7 +170,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         st.seconds = time.time() - t0
         out_records.append(rec)
         out_stats.append(st)
-    return out_records, out_stats
+    return out_records, out_stats, out_obs
 
 
 def integrate_images(crystal, beam, detector, goniometer, scan, images, settings, read_image,
@@ -172,7 +182,7 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     Returns Result(records in image order with MPART set, per-image stats)."""
     from .mtz import partial_codes
     blocks = _block_ranges(images, max(1, settings.block))
-    records, stats = [], []
+    records, stats, observations = [], [], []
     args = (crystal, beam, detector, goniometer, scan)
     interrupted = None
     if settings.nproc > 1 and len(blocks) > 1:
@@ -181,7 +191,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
             futures = [ex.submit(integrate_block, *args, b, settings, read_image, integrate_fn)
                        for b in blocks]
             for f in futures:
-                recs, sts = f.result()
+                recs, sts, obs_ = f.result()
+                observations += obs_
                 records += recs
                 stats += sts
                 for s in sts:
@@ -195,7 +206,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     else:
         try:
             for b in blocks:
-                recs, sts = integrate_block(*args, b, settings, read_image, integrate_fn)
+                recs, sts, obs_ = integrate_block(*args, b, settings, read_image, integrate_fn)
+                observations += obs_
                 records += recs
                 stats += sts
                 for s in sts:
@@ -208,6 +220,7 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
         rec["mpart"] = partial_codes(hkl, rec["batch"], rec["fractioncalc"])
     result = Result(rec, stats)
     result.interrupted = interrupted
+    result.observations = np.concatenate(observations) if observations else np.zeros(0, OBS_DTYPE)
     return result
 
 
@@ -381,5 +394,9 @@ def run_process(job, args):
     log.line(f" Logical Name: {hklout}   Filename: {hklout}")
     log.line(f" * Number of Reflections = {n}")
     job.results["integration"] = result
+    postref = job.kw.get("POSTREF") or {}
+    if (postref.get("MULTI") or postref.get("SEGMENTS")) and result.interrupted is None:
+        from .refine import cell_refinement_segment
+        cell_refinement_segment(job, result, (beam, det, gonio, scan), first, last)
     if result.interrupted is not None:
         raise result.interrupted
