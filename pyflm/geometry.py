@@ -163,7 +163,7 @@ def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0,
     twist (degrees) are small rotations about detector X and Y applied before the swing.  omega (MOSFLM's
     DETECTOR OMEGA) turns the detector about the beam: 0 puts detector Y (fast) along the rotation axis,
     90 puts detector X (slow) along -Z (a vertical goniometer on a standard Pilatus mounting), 270 along
-    +Z (Diamond I19's Pilatus 2M).
+    +Z.
     """
     ex = np.array([0.0, -1.0, 0.0])   # detector X direction (along slow)
     ey = np.array([0.0, 0.0, 1.0])    # detector Y direction (along fast), parallel to the rotation axis

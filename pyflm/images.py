@@ -252,8 +252,6 @@ def _parse_minicbf(img, path):
     # MOSFLM's DETECTOR OMEGA says it (0: fast along the axis).  Known mountings:
     if "SLOW" in lines.get("Oscillation_axis", "").upper():
         h.omega = 90.0                       # vertical goniometer, axis along the slow direction
-    elif "24-0107" in det:
-        h.omega = 270.0                      # Diamond I19-1's Pilatus 2M: slow along the axis
     h.overload = _num(lines.get("Count_cutoff"))
     h.exposure = _num(lines.get("Exposure_time"))
     h.polarisation = _num(lines.get("Polarization"))
