@@ -500,7 +500,9 @@ def experiment_for(job, image):
     det.limits = dict(_kw(job, "LIMITS"))
     gonio = Goniometer(reverse_phi=bool(_kw(job, "DETECTOR").get("REVERSEPHI")))
     numbers = images_on_disk(job.template, job.directory, job.extension) or [image]
-    first, last = next(((a, b) for a, b in sectors(numbers) if a <= image <= b), (image, image))
+    # the sweep runs from the first to the last image on disk: a missing image in the middle is a hole
+    # in the data (skipped and reported when processed), not the end of the sweep
+    first, last = min(numbers + [image]), max(numbers + [image])
     phi0, osc = hdr.phi_start, hdr.osc
     if image in job.phi_override:
         a, b = job.phi_override[image]

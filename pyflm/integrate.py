@@ -102,7 +102,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     datas, sums, counts = {}, None, None
     for img in block_images:
         try:
-            datas[img] = read_image(img)
+            datas[img] = check_image(read_image(img), detector)
         except Exception as e:           # a bad image is skipped and reported, the rest goes on
             datas[img] = e
             continue
@@ -171,6 +171,19 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         out_records.append(rec)
         out_stats.append(st)
     return out_records, out_stats, out_obs
+
+
+def check_image(data, detector):
+    """Refuse images that cannot be measurements of this sweep: another size, blank, all overloaded."""
+    if data.shape != (detector.n_slow, detector.n_fast):
+        raise ProcessingError(f"it is {data.shape[1]} x {data.shape[0]} pixels, the sweep's images are "
+                              f"{detector.n_fast} x {detector.n_slow}")
+    valid = data > detector.nullpix
+    if not valid.any() or float(np.max(data)) <= 0:
+        raise ProcessingError("it is blank (no pixel above zero)")
+    if np.mean(data[valid] >= detector.overload) > 0.5:
+        raise ProcessingError("most of its pixels are overloaded")
+    return data
 
 
 def integrate_images(crystal, beam, detector, goniometer, scan, images, settings, read_image,
