@@ -335,6 +335,13 @@ def _good(res, detector):
     return res is not None and res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6
 
 
+def _plausible(res, detector):
+    """A solution worth reporting at all: finite residuals, real cell edges, the beam still near."""
+    return (res is not None and np.isfinite(res.rms_mm) and res.rms_mm < 10 * detector.pixel_fast
+            and min(res.crystal.cell[:3]) > 2.0 and
+            np.hypot(res.beam_x - detector.beam_x, res.beam_y - detector.beam_y) < 3.0)
+
+
 def _index_refining_beam(spots, beam, detector, goniometer, n_rounds=3, **kw):
     """Index, then index again from the refined beam centre while it keeps moving."""
     import copy
@@ -381,6 +388,9 @@ def index_with_beam_search(spots, beam, detector, goniometer, log=None, **kw):
                 break
     if best is None:
         raise first_err or ProcessingError("indexing failed")
+    if not _plausible(best, detector):
+        raise ProcessingError(f"no solution fits the spots (best sd in positions {best.rms_mm:.2f} mm, "
+                              f"beam moved to {best.beam_x:.1f} {best.beam_y:.1f} mm)")
     if log is not None and (abs(best.beam_x - detector.beam_x) > 0.3 or abs(best.beam_y - detector.beam_y) > 0.3):
         log.line(f" Beam centre search: the direct beam has been moved from {detector.beam_x:.2f} "
                  f"{detector.beam_y:.2f} to {best.beam_x:.2f} {best.beam_y:.2f} mm")

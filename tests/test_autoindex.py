@@ -114,3 +114,32 @@ def test_too_few_spots_is_one_clear_line():
     from pyflm.spots import empty
     with pytest.raises(ProcessingError, match="too few"):
         indexing.index_spots(empty(5), Beam(1.0), Detector(100, 50, 50, 0.1, 0.1, 1000, 1000), Goniometer())
+
+
+def _write_like_sim(path, data):
+    import fabio
+    img = fabio.open(str(SIM / "sim_0001.cbf"))
+    img.data = data.astype(np.int32)
+    img.write(str(path))
+
+
+@pytest.mark.parametrize("case", ["blank", "noise", "distance"])
+def test_indexing_failures_are_one_clear_line(workdir, case):
+    directory = SIM
+    extra = ""
+    if case in ("blank", "noise"):
+        directory = workdir
+        rng = np.random.default_rng(3)
+        for i in (1, 2):
+            data = np.zeros((1043, 981)) if case == "blank" else rng.poisson(4.0, (1043, 981))
+            _write_like_sim(workdir / f"sim_{i:04d}.cbf", data)
+    else:
+        extra = "distance 144\n"                       # 20 % longer than the truth
+    deck = (f'template "sim_####.cbf"\ndirectory "{directory}"\n{extra}'
+            "autoindex dps refine image 1 thresh 20\nautoindex dps refine image 2 thresh 20\ngo\n")
+    if case == "distance":
+        deck = deck.replace("image 2 ", "image 45 ")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    errors = [ln for ln in r.stdout.splitlines() if ln.startswith(" Error in AUTOINDEX")]
+    assert len(errors) == 1 and "Indexing failed" in errors[0] and "Try" in errors[0]
