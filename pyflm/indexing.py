@@ -447,8 +447,7 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
         c = copy.copy(crystal)
         c.mosaic = float(eta)
         pred = predict.predict(c, beam, detector, goniometer, a, b, dmin, margin=3.0)
-        lo = pred["phi"] - pred["width"] / 2
-        hi = pred["phi"] + pred["width"] / 2
+        lo, hi = predict.phi_extent(pred)
         on = (hi > a) & (lo < b)
         if not on.any():
             fracs.append(0.0)

@@ -173,6 +173,42 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     return out_records, out_stats, out_obs
 
 
+def combine_weak_partials(rec, max_isig=3.0, min_fraction=0.1):
+    """Profile-fitted intensities of weak partials, fitted jointly over the images they span.
+
+    Each part i measures f_i.I with f_i its calculated fraction; the inverse-variance combination of
+    I_i/f_i (weights f_i^2/sigma_i^2) uses every image of a weak reflection, as a 3-D profile would.
+    The parts then carry I.f_i/sum(f) (so they add up to the joint estimate) and sigmas whose squares
+    add up to its variance.  Only reflections whose every part is weak (I/sigma < max_isig) are
+    combined: for them the variances are background's, the same whatever the intensity."""
+    key = (rec["h"].astype(np.int64) + 512) * 1048576 + (rec["k"] + 512) * 1024 + (rec["l"] + 512)
+    order = np.lexsort((rec["batch"], key))
+    k, b = key[order], rec["batch"][order]
+    start = np.ones(len(rec), bool)
+    start[1:] = ~((k[1:] == k[:-1]) & (b[1:] == b[:-1] + 1))
+    gid = np.cumsum(start) - 1
+    f = rec["fractioncalc"][order].astype(float)
+    I = rec["ipr"][order].astype(float)
+    s = np.maximum(rec["sigipr"][order].astype(float), 1e-9)
+    n = np.bincount(gid)
+    strong_part = np.bincount(gid, (np.abs(I) >= max_isig * s).astype(float)) > 0
+    use = f >= min_fraction
+    w = np.where(use, f * f / (s * s), 0.0)
+    den = np.bincount(gid, w)
+    Ij = np.bincount(gid, np.where(use, w * I / np.maximum(f, 1e-9), 0.0)) / np.maximum(den, 1e-30)
+    sj = 1.0 / np.sqrt(np.maximum(den, 1e-30))
+    fs = np.bincount(gid, f)
+    ok = (n > 1) & ~strong_part & (den > 0) & (fs > 0.5)
+    sel = ok[gid]
+    new_i = f * Ij[gid] / fs[gid]
+    new_s = sj[gid] * np.sqrt(f / fs[gid])
+    ipr = rec["ipr"].copy()
+    sig = rec["sigipr"].copy()
+    ipr[order[sel]] = new_i[sel]
+    sig[order[sel]] = new_s[sel]
+    rec["ipr"], rec["sigipr"] = ipr, sig
+
+
 def check_image(data, detector):
     """Refuse images that cannot be measurements of this sweep: another size, blank, all overloaded."""
     if data.shape != (detector.n_slow, detector.n_fast):
@@ -231,6 +267,7 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     if len(rec):
         hkl = np.stack([rec["h"], rec["k"], rec["l"]], 1)
         rec["mpart"] = partial_codes(hkl, rec["batch"], rec["fractioncalc"])
+        combine_weak_partials(rec)
     result = Result(rec, stats)
     result.interrupted = interrupted
     result.observations = np.concatenate(observations) if observations else np.zeros(0, OBS_DTYPE)

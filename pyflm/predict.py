@@ -11,8 +11,8 @@ Rocking width (full width, degrees): the angular spread of the lattice point (mo
 beam divergence, plus 2 tan(theta) dlambda/lambda from the dispersion) divided by
 zeta = |e . (s1^ x s0^)|, the rate at which rotation carries it through the sphere (1/zeta is the
 Lorentz factor), so widths grow without limit near the rotation axis (MAXWIDTH rejects those).
-Partiality on an image [phi1, phi2]: the fraction of a smooth rocking profile (the integral of a
-raised-cosine of full width `width` centred on the crossing) inside the image's range.
+Partiality on an image [phi1, phi2]: the fraction of the rocking curve, a Gaussian of FWHM `width`
+centred on the crossing, inside the image's range.
 
 Public API
     generate_hkl(A, dmin, dmax=None) -> (n, 3) int array of every h with dmax >= d >= dmin
@@ -100,15 +100,26 @@ def lorentz_polar(s1_unit, axis, polarisation=0.95, model="SYNCHROTRON", mono_tw
     return lor, pol
 
 
+# The rocking curve is a Gaussian whose FWHM is the rocking width (the mosaic blocks' orientations
+# spread normally); parts are looked for out to EXTENT widths either side, where < 0.1 % remains.
+EXTENT = 1.5
+
+
 def fraction_inside(phi, width, lo, hi):
-    """Fraction of a reflection's rocking curve (a raised cosine of full width `width` centred on phi)
-    recorded between lo and hi degrees."""
+    """Fraction of a reflection's rocking curve (a Gaussian of FWHM `width` centred on phi) recorded
+    between lo and hi degrees."""
     return _cum(hi, phi, width) - _cum(lo, phi, width)
 
 
 def _cum(x, phi, width):
-    t = np.clip((np.asarray(x, float) - phi) / np.maximum(width, 1e-9) + 0.5, 0.0, 1.0)
-    return t - np.sin(2 * np.pi * t) / (2 * np.pi)
+    from scipy.special import erf
+    sigma = np.maximum(width, 1e-9) / 2.3548
+    return 0.5 * (1.0 + erf((np.asarray(x, float) - phi) / (np.sqrt(2.0) * sigma)))
+
+
+def phi_extent(pred):
+    """(lo, hi) phi beyond which a reflection records nothing."""
+    return pred["phi"] - EXTENT * pred["width"], pred["phi"] + EXTENT * pred["width"]
 
 
 def predict_numpy(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None):
@@ -166,8 +177,8 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     lor, pol = lorentz_polar(s1u, goniometer.axis, beam.polarisation, beam.polarisation_model,
                              beam.monochromator_two_theta)
     width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)
-    lo = ph - width / 2
-    hi = ph + width / 2
+    lo = ph - EXTENT * width
+    hi = ph + EXTENT * width
     keep = (hi > phi_start) & (lo < phi_end)
     out = np.zeros(int(keep.sum()), PRED_DTYPE)
     out["h"], out["k"], out["l"] = hh[keep].T
@@ -184,14 +195,21 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
 
 
 def rocking_width_xds(s1u, axis, mosaic, beam):
-    """Full rocking width in phi (degrees): the angular spread of the lattice point (mosaic, divergence,
-    dispersion) divided by zeta = |e.(s1^ x s0^)|, the rate at which rotation moves it through the sphere."""
-    zeta = np.abs(np.cross(s1u, geometry.BEAM_DIRECTION) @ np.asarray(axis, float))
+    """Full rocking width in phi (degrees).
+
+    A mosaic block (or the beam) turned by a small angle eta about a random axis moves the lattice point
+    off the sphere by at most eta |s0^ x s1^| (sin 2theta, in units of 1/lambda); rotation about the axis
+    moves it by zeta = |e.(s0^ x s1^)| per radian.  So the width is eta sin(2theta)/zeta (= eta for a
+    reflection in the equatorial plane, growing without limit near the axis), plus the dispersion's
+    (dlambda/lambda)(1 - cos 2theta)/zeta (tan(theta) dlambda/lambda on the equator)."""
+    cross = np.cross(geometry.BEAM_DIRECTION, s1u)
+    zeta = np.maximum(np.abs(cross @ np.asarray(axis, float)), 1e-6)
+    sin2t = np.linalg.norm(cross, axis=1)
+    cos2t = s1u[:, 0]
     div = float(np.hypot(*beam.divergence))
-    two_theta = np.arccos(np.clip(s1u[:, 0], -1, 1))
-    disp = np.degrees(2.0 * np.tan(two_theta / 2) * beam.dispersion)
-    spread = np.sqrt(mosaic ** 2 + div ** 2) + disp
-    return spread / np.maximum(zeta, 1e-6)
+    angular = np.sqrt(mosaic ** 2 + div ** 2) * sin2t
+    disp = np.degrees(beam.dispersion * (1.0 - cos2t))
+    return (angular + disp) / zeta
 
 
 PART_DTYPE = np.dtype([("index", "i8"), ("image", "i4"), ("fraction", "f8"), ("n_parts", "i4"),
@@ -201,8 +219,7 @@ PART_DTYPE = np.dtype([("index", "i8"), ("image", "i4"), ("fraction", "f8"), ("n
 def image_parts(pred, phi0, osc, first, last, min_fraction=0.0):
     """Split each predicted reflection over the images it touches: rows (index into pred, image,
     fraction on that image, number of images it spans inside [first, last], which part this is)."""
-    lo = pred["phi"] - pred["width"] / 2
-    hi = pred["phi"] + pred["width"] / 2
+    lo, hi = phi_extent(pred)
     i_lo = np.floor((lo - phi0) / osc).astype(np.int64) + first
     i_hi = np.floor((hi - phi0) / osc).astype(np.int64) + first
     i_lo = np.maximum(i_lo, first)

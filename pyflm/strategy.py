@@ -187,8 +187,7 @@ def run_strategy(job, args):
 def overlap_fraction(crystal, beam, detector, goniometer, phi, osc, dmin, separation):
     """Fraction of the reflections recorded on an image [phi, phi+osc] that are spatially overlapped."""
     pred = predict.predict(crystal, beam, detector, goniometer, phi, phi + osc, dmin, margin=2.0)
-    lo = pred["phi"] - pred["width"] / 2
-    hi = pred["phi"] + pred["width"] / 2
+    lo, hi = predict.phi_extent(pred)
     pred = pred[(hi > phi) & (lo < phi + osc) & pred["on_detector"]]
     if not len(pred):
         return 0.0
