@@ -139,6 +139,13 @@ def apply_statement(job, st):
             return None
     # settings: merge sub-key by sub-key
     cur = job.kw.setdefault(name, {})
+    if name == "POSTREF":       # switches undo each other: the last one given holds
+        if v.get("NOMULTI") or v.get("NOSEGMENT") or v.get("OFF"):
+            for k in ("MULTI", "SEGMENTS", "SEGMENT", "NOMULTI", "NOSEGMENT"):
+                cur.pop(k, None)
+            v = {k: val for k, val in v.items() if k not in ("NOMULTI", "NOSEGMENT")}
+        elif v.get("MULTI") or v.get("SEGMENTS"):
+            cur.pop("OFF", None)
     cur.update(v)
     if name in ("CELL", "SYMMETRY", "MISSETS", "MOSAIC"):
         _update_crystal(job, name, args, st.line_no)
