@@ -169,6 +169,8 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     A = crystal.A
     mosaic = crystal.mosaic if mosaic is None else mosaic
     margin = 5.0 if margin is None else margin
+    # nothing finer than lambda/2 reaches the Ewald sphere; a finer RESOLUTION would only swell the hkl list
+    dmin = max(float(dmin), 0.5 * beam.wavelength)
     frame = detector.frame()
     sign = -1 if goniometer.reverse_phi else 1
     window = predict_window_cython if (use_cython and _ext is not None) else predict_numpy
@@ -272,7 +274,8 @@ def classify(pred, parts, detector, *, separation=None, maxwidth=5.0, osc=1.0, d
         sx, sy = separation
         ov = np.zeros(len(p), bool)
         for img in np.unique(parts["image"]):
-            sel = np.flatnonzero(parts["image"] == img)
+            # rays scattered backwards (a RESOLUTION finer than the detector) meet no plane: no x, y
+            sel = np.flatnonzero((parts["image"] == img) & np.isfinite(p["x_mm"]) & np.isfinite(p["y_mm"]))
             pts = np.stack([p["x_mm"][sel] / sx, p["y_mm"][sel] / sy], 1)
             tree = cKDTree(pts)
             pairs = tree.query_pairs(1.0 - 1e-9, p=np.inf, output_type="ndarray")
