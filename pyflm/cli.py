@@ -53,6 +53,12 @@ def parse_command_line(argv):
         if i + 1 >= len(argv):
             raise InputError("a logical name needs a file name", "command line", name, "nothing",
                              "a file name after it")
+        if name != "MATRIX":     # found now, not after the hours of work whose results it should hold
+            from .fileio import output_problem
+            why = output_problem(argv[i + 1])
+            if why:
+                raise InputError(f"cannot be written ({why})", "command line", name, argv[i + 1],
+                                 "a file name in a directory that can be written")
         files[name] = argv[i + 1]
         i += 2
     return files
@@ -87,8 +93,7 @@ def _run_queue(job):
         raise
     except Exception as e:   # a bug, not a user error: one line on the terminal, the trace in the log file
         job.log.line(f" Internal error: {type(e).__name__}: {e}")
-        if job.log._f:
-            job.log._f.write(traceback.format_exc())
+        job.log.to_file(traceback.format_exc())
         job.log.line(" An unrecoverable error has occurred")
         job.failed = True
         return False
@@ -187,8 +192,7 @@ def run_interactive(job):
                     st = parse_statement(line_no, t)
                     if st is None:
                         continue
-                    if job.log._f:
-                        job.log._f.write(f" ===> {raw}\n")
+                    job.log.to_file(f" ===> {raw}\n")
                     act = apply_statement(job, st)
                     if act == "stop":
                         return status
@@ -220,6 +224,39 @@ def main(argv=None):
     if any(a in ("--version", "-version", "-v") for a in argv):
         sys.stdout.write(f"pyflm (ipmosflm) Version {__version__}\n")
         return 0
+    from .fileio import RunLock
+    from .errors import DirectoryInUse
+    lock = RunLock(".")
+    try:
+        lock.acquire()
+    except DirectoryInUse as e:     # refuse before touching mosflm.lp: the other run's log stays whole
+        sys.stdout.write(f" Error: {e.line()}\n")
+        return 1
+    try:
+        return _main(argv)
+    finally:
+        lock.release()
+
+
+def _sigterm(signum, frame):
+    raise Interrupted(signum)
+
+
+def _main(argv):
+    import signal
+    # SIGTERM outside PROCESS (which handles it itself) ends the run like SIGINT: the log is closed and
+    # renamed, the lock let go; files already written are whole, nothing is half-written
+    try:
+        old_term = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:      # not the main thread (called from a library): leave signals alone
+        return _run(argv)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _run(argv):
     log = Log("mosflm.lp")
     log.write(BANNER)
     job = JobState(log=log)
@@ -241,7 +278,7 @@ def main(argv=None):
             data = sys.stdin.buffer.read().decode("utf-8", errors="replace")
             status = run_batch(data.splitlines(), job)
     except Interrupted as e:
-        log.line(f" Interrupted by signal {e.signum}: output files hold the images finished")
+        log.line(f" Interrupted by signal {e.signum}: output files written so far are complete")
         status = e.status
     except KeyboardInterrupt:
         log.line(" Interrupted")

@@ -19,7 +19,9 @@ class InputError(PyflmError):
 
     def line(self):
         parts = []
-        if self.line_no is not None:
+        if self.line_no == "command line":
+            parts.append("Command line")
+        elif self.line_no is not None:
             parts.append(f"Input line {self.line_no}")
         if self.keyword:
             parts.append(str(self.keyword))
@@ -45,6 +47,31 @@ class MatrixError(PyflmError):
     def __init__(self, path, problem):
         self.path, self.problem = path, problem
         super().__init__(f"Matrix file {path}: {problem}")
+
+
+class OutputError(PyflmError, OSError):
+    """An output file that cannot be written (no such directory, not a directory, read-only, disk full).
+    Also an OSError, so writers that already catch OSError keep working; `strerror` is the reason."""
+
+    def __init__(self, path, problem, errno=None):
+        OSError.__init__(self, errno, problem)
+        self.path, self.problem = path, problem
+
+    def __str__(self):
+        return f"Output file {self.path} cannot be written: {self.problem}"
+
+    def line(self):
+        return str(self)
+
+
+class DirectoryInUse(PyflmError):
+    """Another run holds the working directory's lock (pyflm.fileio.RunLock)."""
+
+    def __init__(self, directory, pid=""):
+        self.directory, self.pid = directory, pid
+        who = f"another pyflm run (process {pid})" if pid else "another pyflm run"
+        super().__init__(f"{who} is working in {directory}: its mosflm.lp and output files would be "
+                         "mixed with this run's; wait for it to finish or run in another directory")
 
 
 class ProcessingError(PyflmError):

@@ -107,9 +107,15 @@ def apply_statement(job, st):
     if name == "HELP":
         return "help"
     if kw.kind == "file":
-        job.files[name] = args[0]
         if name == "MATRIX":
             _read_matrix(job, args[0], st.line_no)
+        else:     # found in the check of the deck, not after the work whose results it should hold
+            from .fileio import output_problem
+            why = output_problem(args[0])
+            if why:
+                raise InputError(f"cannot be written ({why})", st.line_no, name, args[0],
+                                 "a file name in a directory that can be written")
+        job.files[name] = args[0]
         return None
     if name == "TEMPLATE":
         job.template = args[0]
