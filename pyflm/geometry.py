@@ -182,6 +182,42 @@ def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0,
     return origin, ex, ey, n
 
 
+def imgcif_detector_to_mosflm(rotation_axis, fast, slow, two_theta=0.0, two_theta_axis=(1.0, 0.0, 0.0)):
+    """MOSFLM's (two_theta, DETECTOR OMEGA) for a detector described by imgCIF axes.
+
+    rotation_axis  the scan axis in the imgCIF lab (beam along -z), with the axes it depends on applied.
+    fast, slow     unit vectors of the pixel axes before the two-theta swing (imgCIF lab).
+    two_theta      the swing (degrees) about two_theta_axis.
+    MOSFLM's frame puts Z along the scan axis, so a goniometer whose axis is not imgCIF x (a kappa
+    phi scan, a vertical goniometer) turns the detector about the beam: that angle is the omega that
+    makes detector_frame's slow and fast directions equal these.  The swing must be about the scan
+    axis (MOSFLM's model); it is signed by their relative sense.  Returns (two_theta, omega, problem):
+    problem is None, or a few words why MOSFLM's model cannot represent this detector (mirrored
+    axes, two-theta about another axis), in which case the angles are the nearest it can.
+    """
+    e = np.asarray(rotation_axis, float)
+    e = e / np.linalg.norm(e)
+    X = np.array([0.0, 0.0, -1.0])                # the beam, source to crystal
+    Z = e - X * (e @ X)
+    Z /= np.linalg.norm(Z)
+    M = np.array([X, np.cross(Z, X), Z])          # rows: MOSFLM's X, Y, Z in imgCIF
+    ex, ey = M @ np.asarray(slow, float), M @ np.asarray(fast, float)
+    # detector_frame: ex = R_x(omega) (0, -1, 0) = (0, -cos w, -sin w), ey = (0, -sin w, cos w)
+    omega = float(np.degrees(np.arctan2(-ex[2], -ex[1]))) % 360.0
+    problem = None
+    w = np.radians(omega)
+    if np.hypot(ey[1] + np.sin(w), ey[2] - np.cos(w)) > 0.05 or abs(ex[0]) > 0.05 or abs(ey[0]) > 0.05:
+        problem = "the pixel axes are mirrored or not perpendicular to the beam"
+    tt = float(two_theta or 0.0)
+    if tt:
+        t = M @ np.asarray(two_theta_axis, float)
+        t = t / np.linalg.norm(t)
+        if abs(abs(t[2]) - 1.0) > 1e-3:
+            problem = "the two-theta axis is not the rotation axis"
+        tt = tt if t[2] > 0 else -tt
+    return tt, round(omega, 3), problem
+
+
 def rot_about(axis, deg):
     """Right-handed rotation matrix about a unit axis (degrees)."""
     axis = np.asarray(axis, float) / np.linalg.norm(axis)

@@ -202,6 +202,45 @@ def _num(s, default=None):
         return default
 
 
+def _imgcif_axes(header):
+    """(scan axis, fast, slow, two-theta, two-theta axis) in the imgCIF lab from the _axis, scan and
+    array-structure loops of a full imgCIF header (as fabio parses them), or None if it has none."""
+    def s(v):
+        return v.decode() if isinstance(v, bytes) else str(v)
+    loops = {}
+    try:
+        for names, rows in header.get("loop_") or []:
+            key = s(names[0]).split(".")[0]
+            loops[key] = [{s(k).split(".", 1)[1]: s(v) for k, v in r.items()} for r in rows]
+        axes = {r["id"]: r for r in loops["_axis"]}
+        vec = lambda r: np.array([float(r[f"vector[{i}]"]) for i in (1, 2, 3)])
+        angle = {r["axis_id"]: float(r["angle"]) for r in loops.get("_diffrn_scan_frame_axis", [])
+                 if r.get("angle") not in (None, ".", "?")}
+        scan = [r["axis_id"] for r in loops["_diffrn_scan_axis"] if axes.get(r["axis_id"], {}).get("type")
+                == "rotation" and axes[r["axis_id"]]["equipment"] == "goniometer"
+                and abs(float(r["angle_increment"])) > 0]
+        if len(scan) != 1:
+            return None
+        e = vec(axes[scan[0]])
+        parent = axes[scan[0]]["depends_on"]
+        while parent in axes:                     # the scan axis as the axes it sits on leave it
+            e = geometry.rot_about(vec(axes[parent]), angle.get(parent, 0.0)) @ e
+            parent = axes[parent]["depends_on"]
+        sets = {r["axis_set_id"]: r["axis_id"] for r in loops["_array_structure_list_axis"]}
+        lst = sorted(loops["_array_structure_list"], key=lambda r: int(r["precedence"]))
+        pix = []
+        for r in lst[:2]:
+            v = vec(axes[sets[r["axis_set_id"]]])
+            pix.append(-v if r["direction"].lower().startswith("decr") else v)
+        tt, tt_axis = 0.0, (1.0, 0.0, 0.0)
+        for k, r in axes.items():
+            if r["equipment"] == "detector" and r["type"] == "rotation" and abs(angle.get(k, 0.0)) > 1e-6:
+                tt, tt_axis = angle[k], vec(r)
+        return e, pix[0], pix[1], tt, tt_axis
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError):
+        return None
+
+
 def _parse(img, path):
     kind = type(img).__name__
     if kind == "CbfImage":
@@ -252,6 +291,13 @@ def _parse_minicbf(img, path):
     # MOSFLM's DETECTOR OMEGA says it (0: fast along the axis).  Known mountings:
     if "SLOW" in lines.get("Oscillation_axis", "").upper():
         h.omega = 90.0                       # vertical goniometer, axis along the slow direction
+    # a full imgCIF header (I19's Pilatus 2M) says it exactly: scan axis, pixel axes and two-theta axis
+    axes = _imgcif_axes(img.header)
+    if axes is not None:
+        tt, h.omega, problem = geometry.imgcif_detector_to_mosflm(*axes)
+        h.two_theta = tt if axes[3] else h.two_theta
+        if problem:
+            h.warnings.append(f"detector axes in the header: {problem}; MOSFLM's model is approximate")
     h.overload = _num(lines.get("Count_cutoff"))
     h.exposure = _num(lines.get("Exposure_time"))
     h.polarisation = _num(lines.get("Polarization"))
