@@ -1,149 +1,558 @@
-"""Cell refinement from integrated segments (POSTREF MULTI SEGMENTS n; PROCESS a b + GO per segment).
+"""Refinement: positional refinement of the detector, post-refinement of the crystal, cell refinement.
 
-The strong reflections of every segment give observed spot centroids (the intensity-weighted mean of
-their measured parts' centroids) and phi (the intensity-weighted mean of the parts' image mid-points,
-corrected by the calculated partiality); orientation, cell (with the lattice's constraints) and beam
-centre are refined together by least squares on those positions and phi (pyflm.indexing's refinement).
-Segments far apart in phi separate the cell from the orientation, as the MOSFLM tutorial explains.
-Cycles repeat while any cell parameter moves by more than 2.5 esd (at most 5), then MOSFLM's tables
-and `Cell refinement is complete` are printed, the crystal is updated and NEWMAT written.
+Observations come from a quick measurement of the images (``measure_parts``): every predicted part of
+every reflection not overlapped, excluded or too wide gets a background plane, a summation intensity
+and the centroid of its net peak.  From them
 
-What is not done yet: per-image detector refinement (distance, YSCALE, tilt, twist are held at their
-starting values and printed as such) and post-refinement of the missets and mosaic from partials.
+* positional refinement (algorithms 1e): strong fully recorded reflections (and, with REFINEMENT
+  INCLUDE PARTIALS, partials whose every part was measured; centroid = intensity-weighted mean of the
+  parts') against the positions predicted at their crossings.  Free: beam centre XCEN YCEN, distance
+  XTOFD, TILT, TWIST.  YSCALE, CCOMEGA, ROFF and TOFF are not in pyflm's detector model
+  (pyflm.geometry) and are held at their values.
+* post-refinement (algorithms 1d, Rossmann/Winkler): the observed fractions p_i = I_i / sum_j I_j of
+  strong partials spread over consecutive images against the calculated ones (Gaussian rocking curve
+  of pyflm.predict, renormalised over the measured parts).  Free: missets PHIX PHIY PHIZ, the mosaic
+  spread and, in cell refinement (or POSTREF UNFIX), the cell under the lattice's constraints.
+
+Both sets of residuals (positions in units of their sigma, fractions in units of theirs) are
+minimised together by scipy's least_squares with a soft-L1 loss, so a parameter seen by both (the
+missets move spots as well as fractions) is refined once, consistently.
+
+PROCESS refines once per block, before the block is integrated (``refine_block``, called by
+pyflm.integrate): each block starts from the job's model, so results do not depend on the number of
+worker processes; values reported per image are the block's (MOSFLM smooths per-image values over a
+few images; a block of 5 images is that smoothing).
+
+Cell refinement (POSTREF MULTI SEGMENTS n; PROCESS a b + GO per segment): the segments' images are
+measured with the current model, everything free is refined over all segments together, and the cycle
+(measure again, refine again) repeats while any cell parameter moves by more than 2.5 esd, at most 5
+cycles.  Then MOSFLM's per-cycle tables, `Cell refinement is complete` with esds, the crystal and the
+detector parameters are carried forward to later PROCESS lines, and NEWMAT is written.
+
+Keyword options (job.kw): REFINEMENT FIX/FREE <params> (XCEN YCEN BEAM DISTANCE TILT TWIST YSCALE
+CCOMEGA ROFF TOFF ALL), RESIDUAL r (spots whose weighted positional residual exceeds r are rejected),
+INCLUDE/EXCLUDE PARTIALS; POSTREF FIX/UNFIX <params> (ALL, MOSAIC, A B C ALPHA BETA GAMMA, PHIX PHIY
+PHIZ), MAXRESIDUAL r (fractions off by more than r sigma are rejected), SDFAC f (scales the fractions'
+sigmas), OFF (no post-refinement: missets, mosaic and cell held).
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from . import geometry, lattice
+from . import geometry, predict
 from .errors import ProcessingError
 
+DETECTOR_PARAMS = ("XCEN", "YCEN", "DISTANCE", "TILT", "TWIST")
+HELD_DETECTOR = ("YSCALE", "CCOMEGA", "ROFF", "TOFF")
+CELL_NAMES = ("A", "B", "C", "ALPHA", "BETA", "GAMMA")
+MISSETS = ("PHIX", "PHIY", "PHIZ")
 
-def _lattice_of(space_group):
-    import gemmi
-    sg = gemmi.SpaceGroup(space_group)
-    system = sg.crystal_system_str()
-    centring = sg.hm[0]
-    k = {"triclinic": "a", "monoclinic": "m", "orthorhombic": "o", "tetragonal": "t", "trigonal": "h",
-         "hexagonal": "h", "cubic": "c"}[system]
-    return k + ("R" if centring == "H" or centring == "R" else centring)
+_ALIASES = {"XTOFD": "DISTANCE", "DIST": "DISTANCE", "DISTANCE": "DISTANCE", "XCEN": "XCEN",
+            "YCEN": "YCEN", "TILT": "TILT", "TWIST": "TWIST", "YSCALE": "YSCALE", "CCOMEGA": "CCOMEGA",
+            "CCOM": "CCOMEGA", "ROFF": "ROFF", "TOFF": "TOFF", "MOSAIC": "MOSAIC", "MOSA": "MOSAIC",
+            "PHIX": "PHIX", "PHIY": "PHIY", "PHIZ": "PHIZ", "A": "A", "B": "B", "C": "C",
+            "ALPHA": "ALPHA", "BETA": "BETA", "GAMMA": "GAMMA"}
 
-
-def strong_observations(obs, min_isig=10.0):
-    """One observation per reflection of a segment: centroid (fast, slow) and phi, from its parts."""
-    if len(obs) == 0:
-        return obs[:0], np.zeros(0), np.zeros(0), np.zeros(0)
-    key = (obs["h"].astype(np.int64) + 512) * 1048576 + (obs["k"] + 512) * 1024 + (obs["l"] + 512)
-    uniq, inv = np.unique(key, return_inverse=True)
-    w = np.maximum(obs["I"], 0)
-    W = np.bincount(inv, w)
-    S = np.sqrt(np.bincount(inv, obs["sigI"] ** 2))
-    ok = (W > min_isig * np.maximum(S, 1e-9)) & (W > 0)
-    f = np.bincount(inv, w * obs["fast"]) / np.maximum(W, 1e-9)
-    s = np.bincount(inv, w * obs["slow"]) / np.maximum(W, 1e-9)
-    phi = np.bincount(inv, w * obs["phi_mid"]) / np.maximum(W, 1e-9)
-    first = np.zeros(len(uniq), int)
-    first[inv[::-1]] = np.arange(len(obs))[::-1]
-    rep = obs[first]
-    return rep[ok], f[ok], s[ok], phi[ok]
+POS_SIGMA_PX = 0.25          # positional sigma of a strong spot's centroid, pixels (weights)
+FRACTION_SIGMA = 0.02        # model error added to every observed fraction's sigma
 
 
-def refine_cell(segments, crystal, beam, detector, goniometer, max_cycles=5):
-    """segments: [(observations, first, last)].  Returns a dict of the refinement's figures."""
-    from .indexing import refine_orientation
-    hkl, xo, yo, po, img = [], [], [], [], []
-    for obs, a, b in segments:
-        rep, f, s, phi = strong_observations(obs)
-        x, y = detector.pixel_to_mm(f, s)
-        hkl.append(np.stack([rep["h"], rep["k"], rep["l"]], 1).astype(float))
-        xo.append(x)
-        yo.append(y)
-        po.append(phi)
-        img.append(rep["image"])
-    hkl, xo, yo, po, img = (np.concatenate(v) for v in (hkl, xo, yo, po, img))
-    if len(hkl) < 20:
-        raise ProcessingError(f"only {len(hkl)} strong reflections in the segments: too few to refine the "
-                              "cell (use more images per segment or a lower resolution limit)")
-    lat = _lattice_of(crystal.space_group)
-    cell0 = tuple(crystal.cell)
-    A = crystal.A
-    cycles = []
-    cell = cell0
-    for cycle in range(1, max_cycles + 1):
-        fit = refine_orientation(A, hkl, xo, yo, po, beam.wavelength, detector,
-                                 reverse=goniometer.reverse_phi, refine_beam=False,
-                                 cell_params=(lat, cell), phi_weight=0.05)
-        new_cell = tuple(geometry.cell_from_a(fit.A))
-        esd = _cell_esd(fit, hkl, xo, yo, po, beam, detector, goniometer, lat, new_cell)
-        per_image = _rms_per_image(fit, hkl, xo, yo, po, img, beam, detector, goniometer)
-        cycles.append({"cell": new_cell, "esd": esd, "rms_mm": fit.rms_mm, "per_image": per_image})
-        shift = np.abs(np.array(new_cell) - np.array(cell))
-        A, cell = fit.A, new_cell
-        if np.all(shift <= 2.5 * np.maximum(esd, 1e-6)):
-            break
-    U = A @ np.linalg.inv(geometry.b_matrix(cell))
-    uu, _, vv = np.linalg.svd(U)
-    return {"start": cell0, "cell": cell, "esd": cycles[-1]["esd"], "U": uu @ vv, "cycles": cycles,
-            "n": len(hkl)}
-
-
-def _rms_per_image(fit, hkl, xo, yo, po, img, beam, detector, goniometer):
-    from .indexing import _predict_spots
-    xp, yp, pp, ok = _predict_spots(fit.A, hkl, po, beam.wavelength, detector,
-                                    (detector.beam_x, detector.beam_y), goniometer.reverse_phi)
-    d = np.hypot(xp - xo, yp - yo)
-    out = {}
-    for i in np.unique(img):
-        m = (img == i) & ok & (d < 1.0)
-        out[int(i)] = float(np.sqrt(np.mean(d[m] ** 2))) if m.any() else float("nan")
+def _names(text):
+    """Parameter names in a FIX/FREE/UNFIX list ('dist yscale', 'all', 'beam'); other words ignored
+    (the parser hands the rest of the line to the list)."""
+    out = set()
+    for w in str(text or "").upper().replace(",", " ").split():
+        if w == "ALL":
+            out.add("ALL")
+        elif w == "BEAM":
+            out.update(("XCEN", "YCEN"))
+        elif w in _ALIASES:
+            out.add(_ALIASES[w])
+        elif len(w) >= 4 and any(k.startswith(w) for k in _ALIASES):
+            out.add(next(_ALIASES[k] for k in _ALIASES if k.startswith(w)))
     return out
 
 
-def _cell_esd(fit, hkl, xo, yo, po, beam, detector, goniometer, lat, cell):
-    """Cell esds by finite differences of the position residuals (Jacobian) at the solution."""
-    from .indexing import _free_cell, _predict_spots
-    free = _free_cell(lat, cell)
-    U = fit.A @ np.linalg.inv(geometry.b_matrix(cell))
-    uu, _, vv = np.linalg.svd(U)
-    U = uu @ vv
-    used = fit.used if fit.used is not None else np.ones(len(hkl), bool)
+@dataclass
+class Options:
+    detector_free: set = field(default_factory=lambda: set(DETECTOR_PARAMS))
+    include_partials: bool = False
+    fullfrac: float = 0.9             # REFINEMENT FULLFRAC: a part this large makes a full
+    residual: float = 10.0            # REFINEMENT RESIDUAL: max weighted positional residual
+    postref: bool = True              # POSTREF OFF -> False
+    missets_free: set = field(default_factory=lambda: set(MISSETS))
+    mosaic_free: bool = True
+    cell_fixed: set = field(default_factory=set)   # cell parameters POSTREF FIX holds
+    cell_unfixed: set = field(default_factory=set)  # POSTREF UNFIX: refined in PROCESS too
+    maxresidual: float = 10.0         # POSTREF MAXRESIDUAL, in sigma of the fraction
+    sdfac: float = 1.0                # POSTREF SDFAC
+
+
+def options_from(kw):
+    """Refinement options from the job's REFINEMENT and POSTREF settings."""
+    o = Options()
+    r = kw.get("REFINEMENT") or {}
+    fix, free = _names(r.get("FIX")), _names(r.get("FREE"))
+    if "ALL" in fix:
+        fix = set(DETECTOR_PARAMS) | set(HELD_DETECTOR)
+    o.detector_free = (set(DETECTOR_PARAMS) - fix) | (free & set(DETECTOR_PARAMS))
+    if "ALL" in free:
+        o.detector_free = set(DETECTOR_PARAMS)
+    if r.get("RESIDUAL"):
+        o.residual = float(r["RESIDUAL"])
+    if r.get("FULLFRAC"):
+        o.fullfrac = float(r["FULLFRAC"])
+    inc = str(r.get("INCLUDE") or "").upper()
+    exc = str(r.get("EXCLUDE") or "").upper()
+    o.include_partials = inc.startswith("PART") and not exc.startswith("PART")
+    p = kw.get("POSTREF") or {}
+    if p.get("OFF") and not p.get("ON"):
+        o.postref = False
+    pfix, punfix = _names(p.get("FIX")), _names(p.get("UNFIX"))
+    if "ALL" in pfix:
+        pfix = set(CELL_NAMES) | {"MOSAIC"} | set(MISSETS)
+    pfix -= punfix
+    o.mosaic_free = "MOSAIC" not in pfix
+    o.missets_free = set(MISSETS) - pfix
+    o.cell_fixed = pfix & set(CELL_NAMES)
+    o.cell_unfixed = punfix & set(CELL_NAMES)
+    if p.get("MAXRESIDUAL"):
+        o.maxresidual = float(p["MAXRESIDUAL"])
+    if p.get("SDFAC"):
+        o.sdfac = float(p["SDFAC"])
+    if not o.postref:
+        o.missets_free, o.mosaic_free = set(), False
+        o.cell_fixed, o.cell_unfixed = set(CELL_NAMES), set()
+    return o
+
+
+def lattice_of(space_group):
+    import gemmi
+    sg = gemmi.SpaceGroup(space_group)
+    k = {"triclinic": "a", "monoclinic": "m", "orthorhombic": "o", "tetragonal": "t", "trigonal": "h",
+         "hexagonal": "h", "cubic": "c"}[sg.crystal_system_str()]
+    return k + ("R" if sg.hm[0] in "HR" else sg.hm[0])
+
+
+# ---- measuring the parts ---------------------------------------------------------------------------
+
+PART_OBS = np.dtype([("refl", "i8"), ("h", "i4"), ("k", "i4"), ("l", "i4"), ("image", "i4"),
+                     ("fast", "f8"), ("slow", "f8"), ("I", "f8"), ("sigI", "f8"), ("phi_pred", "f8"),
+                     ("n_parts", "i4"), ("ok", "?")])
+
+RASTER = (15, 15, 3, 4, 4)
+
+
+def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image, *, dmin=None, dmax=None,
+                  raster=None, separation=None):
+    """Summation intensity and centroid of every measurable part on `images` (a contiguous list).
+
+    Predicted with a generous mosaic so a part the current model would miss (mosaic too small) is
+    still measured.  Returns PART_OBS rows; `refl` numbers the reflections, `n_parts` counts the
+    images each one touches inside the scan, `ok` marks parts measured cleanly (no edge, overload or
+    bad pixel)."""
+    from .shoebox import box_masks, extract_boxes, fit_background, summation
+    images = list(images)
+    raster = raster or RASTER
+    dmin = dmin or predict.corner_resolution(detector, beam.wavelength)
+    lo, hi = scan.phi_range(images[0])[0], scan.phi_range(images[-1])[1]
+    wide = max(1.5 * (crystal.mosaic or 0.3), (crystal.mosaic or 0.3) + 0.3)
+    pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, dmin, dmax, mosaic=wide, margin=5.0)
+    parts = predict.image_parts(pred, scan.phi_start, scan.osc, scan.first, scan.last, 0.005)
+    if separation is None:
+        separation = (4 * detector.pixel_slow, 4 * detector.pixel_fast)
+    flags = predict.classify(pred, parts, detector, separation=separation, maxwidth=5.0, osc=scan.osc,
+                             dmin=dmin, dmax=dmax)
+    bad = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) != 0
+    # a reflection with any unusable part cannot give fractions; drop it whole
+    bad_refl = np.zeros(len(pred), bool)
+    bad_refl[parts["index"][bad]] = True
+    keep = ~bad_refl[parts["index"]] & np.isin(parts["image"], images)
+    parts = parts[keep]
+    out = np.zeros(len(parts), PART_OBS)
+    p = pred[parts["index"]]
+    out["refl"] = parts["index"]
+    out["h"], out["k"], out["l"] = p["h"], p["k"], p["l"]
+    out["image"], out["n_parts"], out["phi_pred"] = parts["image"], parts["n_parts"], p["phi"]
+    peak, bgm = box_masks(raster)
+    for img in images:
+        sel = np.flatnonzero(out["image"] == img)
+        if len(sel) == 0:
+            continue
+        try:
+            data = read_image(img)
+        except Exception:          # a bad image is reported by PROCESS itself; nothing to measure here
+            continue
+        if data.shape != (detector.n_slow, detector.n_fast):
+            continue
+        boxes, cs, cf, on = extract_boxes(data, p["fast"][sel], p["slow"][sel], raster)
+        valid = boxes > detector.nullpix
+        plane, coef, used, rms = fit_background(boxes, bgm, valid, detector.gain)
+        I, sig, net, npk = summation(boxes, plane, peak, valid, used, detector.gain)
+        over = (np.where(peak[None], boxes, 0) >= detector.overload).any((1, 2))
+        badpk = (peak[None] & ~valid).any((1, 2))
+        w = np.maximum(net, 0)
+        tot = w.sum((1, 2))
+        ix = np.arange(raster[0])[None, :, None] + 0.5
+        iy = np.arange(raster[1])[None, None, :] + 0.5
+        out["slow"][sel] = cs + (w * ix).sum((1, 2)) / np.maximum(tot, 1e-9)
+        out["fast"][sel] = cf + (w * iy).sum((1, 2)) / np.maximum(tot, 1e-9)
+        out["I"][sel], out["sigI"][sel] = I, sig
+        out["ok"][sel] = on & ~over & ~badpk & (used.sum((1, 2)) >= 6)
+    return out
+
+
+def direct_beam(detector):
+    """Where the direct beam meets the detector (MOSFLM's XCEN, YCEN), mm.  pyflm.geometry puts the
+    BEAM point at the foot of the detector normal, which a TILT or TWIST moves off the direct beam
+    (by distance x tilt: 0.02 mm for 0.01 degree at 120 mm); refining and reporting the direct beam
+    keeps the beam centre from trading against tilt and twist."""
+    x, y, ok = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], detector.frame())
+    return float(x[0]), float(y[0])
+
+
+def set_direct_beam(detector, x, y):
+    """Move the detector in its plane so the direct beam meets it at (x, y) mm (exact in one step:
+    a shift of the BEAM point moves the frame's origin within the plane)."""
+    detector.beam_x, detector.beam_y = x, y
+    hx, hy = direct_beam(detector)
+    detector.beam_x, detector.beam_y = 2 * x - hx, 2 * y - hy
+
+
+# ---- the model being refined -----------------------------------------------------------------------
+
+class _Model:
+    """Parameter vector <-> (detector, crystal); predictions for a fixed list of reflections."""
+
+    def __init__(self, crystal, beam, detector, goniometer, free_det, free_missets, free_mosaic,
+                 free_cell):
+        self.c0, self.beam, self.d0, self.gonio = crystal, beam, detector, goniometer
+        self.lat = lattice_of(crystal.space_group)
+        from .indexing import _free_cell
+        self.cellfun = _free_cell(self.lat, crystal.cell)
+        self.names, x0, scale = [], [], []
+        self.beam0 = direct_beam(detector)
+        base = {"XCEN": self.beam0[0], "YCEN": self.beam0[1], "DISTANCE": detector.distance,
+                "TILT": detector.tilt, "TWIST": detector.twist}
+        sc = {"XCEN": 0.05, "YCEN": 0.05, "DISTANCE": 0.5, "TILT": 0.05, "TWIST": 0.05}
+        for n in DETECTOR_PARAMS:
+            if n in free_det:
+                self.names.append(n), x0.append(base[n]), scale.append(sc[n])
+        for i, n in enumerate(MISSETS):
+            if n in free_missets:
+                self.names.append(n), x0.append(crystal.missets[i]), scale.append(0.02)
+        if free_mosaic:
+            self.names.append("MOSAIC"), x0.append(crystal.mosaic or 0.3), scale.append(0.05)
+        self.cell_idx = []
+        if free_cell:
+            # free cell parameters under the lattice; those POSTREF FIX holds are left out
+            for j, v in enumerate(self.cellfun.x0):
+                if self._cell_name(j) in free_cell:
+                    self.cell_idx.append(j)
+                    self.names.append(f"CELL{j}"), x0.append(v), scale.append(1e-3 * abs(v) + 1e-4)
+        self.x0, self.scale = np.array(x0, float), np.array(scale, float)
+
+    def _cell_name(self, j):
+        k = self.lat[0]
+        return {"a": CELL_NAMES, "m": ("A", "B", "C", "BETA"), "o": ("A", "B", "C"),
+                "t": ("A", "C"), "h": ("A", "C")}.get(k, ("A",))[j]
+
+    def unpack(self, x):
+        v = dict(zip(self.names, x))
+        det = copy.copy(self.d0)
+        det.distance = v.get("DISTANCE", det.distance)
+        det.tilt = v.get("TILT", det.tilt)
+        det.twist = v.get("TWIST", det.twist)
+        bx, by = v.get("XCEN", self.beam0[0]), v.get("YCEN", self.beam0[1])
+        set_direct_beam(det, bx, by)
+        cr = copy.copy(self.c0)
+        cr.missets = tuple(v.get(n, cr.missets[i]) for i, n in enumerate(MISSETS))
+        cr.mosaic = max(v.get("MOSAIC", cr.mosaic or 0.3), 1e-3)
+        if self.cell_idx:
+            cx = np.array(self.cellfun.x0, float)
+            for j in self.cell_idx:
+                cx[j] = v[f"CELL{j}"]
+            cr.cell = tuple(float(c) for c in self.cellfun(cx))
+        return det, cr
+
+    def calc(self, x, hkl, phi_ref):
+        """Predicted (x mm, y mm, phi, width) of reflections at the crossing nearer phi_ref."""
+        det, cr = self.unpack(x)
+        A = cr.A
+        reverse = self.gonio.reverse_phi
+        p1, p2, ok = predict.crossings(A, hkl, self.beam.wavelength, reverse)
+        d1 = np.abs((p1 - phi_ref + 180) % 360 - 180)
+        d2 = np.abs((p2 - phi_ref + 180) % 360 - 180)
+        phi = np.where(d1 <= d2, p1, p2)
+        phi = phi_ref + ((phi - phi_ref + 180) % 360 - 180)
+        sign = -1 if reverse else 1
+        r = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), hkl @ A.T)
+        s1u = (r + geometry.BEAM_DIRECTION / self.beam.wavelength) * self.beam.wavelength
+        xm, ym, hit = geometry.lab_to_mm(s1u, det.frame())
+        width = predict.rocking_width_xds(s1u, self.gonio.axis, cr.mosaic, self.beam)
+        return xm, ym, phi, width, ok & hit
+
+
+@dataclass
+class Refined:
+    detector: object
+    crystal: object
+    rms_mm: float                      # rms positional residual of the spots used
+    wresid: float                      # weighted positional residual
+    per_image_rms: dict                # image -> rms (mm)
+    n_pos: int
+    n_frac: int
+    rms_frac: float
+    esd: dict                          # parameter name -> esd
+    cell_esd: np.ndarray = None        # (6,) esds of a b c alpha beta gamma
+
+
+def _reflections(parts, min_isig):
+    """Group the parts by reflection: totals, centroid (mm later), and which are complete & strong."""
+    uniq, inv = np.unique(parts["refl"], return_inverse=True)
+    n_meas = np.bincount(inv)
+    okc = np.bincount(inv, (~parts["ok"]).astype(float)) == 0
+    w = np.maximum(parts["I"], 0)
+    W = np.bincount(inv, w)
+    S = np.sqrt(np.bincount(inv, parts["sigI"] ** 2))
+    first = np.zeros(len(uniq), int)
+    first[inv[::-1]] = np.arange(len(parts))[::-1]
+    n_pred = parts["n_parts"][first]
+    complete = okc & (n_meas == n_pred)
+    strong = complete & (W > min_isig * np.maximum(S, 1e-9))
+    fast = np.bincount(inv, w * parts["fast"]) / np.maximum(W, 1e-9)
+    slow = np.bincount(inv, w * parts["slow"]) / np.maximum(W, 1e-9)
+    # the image holding most of each reflection (where its residual is reported)
+    order = np.lexsort((-w, inv))
+    best = np.zeros(len(uniq), int)
+    best[inv[order][::-1]] = parts["image"][order][::-1]
+    return dict(inv=inv, first=first, W=W, S=S, n=n_meas, complete=complete, strong=strong, fast=fast,
+                slow=slow, image=best)
+
+
+def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *, free_cell=(),
+                      min_isig=10.0):
+    """Positional and post-refinement on measured parts (measure_parts).  Returns Refined."""
+    from scipy.optimize import least_squares
+    if len(parts) == 0:
+        raise ProcessingError("no reflection could be measured for refinement")
+    g = _reflections(parts, min_isig)
+    first = g["first"]
+    hkl_all = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
+    phi_ref = parts["phi_pred"][first]
+    xo, yo = detector.pixel_to_mm(g["fast"], g["slow"])
+    free_det = set(opts.detector_free)
+    model = _Model(crystal, beam, detector, goniometer, free_det, opts.missets_free if opts.postref else (),
+                   opts.mosaic_free and opts.postref, set(free_cell))
+    # fully recorded and complete by the starting model's fractions: parts were measured with a
+    # generous width, so the image count alone does not say it (nor at the ends of the sweep)
+    _, _, phi0, width0, _ = model.calc(model.x0, hkl_all, phi_ref)
+    a_all = scan.phi_start + (parts["image"] - scan.first) * scan.osc
+    f0 = predict.fraction_inside(phi0[g["inv"]], width0[g["inv"]], a_all, a_all + scan.osc)
+    fsum = np.bincount(g["inv"], f0, minlength=len(hkl_all))
+    fmax = np.zeros(len(hkl_all))
+    np.maximum.at(fmax, g["inv"], f0)
+    single = fmax >= opts.fullfrac
+    inside = fsum >= 0.95
+    pos_sel = g["strong"] & inside & (single | opts.include_partials)
+    frac_sel = g["strong"] & inside & (g["n"] >= 2) & ~single
+    if pos_sel.sum() < 10 and free_det:
+        raise ProcessingError(f"only {int(pos_sel.sum())} strong fully recorded reflections: too few for "
+                              "positional refinement (REFINEMENT INCLUDE PARTIALS, or more images)")
+    # fraction rows: every part of the strong complete partials
+    prow = np.flatnonzero(frac_sel[g["inv"]])
+    pr_refl = g["inv"][prow]
+    p_obs = np.maximum(parts["I"][prow], 0) / g["W"][pr_refl]
+    p_sig = opts.sdfac * parts["sigI"][prow] / g["W"][pr_refl] + FRACTION_SIGMA
+    a_img = scan.phi_start + (parts["image"][prow] - scan.first) * scan.osc
+    pix = detector.pixel_fast
+    isig = g["W"] / np.maximum(g["S"], 1e-9)
+    pos_sig = pix * POS_SIGMA_PX * np.sqrt(1.0 + 100.0 / np.maximum(isig, 1.0))   # weaker: less weight
+    use_pos = pos_sel.copy()
+    use_frac = np.ones(len(prow), bool)
+    refl_f = np.unique(pr_refl)
 
     def resid(x):
-        A = U @ geometry.b_matrix(free(x))
-        xp, yp, pp, ok = _predict_spots(A, hkl[used], po[used], beam.wavelength, detector,
-                                        (detector.beam_x, detector.beam_y), goniometer.reverse_phi)
-        return np.concatenate([xp - xo[used], yp - yo[used]])
-    x0 = free.x0
-    r0 = resid(x0)
-    J = np.empty((len(r0), len(x0)))
-    for j in range(len(x0)):
-        dx = np.zeros(len(x0))
-        dx[j] = 1e-4 * max(abs(x0[j]), 1.0)
-        J[:, j] = (resid(x0 + dx) - r0) / dx[j]
-    dof = max(len(r0) - len(x0) - 3, 1)
-    s2 = float(r0 @ r0) / dof
-    try:
-        cov = np.linalg.inv(J.T @ J) * s2
-    except np.linalg.LinAlgError:
-        return np.full(6, np.nan)
-    sd = np.sqrt(np.maximum(np.diag(cov), 0))
+        xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
+        rx = np.where(ok[use_pos], (xm[use_pos] - xo[use_pos]) / pos_sig[use_pos], 10.0)
+        ry = np.where(ok[use_pos], (ym[use_pos] - yo[use_pos]) / pos_sig[use_pos], 10.0)
+        out = [rx, ry]
+        if len(prow) and opts.postref:
+            f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+            tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
+            pc = f / np.maximum(tot, 1e-9)
+            out.append(np.where(use_frac, (pc - p_obs) / p_sig, 0.0))
+        return np.concatenate(out)
+
+    res = None
+    x = model.x0.copy()
+    if len(x):
+        lb = np.full(len(x), -np.inf)
+        if "MOSAIC" in model.names:
+            lb[model.names.index("MOSAIC")] = 0.01
+        for rnd in range(3):
+            res = least_squares(resid, x, x_scale=model.scale, loss="soft_l1", f_scale=3.0,
+                                bounds=(lb, np.full(len(x), np.inf)), max_nfev=100, diff_step=1e-4)
+            x = res.x
+            # reject outliers (REFINEMENT RESIDUAL, POSTREF MAXRESIDUAL) and fit again
+            xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
+            wr = np.hypot(xm - xo, ym - yo) / pos_sig
+            new_pos = pos_sel & ok & (wr <= opts.residual)
+            new_frac = use_frac
+            if len(prow) and opts.postref:
+                f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+                tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
+                new_frac = np.abs(f / np.maximum(tot, 1e-9) - p_obs) / p_sig <= opts.maxresidual
+            if np.array_equal(new_pos, use_pos) and np.array_equal(new_frac, use_frac):
+                break
+            use_pos, use_frac = new_pos, new_frac
+    det, cr = model.unpack(x)
+    xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
+    d = np.hypot(xm - xo, ym - yo)
+    used = use_pos & ok
+    rms = float(np.sqrt(np.mean(d[used] ** 2))) if used.any() else float("nan")
+    wres = float(np.sqrt(np.mean((d[used] / pos_sig[used]) ** 2) / 2)) if used.any() else float("nan")
+    per_image = {}
+    for i in np.unique(parts["image"]):
+        m = used & (g["image"] == i)
+        per_image[int(i)] = float(np.sqrt(np.mean(d[m] ** 2))) if m.any() else float("nan")
+    rms_frac = float("nan")
+    if len(prow) and opts.postref:
+        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+        tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
+        rms_frac = float(np.sqrt(np.mean((f / np.maximum(tot, 1e-9) - p_obs)[use_frac] ** 2)))
+    esd = {}
+    if res is not None and len(x):
+        J = res.jac
+        r = res.fun
+        dof = max(len(r) - len(x), 1)
+        try:
+            cov = np.linalg.pinv(J.T @ J) * float(r @ r) / dof
+            esd = dict(zip(model.names, np.sqrt(np.maximum(np.diag(cov), 0))))
+        except np.linalg.LinAlgError:
+            esd = {}
+    cell_esd = _cell_esd(model, esd)
+    return Refined(det, cr, rms, wres, per_image, int(used.sum()), int(len(refl_f)), rms_frac, esd,
+                   cell_esd)
+
+
+def _cell_esd(model, esd):
     full = np.zeros(6)
-    k = lat[0]
-    if k == "a":
-        full[:] = sd
-    elif k == "m":
-        full[[0, 1, 2, 4]] = sd
-    elif k == "o":
-        full[:3] = sd
-    elif k in "th":
-        full[[0, 1]] = sd[0]
-        full[2] = sd[1]
-    else:
-        full[:3] = sd[0]
+    k = model.lat[0]
+    cols = {"a": [[0], [1], [2], [3], [4], [5]], "m": [[0], [1], [2], [4]], "o": [[0], [1], [2]],
+            "t": [[0, 1], [2]], "h": [[0, 1], [2]]}.get(k, [[0, 1, 2]])
+    for j, c in enumerate(cols):
+        full[c] = esd.get(f"CELL{j}", 0.0)
     return full
 
 
-def format_tables(result, detector):
+# ---- PROCESS: one refinement per block -------------------------------------------------------------
+
+def refine_block(crystal, beam, detector, goniometer, scan, block_images, settings, read_image):
+    """Pass 1 of a PROCESS block: measure the block's images with the current model, refine, and
+    return (crystal, detector, {image: figures}) for predicting and integrating the block.
+
+    On failure (too few spots, a diverging fit) the block keeps the starting model and says why."""
+    opts = settings.refine
+    try:
+        parts = measure_parts(crystal, beam, detector, goniometer, scan, block_images, read_image,
+                              dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
+                              separation=settings.separation)
+        ref = refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts)
+    except ProcessingError as e:
+        return crystal, detector, {i: {"error": str(e)} for i in block_images}
+    det, cr = ref.detector, ref.crystal
+    # a shift far beyond anything plausible means the fit ran away: keep the start
+    if abs(det.distance - detector.distance) > 5 or np.hypot(det.beam_x - detector.beam_x,
+                                                             det.beam_y - detector.beam_y) > 2:
+        return crystal, detector, {i: {"error": "refinement diverged; starting values kept"}
+                                   for i in block_images}
+    out = {}
+    for i in block_images:
+        out[i] = {"rms": ref.per_image_rms.get(i, ref.rms_mm), "wresid": ref.wresid, "n_pos": ref.n_pos,
+                  "n_frac": ref.n_frac, "detector": det, "missets": cr.missets, "mosaic": cr.mosaic,
+                  "cell": cr.cell, "esd": ref.esd}
+    return cr, det, out
+
+
+def image_lines(st, detector, crystal):
+    """The refinement lines of one image's block in the PROCESS log (interface notes §5.5/§5.6)."""
+    r = getattr(st, "refined", None) or {}
+    det = r.get("detector", detector)
+    L = []
+    if r.get("error"):
+        L.append(f" Refinement not done for this image: {r['error']}")
+    elif r:
+        L.append(f" Final rms residual: {r['rms']:7.3f}mm; Weighted residual {r['wresid']:5.1f}"
+                 f"  ({r['n_pos']} spots)")
+    L.append("   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
+    L.append(f" {det.beam_x:7.2f} {det.beam_y:7.2f}  1.0000 {det.distance:7.2f}  "
+             f"{det.yscale:6.4f} {det.tilt * 100:5.0f} {det.twist * 100:5.0f}")
+    if r and not r.get("error"):
+        m = r["missets"]
+        L.append(f" Post-refinement on {r['n_frac']} partials:  Refined Orientation Angles "
+                 f"PHIX {m[0]:8.3f}  PHIY {m[1]:8.3f}  PHIZ {m[2]:8.3f}")
+        L.append(f" Refined mosaic spread {r['mosaic']:7.3f}")
+    return L
+
+
+def table_rows(st, detector, crystal):
+    """Rows for the SUMMARY's detector and post-refinement tables for one image."""
+    r = getattr(st, "refined", None) or {}
+    det = r.get("detector", detector)
+    rms = r.get("rms", 0.0) if not r.get("error") else 0.0
+    wr = r.get("wresid", 0.0) if not r.get("error") else 0.0
+    missets = r.get("missets", crystal.missets)
+    mosaic = r.get("mosaic", crystal.mosaic)
+    cell = r.get("cell", crystal.cell)
+    return ((st.image, det.beam_x, det.beam_y, det.distance, det.yscale, det.tilt * 100, det.twist * 100,
+             det.roff, det.toff, rms, wr),
+            (st.image, *missets, *cell, mosaic))
+
+
+# ---- cell refinement -------------------------------------------------------------------------------
+
+def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image, opts, max_cycles=5,
+                settings=None):
+    """segments: [(first, last)].  Cycles of (measure, refine everything free) as MOSFLM's cell
+    refinement.  Returns a dict of the refinement's figures."""
+    cell_free = set(CELL_NAMES) - opts.cell_fixed if opts.postref else set()
+    cycles = []
+    cell0 = tuple(crystal.cell)
+    cr, det = copy.copy(crystal), copy.copy(detector)
+    kw = {} if settings is None else dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
+                                          separation=settings.separation)
+    ref = None
+    for cycle in range(1, max_cycles + 1):
+        parts = np.concatenate([measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), read_image,
+                                              **kw) for a, b in segments])
+        # reflections of different segments must not be grouped together
+        seg_of = np.zeros(len(parts), int)
+        for s, (a, b) in enumerate(segments):
+            seg_of[(parts["image"] >= a) & (parts["image"] <= b)] = s
+        parts["refl"] = parts["refl"] * len(segments) + seg_of
+        ref = refine_parameters(parts, cr, beam, det, goniometer, scan, opts, free_cell=cell_free)
+        shift = np.abs(np.array(ref.crystal.cell) - np.array(cr.cell))
+        cycles.append({"cell": ref.crystal.cell, "esd": ref.cell_esd, "rms_mm": ref.rms_mm,
+                       "per_image": ref.per_image_rms, "distance": ref.detector.distance,
+                       "yscale": ref.detector.yscale, "beam": direct_beam(ref.detector),
+                       "mosaic": ref.crystal.mosaic, "missets": ref.crystal.missets, "n": ref.n_pos,
+                       "n_frac": ref.n_frac})
+        cr, det = ref.crystal, ref.detector
+        if cycle > 1 and np.all(shift <= 2.5 * np.maximum(ref.cell_esd, 1e-6)):
+            break
+    # missets folded into U, as MOSFLM's NEWMAT carries them
+    U = geometry.misset_matrix(*cr.missets) @ cr.U
+    uu, _, vv = np.linalg.svd(U)
+    return {"start": cell0, "cell": tuple(cr.cell), "esd": cycles[-1]["esd"], "U": uu @ vv,
+            "cycles": cycles, "n": ref.n_pos, "detector": det, "mosaic": cr.mosaic,
+            "missets": cr.missets, "rms": ref.rms_mm}
+
+
+def format_tables(result, detector=None):
     L = []
     images = sorted({i for c in result["cycles"] for i in c["per_image"]})
     L.append(" Rms positional error (mm) as a function of cycle for each image.")
@@ -152,10 +561,13 @@ def format_tables(result, detector):
         L.append(f" Cycle {n:2d}   " + "".join(f"{c['per_image'].get(i, float('nan')):6.3f}" for i in images))
     L.append(" Detector distance as a function of cycle for each image:")
     for n, c in enumerate(result["cycles"], 1):
-        L.append(f" Cycle {n:2d}   " + "".join(f"{detector.distance:7.2f}" for _ in images))
+        L.append(f" Cycle {n:2d}   " + "".join(f"{c['distance']:7.2f}" for _ in images))
     L.append(" YSCALE as a function of cycle for each image:")
     for n, c in enumerate(result["cycles"], 1):
-        L.append(f" Cycle {n:2d}   " + "".join(f"{detector.yscale:7.4f}" for _ in images))
+        L.append(f" Cycle {n:2d}   " + "".join(f"{c['yscale']:7.4f}" for _ in images))
+    L.append(" Beam centre (XCEN, YCEN) as a function of cycle:")
+    for n, c in enumerate(result["cycles"], 1):
+        L.append(f" Cycle {n:2d}   {c['beam'][0]:8.3f} {c['beam'][1]:8.3f}")
     L.append("")
     L.append(" Cell refinement is complete")
     L.append(" Starting cell " + "".join(f"{v:9.3f}" for v in result["start"]))
@@ -168,24 +580,38 @@ def cell_refinement_segment(job, result, models, first, last):
     """Collect one PROCESS segment; when POSTREF MULTI SEGMENTS n have been collected, refine."""
     beam, det, gonio, scan = models
     segs = job.results.setdefault("cellref_segments", [])
-    segs.append((result.observations, first, last))
+    segs.append((first, last))
     need = int((job.kw.get("POSTREF") or {}).get("SEGMENTS", 2))
     log = job.log
     if len(segs) < need:
         log.line(f" Cell refinement: segment {len(segs)} of {need} (images {first} to {last}) stored")
         return
     job.results["cellref_segments"] = []
-    res = refine_cell(segs, job.crystal, beam, det, gonio)
-    for ln in format_tables(res, det):
+    import functools
+    from .integrate import read_image_data, settings_from_job
+    opts = options_from(job.kw)
+    reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
+    log.line(" *** Post-refinement will use partials extending over several images ***")
+    res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts,
+                      settings=settings_from_job(job, det))
+    for ln in format_tables(res):
         log.line(ln)
-    if job.crystal.mosaic:
-        log.line(f" Refined mosaic spread (excluding safety factor): {job.crystal.mosaic:6.2f}")
+    log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")
     moved = np.abs(np.array(res["cell"]) - np.array(res["start"])) / np.maximum(np.array(res["start"]), 1)
     if np.any(moved[:3] > 0.02):
         log.line(" ***** WARNING ***** One or more cell parameters has changed by more than 2%")
+    d = res["detector"]
+    log.line(f" Refined detector: XCEN {d.beam_x:8.3f}  YCEN {d.beam_y:8.3f}  distance {d.distance:8.3f}"
+             f"  TILT {d.tilt * 100:5.0f}  TWIST {d.twist * 100:5.0f}  (used for later processing)")
     job.crystal.cell = tuple(res["cell"])
     job.crystal.U = res["U"]
     job.crystal.missets = (0.0, 0.0, 0.0)
+    job.crystal.mosaic = res["mosaic"]
+    # the refined detector is carried to later PROCESS lines as MOSFLM does, through its keywords
+    job.kw.setdefault("BEAM", {})["_args"] = [d.beam_x, d.beam_y]
+    job.kw.setdefault("DISTANCE", {})["_args"] = [d.distance]
+    dist = job.kw.setdefault("DISTORTION", {})
+    dist["TILT"], dist["TWIST"] = d.tilt * 100, d.twist * 100
     job.results["cell_refinement"] = res
     if "NEWMAT" in job.files:
         from .matrix import write_matrix
