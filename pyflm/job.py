@@ -238,7 +238,32 @@ def _update_crystal(job, name, args, line_no):
         c.cell = tuple(float(a) for a in args)
     elif name == "SYMMETRY":
         c.space_group = space_group_name(args[0], line_no)
-    elif name == "MISSETS":
+    if name in ("CELL", "SYMMETRY") and "CELL" in job.kw and c.space_group:
+        _check_cell_fits(c.cell, c.space_group, line_no, name)
+    if name == "MISSETS":
         c.missets = tuple(float(a) for a in args)
     elif name == "MOSAIC" and args:
         c.mosaic = float(args[0])
+
+
+def _check_cell_fits(cell, space_group, line_no, keyword):
+    """A CELL the space group's symmetry cannot hold (90 90 179.9 in P212121) is refused: it would
+    predict a lattice unlike the crystal's.  Tolerant of rounding: the metric may move by 1 % of a^2."""
+    import gemmi
+    import numpy as np
+    from .errors import InputError
+    sg = gemmi.find_spacegroup_by_name(space_group)
+    if sg is None:
+        return
+    a, b, c = cell[:3]
+    ca, cb, cg = np.cos(np.radians(cell[3:6]))
+    G = np.array([[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca],
+                  [a * c * cb, b * c * ca, c * c]])     # real-space metric, fractional coordinates
+    worst = 0.0
+    for op in sg.operations():
+        R = np.array(op.rot, float) / op.DEN
+        worst = max(worst, float(np.max(np.abs(R.T @ G @ R - G))))
+    if worst > 0.01 * float(np.max(np.diag(G))):
+        raise InputError(f"the cell does not fit space group {space_group}", line_no, keyword,
+                         " ".join(f"{x:g}" for x in cell),
+                         f"a cell with the constraints of {sg.crystal_system_str()} symmetry")
