@@ -351,7 +351,15 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
     hkl = np.stack([rec["h"], rec["k"], rec["l"]], axis=1)
     if np.any(np.all(hkl == 0, axis=1)):
         raise InputError("MTZ records", given="indices 0 0 0", expected="real reflections")
-    red, isym = reduce_to_asu(hkl, sg) if len(rec) else (np.zeros((0, 3), int), np.zeros(0, int))
+    if not len(rec):      # gemmi (and so the programs after us) cannot read an MTZ of no reflections
+        raise MtzError(os.fspath(path), "no reflections to write (none was integrated: check RESOLUTION, "
+                       "the images and the orientation)")
+    for label, _ in COLUMNS[4:]:
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(rec[label.lower()], float))))
+        if bad:
+            raise InputError("MTZ records", given=f"{bad} non-finite value(s) in {label}",
+                             expected="finite numbers (an MTZ never holds NaN)")
+    red, isym = reduce_to_asu(hkl, sg)
     m_flag = (rec["mpart"] != 0).astype(np.int64)
 
     mtz = gemmi.Mtz(with_base=True)
@@ -379,7 +387,7 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
         with atomic_path(path) as tmp:
             mtz.write_to_file(tmp)
     except (OSError, RuntimeError) as exc:
-        raise MtzError(os.fspath(path), f"cannot be written ({exc})") from None
+        raise MtzError(os.fspath(path), f"cannot be written ({getattr(exc, 'strerror', None) or exc})") from None
     return len(rec)
 
 
