@@ -40,6 +40,7 @@ class Settings:
     nproc: int = 1
     min_fraction: float = 0.01       # parts smaller than this are not measured
     sd_add: float = 0.02             # error model: sigma^2 += (sd_add * I)^2
+    scheduler: str = None            # a Dask scheduler's address: blocks run there (pyflm.distributed)
 
 
 @dataclass
@@ -234,8 +235,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     records, stats, observations = [], [], []
     args = (crystal, beam, detector, goniometer, scan)
     interrupted = None
-    if settings.nproc > 1 and len(blocks) > 1:
-        ex = ProcessPoolExecutor(max_workers=settings.nproc, initializer=_ignore_signals)
+    if (settings.nproc > 1 or settings.scheduler) and len(blocks) > 1:
+        ex = _executor(settings)
         try:
             futures = [ex.submit(integrate_block, *args, b, settings, read_image, integrate_fn)
                        for b in blocks]
@@ -272,6 +273,14 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     result.interrupted = interrupted
     result.observations = np.concatenate(observations) if observations else np.zeros(0, OBS_DTYPE)
     return result
+
+
+def _executor(settings):
+    """Local worker processes, or the Dask cluster when a scheduler is named: the same block tasks."""
+    if settings.scheduler:
+        from .distributed import executor
+        return executor(settings.scheduler)
+    return ProcessPoolExecutor(max_workers=settings.nproc, initializer=_ignore_signals)
 
 
 def _ignore_signals():
@@ -312,6 +321,8 @@ def settings_from_job(job, detector):
     if blk:
         s.block = int(blk[0])
     s.nproc = nproc_from(kw)
+    from .distributed import scheduler_from
+    s.scheduler = scheduler_from(kw)
     return s
 
 
@@ -355,7 +366,8 @@ def run_process(job, args):
     log = job.log
     log.line("")
     log.line(f" Integrating images {first} to {last} in blocks of {settings.block}"
-             f" on {settings.nproc} process{'es' if settings.nproc > 1 else ''}")
+             + (f" on the Dask cluster at {settings.scheduler}" if settings.scheduler else
+                f" on {settings.nproc} process{'es' if settings.nproc > 1 else ''}"))
     log.line(f" Cell {' '.join(f'{c:.3f}' for c in crystal.cell)}  Space group {crystal.space_group}"
              f"  Mosaic {crystal.mosaic:.2f}")
     tables = [summ.detector_table(), summ.postref_table(), summ.integration_table()]
@@ -394,7 +406,9 @@ def run_process(job, args):
         log.flush()
 
     from .shoebox import integrate_image
-    reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
+    # an absolute directory: worker processes (or other machines) may not share this working directory
+    reader = functools.partial(read_image_data, job.template, os.path.abspath(job.directory),
+                               job.extension)
     import signal
 
     def _stop(signum, frame):

@@ -1,0 +1,78 @@
+"""Integration blocks and whole sweeps on a Dask cluster, when a scheduler is named.
+
+``SCHEDULER tcp://host:port`` (or ``PYFLM_SCHEDULER``) sends PROCESS's block tasks to a running
+``dask.distributed`` scheduler instead of local worker processes; ``pyflm batch`` sends whole decks
+there.  Dask is an optional extra (``pip install pyflm[dask]``): nothing here imports it until a
+scheduler is named.  Workers must see the images at the same paths (a shared file system) and have
+pyflm installed.
+
+Plain API: ``scheduler_from(kw) -> address or None``; ``executor(address)`` -> a
+concurrent.futures.Executor whose tasks run on the cluster.  Results come back as the tasks' return
+values, so the records are the same as on one core: blocks are independent and gathered in order.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+
+from .errors import ProcessingError
+
+_CLIENTS = {}
+
+
+def scheduler_from(kw):
+    """The SCHEDULER keyword, else PYFLM_SCHEDULER, else None (run locally)."""
+    v = (kw.get("SCHEDULER") or {}).get("_args", [None])[0]
+    v = v or os.environ.get("PYFLM_SCHEDULER") or None
+    return v.strip() if v else None
+
+
+def client(address):
+    """A connected dask.distributed Client for the address (one per address, kept for later actions)."""
+    c = _CLIENTS.get(address)
+    if c is not None and c.status == "running":
+        return c
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ProcessingError(f"SCHEDULER {address} needs dask.distributed, which is not installed "
+                              "(pip install 'pyflm[dask]'), or leave SCHEDULER/PYFLM_SCHEDULER unset")
+    try:
+        c = Client(address, timeout="10s", set_as_default=False)
+    except Exception as e:        # an unreachable or wrong address: one line, not a trace
+        raise ProcessingError(f"cannot reach the Dask scheduler at {address} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no answer'}); expected a running "
+                              "scheduler's address, tcp://host:port") from None
+    _CLIENTS[address] = c
+    return c
+
+
+class DaskExecutor(cf.Executor):
+    """concurrent.futures.Executor on a Dask cluster, as ProcessPoolExecutor is used by integrate.
+
+    Tasks are not 'pure': every submission runs, even with arguments equal to an earlier one's."""
+
+    def __init__(self, address):
+        self.address = address
+        self._ex = client(address).get_executor(pure=False)
+
+    def submit(self, fn, *args, **kwargs):
+        return self._ex.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        # the client stays connected for the next action; only this executor's tasks end here
+        self._ex.shutdown(wait=wait and not cancel_futures)
+
+
+def executor(address):
+    return DaskExecutor(address)
+
+
+def n_workers(address):
+    """Worker processes the scheduler has now (for the log line)."""
+    try:
+        return len(client(address).scheduler_info().get("workers", {}))
+    except ProcessingError:
+        raise
+    except Exception:
+        return 0
