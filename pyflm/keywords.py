@@ -135,6 +135,7 @@ TABLE = [
                                    "SIGMA": "r(0:]"}, "outlier rejection and bad-spot tests"),
     K("MAXWIDTH", "setting", "r(0:360]", summary="reflections wider than this in phi are not integrated"),
     K("NPROC", "setting", "i[1:256]", summary="number of processes used for integration"),
+    K("SCHEDULER", "setting", "f", summary="Dask scheduler (tcp://host:port) to run integration blocks on"),
     K("PICTURE", "setting", "s?", {"ON": "", "OFF": "", "DIRECTORY": "f"},
       "write PNG pictures of spots and predictions"),
     # -- strategy and prediction

@@ -109,6 +109,7 @@ profile tolerance 0.02 0.03 nooptimise
 rejection bgratio 3 pkratio 3.5
 maxwidth 5
 nproc 1
+scheduler tcp://127.0.0.1:8786
 picture off
 stats
 xgui off
