@@ -56,7 +56,7 @@ _ALIASES = {"XTOFD": "DISTANCE", "DIST": "DISTANCE", "DISTANCE": "DISTANCE", "XC
             "PHIX": "PHIX", "PHIY": "PHIY", "PHIZ": "PHIZ", "A": "A", "B": "B", "C": "C",
             "ALPHA": "ALPHA", "BETA": "BETA", "GAMMA": "GAMMA"}
 
-POS_SIGMA_PX = 0.25          # positional sigma of a strong spot's centroid, pixels (weights)
+POS_SIGMA_PX = 0.1           # positional sigma of a strong spot's centroid, pixels (weights)
 FRACTION_SIGMA = 0.02        # model error added to every observed fraction's sigma
 
 
@@ -178,6 +178,9 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     out["h"], out["k"], out["l"] = p["h"], p["k"], p["l"]
     out["image"], out["n_parts"], out["phi_pred"] = parts["image"], parts["n_parts"], p["phi"]
     peak, bgm = box_masks(raster)
+    ix = np.arange(raster[0])[None, :, None] + 0.5
+    iy = np.arange(raster[1])[None, None, :] + 0.5
+    boxes_of, seen = {}, np.zeros(len(pred), bool)
     for img in images:
         sel = np.flatnonzero(out["image"] == img)
         if len(sel) == 0:
@@ -189,6 +192,18 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
         if data.shape != (detector.n_slow, detector.n_fast):
             continue
         boxes, cs, cf, on = extract_boxes(data, p["fast"][sel], p["slow"][sel], raster)
+        # a quick look (peak sum against the rim's mean) finds the reflections worth measuring: only
+        # strong ones are used, and fitting every weak box's background would cost most of the time
+        valid = boxes > detector.nullpix
+        rim_n = (bgm[None] & valid).sum((1, 2))
+        rim = np.where(bgm[None] & valid, boxes, 0).sum((1, 2)) / np.maximum(rim_n, 1)
+        pk = np.where(peak[None] & valid, boxes, 0).sum((1, 2))
+        quick = pk - rim * (peak[None] & valid).sum((1, 2))
+        seen[out["refl"][sel][quick > 4.0 * np.sqrt(np.maximum(pk, 1.0))]] = True
+        boxes_of[img] = (sel, boxes, cs, cf, on)
+    for img, (sel, boxes, cs, cf, on) in boxes_of.items():
+        m = seen[out["refl"][sel]]
+        sel, boxes, cs, cf, on = sel[m], boxes[m], cs[m], cf[m], on[m]
         valid = boxes > detector.nullpix
         plane, coef, used, rms = fit_background(boxes, bgm, valid, detector.gain)
         I, sig, net, npk = summation(boxes, plane, peak, valid, used, detector.gain)
@@ -196,13 +211,12 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
         badpk = (peak[None] & ~valid).any((1, 2))
         w = np.maximum(net, 0)
         tot = w.sum((1, 2))
-        ix = np.arange(raster[0])[None, :, None] + 0.5
-        iy = np.arange(raster[1])[None, None, :] + 0.5
         out["slow"][sel] = cs + (w * ix).sum((1, 2)) / np.maximum(tot, 1e-9)
         out["fast"][sel] = cf + (w * iy).sum((1, 2)) / np.maximum(tot, 1e-9)
         out["I"][sel], out["sigI"][sel] = I, sig
         out["ok"][sel] = on & ~over & ~badpk & (used.sum((1, 2)) >= 6)
-    return out
+    # reflections not worth measuring are left out whole, so every kept one keeps all its parts
+    return out[seen[out["refl"]]]
 
 
 def direct_beam(detector):
@@ -339,6 +353,10 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     from scipy.optimize import least_squares
     if len(parts) == 0:
         raise ProcessingError("no reflection could be measured for refinement")
+    g = _reflections(parts, min_isig)
+    parts = parts[g["strong"][g["inv"]]]         # only strong reflections are used: predict no others
+    if len(parts) == 0:
+        raise ProcessingError("no strong reflection was measured: nothing to refine against")
     g = _reflections(parts, min_isig)
     first = g["first"]
     hkl_all = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
@@ -488,8 +506,9 @@ def image_lines(st, detector, crystal):
     elif r:
         L.append(f" Final rms residual: {r['rms']:7.3f}mm; Weighted residual {r['wresid']:5.1f}"
                  f"  ({r['n_pos']} spots)")
+    bx, by = direct_beam(det)
     L.append("   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
-    L.append(f" {det.beam_x:7.2f} {det.beam_y:7.2f}  1.0000 {det.distance:7.2f}  "
+    L.append(f" {bx:7.2f} {by:7.2f}  1.0000 {det.distance:7.2f}  "
              f"{det.yscale:6.4f} {det.tilt * 100:5.0f} {det.twist * 100:5.0f}")
     if r and not r.get("error"):
         m = r["missets"]
@@ -508,7 +527,8 @@ def table_rows(st, detector, crystal):
     missets = r.get("missets", crystal.missets)
     mosaic = r.get("mosaic", crystal.mosaic)
     cell = r.get("cell", crystal.cell)
-    return ((st.image, det.beam_x, det.beam_y, det.distance, det.yscale, det.tilt * 100, det.twist * 100,
+    bx, by = direct_beam(det)
+    return ((st.image, bx, by, det.distance, det.yscale, det.tilt * 100, det.twist * 100,
              det.roff, det.toff, rms, wr),
             (st.image, *missets, *cell, mosaic))
 
