@@ -41,6 +41,7 @@ class Settings:
     min_fraction: float = 0.01       # parts smaller than this are not measured
     sd_add: float = 0.02             # error model: sigma^2 += (sd_add * I)^2
     scheduler: str = None            # a Dask scheduler's address: blocks run there (pyflm.distributed)
+    refine: object = None            # pyflm.refine.Options: refine each block before integrating it
 
 
 @dataclass
@@ -85,6 +86,11 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                     integrate_fn):
     """Predict the block's reflections, integrate each of its images; records and stats in image order."""
     from . import predict
+    refined = {}
+    if settings.refine is not None:      # pass 1: positional and post-refinement on the block
+        from .refine import refine_block
+        crystal, detector, refined = refine_block(crystal, beam, detector, goniometer, scan, block_images,
+                                                  settings, read_image)
     dmin = settings.dmin or predict.corner_resolution(detector, beam.wavelength)
     phi_lo = scan.phi_range(block_images[0])[0]
     phi_hi = scan.phi_range(block_images[-1])[1]
@@ -116,6 +122,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     for img in block_images:
         t0 = time.time()
         st = ImageStats(img, scan.phi_range(img))
+        st.refined = refined.get(img)
         sel = np.flatnonzero((parts["image"] == img) & measurable)
         data = datas[img]
         if isinstance(data, Exception):
@@ -321,6 +328,8 @@ def settings_from_job(job, detector):
     if blk:
         s.block = int(blk[0])
     s.nproc = nproc_from(kw)
+    from .refine import options_from
+    s.refine = options_from(kw)
     from .distributed import scheduler_from
     s.scheduler = scheduler_from(kw)
     return s
@@ -385,17 +394,17 @@ def run_process(job, args):
             if xml is not None:
                 xml.add("integration_response", status="error", image=st.image, message=st.error)
             return
-        log.line(f"   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
-        log.line(f" {det.beam_x:7.2f} {det.beam_y:7.2f}  1.0000 {det.distance:7.2f}  "
-                 f"{det.yscale:6.4f} {det.tilt * 100:5.0f} {det.twist * 100:5.0f}")
+        from .refine import image_lines, table_rows
+        for ln in image_lines(st, det, crystal):
+            log.line(ln)
+        det_row, post_row = table_rows(st, det, crystal)
         log.line(f"   {st.n_full:6d} Fully recorded and {st.n_partial:6d} partials measured;"
                  f" {st.n_overload} overloads, {st.n_bad} bad spots")
         log.line(f"   <I/sigI> profile fitted {st.isig_pr:7.1f}  summation {st.isig_sum:7.1f};"
                  f"  outer shell {st.isig_pr_outer:6.1f} {st.isig_sum_outer:6.1f}")
-        log.line(f" Smoothed value for refined mosaic spread {crystal.mosaic:7.3f}")
-        tables[0].add(st.image, det.beam_x, det.beam_y, det.distance, det.yscale, det.tilt * 100,
-                      det.twist * 100, det.roff, det.toff, 0.0, 0.0)
-        tables[1].add(st.image, *crystal.missets, *crystal.cell, crystal.mosaic)
+        log.line(f" Smoothed value for refined mosaic spread {post_row[-1]:7.3f}")
+        tables[0].add(*det_row)
+        tables[1].add(*post_row)
         tables[2].add(st.image, st.n_full, st.n_partial, st.n_overload, st.n_bad, st.isig_pr,
                       st.isig_sum, st.isig_pr_outer, st.isig_sum_outer)
         if xml is not None:
