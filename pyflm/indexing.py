@@ -123,14 +123,20 @@ def choose_basis(r, cands, hkldev=0.15):
             for k in range(j + 1, n):
                 B = np.array([vecs[i], vecs[j], vecs[k]])
                 vol = abs(np.linalg.det(B))
-                if vol < 2e-4 * np.prod(np.linalg.norm(B, axis=1)):      # coplanar
+                # nearly coplanar triples (any angle to the plane of the other two under ~6 degrees)
+                # have a volume that is mostly noise, and reduce to a nonsense cell
+                if vol < 0.1 * np.prod(np.linalg.norm(B, axis=1)):
                     continue
                 p = r @ B.T
                 frac = float(np.mean(np.all(np.abs(p - np.round(p)) < hkldev, axis=1)))
                 trials.append((frac, vol, B))
     if not trials:
         raise ProcessingError("no three independent lattice vectors were found among the spots")
-    frac, vol, B = max(trials, key=lambda t: (round(t[0], 2), -t[1]))
+    # every sum of lattice vectors is a lattice vector that indexes as well: among the triples that
+    # index as many spots (to one spot in 30, or two spots when there are few) take the smallest cell
+    best = max(t[0] for t in trials)
+    tol = max(0.034, 2.0 / max(len(r), 1))
+    frac, vol, B = min((t for t in trials if t[0] >= best - tol), key=lambda t: (t[1], -t[0]))
     return B, frac
 
 
@@ -468,17 +474,32 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
 
 # ---- actions --------------------------------------------------------------------------------------
 
-def _spots_for(job, image, threshold):
+def _spots_for(job, image, threshold, keep_weak=False):
+    """Spots of one image, logged as MOSFLM logs them.  keep_weak keeps every connected group of
+    spot pixels (threshold 0, one pixel) for merging into 3D spots; the log still counts the spots
+    that pass on their own."""
     from .images import current_path, read_image
-    from .spotfinder import find_spots, log_spot_search
+    from .spotfinder import TOO_SMALL, find_spots, log_spot_search
     beam, det, gonio, scan = job.experiment(image)
     data = read_image(current_path(job, image))[0]
     a, b = scan.phi_range(image)
-    spots = find_spots(data, det, image=image, phi=0.5 * (a + b), threshold=3.0,
-                       wavelength=beam.wavelength)
-    log_spot_search(job.log, spots, det, beam.wavelength, image, 0.5 * (a + b))
-    job.results.setdefault("spots", {})[image] = spots
+    spots = find_spots(data, det, image=image, phi=0.5 * (a + b), threshold=0.0 if keep_weak else 3.0,
+                       min_pix=1 if keep_weak else None, wavelength=beam.wavelength)
+    shown = spots
+    if keep_weak:
+        shown = spots.copy()
+        small = (shown["npix"] < (3 if det.pixel_fast >= 0.1 else 4)) | \
+            (shown["intensity"] < 3.0 * shown["sigma"])
+        shown["flag"][small] |= TOO_SMALL
+    log_spot_search(job.log, shown, det, beam.wavelength, image, 0.5 * (a + b))
+    job.results.setdefault("spots", {})[image] = shown
     return spots, (beam, det, gonio, scan)
+
+
+def _thin_consecutive(images, osc):
+    """Images that are one run of consecutive thin (< 0.5 degree) images: their spots are slices of
+    the same reflections and are merged into 3D spots before indexing."""
+    return len(images) > 1 and abs(osc) < 0.5 and list(images) == list(range(images[0], images[0] + len(images)))
 
 
 def _default_images(job):
@@ -511,12 +532,20 @@ def run_autoindex(job, args):
     log.line(f" Autoindexing using {len(images):2d} images")
     log.line(" Image numbers: " + "".join(f"{i:6d}" for i in images))
     all_spots, models = [], None
+    scan0 = job.experiment(images[0])[3]
+    merge = _thin_consecutive(images, scan0.osc)
     for img in images:
-        sp, m = _spots_for(job, img, thresh)
+        sp, m = _spots_for(job, img, thresh, keep_weak=merge)
         models = models or m
         all_spots.append(sp)
-    spots = np.concatenate(all_spots)
     beam, det, gonio, scan = models
+    if merge:
+        from .spotfinder import merge_3d
+        spots = merge_3d(all_spots, scan.osc)
+        log.line(f" Spots on the {len(images)} consecutive images merged into {int(np.sum(spots['flag'] == 0))}"
+                 " spots in 3D (centroids in x, y and phi)")
+    else:
+        spots = np.concatenate(all_spots)
     ok = spots["flag"] == 0
     isig = spots["intensity"] / np.maximum(spots["sigma"], 1e-9)
     t = thresh

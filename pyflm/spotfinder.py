@@ -125,6 +125,70 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
     return spots[order]
 
 
+def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images=None):
+    """Spots found on consecutive thin images joined into 3D spots (algorithms.md 1a, merging).
+
+    per_image: spot lists (SPOT_DTYPE, found with threshold 0 and min_pix 1 so that the weak tails of a
+    reflection are kept), one per image, in image order, phi = the image's midpoint.  A spot on image
+    n+1 continues the one on image n whose centroid lies within `radius` pixels (a reflection moves
+    less than that in 0.1 degrees); chains are summed: intensity and variance added, the centroid in
+    fast, slow and phi weighted by intensity, npix added, `image` the image of the brightest part.  A
+    merged spot is kept (flag 0) when its summed I/sigma reaches `threshold` and it has `min_pix`
+    pixels, so a reflection too weak on any one image is still found in 3D.
+    """
+    from scipy.spatial import cKDTree
+    lists = [s[(s["flag"] & ~(TOO_SMALL | TOO_CLOSE)) == 0] for s in per_image]
+    lists = [s[s["intensity"] > 0] for s in lists]
+    allsp = np.concatenate(lists) if lists else np.zeros(0, SPOT_DTYPE)
+    if len(allsp) == 0:
+        return allsp
+    starts = np.cumsum([0] + [len(s) for s in lists])
+    parent = np.arange(len(allsp))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for k in range(len(lists) - 1):
+        a, b = lists[k], lists[k + 1]
+        if not len(a) or not len(b):
+            continue
+        tree = cKDTree(np.stack([a["fast"], a["slow"]], 1))
+        d, j = tree.query(np.stack([b["fast"], b["slow"]], 1), distance_upper_bound=radius)
+        for ib in np.flatnonzero(np.isfinite(d)):
+            ra, rb = root(starts[k] + j[ib]), root(starts[k + 1] + ib)
+            if ra != rb:
+                parent[rb] = ra
+    roots = np.array([root(i) for i in range(len(allsp))])
+    uniq, group = np.unique(roots, return_inverse=True)
+    n = len(uniq)
+    w = np.maximum(allsp["intensity"], 1e-9)
+    sumw = np.bincount(group, w, n)
+    out = np.zeros(n, SPOT_DTYPE)
+    for col in ("fast", "slow", "x_mm", "y_mm", "phi"):
+        out[col] = np.bincount(group, w * allsp[col], n) / sumw
+    out["intensity"] = np.bincount(group, allsp["intensity"], n)
+    out["sigma"] = np.sqrt(np.bincount(group, allsp["sigma"] ** 2, n))
+    out["npix"] = np.bincount(group, allsp["npix"], n).astype(np.int32)
+    brightest = np.zeros(n, int)
+    order = np.argsort(allsp["intensity"])            # later (brighter) rows win the assignment
+    brightest[group[order]] = order
+    out["image"] = allsp["image"][brightest]
+    out["size_fast"] = np.maximum.reduceat(allsp["size_fast"][np.argsort(group)],
+                                           np.searchsorted(np.sort(group), np.arange(n)))
+    out["size_slow"] = np.maximum.reduceat(allsp["size_slow"][np.argsort(group)],
+                                           np.searchsorted(np.sort(group), np.arange(n)))
+    n_img = np.bincount(group, minlength=n)
+    flag = np.zeros(n, np.int32)
+    flag[(out["npix"] < min_pix) | (out["intensity"] < threshold * out["sigma"])] |= TOO_SMALL
+    if max_images is not None:
+        flag[n_img > max_images] |= TOO_BIG
+    out["flag"] = flag
+    order = np.argsort(-out["intensity"] / np.maximum(out["sigma"], 1e-9))
+    return out[order]
+
+
 def spot_statistics(spots, detector, wavelength):
     """Counts and resolution figures MOSFLM prints after a spot search."""
     ok = spots[spots["flag"] == 0]

@@ -1,0 +1,37 @@
+"""Indexing real images as users send them: L-cysteine on I19's swung Pilatus 2M, the Pilatus 6M
+singles, and spot finding on thaumatin stills.  Each result is checked against what DIALS 3.12 found
+on the same images (listed in shared/data/README.md)."""
+import numpy as np
+import pytest
+
+from conftest import DATA, run_ipmosflm
+
+LCYS = DATA / "real-lcys-pilatus2m"
+# DIALS 3.12's P1 cells after indexing the same 15 images (README.md of the data)
+DIALS_LCYS = {1: (5.4185, 8.1318, 12.023), 4: (5.4178, 8.1432, 12.0382)}
+
+
+def final_cell(stdout):
+    line = [ln for ln in stdout.splitlines() if "Final cell (after refinement)" in ln][-1]
+    return [float(x) for x in line.split()[-6:]]
+
+
+def symmetry(stdout):
+    return [ln for ln in stdout.splitlines() if "Symmetry:" in ln][-1].split(":")[1].split()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [1])
+def test_lcysteine_sweep_indexes_primitive_orthorhombic_like_dials(workdir, sweep):
+    # 15 images of 0.1 degree, 30-60 spots in all, a 5 x 8 x 12 A cell, detector swung to 30 degrees:
+    # the spots of consecutive images are merged into 3D spots and indexed together
+    deck = (f"TEMPLATE l-cyst_0{sweep}_#####.cbf\nDIRECTORY {LCYS}\n"
+            "AUTOINDEX DPS REFINE IMAGE 1 TO 15\nGO\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "merged into" in r.stdout
+    assert symmetry(r.stdout) == "oP"
+    cell = final_cell(r.stdout)
+    dev = np.array(sorted(cell[:3])) / np.array(DIALS_LCYS[sweep]) - 1
+    assert np.all(np.abs(dev) < 0.005), (cell, dev)
+    assert cell[3:] == [90.0, 90.0, 90.0]
