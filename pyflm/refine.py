@@ -417,8 +417,12 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
             x = res.x
             # reject outliers (REFINEMENT RESIDUAL, POSTREF MAXRESIDUAL) and fit again
             xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
-            wr = np.hypot(xm - xo, ym - yo) / pos_sig
-            new_pos = pos_sel & ok & (wr <= opts.residual)
+            dd = np.hypot(xm - xo, ym - yo)
+            wr = dd / pos_sig
+            # beyond RESIDUAL, a spot far off the others (a neighbour in its box, a gap) is rejected too
+            cut = max(5.0 * 1.4826 * float(np.median(dd[use_pos & ok])) if (use_pos & ok).any() else 1.0,
+                      0.3 * pix)
+            new_pos = pos_sel & ok & (wr <= opts.residual) & (dd <= cut)
             new_frac = use_frac
             if len(prow) and opts.postref:
                 f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
@@ -475,11 +479,15 @@ def refine_block(crystal, beam, detector, goniometer, scan, block_images, settin
 
     On failure (too few spots, a diverging fit) the block keeps the starting model and says why."""
     opts = settings.refine
+    if not opts.detector_free and not (opts.postref and (opts.missets_free or opts.mosaic_free
+                                                          or opts.cell_unfixed)):
+        return crystal, detector, {}             # everything fixed: nothing to measure for
     try:
         parts = measure_parts(crystal, beam, detector, goniometer, scan, block_images, read_image,
                               dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
                               separation=settings.separation)
-        ref = refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts)
+        ref = refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts,
+                                free_cell=opts.cell_unfixed)
     except ProcessingError as e:
         return crystal, detector, {i: {"error": str(e)} for i in block_images}
     det, cr = ref.detector, ref.crystal
@@ -621,7 +629,8 @@ def cell_refinement_segment(job, result, models, first, last):
     if np.any(moved[:3] > 0.02):
         log.line(" ***** WARNING ***** One or more cell parameters has changed by more than 2%")
     d = res["detector"]
-    log.line(f" Refined detector: XCEN {d.beam_x:8.3f}  YCEN {d.beam_y:8.3f}  distance {d.distance:8.3f}"
+    bx, by = direct_beam(d)
+    log.line(f" Refined detector: XCEN {bx:8.3f}  YCEN {by:8.3f}  distance {d.distance:8.3f}"
              f"  TILT {d.tilt * 100:5.0f}  TWIST {d.twist * 100:5.0f}  (used for later processing)")
     job.crystal.cell = tuple(res["cell"])
     job.crystal.U = res["U"]
