@@ -215,6 +215,9 @@ def run_interactive(job):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch"]:      # pyflm batch DECK...: many sweeps as tasks on one engine
+        from .batch import main as batch_main
+        return batch_main(argv[1:])
     if any(a in ("--help", "-h", "-help") for a in argv):
         sys.stdout.write(USAGE)
         return 0

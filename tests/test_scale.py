@@ -1,0 +1,116 @@
+"""Scale: the same MTZ on one process, on two, and on a Dask cluster; many sweeps with `pyflm batch`."""
+import subprocess
+import sys
+
+import gemmi
+import numpy as np
+import pytest
+
+from conftest import SIM, run_ipmosflm
+
+# eight images in blocks of two: four block tasks to share out
+DECK = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
+        "symmetry P212121\nblock 2\n{extra}process {first} {last}\ngo\n")
+
+
+def mtz_table(path):
+    """Every record of an MTZ sorted by (H, K, L, M/ISYM, BATCH), and its column labels."""
+    m = gemmi.read_mtz_file(str(path))
+    a = np.array(m, copy=False).astype(float)
+    labels = [c.label for c in m.columns]
+    keys = a[:, :5]
+    return a[np.lexsort(keys.T[::-1])], labels, len(m.batches)
+
+
+def assert_same_content(a, b):
+    """Same reflections (indices, batch), every value equal to 1e-6 relative."""
+    ta, la, na = mtz_table(a)
+    tb, lb, nb = mtz_table(b)
+    assert la == lb and na == nb
+    assert ta.shape == tb.shape, f"{len(ta)} vs {len(tb)} records"
+    assert np.array_equal(ta[:, :5], tb[:, :5])
+    rel = np.abs(ta - tb) / np.maximum(np.maximum(np.abs(ta), np.abs(tb)), 1e-30)
+    worst = np.unravel_index(np.argmax(rel), rel.shape)
+    assert rel.max() <= 1e-6, f"column {la[worst[1]]}: {ta[worst]} vs {tb[worst]}"
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    d = tmp_path_factory.mktemp("np1")
+    r = run_ipmosflm(DECK.format(extra="nproc 1\n", first=1, last=8), "HKLOUT", "one.mtz", cwd=d)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "in blocks of 2 on 1 process" in r.stdout
+    m = gemmi.read_mtz_file(str(d / "one.mtz"))
+    assert len(m.batches) == 8 and m.nreflections > 10000
+    return d / "one.mtz"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None) as c:
+        yield c.scheduler_address
+
+
+def test_two_processes_write_the_same_mtz_as_one(one_process, tmp_path):
+    r = run_ipmosflm(DECK.format(extra="nproc 2\n", first=1, last=8), "HKLOUT", "two.mtz", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "in blocks of 2 on 2 processes" in r.stdout
+    assert_same_content(one_process, tmp_path / "two.mtz")
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_writes_the_same_mtz_as_one_process(one_process, cluster, tmp_path):
+    r = run_ipmosflm(DECK.format(extra=f"scheduler {cluster}\n", first=1, last=8), "HKLOUT", "dask.mtz",
+                     cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert f"on the Dask cluster at {cluster}" in r.stdout
+    assert_same_content(one_process, tmp_path / "dask.mtz")
+
+
+def test_an_unreachable_scheduler_is_one_line(tmp_path):
+    pytest.importorskip("distributed")
+    r = run_ipmosflm(DECK.format(extra="scheduler tcp://127.0.0.1:9\n", first=1, last=4), cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in r.stdout
+
+
+@pytest.mark.slow
+def test_pyflm_batch_runs_each_deck_as_a_task_and_reports_it(one_process, cluster, tmp_path):
+    (tmp_path / "first.deck").write_text(DECK.format(extra="", first=1, last=8))
+    (tmp_path / "second.deck").write_text(DECK.format(extra="", first=5, last=6))
+    (tmp_path / "bad.deck").write_text(DECK.format(extra="distance abc\n", first=1, last=2))
+    r = subprocess.run([sys.executable, "-m", "pyflm.cli", "batch", "--scheduler", cluster, "first.deck",
+                        "second.deck", "bad.deck"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout          # one deck failed
+    assert f"3 deck(s) on the Dask cluster at {cluster}" in r.stdout
+    lines = {ln.split(":")[0].strip(): ln for ln in r.stdout.splitlines() if ".deck:" in ln}
+    for name, batches in (("first", 8), ("second", 2)):
+        mtz = tmp_path / name / f"{name}.mtz"
+        m = gemmi.read_mtz_file(str(mtz))
+        assert len(m.batches) == batches
+        assert f"{name}.deck: exit 0, {m.nreflections} reflections written, MTZ {mtz}" in lines[f"{name}.deck"]
+        assert (tmp_path / name / "mosflm.lp").exists()      # each sweep in its own directory
+    assert_same_content(one_process, tmp_path / "first" / "first.mtz")
+    assert "bad.deck: exit 1, 0 reflections written, MTZ none" in lines["bad.deck"]
+    assert "DISTANCE" in lines["bad.deck"] and "abc" in lines["bad.deck"]
+    assert "2 of 3 deck(s) succeeded" in r.stdout
+
+
+@pytest.mark.slow
+def test_pyflm_batch_on_local_processes_and_bad_arguments(tmp_path):
+    (tmp_path / "a.deck").write_text(DECK.format(extra="", first=1, last=2))
+    (tmp_path / "b.deck").write_text(DECK.format(extra="", first=3, last=4))
+    r = subprocess.run([sys.executable, "-m", "pyflm.cli", "batch", "--nproc", "2", "a.deck", "b.deck"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 deck(s) on 2 local processes" in r.stdout and "2 of 2 deck(s) succeeded" in r.stdout
+    assert len(gemmi.read_mtz_file(str(tmp_path / "b" / "b.mtz")).batches) == 2
+    for args, said in ((["nothere.deck"], "deck nothere.deck is not a readable file"),
+                       (["--nproc", "x", "a.deck"], "--nproc x: expected a whole number"),
+                       ([], "no decks given")):
+        r = subprocess.run([sys.executable, "-m", "pyflm.cli", "batch", *args], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == 1 and said in r.stdout and "Traceback" not in r.stdout + r.stderr
