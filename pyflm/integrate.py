@@ -368,10 +368,14 @@ def run_process(job, args):
     if scan.first > first or scan.last < last:
         raise ProcessingError(f"images {first} to {last} are not all on disk for {job.template} "
                               f"(found {scan.first} to {scan.last})")
+    # sparse sweeps (small molecules on thin slices): box, separation, spread and profiles from their spots
+    from . import autoparams
+    auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, functools.partial(
+        read_image_data, job.template, job.directory, job.extension))
     if not crystal.mosaic:
         crystal.mosaic = 0.3
         job.log.line(" No MOSAIC given: a mosaic spread of 0.30 degrees is assumed (MOSAIC r sets it)")
-    settings = settings_from_job(job, det)
+    settings = autoparams.update_settings(settings_from_job(job, det), auto)
     log = job.log
     log.line("")
     log.line(f" Integrating images {first} to {last} in blocks of {settings.block}"
@@ -429,6 +433,7 @@ def run_process(job, args):
     finally:
         for s_, h in old.items():
             signal.signal(s_, h)
+    autoparams.summation_fallback(result.records, auto)
     if result.interrupted is not None:
         done = [s.image for s in result.stats if not s.error]
         log.line("")
