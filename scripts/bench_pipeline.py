@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""The whole job on a sweep, pyflm against DIALS, measured in one run.
+
+    python3 scripts/bench_pipeline.py                      # the shared 60-image sim sweep
+    python3 scripts/bench_pipeline.py --sim6m 100          # a simulated Pilatus 6M sweep (made in /tmp)
+    python3 scripts/bench_pipeline.py --nproc 1,2          # integration on 1 and on 2 processes
+    python3 scripts/bench_pipeline.py --memory 100,200     # peak memory of 100 vs 200 images
+    python3 scripts/bench_pipeline.py --no-dials --no-profile
+
+pyflm runs the deck a user would write (AUTOINDEX on two images, MOSAIC ESTIMATE, cell refinement on
+two 3-image segments, PROCESS every image) in a fresh child process, which times each stage:
+spot finding, indexing (with the mosaic estimate), cell refinement, integration and MTZ writing.  DIALS
+runs dials.import, find_spots, index (space group given, as pyflm's deck gives SYMMETRY), refine,
+integrate and export, all with nproc=1, in the same run.  Printed: seconds per image of the sweep for
+each stage and the ratio pyflm/DIALS; fabio's decode time per image and integration's ratio to it; the
+peak resident memory of pyflm's process tree (getrusage of the child, and of its children: the worker
+processes); the scores of both MTZs (../shared/tools/score_mtz.py, --dmax 10); the machine load
+(os.getloadavg), since the cores may be shared; and, with --profile (default), the top cProfile lines of
+each pyflm stage, from a second, profiled run (profiling slows it; the times above are unprofiled).
+
+Simulated images are written under /tmp (never into the repository) and reused when already there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = pathlib.Path(os.environ.get("PYFLM_SHARED", ROOT.parent / "shared"))
+SIM = SHARED / "data" / "sim-p212121-cbf"
+SIMULATE = SHARED / "tools" / "simulate_sweep.py"
+SCORE = SHARED / "tools" / "score_mtz.py"
+TMP = pathlib.Path(os.environ.get("PYFLM_BENCH_TMP", "/tmp/pyflm-bench"))
+
+STAGES = ("spots", "index", "cellref", "integrate", "mtz")
+DIALS_STAGES = ("import", "find_spots", "index", "refine", "integrate", "export")
+# which DIALS step does the work of which pyflm stage (import has no pyflm stage: headers are read
+# as needed and counted in the stage that reads them)
+PAIRS = (("find_spots", "spots"), ("index", "index"), ("refine", "cellref"), ("integrate", "integrate"),
+         ("export", "mtz"))
+
+CONFIG_6M = {"name": "sim6m", "detector_name": "PILATUS 6M", "nx": 2463, "ny": 2527,
+             "distance_mm": 250.0, "beam_px": [1231.5, 1263.5]}
+# a small detector (a Pilatus 300K's size) so a long sweep is cheap to simulate and to process
+CONFIG_SMALL = {"name": "simsmall", "detector_name": "PILATUS 300K", "nx": 487, "ny": 619,
+                "distance_mm": 100.0, "beam_px": [243.5, 309.5], "module": None}
+
+
+def load():
+    return "load average %.2f %.2f %.2f on %d cores" % (*os.getloadavg(), os.cpu_count())
+
+
+def simulated(name, cfg, n):
+    """A simulated sweep of n images under TMP (made once; its truth is beside the images)."""
+    out = TMP / f"{name}-{n}"
+    if (out / "truth_intensities.mtz").exists() and len(list(out.glob("sim_*.cbf"))) >= n:
+        return out
+    TMP.mkdir(parents=True, exist_ok=True)
+    c = dict(cfg, n_images=n)
+    cfg_path = TMP / f"{name}-{n}.json"
+    cfg_path.write_text(json.dumps(c))
+    t0 = time.time()
+    print(f"simulating {n} images into {out} ...", flush=True)
+    subprocess.run([sys.executable, str(SIMULATE), str(out), "--config", str(cfg_path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    print(f"  simulated in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def deck(sweep, n_images, last=None, nproc=1):
+    """The user's deck: index from two images, estimate the mosaic spread, refine the cell on two
+    3-image segments, integrate images 1..last."""
+    last = last or n_images
+    second = min(n_images, 45)
+    return (f'template "sim_####.cbf"\ndirectory "{sweep}"\n'
+            f"autoindex dps refine image 1 thresh 20\nautoindex dps refine image {second} thresh 20\n"
+            "mosaic estimate 1\ngo\nsymmetry P212121\npostref multi segments 2\n"
+            f"process 1 3\ngo\nprocess {n_images - 2} {n_images}\ngo\npostref nosegment\n"
+            f"nproc {nproc}\nprocess 1 {last}\ngo\n")
+
+
+# ---- the pyflm child: run the deck in this process, timing (and optionally profiling) each stage ------
+
+class Stages:
+    """Wall time (and a cProfile) per stage; nested stages are taken out of the enclosing one."""
+
+    def __init__(self, profile):
+        self.t = {s: 0.0 for s in STAGES}
+        self.stack = []
+        self.prof = {}
+        self.profile = profile
+
+    def push(self, name):
+        now = time.perf_counter()
+        if self.stack:
+            outer, t0 = self.stack[-1]
+            self.t[outer] += now - t0
+            self._prof(outer).disable()
+        self.stack.append((name, time.perf_counter()))
+        self._prof(name).enable()
+
+    def pop(self):
+        name, t0 = self.stack.pop()
+        self._prof(name).disable()
+        self.t[name] += time.perf_counter() - t0
+        if self.stack:
+            outer, _ = self.stack[-1]
+            self.stack[-1] = (outer, time.perf_counter())
+            self._prof(outer).enable()
+
+    def _prof(self, name):
+        if not self.profile:
+            class _Off:
+                enable = disable = staticmethod(lambda: None)
+            return _Off
+        import cProfile
+        return self.prof.setdefault(name, cProfile.Profile())
+
+    def wrap(self, fn, stage):
+        def w(*a, **k):
+            self.push(stage(*a) if callable(stage) else stage)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.pop()
+        return w
+
+    def top(self, name, n=12):
+        import io
+        import pstats
+        if name not in self.prof:
+            return ""
+        s = io.StringIO()
+        pstats.Stats(self.prof[name], stream=s).sort_stats("tottime").print_stats(n)
+        lines = s.getvalue().splitlines()
+        i = next((k for k, ln in enumerate(lines) if ln.strip().startswith("ncalls")), 0)
+        head = next((ln.strip() for ln in lines if "function calls" in ln), "")
+        return "\n".join([head] + lines[i:i + n + 1])
+
+
+def child(deck_path, workdir, profile):
+    import pyflm.job as job_mod
+    import pyflm.mtz as mtz_mod
+    import pyflm.spotfinder as sf
+    from pyflm.cli import run_batch
+    from pyflm.job import JobState
+    from pyflm.log import Log
+    os.chdir(workdir)
+    st = Stages(profile)
+    real_resolve = job_mod.resolve_action
+
+    def stage_of(job, args):
+        pr = job.kw.get("POSTREF") or {}
+        return "cellref" if (pr.get("MULTI") or pr.get("SEGMENTS")) else "integrate"
+
+    def resolve(name):
+        fn = real_resolve(name)
+        if fn is None:
+            return None
+        if name in ("AUTOINDEX", "MOSAIC"):
+            return st.wrap(fn, "index")
+        if name == "PROCESS":
+            return st.wrap(fn, stage_of)
+        return fn
+    job_mod.resolve_action = resolve
+    sf.find_spots = st.wrap(sf.find_spots, "spots")
+    real_write = mtz_mod.write_unmerged_mtz
+    mtz_mod.write_unmerged_mtz = st.wrap(real_write, lambda *a: "mtz" if st.stack[-1][0] == "integrate"
+                                         else st.stack[-1][0])
+    log = Log("mosflm.lp")
+    job = JobState(log=log)
+    job.files["HKLOUT"] = "pyflm.mtz"
+    t0 = time.perf_counter()
+    status = run_batch(pathlib.Path(deck_path).read_text().splitlines(), job)
+    total = time.perf_counter() - t0
+    log.close()
+    out = {"status": status, "total": total, "stages": st.t,
+           "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "maxrss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+           "profiles": {s: st.top(s) for s in STAGES} if profile else {}}
+    pathlib.Path(workdir, "stages.json").write_text(json.dumps(out))
+    return status
+
+
+def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False):
+    workdir = pathlib.Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "job.deck").write_text(deck(sweep, n_images, last, nproc))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
+                       + (["--profile"] if profile else []), env=env, capture_output=True, text=True)
+    res_path = workdir / "stages.json"
+    if r.returncode != 0 or not res_path.exists():
+        sys.exit(f"pyflm failed (status {r.returncode}) in {workdir}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    out = json.loads(res_path.read_text())
+    out["mtz"] = str(workdir / "pyflm.mtz")
+    out["peak_rss_mb"] = max(out["maxrss_self_mb"], out["maxrss_children_mb"])
+    return out
+
+
+# ---- DIALS -----------------------------------------------------------------------------------------
+
+def run_dials(sweep, workdir):
+    workdir = pathlib.Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    steps = [
+        ("import", ["dials.import", f"template={sweep}/sim_####.cbf"]),
+        ("find_spots", ["dials.find_spots", "imported.expt", "nproc=1"]),
+        ("index", ["dials.index", "imported.expt", "strong.refl", "space_group=P212121"]),
+        ("refine", ["dials.refine", "indexed.expt", "indexed.refl"]),
+        ("integrate", ["dials.integrate", "refined.expt", "refined.refl", "nproc=1"]),
+        ("export", ["dials.export", "integrated.expt", "integrated.refl", "format=mtz",
+                    "mtz.hklout=integrated.mtz"]),
+    ]
+    t = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    for name, cmd in steps:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+        t[name] = time.perf_counter() - t0
+        if r.returncode != 0:
+            print(f"DIALS {name} failed: {r.stdout[-1500:]}{r.stderr[-1500:]}")
+            return {"stages": t, "total": sum(t.values()), "mtz": None}
+    return {"stages": t, "total": sum(t.values()), "mtz": str(workdir / "integrated.mtz")}
+
+
+# ---- the rest --------------------------------------------------------------------------------------
+
+def fabio_decode(sweep, n_images, n_sample=10):
+    """Seconds per image for fabio to open and decode an image of the sweep (median of a sample)."""
+    import fabio
+    nums = sorted({1 + round(i * (n_images - 1) / max(1, n_sample - 1)) for i in range(n_sample)})
+    ts = []
+    for n in nums:
+        p = sweep / f"sim_{n:04d}.cbf"
+        t0 = time.perf_counter()
+        fabio.open(str(p)).data.sum()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def score(mtz, sweep):
+    if not mtz or not pathlib.Path(mtz).exists():
+        return None
+    r = subprocess.run([sys.executable, str(SCORE), mtz, str(sweep), "--dmax", "10", "--json"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout)["overall"]
+
+
+def mtz_rows(path):
+    """An MTZ's reflections sorted by (H, K, L, M/ISYM, BATCH): the keys and (I, IPR)."""
+    import gemmi
+    import numpy as np
+    m = gemmi.read_mtz_file(path)
+    a = np.array(m, copy=False)
+    col = {c.label: i for i, c in enumerate(m.columns)}
+    keys = a[:, [col[c] for c in ("H", "K", "L", "M/ISYM", "BATCH")]].astype(np.int64)
+    order = np.lexsort(keys.T[::-1])
+    return keys[order], a[order][:, [col["I"], col["IPR"]]].astype(float)
+
+
+def same_content(a, b, rtol=1e-6):
+    import numpy as np
+    (ka, va), (kb, vb) = mtz_rows(a), mtz_rows(b)
+    if ka.shape != kb.shape or not np.array_equal(ka, kb):
+        return False, f"{len(ka)} vs {len(kb)} reflections, not the same set"
+    rel = np.abs(va - vb) / np.maximum(np.maximum(np.abs(va), np.abs(vb)), 1e-30)
+    worst = float(rel.max()) if len(rel) else 0.0
+    return worst <= rtol, f"{len(ka)} reflections, largest relative difference {worst:.2e}"
+
+
+def per_image(t, n):
+    return t / n
+
+
+def report_main(args, sweep, n_images):
+    print(f"== sweep {sweep} ({n_images} images)")
+    print(f"   {load()}")
+    nprocs = [int(x) for x in args.nproc.split(",")]
+    runs = {}
+    for p in nprocs:
+        runs[p] = run_pyflm(sweep, n_images, TMP / f"run-{sweep.name}-pyflm-np{p}", nproc=p)
+        print(f"   pyflm nproc {p}: {runs[p]['total']:.1f} s  ({load()})", flush=True)
+    py = runs[nprocs[0]]
+    dials = None
+    if not args.no_dials and shutil.which("dials.import"):
+        dials = run_dials(sweep, TMP / f"run-{sweep.name}-dials")
+        print(f"   DIALS: {dials['total']:.1f} s  ({load()})", flush=True)
+    dec = fabio_decode(sweep, n_images)
+
+    print()
+    print(f"   seconds per image ({n_images} images; pyflm on {nprocs[0]} process, DIALS nproc=1)")
+    print(f"   {'stage':<22}{'pyflm':>10}{'DIALS':>10}{'pyflm/DIALS':>13}")
+    ds = dials["stages"] if dials else {}
+    for d_name in DIALS_STAGES:
+        p_name = dict(PAIRS).get(d_name)
+        pt = py["stages"][p_name] if p_name else None
+        dt = ds.get(d_name)
+        label = f"{p_name or '-'} / {d_name}"
+        print(f"   {label:<22}{(f'{pt / n_images:10.4f}' if pt is not None else f'{chr(45):>10}')}"
+              f"{(f'{dt / n_images:10.4f}' if dt is not None else f'{chr(45):>10}')}"
+              f"{(f'{pt / dt:13.3f}' if pt is not None and dt else f'{chr(45):>13}')}")
+    other = py["total"] - sum(py["stages"].values())
+    print(f"   {'(pyflm other)':<22}{other / n_images:10.4f}")
+    tot_ratio = py["total"] / dials["total"] if dials else None
+    print(f"   {'total':<22}{py['total'] / n_images:10.4f}"
+          + (f"{dials['total'] / n_images:10.4f}{tot_ratio:13.3f}" if dials else ""))
+    print(f"   total seconds: pyflm {py['total']:.2f}" + (f", DIALS {dials['total']:.2f}" if dials else ""))
+    integ = py["stages"]["integrate"] / n_images
+    print(f"   fabio decode {dec:.4f} s/image; pyflm integration {integ:.4f} s/image = "
+          f"{integ / dec:.2f} x decode")
+    print(f"   peak RSS of pyflm (nproc {nprocs[0]}): {py['peak_rss_mb']:.0f} MB "
+          f"(process {py['maxrss_self_mb']:.0f} MB, largest worker {py['maxrss_children_mb']:.0f} MB)")
+    if len(nprocs) > 1:
+        base = runs[nprocs[0]]
+        for p in nprocs[1:]:
+            r = runs[p]
+            ok, why = same_content(base["mtz"], r["mtz"])
+            print(f"   nproc {p} vs {nprocs[0]}: integration {base['stages']['integrate']:.2f} s -> "
+                  f"{r['stages']['integrate']:.2f} s = {base['stages']['integrate'] / r['stages']['integrate']:.2f}x,"
+                  f" total {base['total']:.2f} -> {r['total']:.2f} s = {base['total'] / r['total']:.2f}x; "
+                  f"RSS main {r['maxrss_self_mb']:.0f} MB + {p} workers of at most "
+                  f"{r['maxrss_children_mb']:.0f} MB; MTZ {'identical' if ok else 'DIFFERENT'} ({why})")
+    sp, sd = score(py["mtz"], sweep), score(dials["mtz"], sweep) if dials else None
+    for name, s in (("pyflm", sp), ("DIALS", sd)):
+        if s:
+            print(f"   score {name:<6} cc_truth {s['cc_truth']:.5f}  completeness {s['completeness']:.3f}  "
+                  f"n_obs {s['n_obs']}  I/sig {s['i_over_sigma']:.2f}"
+                  f"  z_sd {s.get('z_sd', float('nan')):.2f}")
+    if dials and sp and sd:
+        print(f"   total time pyflm/DIALS {tot_ratio:.3f} (goal <= 0.333: {'yes' if tot_ratio <= 1 / 3 else 'no'});"
+              f" cc_truth pyflm {sp['cc_truth']:.5f} vs DIALS {sd['cc_truth']:.5f}"
+              f" ({'no worse' if sp['cc_truth'] >= sd['cc_truth'] else 'WORSE'})")
+    print(f"   integration {integ / dec:.2f} x fabio decode (goal <= 5: {'yes' if integ / dec <= 5 else 'no'})")
+    print(f"   {load()}")
+    if args.profile:
+        prof = run_pyflm(sweep, n_images, TMP / f"run-{sweep.name}-pyflm-prof", profile=True)
+        print()
+        print(f"   cProfile of each pyflm stage (a separate, profiled run: {prof['total']:.1f} s)")
+        for s in STAGES:
+            print(f"   --- {s}")
+            for ln in prof["profiles"].get(s, "").splitlines():
+                print("   " + ln)
+
+
+def report_memory(args):
+    counts = [int(x) for x in args.memory.split(",")]
+    sweep = simulated("simsmall", CONFIG_SMALL, max(counts))
+    n = max(counts)
+    print(f"== peak memory against the number of images processed ({sweep}, {CONFIG_SMALL['nx']} x "
+          f"{CONFIG_SMALL['ny']} pixels)")
+    print(f"   {load()}")
+    rss = {}
+    for c in counts:
+        r = run_pyflm(sweep, n, TMP / f"run-mem-{c}", last=c)
+        rss[c] = r["peak_rss_mb"]
+        print(f"   PROCESS 1 TO {c}: {r['total']:.1f} s, peak RSS {rss[c]:.1f} MB", flush=True)
+    lo, hi = rss[counts[0]], rss[counts[-1]]
+    print(f"   peak RSS {counts[-1]} / {counts[0]} images = {hi / lo:.3f} ({100 * (hi - lo) / lo:+.1f} %; "
+          f"goal < 20 %: {'yes' if abs(hi - lo) / lo < 0.2 else 'no'})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", type=pathlib.Path, default=None, help="a sweep folder (sim_####.cbf)")
+    ap.add_argument("--sim6m", type=int, default=None, metavar="N",
+                    help="simulate a Pilatus 6M sweep of N images into /tmp and use it")
+    ap.add_argument("--nproc", default="1", help="comma-separated worker counts for pyflm (e.g. 1,2)")
+    ap.add_argument("--memory", default=None, metavar="N1,N2",
+                    help="peak memory processing N1 vs N2 images of a small-detector simulated sweep")
+    ap.add_argument("--no-dials", action="store_true")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--profile", dest="profile", action="store_true", default=True)
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        sys.exit(child(*args._child, profile=args.profile and "--profile" in sys.argv))
+    if args.memory and args.sweep is None and args.sim6m is None:
+        report_memory(args)
+        return
+    if args.sim6m:
+        sweep = simulated("sim6m", CONFIG_6M, args.sim6m)
+    else:
+        sweep = args.sweep or SIM
+    n_images = len(list(sweep.glob("sim_*.cbf")))
+    if args.sim6m:
+        n_images = args.sim6m
+    report_main(args, sweep, n_images)
+    if args.memory:
+        print()
+        report_memory(args)
+
+
+if __name__ == "__main__":
+    main()
