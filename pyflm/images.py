@@ -572,7 +572,10 @@ def run_header(job, args):
                          expected="TEMPLATE and IMAGE n first")
     path = current_path(job, image)
     hdr = read_image(path)[1]
-    beam, det, gonio, scan = experiment_for(job, image)
+    try:
+        beam, det, gonio, scan = experiment_for(job, image)
+    except ImageError as e:      # a still, or a header without a distance: show what it does hold
+        return _header_incomplete(job, image, hdr, e.problem)
     log = job.log
     src = lambda kw: "keyword input" if job.kw.get(kw) else "image header"
     a, b = scan.phi_range(image)
@@ -604,6 +607,50 @@ def run_header(job, args):
     if det.two_theta:
         log.line(f" Detector two-theta {det.two_theta:.3f} degrees")
     for w in hdr.warnings:
+        log.line("")
+        log.line(" ***** WARNING *****")
+        log.line(f" {w}")
+
+
+def _header_incomplete(job, image, hdr, problem):
+    """HEADER for an image whose header cannot make a full experiment (stills have no oscillation;
+    some MarCCD headers hold no distance): the values it has, and what the user must add."""
+    log = job.log
+    src = lambda kw: "keyword input" if job.kw.get(kw) else "image header"
+    log.line("")
+    log.line(" From information in the image file, the detector has been")
+    log.line(f" recognized as: {(_arg(job, 'DETECTOR', 0) or hdr.detector).upper()}")
+    log.line(" If this is incorrect you must supply a DETECTOR keyword")
+    log.line("")
+    dist = _arg(job, "DISTANCE", 0, hdr.distance)
+    wl = _arg(job, "WAVELENGTH", 0, hdr.wavelength)
+    pix = _arg(job, "PIXEL", 0, hdr.pixel_fast)
+    log.line(f" Crystal to detector distance of {dist:8.2f}mm taken from {src('DISTANCE')}" if dist else
+             " The image header gives no crystal to detector distance: give DISTANCE")
+    log.line("")
+    log.line(f" Wavelength of {wl:.5f}A taken from {src('WAVELENGTH')}" if wl else
+             " The image header gives no wavelength: give WAVELENGTH")
+    log.line("")
+    log.line(f" Pixel size of {pix:.4f}mm taken from {src('PIXEL')}." if pix else
+             " The image header gives no pixel size: give PIXEL")
+    log.line("")
+    if hdr.phi_start is not None and not hdr.osc:
+        log.line(f" Image {image:5d} is a still (oscillation 0) at phi {hdr.phi_start:8.2f} degrees;"
+                 " give IMAGE n PHI start TO end to treat it as a rotation image")
+    elif hdr.phi_start is not None:
+        log.line(f" Phi start {hdr.phi_start:.4f} end {hdr.phi_end:.4f} oscillation {hdr.osc:.4f} degrees")
+    beam_kw = _kw(job, "BEAM").get("_args")
+    bx, by = (beam_kw[0], beam_kw[1]) if beam_kw and len(beam_kw) >= 2 else (hdr.beam or (None, None))
+    if bx is not None:
+        beam_src = "keyword input" if beam_kw else ("the image centre" if hdr.beam_source == "image centre"
+                                                   else "image header")
+        log.line(f" Beam coordinates of {bx:8.3f}mm {by:8.3f}mm taken from {beam_src}")
+    over = float(_kw(job, "OVERLOAD").get("CUTOFF", hdr.overload or 1e9))
+    log.line(f" Image size {hdr.n_fast} x {hdr.n_slow} pixels (fast x slow); overload cutoff {over:.0f}")
+    tt = float(_arg(job, "TWOTHETA", 0, hdr.two_theta) or 0.0)
+    if tt:
+        log.line(f" Detector two-theta {tt:.3f} degrees")
+    for w in hdr.warnings + ([] if hdr.phi_start is not None and not hdr.osc else [problem]):
         log.line("")
         log.line(" ***** WARNING *****")
         log.line(f" {w}")
