@@ -93,14 +93,27 @@ class Stages:
 
     def __init__(self, profile):
         self.t = {s: 0.0 for s in STAGES}
+        self.rss = {s: 0.0 for s in STAGES}     # peak RSS (MB) within each stage (Linux VmHWM)
         self.stack = []
         self.prof = {}
         self.profile = profile
+
+    def _hwm(self, name):
+        """Credit the peak RSS since the last reset to the stage, and reset it (Linux clear_refs 5)."""
+        try:
+            with open("/proc/self/status") as f:
+                kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM"))
+            self.rss[name] = max(self.rss[name], kb / 1024)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except (OSError, StopIteration):
+            pass
 
     def push(self, name):
         now = time.perf_counter()
         if self.stack:
             outer, t0 = self.stack[-1]
+            self._hwm(outer)
             self.t[outer] += now - t0
             self._prof(outer).disable()
         self.stack.append((name, time.perf_counter()))
@@ -110,6 +123,7 @@ class Stages:
         name, t0 = self.stack.pop()
         self._prof(name).disable()
         self.t[name] += time.perf_counter() - t0
+        self._hwm(name)
         if self.stack:
             outer, _ = self.stack[-1]
             self.stack[-1] = (outer, time.perf_counter())
@@ -181,8 +195,10 @@ def child(deck_path, workdir, profile):
     status = run_batch(pathlib.Path(deck_path).read_text().splitlines(), job)
     total = time.perf_counter() - t0
     log.close()
-    out = {"status": status, "total": total, "stages": st.t,
-           "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"status": status, "total": total, "stages": st.t, "rss_after": st.rss,
+           # the stages' peaks too: resetting VmHWM per stage resets ru_maxrss with it
+           "maxrss_self_mb": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+                                 + list(st.rss.values())),
            "maxrss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
            "profiles": {s: st.top(s) for s in STAGES} if profile else {}}
     pathlib.Path(workdir, "stages.json").write_text(json.dumps(out))
@@ -324,7 +340,8 @@ def report_main(args, sweep, n_images):
     print(f"   fabio decode {dec:.4f} s/image; pyflm integration {integ:.4f} s/image = "
           f"{integ / dec:.2f} x decode")
     print(f"   peak RSS of pyflm (nproc {nprocs[0]}): {py['peak_rss_mb']:.0f} MB "
-          f"(process {py['maxrss_self_mb']:.0f} MB, largest worker {py['maxrss_children_mb']:.0f} MB)")
+          f"(process {py['maxrss_self_mb']:.0f} MB, largest worker {py['maxrss_children_mb']:.0f} MB); "
+          "peak within each stage: " + ", ".join(f"{k} {v:.0f}" for k, v in py["rss_after"].items()))
     if len(nprocs) > 1:
         base = runs[nprocs[0]]
         for p in nprocs[1:]:
@@ -364,14 +381,17 @@ def report_memory(args):
     print(f"== peak memory against the number of images processed ({sweep}, {CONFIG_SMALL['nx']} x "
           f"{CONFIG_SMALL['ny']} pixels)")
     print(f"   {load()}")
-    rss = {}
+    rss, integ = {}, {}
     for c in counts:
         r = run_pyflm(sweep, n, TMP / f"run-mem-{c}", last=c)
         rss[c] = r["peak_rss_mb"]
-        print(f"   PROCESS 1 TO {c}: {r['total']:.1f} s, peak RSS {rss[c]:.1f} MB", flush=True)
-    lo, hi = rss[counts[0]], rss[counts[-1]]
-    print(f"   peak RSS {counts[-1]} / {counts[0]} images = {hi / lo:.3f} ({100 * (hi - lo) / lo:+.1f} %; "
-          f"goal < 20 %: {'yes' if abs(hi - lo) / lo < 0.2 else 'no'})")
+        integ[c] = r["rss_after"]["integrate"]
+        print(f"   PROCESS 1 TO {c}: {r['total']:.1f} s, peak RSS {rss[c]:.1f} MB (of the integration "
+              f"stage {integ[c]:.1f} MB)", flush=True)
+    for what, v in (("peak RSS", rss), ("integration's peak RSS", integ)):
+        lo, hi = v[counts[0]], v[counts[-1]]
+        print(f"   {what} {counts[-1]} / {counts[0]} images = {hi / lo:.3f} ({100 * (hi - lo) / lo:+.1f} %;"
+              f" goal < 20 %: {'yes' if abs(hi - lo) / lo < 0.2 else 'no'})")
 
 
 def main():
