@@ -34,10 +34,16 @@ def run_deck_in_process(lines):
         job.queue.clear()
 
 
-@settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(LINES, max_size=8))
-def test_random_decks_parse_or_name_the_bad_line(lines):
-    run_deck_in_process(lines)
+def test_5000_random_decks_parse_or_name_the_bad_line():
+    decks = []
+
+    @settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(LINES, max_size=8))
+    def one_deck(lines):
+        decks.append(len(lines))
+        run_deck_in_process(lines)
+    one_deck()
+    assert len(decks) >= 5000          # the issue asks for 5 000 decks in CI: count them, not trust it
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
