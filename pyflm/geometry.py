@@ -20,6 +20,7 @@ MOSFLM detector coordinates
 Format beam centres (see header_beam_to_mosflm)
     Pilatus miniCBF  Beam_xy (fast px, slow px)            -> (slow*p, fast*p)
     ADSC SMV         BEAM_CENTER_X / _Y mm                -> used as MOSFLM X, Y directly
+    Timepix SMV      BEAM_CENTER_X / _Y pixels (fast, slow) -> (slow*p, fast*p), as dxtbx reads it
     Mar345           header centre not trusted            -> the image centre (with a warning)
     MarCCD           beam_x / beam_y in pixels (fast, slow) -> (slow*p, fast*p)
     Eiger HDF5       beam_center_x / _y (fast px, slow px)  -> (slow*p, fast*p)

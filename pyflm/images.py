@@ -318,10 +318,11 @@ def _parse_smv(img, path):
     h.distance = _num(g.get("DISTANCE"))
     bx, by = _num(g.get("BEAM_CENTER_X")), _num(g.get("BEAM_CENTER_Y"))
     if bx is not None and p and h.n_fast and max(bx, by) > max(h.n_fast, h.n_slow) * p:
-        # beyond the detector in mm but inside it in pixels (Timepix-style SMV): pixels
-        bx, by = bx * p, by * p
+        # beyond the detector in mm but inside it in pixels (Timepix-style SMV): pixels, and then
+        # (fast, slow) as Pilatus' Beam_xy (dxtbx reads the Timepix header so; its DENZO_X_BEAM agrees)
+        h.beam = geometry.header_beam_to_mosflm("pixels_fast_slow", (bx, by), p, p)
         h.warnings.append("BEAM_CENTER_X/Y in this header are in pixels, not mm: converted")
-    if bx is not None and by is not None:
+    elif bx is not None and by is not None:
         h.beam = geometry.header_beam_to_mosflm("mm_slow_fast", (bx, by), p, p)
     h.phi_start = _num(g.get("OSC_START"), _num(g.get("PHI")))
     h.osc = _num(g.get("OSC_RANGE"))
