@@ -608,6 +608,8 @@ def run_header(job, args):
     if det.two_theta:
         log.line(f" Detector two-theta {det.two_theta:.3f} degrees")
     for w in hdr.warnings:
+        if "give DISTANCE" in w and job.kw.get("DISTANCE"):
+            continue            # given: nothing left to warn about
         log.line("")
         log.line(" ***** WARNING *****")
         log.line(f" {w}")
