@@ -39,7 +39,7 @@ class Settings:
     block: int = 5
     nproc: int = 1
     min_fraction: float = 0.01       # parts smaller than this are not measured
-    sd_add: float = 0.02             # error model: sigma^2 += (sd_add * I)^2
+    sd_add: float = 0.01             # error model: sigma^2 += (sd_add * I)^2
     scheduler: str = None            # a Dask scheduler's address: blocks run there (pyflm.distributed)
     refine: object = None            # pyflm.refine.Options: refine each block before integrating it
 
@@ -103,22 +103,29 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                              osc=scan.osc, dmin=dmin, dmax=settings.dmax)
     measurable = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) == 0
     raster = settings.raster or (15, 15, 3, 4, 4)
+    # each part is measured where its own share of the rocking curve diffracts (matters near the axis)
+    part_fast, part_slow = predict.positions_at(crystal, beam, detector, goniometer, pred[parts["index"]],
+                                                predict.part_phi(pred, parts, scan.phi_start, scan.osc,
+                                                                 scan.first))
     out_records, out_stats, out_obs = [], [], []
     # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
-    from .shoebox import block_profiles, profile_sums
-    datas, sums, counts = {}, None, None
+    from .shoebox import block_profiles, profile_sums, shadow_mask
+    datas, acc = {}, None
     for img in block_images:
         try:
             datas[img] = check_image(read_image(img), detector)
         except Exception as e:           # a bad image is skipped and reported, the rest goes on
             datas[img] = e
+    # shadows (the beamstop and its arm) found from the block's images: spots there are not measured
+    shadow = shadow_mask([d for d in datas.values() if not isinstance(d, Exception)], detector.nullpix)
+    for img in block_images:
+        if isinstance(datas[img], Exception):
             continue
         sel = np.flatnonzero((parts["image"] == img) & measurable & (parts["n_parts"] == 1))
-        p = pred[parts["index"][sel]]
-        s_, c_ = profile_sums(datas[img], p["fast"], p["slow"], raster=raster, gain=detector.gain,
-                              overload=detector.overload, nullpix=detector.nullpix)
-        sums, counts = (s_, c_) if sums is None else (sums + s_, counts + c_)
-    profiles = block_profiles(sums, counts, raster) if sums is not None else None
+        sums = profile_sums(datas[img], part_fast[sel], part_slow[sel], raster=raster, gain=detector.gain,
+                            overload=detector.overload, nullpix=detector.nullpix, mask=shadow)
+        acc = sums if acc is None else tuple(a + b for a, b in zip(acc, sums))
+    profiles = block_profiles(*acc, raster) if acc is not None else None
     for img in block_images:
         t0 = time.time()
         st = ImageStats(img, scan.phi_range(img))
@@ -131,9 +138,9 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             continue
         p = pred[parts["index"][sel]]
         fulls = parts["n_parts"][sel] == 1
-        res, _ = integrate_fn(data, p["fast"], p["slow"], raster=raster,
+        res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], raster=raster,
                               gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
-                              strong_mask=fulls, profiles=profiles)
+                              strong_mask=fulls, profiles=profiles, mask=shadow)
         lp = p["lorentz"] * p["polar"]
         rec = np.zeros(len(sel), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
@@ -147,7 +154,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         rec["sigi"] = np.sqrt(rec["sigi"] ** 2 + (settings.sd_add * rec["i"]) ** 2)
         rec["sigipr"] = np.sqrt(rec["sigipr"] ** 2 + (settings.sd_add * rec["ipr"]) ** 2)
         rec["fractioncalc"] = parts["fraction"][sel]
-        rec["xdet"], rec["ydet"] = p["slow"], p["fast"]
+        rec["xdet"], rec["ydet"] = part_slow[sel], part_fast[sel]
         rec["rot"] = p["phi"]
         rec["width"] = p["width"]
         rec["lp"] = 1.0 / lp

@@ -246,6 +246,31 @@ def image_parts(pred, phi0, osc, first, last, min_fraction=0.0):
     return out
 
 
+def part_phi(pred, parts, phi0, osc, first):
+    """Centroid phi (degrees) of each part: the mean of the Gaussian rocking curve over the part's image."""
+    from scipy.special import erf
+    p = pred[parts["index"]]
+    a = phi0 + (parts["image"] - first) * osc
+    sigma = np.maximum(p["width"], 1e-9) / 2.3548
+    lo, hi = (a - p["phi"]) / sigma, (a + osc - p["phi"]) / sigma
+    gauss = lambda t: np.exp(-0.5 * t * t) / np.sqrt(2 * np.pi)
+    mass = 0.5 * (erf(hi / np.sqrt(2)) - erf(lo / np.sqrt(2)))
+    shift = sigma * (gauss(lo) - gauss(hi)) / np.maximum(mass, 1e-12)
+    return np.clip(p["phi"] + shift, a, a + osc)
+
+
+def positions_at(crystal, beam, detector, goniometer, pred, phi):
+    """Detector pixel (fast, slow) of each reflection's diffracted ray with the crystal turned to `phi`
+    (degrees) rather than to its crossing: where the part of a wide reflection recorded on an image away
+    from its crossing lies (near the rotation axis a spot moves across the detector as it rocks)."""
+    hkl = np.stack([pred["h"], pred["k"], pred["l"]], 1).astype(float)
+    sign = -1 if goniometer.reverse_phi else 1
+    r = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * np.asarray(phi, float)), hkl @ crystal.A.T)
+    s1 = r + geometry.BEAM_DIRECTION / beam.wavelength
+    x, y, _ = geometry.lab_to_mm(s1, detector.frame())
+    return detector.mm_to_pixel(x, y)
+
+
 # classification bits (MOSFLM's colours in pictures: blue full, yellow partial, red overlap, green wide)
 FULL, PARTIAL, OVERLAP, TOO_WIDE, EXCLUDED = 1, 2, 4, 8, 16
 
