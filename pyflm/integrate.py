@@ -394,7 +394,18 @@ def run_process(job, args):
     from .xmlout import responses
     xml = responses(job)
 
+    reported = set()
+
     def on_image(st):
+        # a signal waits until the image's log lines and SUMMARY rows are all written (no half report)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            _report(st)
+            reported.add(st.image)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def _report(st):
         a, b = st.phi
         log.line("")
         log.line(" ************************************************")
@@ -437,6 +448,12 @@ def run_process(job, args):
     try:
         result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
                                   reader, integrate_image, on_image=on_image)
+        for s_ in result.stats:     # a signal can stop the reports part-way through a finished block
+            if s_.image not in reported:
+                try:
+                    on_image(s_)
+                except Interrupted as e:
+                    result.interrupted = result.interrupted or e
     finally:
         for s_, h in old.items():
             signal.signal(s_, h)
@@ -471,7 +488,8 @@ def run_process(job, args):
                            history=[f"From pyflm, images {first} to {last}"])
     if "SUMMARY" in job.files:
         summ.write_summary(job.files["SUMMARY"], tables,
-                           header=f" pyflm summary file: images {first} to {last}")
+                           header=f" pyflm summary file: images {first} to {last}" +
+                           "".join(f"\n ***** WARNING ***** image {s.image} skipped: {s.error}" for s in bad))
     log.line("")
     if bad:
         log.line(f" {len(bad)} image(s) could not be integrated: " + ", ".join(str(s.image) for s in bad))
