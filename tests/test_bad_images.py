@@ -6,6 +6,7 @@ import gemmi
 import numpy as np
 
 from conftest import SIM, run_ipmosflm
+from pyflm.summary import parse_loggraph
 
 
 def make_sweep(tmp_path):
@@ -45,3 +46,9 @@ def test_bad_images_are_skipped_and_named(tmp_path):
     m = gemmi.read_mtz_file(str(tmp_path / "b.mtz"))
     assert sorted(b.number for b in m.batches) == [1, 10, 11, 12]
     assert "could not be integrated: 2, 3, 4, 5, 6, 7, 8, 9" in out
+    summary = (tmp_path / "b.sum").read_text()       # flagged in the SUMMARY too, with the same reason
+    for n in range(2, 10):
+        line = [ln for ln in skipped if f"image {n} skipped" in ln][0]
+        assert line in summary.splitlines()
+    cols, rows = parse_loggraph(summary)["Integration statistics"]
+    assert [int(r[0]) for r in rows] == [1, 10, 11, 12]
