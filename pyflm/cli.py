@@ -232,11 +232,14 @@ def main(argv=None):
     lock = RunLock(".")
     try:
         lock.acquire()
+        return _main(argv)
     except DirectoryInUse as e:     # refuse before touching mosflm.lp: the other run's log stays whole
         sys.stdout.write(f" Error: {e.line()}\n")
         return 1
-    try:
-        return _main(argv)
+    except Interrupted as e:        # a signal before the log was opened
+        return e.status
+    except KeyboardInterrupt:
+        return 130
     finally:
         lock.release()
 
@@ -261,20 +264,20 @@ def _main(argv):
 
 def _run(argv):
     log = Log("mosflm.lp")
-    log.write(BANNER)
-    job = JobState(log=log)
-    try:
-        job.files.update(parse_command_line(argv))
-        if "MATRIX" in job.files:
-            from .job import _read_matrix
-            _read_matrix(job, job.files["MATRIX"], "command line")
-    except InputError as e:
-        log.line(f" Error: {e.line()}")
-        log.close()
-        return 1
-    interactive = sys.stdin.isatty()
-    job.batch = not interactive
-    try:
+    status = 1
+    try:        # from the first line on: a signal at any point still closes (and renames) the log
+        log.write(BANNER)
+        job = JobState(log=log)
+        try:
+            job.files.update(parse_command_line(argv))
+            if "MATRIX" in job.files:
+                from .job import _read_matrix
+                _read_matrix(job, job.files["MATRIX"], "command line")
+        except InputError as e:
+            log.line(f" Error: {e.line()}")
+            return 1
+        interactive = sys.stdin.isatty()
+        job.batch = not interactive
         if interactive:
             status = run_interactive(job)
         else:

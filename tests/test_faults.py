@@ -274,3 +274,31 @@ def test_predict_at_the_edge(tmp_path, setting):
     assert not re.search(r"\b(nan|inf)\b", block, re.I)
     assert (tmp_path / "p.png").stat().st_size > 0
     assert_clean(r.stdout + r.stderr, tmp_path)
+
+
+# ---- the terminal and signals outside PROCESS ---------------------------------------------------------
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_deck_is_read_ends_cleanly(tmp_path, sig, status):
+    p = subprocess.Popen([sys.executable, "-m", "pyflm.cli"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    p.stdin.write(DECK)
+    p.stdin.flush()                  # the deck is not finished: the program waits for the rest of it
+    assert p.stdout.readline().startswith(" ****")     # started, banner out
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == status
+    assert out.splitlines()[-1] in (f" Interrupted by signal {int(sig)}: output files written so far are "
+                                    "complete", " Interrupted")
+    assert (tmp_path / "mosflm.lp").exists() and not (tmp_path / ".mosflm.lock").exists()
+    assert_clean(out + err, tmp_path)
+
+
+def test_a_reader_that_stops_reading_stdout(tmp_path):
+    """`ipmosflm < deck | head -2`: the run goes on, mosflm.lp keeps the whole log."""
+    r = subprocess.run(f"{sys.executable} -m pyflm.cli HKLOUT e.mtz | head -2", shell=True, input=PROCESS_1_2,
+                       text=True, capture_output=True, cwd=tmp_path, timeout=300)
+    assert len(r.stdout.splitlines()) == 2 and r.stderr == ""
+    assert (tmp_path / "mosflm.lp").read_text().endswith(" Normal termination of pyflm\n")
+    assert gemmi.read_mtz_file(str(tmp_path / "e.mtz")).nreflections > 1000
+    assert_clean(r.stdout, tmp_path)
