@@ -302,3 +302,31 @@ def test_a_reader_that_stops_reading_stdout(tmp_path):
     assert (tmp_path / "mosflm.lp").read_text().endswith(" Normal termination of pyflm\n")
     assert gemmi.read_mtz_file(str(tmp_path / "e.mtz")).nreflections > 1000
     assert_clean(r.stdout, tmp_path)
+
+
+# ---- every output arrives by rename ---------------------------------------------------------------------
+
+def test_every_output_file_is_renamed_into_place_when_complete(workdir, capsys, monkeypatch):
+    """A deck that writes every kind of output; each file in the directory afterwards must have
+    arrived by a rename from a temporary name beside it (so no reader ever saw it half-written)."""
+    renames = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst, **kw):
+        renames.append((os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst, **kw)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\npicture on\nimage 1\nfindspots\ngo\n'
+            "autoindex dps refine image 1 thresh 20\ngo\nmosaic 0.3\nimage 1\npredict png p1.png\ngo\n"
+            "process 1 2\ngo\n")
+    status, out = run_in_process(deck, "HKLOUT", "a.mtz", "SUMMARY", "a.sum", "SPOTOD", "a.spt", "NEWMAT",
+                                 "a.mat", "XMLFILE", "a.xml", capsys=capsys, monkeypatch=monkeypatch)
+    assert status == 0, out[-3000:]
+    made = sorted(p.name for p in workdir.iterdir())
+    for name in ("a.mtz", "a.sum", "a.spt", "a.mat", "a.xml", "mosflm.lp", "p1.png", "spots_00001.png"):
+        assert name in made, (name, made)
+    arrived = {os.path.abspath(dst) for src, dst in renames
+               if os.path.basename(src).startswith("." + os.path.basename(dst) + ".") and src.endswith(".part")
+               and os.path.dirname(os.path.abspath(src)) == os.path.dirname(os.path.abspath(dst))}
+    assert [n for n in made if str(workdir / n) not in arrived] == []
+    assert_clean(out, workdir)
