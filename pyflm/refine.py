@@ -365,6 +365,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     free_det = set(opts.detector_free)
     model = _Model(crystal, beam, detector, goniometer, free_det, opts.missets_free if opts.postref else (),
                    opts.mosaic_free and opts.postref, set(free_cell))
+    # fractions depend on the crystal only: without a free crystal parameter they would change nothing
+    postref = opts.postref and any(n in model.names for n in MISSETS + ("MOSAIC",)) or bool(model.cell_idx)
     # fully recorded and complete by the starting model's fractions: parts were measured with a
     # generous width, so the image count alone does not say it (nor at the ends of the sweep)
     _, _, phi0, width0, _ = model.calc(model.x0, hkl_all, phi_ref)
@@ -391,14 +393,13 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     pos_sig = pix * POS_SIGMA_PX * np.sqrt(1.0 + 100.0 / np.maximum(isig, 1.0))   # weaker: less weight
     use_pos = pos_sel.copy()
     use_frac = np.ones(len(prow), bool)
-    refl_f = np.unique(pr_refl)
 
     def resid(x):
         xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
         rx = np.where(ok[use_pos], (xm[use_pos] - xo[use_pos]) / pos_sig[use_pos], 10.0)
         ry = np.where(ok[use_pos], (ym[use_pos] - yo[use_pos]) / pos_sig[use_pos], 10.0)
         out = [rx, ry]
-        if len(prow) and opts.postref:
+        if len(prow) and postref:
             f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
             tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
             pc = f / np.maximum(tot, 1e-9)
@@ -424,10 +425,12 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
                       0.3 * pix)
             new_pos = pos_sel & ok & (wr <= opts.residual) & (dd <= cut)
             new_frac = use_frac
-            if len(prow) and opts.postref:
+            if len(prow) and postref:
                 f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
                 tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
-                new_frac = np.abs(f / np.maximum(tot, 1e-9) - p_obs) / p_sig <= opts.maxresidual
+                off = np.abs(f / np.maximum(tot, 1e-9) - p_obs) / p_sig > opts.maxresidual
+                # a reflection with one part off is off as a whole (its other fractions share the error)
+                new_frac = np.bincount(pr_refl, off, minlength=len(hkl_all))[pr_refl] == 0
             if np.array_equal(new_pos, use_pos) and np.array_equal(new_frac, use_frac):
                 break
             use_pos, use_frac = new_pos, new_frac
@@ -442,7 +445,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         m = used & (g["image"] == i)
         per_image[int(i)] = float(np.sqrt(np.mean(d[m] ** 2))) if m.any() else float("nan")
     rms_frac = float("nan")
-    if len(prow) and opts.postref:
+    if len(prow) and postref:
         f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
         tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
         rms_frac = float(np.sqrt(np.mean((f / np.maximum(tot, 1e-9) - p_obs)[use_frac] ** 2)))
@@ -457,7 +460,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         except np.linalg.LinAlgError:
             esd = {}
     cell_esd = _cell_esd(model, esd)
-    return Refined(det, cr, rms, wres, per_image, int(used.sum()), int(len(refl_f)), rms_frac, esd,
+    return Refined(det, cr, rms, wres, per_image, int(used.sum()), int(len(np.unique(pr_refl[use_frac]))) if postref else 0, rms_frac, esd,
                    cell_esd)
 
 
@@ -482,15 +485,23 @@ def refine_block(crystal, beam, detector, goniometer, scan, block_images, settin
     if not opts.detector_free and not (opts.postref and (opts.missets_free or opts.mosaic_free
                                                           or opts.cell_unfixed)):
         return crystal, detector, {}             # everything fixed: nothing to measure for
+    cr, det = crystal, detector
     try:
-        parts = measure_parts(crystal, beam, detector, goniometer, scan, block_images, read_image,
-                              dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
-                              separation=settings.separation)
-        ref = refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts,
-                                free_cell=opts.cell_unfixed)
+        # boxes placed off the spots bias the centroids towards the boxes' centres, so after a large
+        # shift the spots are measured again where the refined model puts them
+        for _ in range(3):
+            parts = measure_parts(cr, beam, det, goniometer, scan, block_images, read_image,
+                                  dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
+                                  separation=settings.separation)
+            ref = refine_parameters(parts, cr, beam, det, goniometer, scan, opts,
+                                    free_cell=opts.cell_unfixed)
+            moved = np.hypot(*np.subtract(direct_beam(ref.detector), direct_beam(det))) + \
+                0.7 * abs(ref.detector.distance - det.distance)
+            cr, det = ref.crystal, ref.detector
+            if moved < 0.5 * detector.pixel_fast:
+                break
     except ProcessingError as e:
         return crystal, detector, {i: {"error": str(e)} for i in block_images}
-    det, cr = ref.detector, ref.crystal
     # a shift far beyond anything plausible means the fit ran away: keep the start
     if abs(det.distance - detector.distance) > 5 or np.hypot(det.beam_x - detector.beam_x,
                                                              det.beam_y - detector.beam_y) > 2:
@@ -518,7 +529,7 @@ def image_lines(st, detector, crystal):
     L.append("   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
     L.append(f" {bx:7.2f} {by:7.2f}  1.0000 {det.distance:7.2f}  "
              f"{det.yscale:6.4f} {det.tilt * 100:5.0f} {det.twist * 100:5.0f}")
-    if r and not r.get("error"):
+    if r and not r.get("error") and r["n_frac"]:
         m = r["missets"]
         L.append(f" Post-refinement on {r['n_frac']} partials:  Refined Orientation Angles "
                  f"PHIX {m[0]:8.3f}  PHIY {m[1]:8.3f}  PHIZ {m[2]:8.3f}")

@@ -1,0 +1,220 @@
+"""Refinement (issue 5) on the simulated sweep, checked against its truth.
+
+A user indexes, refines the cell on two segments far apart, then integrates; the log and the SUMMARY
+tables (detector parameters, then post-refinement, as xia2 reads them) must show the true geometry:
+cell within 0.1 %, missets steady along the sweep, mosaic near the simulated one, spots predicted to
+a fraction of a pixel, and a wrong distance or beam centre put right.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import SIM, run_ipmosflm
+from pyflm.summary import parse_loggraph
+
+TRUTH = json.loads((SIM / "truth.json").read_text())
+XCEN_TRUE, YCEN_TRUE = TRUTH["mosflm_beam_mm"]          # MOSFLM's BEAM: slow then fast, mm
+DIST_TRUE = TRUTH["distance_mm"]
+CELL_TRUE = TRUTH["cell"]
+# the simulated mosaic blocks spread with this FWHM; MOSFLM's MOSAIC (full width) corresponds to it
+MOSAIC_TRUE = TRUTH["mosaic_fwhm_deg"]
+PIXEL = TRUTH["pixel_mm"]
+
+HEAD = f'template "sim_####.cbf"\ndirectory "{SIM}"\n'
+INDEX = ("autoindex dps refine image 1 thresh 20\nautoindex dps refine image 45 thresh 20\n"
+         "mosaic estimate 1\ngo\n")
+CELL_REFINEMENT = ("symmetry P212121\npostref multi segments 2\nprocess 1 3\ngo\nprocess 58 60\ngo\n"
+                   "postref nosegment\n")
+
+
+def summary_tables(path):
+    """The SUMMARY's detector and post-refinement tables as {column: array}."""
+    t = parse_loggraph(path.read_text())
+    out = []
+    for title in ("Refined detector parameters", "Post-refinement"):
+        cols, rows = t[title]
+        a = np.array(rows, float)
+        out.append({c: a[:, i] for i, c in enumerate(cols)})
+    return out
+
+
+def log_detector(out):
+    """(XCEN, YCEN, XTOFD) of every image's block in the log."""
+    return [tuple(float(v) for v in (m.group(1), m.group(2), m.group(3))) for m in
+            re.finditer(r"XCEN +YCEN +XTOFRA +XTOFD +YSCALE +TILT +TWIST\n +(\S+) +(\S+) +\S+ +(\S+)", out)]
+
+
+def cell_lines(out):
+    out = out.split("Cell refinement is complete", 1)[1]
+    start = [float(x) for x in re.search(r"Starting cell\s+(.*)", out).group(1).split()]
+    refined = [float(x) for x in re.search(r"Refined cell\s+(.*)", out).group(1).split()]
+    esd = [float(x) for x in re.search(r"\n Error\s+(.*)", out).group(1).split()]
+    return start, refined, esd
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """The autoindexing result (images 1 and 45) as xia2 keeps it: a matrix file."""
+    d = tmp_path_factory.mktemp("index")
+    r = run_ipmosflm(HEAD + "newmat index.mat\n" + INDEX, cwd=d)
+    assert r.returncode == 0, r.stdout[-2000:]
+    return d / "index.mat"
+
+
+@pytest.mark.slow
+def test_sweep_from_autoindexing_refines_to_the_truth(workdir):
+    """Index, refine the cell on 1-3 and 58-60, integrate 1-60: every refined figure against the truth."""
+    deck = HEAD + INDEX + CELL_REFINEMENT + "nproc 2\nprocess 1 60\ngo\n"
+    r = run_ipmosflm(deck, "HKLOUT", "sweep.mtz", "SUMMARY", "sweep.sum", cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    out = r.stdout
+    start, cell, esd = cell_lines(out)
+    for got, true in zip(cell[:3], CELL_TRUE[:3]):
+        assert abs(got / true - 1) < 0.001                       # within 0.1 %
+    assert len(esd) == 6 and all(0 < e < 0.02 for e in esd[:3])   # esds printed, and small
+    mosaic = float(re.search(r"Refined mosaic spread \(excluding safety factor\):\s+(\S+)", out).group(1))
+    assert abs(mosaic / MOSAIC_TRUE - 1) < 0.2
+    det, post = summary_tables(workdir / "sweep.sum")
+    assert list(det["Image"]) == list(range(1, 61)) == list(post["Image"])
+    for name in ("PHIX", "PHIY", "PHIZ"):
+        assert np.ptp(post[name]) < 0.05                         # missets steady along the sweep
+    assert np.all(np.abs(post["MOSAIC"] / MOSAIC_TRUE - 1) < 0.2)
+    assert np.all(det["RESID"] > 0) and np.all(det["RESID"] < 0.3 * PIXEL)   # below 0.3 pixel
+    rms_log = [float(v) for v in re.findall(r"Final rms residual:\s+(\S+)mm", out)]
+    assert len(rms_log) == 60 + 6 and max(rms_log) < 0.3 * PIXEL
+    assert np.all(np.abs(det["XTOFD"] - DIST_TRUE) < 0.1)
+    assert np.all(np.abs(det["XCEN"] - XCEN_TRUE) < 0.02) and np.all(np.abs(det["YCEN"] - YCEN_TRUE) < 0.02)
+    for got, true in zip(post["A"], [CELL_TRUE[0]] * 60):
+        assert abs(got / true - 1) < 0.001
+
+
+def test_distance_wrong_by_1mm_is_recovered_by_cell_refinement(workdir):
+    """DISTANCE 121 (the header says 120) from the start: cell refinement puts back the distance and
+    the cell, and later processing uses them."""
+    deck = HEAD + "distance 121.0\n" + INDEX + CELL_REFINEMENT + "process 30 31\ngo\n"
+    r = run_ipmosflm(deck, "SUMMARY", "d.sum", cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    out = r.stdout
+    start, cell, esd = cell_lines(out)
+    assert all(abs(g / t - 1) < 0.001 for g, t in zip(cell[:3], CELL_TRUE[:3]))
+    table = out.split("Detector distance as a function of cycle for each image:")[1].split(" YSCALE")[0]
+    dist = [float(v) for v in table.strip().splitlines()[-1].split()[2:]]
+    assert len(dist) == 6
+    assert all(abs(d - DIST_TRUE) < 0.1 for d in dist)          # the last cycle's distance
+    m = re.search(r"Refined detector: XCEN\s+(\S+)\s+YCEN\s+(\S+)\s+distance\s+(\S+)", out)
+    assert abs(float(m.group(3)) - DIST_TRUE) < 0.1
+    det, _ = summary_tables(workdir / "d.sum")
+    assert np.all(np.abs(det["XTOFD"] - DIST_TRUE) < 0.1)
+    assert all(abs(d[2] - DIST_TRUE) < 0.1 for d in log_detector(out)[-2:])
+
+
+@pytest.mark.parametrize("keyword,start", [("distance 121.0", (XCEN_TRUE, YCEN_TRUE, DIST_TRUE + 1)),
+                                           (f"beam {XCEN_TRUE + 0.3:.4f} {YCEN_TRUE:.4f}",
+                                            (XCEN_TRUE + 0.3, YCEN_TRUE, DIST_TRUE)),
+                                           (f"beam {XCEN_TRUE:.4f} {YCEN_TRUE - 0.3:.4f}",
+                                            (XCEN_TRUE, YCEN_TRUE - 0.3, DIST_TRUE))])
+def test_positional_refinement_in_process_recovers_a_wrong_start(workdir, indexed, keyword, start):
+    """The indexed matrix with a wrong distance or beam: PROCESS's own refinement finds the true ones."""
+    deck = HEAD + f"matrix {indexed}\nsymmetry P212121\nmosaic 0.28\n{keyword}\nprocess 21 23\ngo\n"
+    r = run_ipmosflm(deck, "SUMMARY", "p.sum", cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    det, _ = summary_tables(workdir / "p.sum")
+    assert np.all(np.abs(det["XTOFD"] - DIST_TRUE) < 0.1)
+    assert np.all(np.abs(det["XCEN"] - XCEN_TRUE) < 0.02)
+    assert np.all(np.abs(det["YCEN"] - YCEN_TRUE) < 0.02)
+    assert np.all(det["RESID"] < 0.3 * PIXEL)
+    xcen, ycen, dist = log_detector(r.stdout)[0]
+    assert abs(dist - DIST_TRUE) < 0.1 and abs(xcen - XCEN_TRUE) < 0.02 and abs(ycen - YCEN_TRUE) < 0.02
+
+
+def sections(out):
+    """The log of each PROCESS line of a deck, in order."""
+    return out.split(" ===> process")[1:]
+
+
+def spots_used(section):
+    return [int(n) for n in re.findall(r"Final rms residual:.*\((\d+) spots\)", section)]
+
+
+def test_refinement_fix_holds_detector_parameters_and_free_releases_them(workdir, indexed):
+    """REFINEMENT FIX DISTANCE XCEN YCEN keeps the (wrong) values given; FREE lets refinement correct them."""
+    deck = (HEAD + f"matrix {indexed}\nsymmetry P212121\nmosaic 0.28\ndistance 121.0\n"
+            f"beam {XCEN_TRUE + 0.3:.4f} {YCEN_TRUE:.4f}\n"
+            "refinement fix distance xcen ycen\nprocess 21 23\ngo\n"
+            "refinement free distance xcen ycen\nprocess 21 23\ngo\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    fixed, free = (log_detector(s) for s in sections(r.stdout))
+    assert len(fixed) == len(free) == 3
+    assert all(d == (round(XCEN_TRUE + 0.3, 2), round(YCEN_TRUE, 2), 121.0) for d in fixed)
+    assert all(abs(x - XCEN_TRUE) < 0.02 and abs(y - YCEN_TRUE) < 0.02 and abs(d - DIST_TRUE) < 0.1
+               for x, y, d in free)
+
+
+def test_refinement_residual_and_include_partials_choose_the_spots(workdir, indexed):
+    """INCLUDE PARTIALS adds the partials' centroids to the fulls; a tight RESIDUAL rejects spots."""
+    deck = (HEAD + f"matrix {indexed}\nsymmetry P212121\nmosaic 0.28\nprocess 21 23\ngo\n"
+            "refinement include partials\nprocess 21 23\ngo\n"
+            "refinement exclude partials residual 0.5\nprocess 21 23\ngo\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    default, partials, tight = (spots_used(s) for s in sections(r.stdout))
+    assert len(default) == len(partials) == len(tight) == 3
+    assert default[0] > 200                     # strong fulls of the block
+    assert partials[0] > 1.3 * default[0]
+    assert tight[0] < 0.95 * default[0]
+    rms = [float(v) for v in re.findall(r"Final rms residual:\s+(\S+)mm", r.stdout)]
+    assert len(rms) == 9 and max(rms) < 0.3 * PIXEL
+
+
+def test_postref_fix_mosaic_fix_all_and_off(workdir, indexed):
+    """Post-refinement moves the mosaic from the 0.28 given towards the truth and refines the missets;
+    FIX MOSAIC holds the mosaic; FIX ALL and OFF hold missets and mosaic (the detector is still refined)."""
+    deck = (HEAD + f"matrix {indexed}\nsymmetry P212121\nmosaic 0.28\nprocess 21 23\ngo\n"
+            "postref fix mosaic\nprocess 21 23\ngo\npostref fix all\nprocess 21 23\ngo\n"
+            "postref off\nprocess 21 23\ngo\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    free, fix_mosaic, fix_all, off = sections(r.stdout)
+
+    def mosaic(s):
+        return [float(v) for v in re.findall(r"Smoothed value for refined mosaic spread\s+(\S+)", s)]
+
+    def missets(s):
+        return [tuple(float(v) for v in m) for m in
+                re.findall(r"PHIX\s+(\S+)\s+PHIY\s+(\S+)\s+PHIZ\s+(\S+)", s)]
+    assert all(abs(m / MOSAIC_TRUE - 1) < 0.2 and abs(m - 0.28) > 0.01 for m in mosaic(free))
+    assert len(missets(free)) == 3 and any(abs(v) > 0.005 for v in missets(free)[0])
+    assert mosaic(fix_mosaic) == [0.28] * 3 and len(missets(fix_mosaic)) == 3
+    for s in (fix_all, off):
+        assert mosaic(s) == [0.28] * 3 and missets(s) == []
+        assert len(spots_used(s)) == 3             # positional refinement still done
+
+
+def test_postref_maxresidual_and_sdfac_choose_the_partials(workdir, indexed):
+    """MAXRESIDUAL rejects partials whose fractions are off by more than that many sigma; SDFAC widens
+    the sigmas, so fewer are rejected at the same MAXRESIDUAL."""
+    deck = (HEAD + f"matrix {indexed}\nsymmetry P212121\nmosaic 0.28\nprocess 21 23\ngo\n"
+            "postref maxresidual 1.0\nprocess 21 23\ngo\npostref sdfac 3.0\nprocess 21 23\ngo\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    default, tight, wider = ([int(n) for n in re.findall(r"Post-refinement on (\d+) partials", s)]
+                             for s in sections(r.stdout))
+    assert len(default) == len(tight) == len(wider) == 3
+    assert default[0] > 200
+    assert tight[0] < 0.9 * default[0]
+    assert tight[0] < wider[0] <= default[0]
+
+
+def test_postref_fix_holds_a_cell_parameter_in_cell_refinement(workdir, indexed):
+    """POSTREF FIX B: cell refinement leaves b as indexed (esd 0) and refines a and c to the truth."""
+    deck = (HEAD + f"matrix {indexed}\nsymmetry P212121\nmosaic 0.28\npostref fix b\n"
+            "postref multi segments 2\nprocess 1 3\ngo\nprocess 58 60\ngo\n")
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-2000:]
+    start, cell, esd = cell_lines(r.stdout)
+    assert cell[1] == start[1] and esd[1] == 0.0
+    assert cell[0] != start[0] and cell[2] != start[2] and esd[0] > 0 and esd[2] > 0
+    assert abs(cell[0] / CELL_TRUE[0] - 1) < 0.001 and abs(cell[2] / CELL_TRUE[2] - 1) < 0.001
