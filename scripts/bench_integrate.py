@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Time per image of spot finding, refinement and integration on the simulated sweep, on 1 and 2 cores,
+against the time fabio needs just to decode the same images and next to DIALS 3.12's times on this
+machine (../shared/data/README.md); peak memory.  Everything printed is measured in this one run.
+
+    python3 scripts/bench_integrate.py [--images 60] [--data ../shared/data/sim-p212121-cbf]
+
+Spot finding: pyflm.spotfinder.find_spots on every image (as dials.find_spots does).  Refinement and
+integration: PROCESS 1 TO n with the sweep's matrix file; refinement is pass 1 of each block
+(pyflm.refine.refine_block), integration the rest.  On 2 cores the blocks run in 2 processes
+(NPROC 2); there the split between the two is not visible, so the PROCESS total is given.
+"""
+import argparse
+import functools
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT = os.path.join(HERE, "..", "..", "shared", "data", "sim-p212121-cbf")
+
+# DIALS 3.12 on this machine, one core, 60 images (README): seconds for the whole sweep
+DIALS = {"find_spots": 4.8, "refine": 11.0, "integrate": 58.8, "total": 114.8, "decode": 0.004}
+
+
+def _find(path):
+    from pyflm import images, spotfinder
+    from pyflm.model import Detector
+    data, h = images.read_image(path)
+    det = Detector(h.distance, *h.beam, h.pixel_fast, h.pixel_slow, h.n_fast, h.n_slow, overload=h.overload)
+    return int((spotfinder.find_spots(data, det, wavelength=h.wavelength)["flag"] == 0).sum())
+
+
+def process_deck(data_dir, n, nproc):
+    return (f'template "sim_####.cbf"\ndirectory "{os.path.abspath(data_dir)}"\n'
+            f'matrix "{os.path.abspath(data_dir)}/truth.mat"\nmosaic 0.30\nsymmetry 19\nnproc {nproc}\n'
+            f"process 1 {n}\ngo\n")
+
+
+def process_in_this_process(deck, workdir):
+    """PROCESS with refine_block and integrate_block timed (one core)."""
+    from pyflm import cli, integrate, refine
+    times = {"refine": 0.0, "block": 0.0, "refine_cpu": 0.0, "block_cpu": 0.0}
+
+    def timed(fn, key):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[key] += time.perf_counter() - t0
+                times[key + "_cpu"] += time.process_time() - c0
+        return wrapper
+    orig_refine, orig_block = refine.refine_block, integrate.integrate_block
+    refine.refine_block = timed(orig_refine, "refine")
+    integrate.integrate_block = timed(orig_block, "block")
+    old_in, old_out, cwd = sys.stdin, sys.stdout, os.getcwd()
+    import io
+    try:
+        os.chdir(workdir)
+        sys.stdin, sys.stdout = io.TextIOWrapper(io.BytesIO(deck.encode())), io.StringIO()
+        t0 = time.perf_counter()
+        status = cli.main(["HKLOUT", "b1.mtz", "SUMMARY", "b1.sum"])
+        total = time.perf_counter() - t0
+        log = sys.stdout.getvalue()
+    finally:
+        sys.stdin, sys.stdout = old_in, old_out
+        os.chdir(cwd)
+        refine.refine_block, integrate.integrate_block = orig_refine, orig_block
+    if status not in (0, None) or "WRITTEN OUTPUT MTZ FILE" not in log:
+        sys.exit("PROCESS failed:\n" + log[-2000:])
+    # integrate_block includes its own call of refine_block
+    return (total, times["refine"], times["block"] - times["refine"], times["refine_cpu"],
+            times["block_cpu"] - times["refine_cpu"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT)
+    ap.add_argument("--images", type=int, default=60)
+    a = ap.parse_args()
+    import fabio
+    n = a.images
+    paths = [os.path.join(a.data, f"sim_{i:04d}.cbf") for i in range(1, n + 1)]
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    for p in paths:
+        fabio.open(p).data
+    t_dec, c_dec = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+
+    tracemalloc.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    spots = [_find(p) for p in paths]
+    t_find1, c_find1 = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+    _, peak_find = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(_find, paths[:2]))          # start-up of the workers is not spot finding
+        t0 = time.perf_counter()
+        list(ex.map(_find, paths))
+        t_find2 = (time.perf_counter() - t0) / n
+
+    with tempfile.TemporaryDirectory() as wd:
+        tracemalloc.start()
+        total1, t_ref, t_int, c_ref, c_int = process_in_this_process(process_deck(a.data, n, 1), wd)
+        _, peak_proc = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "pyflm.cli", "HKLOUT", "b2.mtz", "SUMMARY", "b2.sum"],
+                           input=process_deck(a.data, n, 2), text=True, capture_output=True, cwd=wd)
+        total2 = time.perf_counter() - t0
+        if r.returncode != 0:
+            sys.exit("PROCESS on 2 cores failed:\n" + r.stdout[-2000:])
+    rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    d = {k: v / 60 for k, v in DIALS.items() if k != "decode"}
+    load = os.getloadavg()[0]
+    print(f"sim sweep, {n} images of 981 x 1043 pixels; seconds per image (load average {load:.1f} on "
+          f"{os.cpu_count()} cores: wall times of a shared machine run long, CPU times less so)")
+    print(f"fabio decode: {t_dec:.4f} wall, {c_dec:.4f} CPU   (README, DIALS's machine idle: {DIALS['decode']:.4f})")
+    print(f"{'stage':22s} {'1 core wall':>11s} {'CPU':>7s} {'CPU/decode':>10s} {'2 cores wall':>12s}"
+          f" {'/decode':>8s}   DIALS 1 core (wall)")
+    rows = [("spot finding", t_find1, c_find1, t_find2, d["find_spots"], "dials.find_spots"),
+            ("refinement (pass 1)", t_ref / n, c_ref / n, None, d["refine"], "dials.refine"),
+            ("integration (pass 2)", t_int / n, c_int / n, None, d["integrate"], "dials.integrate"),
+            ("PROCESS total", total1 / n, (c_ref + c_int) / n, total2 / n, d["refine"] + d["integrate"],
+             "refine + integrate")]
+    for name, w1, c1, w2, dials, what in rows:
+        two = f"{w2:12.4f} {w2 / t_dec:8.1f}" if w2 is not None else f"{'':12s} {'':8s}"
+        print(f"{name:22s} {w1:11.4f} {c1:7.4f} {c1 / c_dec:10.1f} {two}   {dials:.4f} ({what})")
+    print(f"[{sum(spots) / n:.0f} spots found per image]")
+    print(f"ratio pyflm CPU / DIALS wall, 1 core: spot finding {c_find1 / d['find_spots']:.2f}, refinement "
+          f"{c_ref / n / d['refine']:.2f}, integration {c_int / n / d['integrate']:.2f}, refinement + "
+          f"integration {(c_ref + c_int) / n / (d['refine'] + d['integrate']):.2f}")
+    print(f"PROCESS on 2 cores / 1 core (wall): {total2 / total1:.2f}")
+    print(f"peak memory: python heap {peak_find / 2**20:.0f} MB spot finding, {peak_proc / 2**20:.0f} MB PROCESS"
+          f" (tracemalloc); max RSS {rss_self:.0f} MB this process, {rss_child:.0f} MB largest child")
+
+if __name__ == "__main__":
+    main()
