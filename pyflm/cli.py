@@ -231,7 +231,8 @@ def main(argv=None):
     from .errors import DirectoryInUse
     lock = RunLock(".")
     try:
-        lock.acquire()
+        if lock.acquire():
+            lock.remove_stale_logs()
         return _main(argv)
     except DirectoryInUse as e:     # refuse before touching mosflm.lp: the other run's log stays whole
         sys.stdout.write(f" Error: {e.line()}\n")

@@ -128,6 +128,14 @@ class RunLock:
             os.close(fd)
         return False
 
+    def remove_stale_logs(self):
+        """Temporary logs left by runs killed outright (SIGKILL, power): with the lock held no run of
+        ours is writing here, so any that remain are dead."""
+        import glob
+        for f in glob.glob(os.path.join(glob.escape(self.directory), ".mosflm.lp.*.part")):
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+
     def release(self):
         if self.fd is not None:
             with contextlib.suppress(OSError):

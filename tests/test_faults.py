@@ -330,3 +330,27 @@ def test_every_output_file_is_renamed_into_place_when_complete(workdir, capsys, 
                and os.path.dirname(os.path.abspath(src)) == os.path.dirname(os.path.abspath(dst))}
     assert [n for n in made if str(workdir / n) not in arrived] == []
     assert_clean(out, workdir)
+
+
+@pytest.mark.slow
+def test_a_run_killed_outright_leaves_the_previous_results_and_no_stale_lock(tmp_path):
+    """SIGKILL cannot be caught: nothing of the killed run may be found under a final name."""
+    first = run_ipmosflm(PROCESS_1_2, "HKLOUT", "e.mtz", "SUMMARY", "e.sum", cwd=tmp_path)
+    assert first.returncode == 0
+    before = {n: (tmp_path / n).read_bytes() for n in ("e.mtz", "e.sum", "mosflm.lp")}
+    p = subprocess.Popen([sys.executable, "-m", "pyflm.cli", "HKLOUT", "e.mtz", "SUMMARY", "e.sum"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
+    p.stdin.write(DECK + "process 1 20\ngo\n")
+    p.stdin.close()
+    for line in p.stdout:
+        if "Integrating Image    3" in line:
+            p.kill()
+            break
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert [f.name for f in tmp_path.glob(".mosflm.lp.*.part")]      # its log was still being written
+    again = run_ipmosflm(PROCESS_1_2, "HKLOUT", "f.mtz", cwd=tmp_path)     # the lock died with it
+    assert again.returncode == 0 and (tmp_path / "f.mtz").exists()
+    assert not list(tmp_path.glob(".mosflm.lp.*.part"))        # the dead run's temporary log is cleared
+    assert "Traceback" not in again.stdout + again.stderr + p.stderr.read()
