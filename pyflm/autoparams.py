@@ -50,13 +50,17 @@ class AutoParams:
     lines: list = field(default_factory=list)   # what was chosen and why, for the log
 
 
-def find_sweep_spots(read_image, detector, scan, images):
+def find_sweep_spots(read_image, detector, scan, images, known=None):
     """Spots (pyflm.spots lists) on each image, found as FINDSPOTS does with a low threshold so that the
-    tails of a reflection on its outer images are kept.  Unreadable images give an empty list."""
+    tails of a reflection on its outer images are kept.  `known` ({image: spots}, what AUTOINDEX or
+    FINDSPOTS found already) saves searching those images again.  Unreadable images give an empty list."""
     from .spotfinder import find_spots
     from .spots import empty
     out = []
     for img in images:
+        if known and known.get(img) is not None:
+            out.append(known[img])
+            continue
         try:
             data = read_image(img)
         except Exception:           # PROCESS reports bad images itself
@@ -263,11 +267,12 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     if crystal.mosaic or (job.kw.get("MOSAIC") or {}).get("_args"):
         given.add("MOSAIC")
     # one image says whether the sweep is sparse; only then are all its images searched
-    probe = find_sweep_spots(read_image, detector, scan, [(first + last) // 2])[0]
+    known = job.results.get("spots") or {}
+    probe = find_sweep_spots(read_image, detector, scan, [(first + last) // 2], known)[0]
     n_probe = _n_spots(probe)
     if n_probe == 0 or n_probe >= SPARSE_SPOTS:
         return AutoParams(spots_per_image=n_probe)
-    per_image = find_sweep_spots(read_image, detector, scan, range(first, last + 1))
+    per_image = find_sweep_spots(read_image, detector, scan, range(first, last + 1), known)
     ap = choose(per_image, beam, detector, goniometer, scan, first, last, given=given, crystal=crystal)
     if ap.mosaic is not None:
         crystal.mosaic = ap.mosaic
