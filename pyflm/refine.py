@@ -414,7 +414,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
             lb[model.names.index("MOSAIC")] = 0.01
         for rnd in range(3):
             res = least_squares(resid, x, x_scale=model.scale, loss="soft_l1", f_scale=3.0,
-                                bounds=(lb, np.full(len(x), np.inf)), max_nfev=100, diff_step=1e-4)
+                                bounds=(lb, np.full(len(x), np.inf)), max_nfev=100, diff_step=1e-4,
+                                tr_solver="lsmr")
             x = res.x
             # reject outliers (REFINEMENT RESIDUAL, POSTREF MAXRESIDUAL) and fit again
             xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
@@ -631,7 +632,8 @@ def cell_refinement_segment(job, result, models, first, last):
     opts = options_from(job.kw)
     reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
     log.line(" *** Post-refinement will use partials extending over several images ***")
-    res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts,
+    repeat = int((job.kw.get("POSTREF") or {}).get("REPEAT", 5))     # REPEAT m: at most m cycles
+    res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat,
                       settings=settings_from_job(job, det))
     for ln in format_tables(res):
         log.line(ln)
