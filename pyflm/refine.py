@@ -89,6 +89,7 @@ class Options:
     cell_unfixed: set = field(default_factory=set)  # POSTREF UNFIX: refined in PROCESS too
     maxresidual: float = 10.0         # POSTREF MAXRESIDUAL, in sigma of the fraction
     sdfac: float = 1.0                # POSTREF SDFAC
+    cell_refinement: bool = False     # POSTREF MULTI/SEGMENTS: PROCESS lines are cell-refinement segments
 
 
 def options_from(kw):
@@ -109,6 +110,7 @@ def options_from(kw):
     exc = str(r.get("EXCLUDE") or "").upper()
     o.include_partials = inc.startswith("PART") and not exc.startswith("PART")
     p = kw.get("POSTREF") or {}
+    o.cell_refinement = bool(p.get("MULTI") or p.get("SEGMENTS"))
     if p.get("OFF") and not p.get("ON"):
         o.postref = False
     pfix, punfix = _names(p.get("FIX")), _names(p.get("UNFIX"))
@@ -461,8 +463,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         except np.linalg.LinAlgError:
             esd = {}
     cell_esd = _cell_esd(model, esd)
-    return Refined(det, cr, rms, wres, per_image, int(used.sum()), int(len(np.unique(pr_refl[use_frac]))) if postref else 0, rms_frac, esd,
-                   cell_esd)
+    n_frac = int(len(np.unique(pr_refl[use_frac]))) if postref else 0
+    return Refined(det, cr, rms, wres, per_image, int(used.sum()), n_frac, rms_frac, esd, cell_esd)
 
 
 def _cell_esd(model, esd):
@@ -512,7 +514,7 @@ def refine_block(crystal, beam, detector, goniometer, scan, block_images, settin
     for i in block_images:
         out[i] = {"rms": ref.per_image_rms.get(i, ref.rms_mm), "wresid": ref.wresid, "n_pos": ref.n_pos,
                   "n_frac": ref.n_frac, "detector": det, "missets": cr.missets, "mosaic": cr.mosaic,
-                  "cell": cr.cell, "esd": ref.esd}
+                  "cell": cr.cell, "esd": ref.esd, "cellref": opts.cell_refinement}
     return cr, det, out
 
 
@@ -523,13 +525,18 @@ def image_lines(st, detector, crystal):
     L = []
     if r.get("error"):
         L.append(f" Refinement not done for this image: {r['error']}")
+    elif r.get("cellref"):
+        # the cell refinement's own cycles print MOSFLM's "Final rms residual" lines, which xia2
+        # counts per cycle: the segments' integration must not add to them
+        L.append(f" Positional refinement before cell refinement: rms residual {r['rms']:6.3f} mm"
+                 f" ({r['n_pos']} spots)")
     elif r:
         L.append(f" Final rms residual: {r['rms']:7.3f}mm; Weighted residual {r['wresid']:5.1f}"
                  f"  ({r['n_pos']} spots)")
     bx, by = direct_beam(det)
     L.append("   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
     L.append(f" {bx:7.2f} {by:7.2f}  1.0000 {det.distance:7.2f}  "
-             f"{det.yscale:6.4f} {det.tilt * 100:5.0f} {det.twist * 100:5.0f}")
+             f"{det.yscale:6.4f} {int(round(det.tilt * 100)):5d} {int(round(det.twist * 100)):5d}")
     if r and not r.get("error") and r["n_frac"]:
         m = r["missets"]
         L.append(f" Post-refinement on {r['n_frac']} partials:  Refined Orientation Angles "
@@ -548,7 +555,8 @@ def table_rows(st, detector, crystal):
     mosaic = r.get("mosaic", crystal.mosaic)
     cell = r.get("cell", crystal.cell)
     bx, by = direct_beam(det)
-    return ((st.image, bx, by, det.distance, det.yscale, det.tilt * 100, det.twist * 100,
+    return ((st.image, bx, by, det.distance, det.yscale, round(det.tilt * 100) + 0.0,
+             round(det.twist * 100) + 0.0,
              det.roff, det.toff, rms, wr),
             (st.image, *missets, *cell, mosaic))
 
@@ -580,6 +588,7 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
                        "per_image": ref.per_image_rms, "distance": ref.detector.distance,
                        "yscale": ref.detector.yscale, "beam": direct_beam(ref.detector),
                        "mosaic": ref.crystal.mosaic, "missets": ref.crystal.missets, "n": ref.n_pos,
+                       "wresid": ref.wresid,
                        "n_frac": ref.n_frac})
         cr, det = ref.crystal, ref.detector
         if cycle > 1 and np.all(shift <= 2.5 * np.maximum(ref.cell_esd, 1e-6)):
@@ -592,27 +601,41 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
             "missets": cr.missets, "rms": ref.rms_mm}
 
 
-def format_tables(result, detector=None):
+def cycle_lines(result, scan):
+    """Per cycle, as MOSFLM's cell refinement prints it (and xia2 counts cycles and reads each image's
+    residual from): the post-refinement banner, then each image's final rms residual."""
     L = []
+    for n, c in enumerate(result["cycles"], 1):
+        if n > 1:
+            L.append(" Repeating the entire run, using the refined cell parameters as given above")
+        L.append(" *** Post-refinement will use partials extending over several images ***")
+        for i in sorted(c["per_image"]):
+            a, b = scan.phi_range(i)
+            L.append(f" Processing Image {i:4d}  Phi {a:7.2f} to {b:7.2f}")
+            L.append(f" Final rms residual: {c['per_image'][i]:7.3f}mm; Weighted residual {c['wresid']:5.1f}")
+    return L
+
+
+def format_tables(result, detector=None):
+    """`Cell refinement is complete`, the cells with esds and the per-cycle tables, laid out as
+    MOSFLM does: xia2 reads the cells from the lines right after the banner, the rms table by 6-wide
+    columns from column 11, and each table's last cycle from the line before its blank line."""
     images = sorted({i for c in result["cycles"] for i in c["per_image"]})
-    L.append(" Rms positional error (mm) as a function of cycle for each image.")
-    L.append("      Image" + "".join(f"{i:6d}" for i in images))
+    head = "      Image" + "".join(f"{i:4d}  " for i in images)
+    L = ["", " Cell refinement is complete",
+         " Starting cell " + "".join(f"{v:9.3f}" for v in result["start"]),
+         " Refined cell  " + "".join(f"{v:9.3f}" for v in result["cell"]),
+         " Error         " + "".join(f"{v:9.3f}" for v in result["esd"]), ""]
+    L += [" Rms positional error (mm) as a function of cycle for each image.", head]
     for n, c in enumerate(result["cycles"], 1):
-        L.append(f" Cycle {n:2d}   " + "".join(f"{c['per_image'].get(i, float('nan')):6.3f}" for i in images))
-    L.append(" Detector distance as a function of cycle for each image:")
+        L.append(f" Cycle{n:2d}   " + "".join(f"{c['per_image'].get(i, float('nan')):6.3f}" for i in images))
+    L += ["", "", " YSCALE as a function of cycle for each image:", head]
     for n, c in enumerate(result["cycles"], 1):
-        L.append(f" Cycle {n:2d}   " + "".join(f"{c['distance']:7.2f}" for _ in images))
-    L.append(" YSCALE as a function of cycle for each image:")
+        L.append(f" Cycle{n:2d}   " + "".join(f"{c['yscale']:6.3f}" for _ in images))
+    L += ["", "", " Detector distance as a function of cycle for each image:", head]
     for n, c in enumerate(result["cycles"], 1):
-        L.append(f" Cycle {n:2d}   " + "".join(f"{c['yscale']:7.4f}" for _ in images))
-    L.append(" Beam centre (XCEN, YCEN) as a function of cycle:")
-    for n, c in enumerate(result["cycles"], 1):
-        L.append(f" Cycle {n:2d}   {c['beam'][0]:8.3f} {c['beam'][1]:8.3f}")
+        L.append(f" Cycle{n:2d}   " + "".join(f"{c['distance']:7.2f}" for _ in images))
     L.append("")
-    L.append(" Cell refinement is complete")
-    L.append(" Starting cell " + "".join(f"{v:9.3f}" for v in result["start"]))
-    L.append(" Refined cell  " + "".join(f"{v:9.3f}" for v in result["cell"]))
-    L.append(" Error         " + "".join(f"{v:9.3f}" for v in result["esd"]))
     return L
 
 
@@ -631,20 +654,23 @@ def cell_refinement_segment(job, result, models, first, last):
     from .integrate import read_image_data, settings_from_job
     opts = options_from(job.kw)
     reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
-    log.line(" *** Post-refinement will use partials extending over several images ***")
     repeat = int((job.kw.get("POSTREF") or {}).get("REPEAT", 5))     # REPEAT m: at most m cycles
     res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat,
                       settings=settings_from_job(job, det))
-    for ln in format_tables(res):
+    for ln in cycle_lines(res, scan) + format_tables(res):
         log.line(ln)
     log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")
+    d = res["detector"]
+    bx, by = direct_beam(d)
+    log.line("")
+    log.line("   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
+    log.line(f" {bx:7.2f} {by:7.2f}  1.0000 {d.distance:7.2f}  {d.yscale:6.4f} {int(round(d.tilt * 100)):5d} "
+             f"{int(round(d.twist * 100)):5d}")
     moved = np.abs(np.array(res["cell"]) - np.array(res["start"])) / np.maximum(np.array(res["start"]), 1)
     if np.any(moved[:3] > 0.02):
         log.line(" ***** WARNING ***** One or more cell parameters has changed by more than 2%")
-    d = res["detector"]
-    bx, by = direct_beam(d)
     log.line(f" Refined detector: XCEN {bx:8.3f}  YCEN {by:8.3f}  distance {d.distance:8.3f}"
-             f"  TILT {d.tilt * 100:5.0f}  TWIST {d.twist * 100:5.0f}  (used for later processing)")
+             f"  TILT {int(round(d.tilt * 100)):5d}  TWIST {int(round(d.twist * 100)):5d}  (used for later processing)")
     job.crystal.cell = tuple(res["cell"])
     job.crystal.U = res["U"]
     job.crystal.missets = (0.0, 0.0, 0.0)

@@ -15,18 +15,43 @@ def test_xia2_cell_refinement_deck_refines_the_indexed_cell(workdir):
     r = run_ipmosflm(deck, cwd=workdir)
     assert r.returncode == 0, r.stdout[-2000:]
     out = r.stdout
-    assert "Cell refinement is complete" in out
-    for label in ("Rms positional error (mm) as a function of cycle for each image.",
-                  "Detector distance as a function of cycle for each image:",
-                  "YSCALE as a function of cycle for each image:", "Refined mosaic spread"):
-        assert label in out
-    refined = [float(x) for x in re.search(r"Refined cell\s+(.*)", out).group(1).split()]
-    esd = [float(x) for x in re.search(r"\n Error\s+(.*)", out).group(1).split()]
+    lines = out.splitlines()
+    # read the log as xia2's cell-refinement parser does (Wrappers/Mosflm/MosflmRefineCell.py)
+    i = lines.index(" Cell refinement is complete")
+    assert lines[i + 1].startswith(" Starting cell")
+    refined = [float(x) for x in lines[i + 2].split()[2:]]
+    esd = [float(x) for x in lines[i + 3].split()[1:]]
     for got, true in zip(refined[:3], (42.3, 51.9, 78.6)):
         assert abs(got / true - 1) < 0.001                # within 0.1 % of the truth
-    assert len(esd) == 6
-    rms = re.search(r"Cycle\s+\d+\s+([\d. ]+)\n Detector distance", out).group(1).split()
-    assert max(float(v) for v in rms) < 0.3 * 0.172       # below 0.3 pixel
+    assert len(refined) == len(esd) == 6 and all(e > 0 for e in esd[:3])
+    # cycles: a banner each, then every image's "Final rms residual" (none before the first banner)
+    first_banner = next(n for n, ln in enumerate(lines) if "Post-refinement will use partials" in ln)
+    assert not any("Final rms residual" in ln for ln in lines[:first_banner])
+    n_cycles = sum("Post-refinement will use partials" in ln for ln in lines)
+    per_cycle = [float(ln.replace("mm", " ").split()[3]) for ln in lines if "Final rms residual" in ln]
+    assert n_cycles >= 1 and len(per_cycle) == 6 * n_cycles
+    # the rms table: images in the header, each cycle's values in 6-wide columns from column 11
+    j = next(n for n, ln in enumerate(lines) if "Rms positional error (mm) as a function of" in ln) + 1
+    assert [int(v) for v in lines[j].replace("Image", "").split()] == [1, 2, 3, 58, 59, 60]
+    rows = []
+    while lines[j + 1].split():
+        j += 1
+        rows.append([float(lines[j][k:k + 6]) for k in range(11, len(lines[j]), 6) if lines[j][k:k + 6].strip()])
+    assert len(rows) == n_cycles and all(len(rw) == 6 for rw in rows)
+    assert max(rows[-1]) < 0.3 * 0.172                    # below 0.3 pixel
+    assert rows[-1] == per_cycle[-6:]
+    # distance and YSCALE: the last cycle is the line before the table's blank line
+    for label, lo, hi in (("Detector distance as a", 119.9, 120.1), ("YSCALE as a function", 0.99, 1.01)):
+        j = next(n for n, ln in enumerate(lines) if label in ln) + 1
+        while lines[j].strip():
+            j += 1
+        values = [float(v) for v in lines[j - 1].split()[2:]]
+        assert len(values) == 6 and all(lo < v < hi for v in values)
+    mosaic = [float(ln.split()[-1]) for ln in lines if "Refined mosaic spread (excluding safety factor)" in ln]
+    assert mosaic == [0.30]                                 # POSTREF FIX MOSAIC held the 0.30 given
+    k = max(n for n, ln in enumerate(lines) if "XCEN    YCEN  XTOFRA" in ln)
+    xcen, ycen, _, dist = (float(v) for v in lines[k + 1].split()[:4])
+    assert abs(xcen - 89.66) < 0.02 and abs(ycen - 84.73) < 0.02 and abs(dist - 120.0) < 0.1
     assert (workdir / "xiarefine.mat").exists()
 
 
