@@ -226,7 +226,11 @@ def direct_beam(detector):
     BEAM point at the foot of the detector normal, which a TILT or TWIST moves off the direct beam
     (by distance x tilt: 0.02 mm for 0.01 degree at 120 mm); refining and reporting the direct beam
     keeps the beam centre from trading against tilt and twist."""
+    if detector.two_theta:          # a swung detector: MOSFLM's BEAM is that of the unswung one
+        return float(detector.beam_x), float(detector.beam_y)
     x, y, ok = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], detector.frame())
+    if not (ok[0] and np.isfinite(x[0]) and np.isfinite(y[0])):
+        return float(detector.beam_x), float(detector.beam_y)
     return float(x[0]), float(y[0])
 
 
@@ -234,6 +238,8 @@ def set_direct_beam(detector, x, y):
     """Move the detector in its plane so the direct beam meets it at (x, y) mm (exact in one step:
     a shift of the BEAM point moves the frame's origin within the plane)."""
     detector.beam_x, detector.beam_y = x, y
+    if detector.two_theta:
+        return
     hx, hy = direct_beam(detector)
     detector.beam_x, detector.beam_y = 2 * x - hx, 2 * y - hy
 
@@ -505,6 +511,9 @@ def refine_block(crystal, beam, detector, goniometer, scan, block_images, settin
                 break
     except ProcessingError as e:
         return crystal, detector, {i: {"error": str(e)} for i in block_images}
+    except (ValueError, np.linalg.LinAlgError, FloatingPointError) as e:   # a fit that broke down
+        return crystal, detector, {i: {"error": f"refinement failed ({e}); starting values kept"}
+                                   for i in block_images}
     # a shift far beyond anything plausible means the fit ran away: keep the start
     if abs(det.distance - detector.distance) > 5 or np.hypot(det.beam_x - detector.beam_x,
                                                              det.beam_y - detector.beam_y) > 2:
