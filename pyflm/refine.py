@@ -1,14 +1,17 @@
 """Refinement: positional refinement of the detector, post-refinement of the crystal, cell refinement.
 
 Observations come from a quick measurement of the images (``measure_parts``): every predicted part of
-every reflection not overlapped, excluded or too wide gets a background plane, a summation intensity
-and the centroid of its net peak.  From them
+every reflection not overlapped, excluded or too wide that a quick peak-over-rim look finds gets a
+background plane, a summation intensity and the centroid of its net peak.  Only strong reflections
+(I/sigma > 10 summed over their parts) whose every part was measured are used.  From them
 
 * positional refinement (algorithms 1e): strong fully recorded reflections (and, with REFINEMENT
   INCLUDE PARTIALS, partials whose every part was measured; centroid = intensity-weighted mean of the
   parts') against the positions predicted at their crossings.  Free: beam centre XCEN YCEN, distance
-  XTOFD, TILT, TWIST.  YSCALE, CCOMEGA, ROFF and TOFF are not in pyflm's detector model
-  (pyflm.geometry) and are held at their values.
+  XTOFD, TILT, TWIST; XCEN YCEN are where the direct beam meets the detector (``direct_beam``), so
+  they do not trade against tilt and twist.  YSCALE, CCOMEGA, ROFF and TOFF are not in pyflm's
+  detector model (pyflm.geometry) and are held at their values.  Spots beyond RESIDUAL, or beyond 5
+  robust sigma of the others, are rejected.
 * post-refinement (algorithms 1d, Rossmann/Winkler): the observed fractions p_i = I_i / sum_j I_j of
   strong partials spread over consecutive images against the calculated ones (Gaussian rocking curve
   of pyflm.predict, renormalised over the measured parts).  Free: missets PHIX PHIY PHIZ, the mosaic
@@ -21,13 +24,17 @@ missets move spots as well as fractions) is refined once, consistently.
 PROCESS refines once per block, before the block is integrated (``refine_block``, called by
 pyflm.integrate): each block starts from the job's model, so results do not depend on the number of
 worker processes; values reported per image are the block's (MOSFLM smooths per-image values over a
-few images; a block of 5 images is that smoothing).
+few images; a block of 5 images is that smoothing).  After a large shift the block is measured again
+where the refined model puts its spots (boxes off the spots bias the centroids).
 
 Cell refinement (POSTREF MULTI SEGMENTS n; PROCESS a b + GO per segment): the segments' images are
 measured with the current model, everything free is refined over all segments together, and the cycle
 (measure again, refine again) repeats while any cell parameter moves by more than 2.5 esd, at most 5
-cycles.  Then MOSFLM's per-cycle tables, `Cell refinement is complete` with esds, the crystal and the
-detector parameters are carried forward to later PROCESS lines, and NEWMAT is written.
+cycles (POSTREF REPEAT m).  The log follows MOSFLM's layout line for line where xia2 reads it (per
+cycle the post-refinement banner and each image's `Final rms residual`; `Cell refinement is complete`
+with the cells and esds on the next lines; the rms, YSCALE and distance tables; `Refined mosaic
+spread`; the XCEN..TWIST block).  The crystal and the detector parameters are carried forward to
+later PROCESS lines (as BEAM, DISTANCE, DISTORTION TILT/TWIST), and NEWMAT is written.
 
 Keyword options (job.kw): REFINEMENT FIX/FREE <params> (XCEN YCEN BEAM DISTANCE TILT TWIST YSCALE
 CCOMEGA ROFF TOFF ALL), RESIDUAL r (spots whose weighted positional residual exceeds r are rejected),
