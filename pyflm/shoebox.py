@@ -176,6 +176,15 @@ def summation(boxes, plane, peak_mask, valid, bg_used, gain=1.0):
     return I, np.sqrt(np.maximum(var, 1e-12)), net, npk
 
 
+def ring_regions(fast, slow, centre, r_max, n_rings=4, n_sectors=1):
+    """Profile regions as rings about the direct beam (centre: fast, slow pixels) out to r_max pixels,
+    each cut into n_sectors: spots grow with the scattering angle, so profiles should follow radius."""
+    df, ds = np.asarray(fast, float) - centre[0], np.asarray(slow, float) - centre[1]
+    ring = np.clip((np.hypot(df, ds) / r_max * n_rings).astype(int), 0, n_rings - 1)
+    sector = np.clip(((np.arctan2(ds, df) + np.pi) / (2 * np.pi) * n_sectors).astype(int), 0, n_sectors - 1)
+    return ring * n_sectors + sector
+
+
 def region_of(fast, slow, n_fast, n_slow, grid=3):
     """Detector region index (grid x grid) of each reflection."""
     gf = np.clip((np.asarray(fast) / n_fast * grid).astype(int), 0, grid - 1)
@@ -225,12 +234,12 @@ def fine_shape(raster, sub=SUB):
 
 
 def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, strong_isig=10.0,
-                 strong_mask=None, grid=3, sub=SUB, mask=None):
-    """Sums over one image's strong spots of their normalised net peaks, sampled on the fine grid per
-    detector region: (weighted sums, weights, spot counts).  Added over a block of images they give the
+                 strong_mask=None, grid=3, sub=SUB, mask=None, regions=None, n_regions=None):
+    """Sums over one image's strong spots of their net peaks (and of their intensities, the weights),
+    sampled on the fine grid per detector region: (sums, weights, spot counts).  Added over a block of images they give the
     block's standard profiles (block_profiles)."""
     peak_mask, bg_mask = box_masks(raster)
-    nreg = grid * grid
+    nreg = n_regions or grid * grid
     shape = fine_shape(raster, sub)
     sums = np.zeros((nreg,) + shape)
     weights = np.zeros((nreg,) + shape)
@@ -248,12 +257,17 @@ def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1
         strong &= strong_mask
     if not strong.any():
         return sums, weights, counts
+    if regions is None:
+        regions = region_of(fast, slow, data.shape[1], data.shape[0], grid)
+    regions = np.asarray(regions)[strong]
     fast, slow = np.asarray(fast, float)[strong], np.asarray(slow, float)[strong]
-    regions = region_of(fast, slow, data.shape[1], data.shape[0], grid)
     ts, tf = _fine_coords(fast, slow, raster, sub)
-    vals = net[strong] / I[strong][:, None, None]
+    # ratio of sums (net counts over intensities) rather than a mean of normalised spots: weaker spots
+    # then count in proportion to their intensity, and their noisy totals do not bias the shape
+    vals = net[strong]
     pm = np.broadcast_to(peak_mask[None], vals.shape)
     reg = np.broadcast_to(regions[:, None, None], vals.shape)[pm]
+    tot = np.broadcast_to(I[strong][:, None, None], vals.shape)[pm]
     ts, tf, vals = ts[pm], tf[pm], vals[pm]
     s0, f0 = np.floor(ts).astype(np.int64), np.floor(tf).astype(np.int64)
     ws, wf = ts - s0, tf - f0
@@ -263,21 +277,23 @@ def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1
             idx = (reg * shape[0] + s0 + a) * shape[1] + f0 + b
             w = wa * wb
             np.add.at(flat_s, idx, w * vals)
-            np.add.at(flat_w, idx, w)
+            np.add.at(flat_w, idx, w * tot)
     counts = np.bincount(regions, minlength=nreg)
     return sums, weights, counts
 
 
 def block_profiles(sums, weights, counts, raster, min_spots=10, prior=1.0, sub=SUB):
-    """Standard profiles on the fine grid from profile_sums added over a block: per region the mean of
-    its samples, drawn towards the average of all regions where it has few (`prior` is that average's
-    weight); a region with fewer than min_spots strong spots takes the average ("averaged" profiles)."""
+    """Standard profiles on the fine grid from profile_sums added over a block: per region its sums over
+    its weights, drawn towards the average of all regions where it has few samples (`prior` is that
+    average's weight, relative to the region's best-sampled point); a region with fewer than min_spots
+    strong spots takes the average ("averaged" profiles)."""
     w_all, s_all = weights.sum(0), sums.sum(0)
     overall = np.where(w_all > 0, s_all / np.maximum(w_all, 1e-30), 0.0)
     prof = np.empty_like(sums)
     for r in range(len(sums)):
         if counts[r] >= min_spots:
-            prof[r] = (sums[r] + prior * overall) / (weights[r] + prior)
+            k = prior * 0.02 * weights[r].max()
+            prof[r] = (sums[r] + k * overall) / (weights[r] + k)
         else:
             prof[r] = overall
     return {"fine": np.maximum(prof, 0.0), "sub": sub, "raster": tuple(raster)}

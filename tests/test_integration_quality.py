@@ -64,14 +64,16 @@ def test_one_deck_from_autoindexing_to_mtz_scores_against_truth_and_dials(one_de
     assert 0.8 <= overall["z_sd"] <= 1.5, table
     assert overall["completeness"] >= DIALS_COMPLETENESS, overall
     assert round(overall["cc_truth"], 4) >= 0.9999 and round(overall["cc_half"], 4) >= 0.9999, overall
-    # DIALS's figures are given to 4 decimals: compare at that precision.  Shells 1 and 3-5 reach them;
-    # shell 2's cc_half (0.9994 vs 0.9995) and the weak outer shells, where a few hundred pairs make
-    # cc_half move by several hundredths from run to run, are reported rather than asserted.
-    for i in (0, 2, 3, 4):
+    # DIALS's figures are given to 4 decimals: compare at that precision.  What this reaches: both
+    # figures in shells 1-5 (2.7-1.6 A), cc_truth also in 6, 8 and 9, cc_half also in 7.  Not reached:
+    # cc_truth in shell 7 (0.8567 vs 0.8595) and cc_half in 6, 8, 9 (0.8953, 0.2394, 0.0086 vs 0.8999,
+    # 0.3330, 0.1539), where a few hundred pairs make cc_half move by several hundredths with any change.
+    for i in range(5):
         assert round(shells[i]["cc_truth"], 4) >= DIALS_CC_TRUTH[i], table
         assert round(shells[i]["cc_half"], 4) >= DIALS_CC_HALF[i], table
-    for i in (1, 5):
+    for i in (5, 7, 8):
         assert round(shells[i]["cc_truth"], 4) >= DIALS_CC_TRUTH[i], table
+    assert round(shells[6]["cc_half"], 4) >= DIALS_CC_HALF[6], table
 
 
 @pytest.mark.slow
