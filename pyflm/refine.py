@@ -547,8 +547,9 @@ def image_lines(st, detector, crystal):
         L.append(f" Positional refinement before cell refinement: rms residual {r['rms']:6.3f} mm"
                  f" ({r['n_pos']} spots)")
     elif r:
-        L.append(f" Final rms residual: {r['rms']:7.3f}mm; Weighted residual {r['wresid']:5.1f}"
-                 f"  ({r['n_pos']} spots)")
+        # xia2 reads the weighted residual as the line's last word
+        L.append(f" Final rms residual: {r['rms']:7.3f}mm; Weighted residual {r['wresid']:5.1f}")
+        L.append(f" Spots used in positional refinement: {r['n_pos']:6d}")
     bx, by = direct_beam(det)
     L.append("   XCEN    YCEN  XTOFRA   XTOFD  YSCALE  TILT TWIST")
     L.append(f" {bx:7.2f} {by:7.2f}  1.0000 {det.distance:7.2f}  "

@@ -82,8 +82,10 @@ def test_sweep_from_autoindexing_refines_to_the_truth(workdir):
         assert np.ptp(post[name]) < 0.05                         # missets steady along the sweep
     assert np.all(np.abs(post["MOSAIC"] / MOSAIC_TRUE - 1) < 0.2)
     assert np.all(det["RESID"] > 0) and np.all(det["RESID"] < 0.3 * PIXEL)   # below 0.3 pixel
-    rms_log = [float(v) for v in re.findall(r"Final rms residual:\s+(\S+)mm", out.split("process 1 60")[1])]
+    rms_lines = [ln for ln in out.split("process 1 60")[1].splitlines() if "Final rms residual:" in ln]
+    rms_log = [float(ln.replace("mm", " ").split()[3]) for ln in rms_lines]    # as xia2 reads them
     assert len(rms_log) == 60 and max(rms_log) < 0.3 * PIXEL
+    assert all(0 < float(ln.split()[-1]) < 10 for ln in rms_lines)             # the weighted residual
     assert np.all(np.abs(det["XTOFD"] - DIST_TRUE) < 0.1)
     assert np.all(np.abs(det["XCEN"] - XCEN_TRUE) < 0.02) and np.all(np.abs(det["YCEN"] - YCEN_TRUE) < 0.02)
     for got, true in zip(post["A"], [CELL_TRUE[0]] * 60):
@@ -135,7 +137,7 @@ def sections(out):
 
 
 def spots_used(section):
-    return [int(n) for n in re.findall(r"Final rms residual:.*\((\d+) spots\)", section)]
+    return [int(n) for n in re.findall(r"Spots used in positional refinement:\s+(\d+)", section)]
 
 
 def test_refinement_fix_holds_detector_parameters_and_free_releases_them(workdir, indexed):
