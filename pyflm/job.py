@@ -152,6 +152,10 @@ def apply_statement(job, st):
             v = {k: val for k, val in v.items() if k not in ("NOMULTI", "NOSEGMENT")}
         elif v.get("MULTI") or v.get("SEGMENTS"):
             cur.pop("OFF", None)
+        if v.get("OFF"):
+            cur.pop("ON", None)
+        elif v.get("ON"):
+            cur.pop("OFF", None)
     cur.update(v)
     if name in ("CELL", "SYMMETRY", "MISSETS", "MOSAIC"):
         _update_crystal(job, name, args, st.line_no)

@@ -220,3 +220,15 @@ def test_postref_fix_holds_a_cell_parameter_in_cell_refinement(workdir, indexed)
     assert cell[1] == start[1] and esd[1] == 0.0
     assert cell[0] != start[0] and cell[2] != start[2] and esd[0] > 0 and esd[2] > 0
     assert abs(cell[0] / CELL_TRUE[0] - 1) < 0.001 and abs(cell[2] / CELL_TRUE[2] - 1) < 0.001
+
+
+def test_postref_on_and_off_the_last_one_given_holds(workdir):
+    """POSTREF OFF, ON, OFF: post-refinement is off; OFF then ON: on."""
+    from pyflm import parser
+    from pyflm.job import JobState, apply_statement
+    from pyflm.refine import options_from
+    for lines, on in ((["postref off", "postref on", "postref off"], False), (["postref off", "postref on"], True)):
+        job = JobState()
+        for st in parser.parse_lines(lines)[0]:
+            apply_statement(job, st)
+        assert options_from(job.kw).postref is on
