@@ -30,6 +30,7 @@ from . import geometry
 
 SPARSE_SPOTS = 150          # spots per image below which a sweep is treated as sparse
 MIN_PROFILE_SPOTS = 10      # strong fully recorded spots needed to form standard profiles
+MAX_SEARCH = 30             # consecutive images searched at most (the middle of a longer range)
 STRONG_ISIG = 10.0          # as pyflm.shoebox's profile spots
 
 LINK_DTYPE = np.dtype([("first", "i4"), ("last", "i4"), ("fast", "f8"), ("slow", "f8"), ("x_mm", "f8"),
@@ -272,8 +273,12 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     n_probe = _n_spots(probe)
     if n_probe == 0 or n_probe >= SPARSE_SPOTS:
         return AutoParams(spots_per_image=n_probe)
-    per_image = find_sweep_spots(read_image, detector, scan, range(first, last + 1), known)
-    ap = choose(per_image, beam, detector, goniometer, scan, first, last, given=given, crystal=crystal)
+    # a long sweep is judged on a run of consecutive images in its middle (spots are followed through
+    # consecutive images; searching every image of a long sweep would cost more than integrating it)
+    a = max(first, (first + last + 1) // 2 - MAX_SEARCH // 2)
+    b = min(last, a + MAX_SEARCH - 1)
+    per_image = find_sweep_spots(read_image, detector, scan, range(a, b + 1), known)
+    ap = choose(per_image, beam, detector, goniometer, scan, a, b, given=given, crystal=crystal)
     if ap.mosaic is not None:
         crystal.mosaic = ap.mosaic
     for ln in ap.lines:
