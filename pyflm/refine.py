@@ -99,10 +99,27 @@ class Options:
     cell_refinement: bool = False     # POSTREF MULTI/SEGMENTS: PROCESS lines are cell-refinement segments
 
 
+def _trailing(*texts):
+    """Sub-keywords that a FIX/FREE/UNFIX list swallowed with the rest of its line
+    ('REFINEMENT FIX DISTANCE RESIDUAL 15'): {name: value}."""
+    out = {}
+    words = " ".join(str(t or "") for t in texts).upper().split()
+    for i, w in enumerate(words[:-1]):
+        if w in ("RESIDUAL", "FULLFRAC", "MAXRESIDUAL", "SDFAC"):
+            try:
+                out[w] = float(words[i + 1])
+            except ValueError:
+                pass
+        elif w in ("INCLUDE", "EXCLUDE"):
+            out[w] = words[i + 1]
+    return out
+
+
 def options_from(kw):
     """Refinement options from the job's REFINEMENT and POSTREF settings."""
     o = Options()
     r = kw.get("REFINEMENT") or {}
+    r = {**_trailing(r.get("FIX"), r.get("FREE")), **r}
     fix, free = _names(r.get("FIX")), _names(r.get("FREE"))
     if "ALL" in fix:
         fix = set(DETECTOR_PARAMS) | set(HELD_DETECTOR)
@@ -117,6 +134,7 @@ def options_from(kw):
     exc = str(r.get("EXCLUDE") or "").upper()
     o.include_partials = inc.startswith("PART") and not exc.startswith("PART")
     p = kw.get("POSTREF") or {}
+    p = {**_trailing(p.get("FIX"), p.get("UNFIX")), **p}
     o.cell_refinement = bool(p.get("MULTI") or p.get("SEGMENTS"))
     if p.get("OFF") and not p.get("ON"):
         o.postref = False

@@ -232,3 +232,18 @@ def test_postref_on_and_off_the_last_one_given_holds(workdir):
         for st in parser.parse_lines(lines)[0]:
             apply_statement(job, st)
         assert options_from(job.kw).postref is on
+
+
+def test_options_after_a_fix_list_on_the_same_line_still_count():
+    """REFINEMENT FIX DISTANCE RESIDUAL 3 INCLUDE PARTIALS: the list does not swallow the options."""
+    from pyflm import parser
+    from pyflm.job import JobState, apply_statement
+    from pyflm.refine import options_from
+    job = JobState()
+    for st in parser.parse_lines(["refinement fix distance tilt residual 3 include partials",
+                                  "postref fix mosaic maxresidual 2.5 sdfac 1.5"])[0]:
+        apply_statement(job, st)
+    o = options_from(job.kw)
+    assert o.detector_free == {"XCEN", "YCEN", "TWIST"}
+    assert o.residual == 3.0 and o.include_partials
+    assert not o.mosaic_free and o.maxresidual == 2.5 and o.sdfac == 1.5
