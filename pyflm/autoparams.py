@@ -11,9 +11,9 @@ So, before PROCESS, on a sparse sweep (fewer than SPARSE_SPOTS spots per image),
 deck does not set itself:
   * RASTER from the median spot size (pyflm.shoebox.choose_raster, as MOSFLM after a spot search);
   * SEPARATION from the spot size: the smallest that keeps two spots' peak areas apart;
-  * MOSAIC from the rocking widths of the spots followed through consecutive images (intensity-weighted
-    spread in phi, for spots that start and end inside the sweep), inverting pyflm.predict's width
-    model eta.sin(2theta)/zeta for each spot; the median;
+  * MOSAIC, with an orientation, as the spread at which the predictions (out to EXTENT rocking widths
+    either side, pyflm.predict's width eta.sin(2theta)/zeta) reach every image each strong spot is seen
+    on; without one, from the rocking widths of the spots followed through consecutive images;
   * profile fitting only when at least MIN_PROFILE_SPOTS strong spots are fully recorded on one image;
     otherwise the profile-fitted columns carry the summation intensities and a warning says so.
 
@@ -172,7 +172,7 @@ def mosaic_from_predictions(linked, crystal, beam, detector, goniometer, scan, f
     that prediction, EXTENT widths either side of its phi, reach every image the spot is seen on.
     Near the rotation axis a small error of orientation moves a reflection's phi a long way; the
     spread then covers it, as MOSFLM's estimate (the spread at which the predictions account for the
-    spots) does.  The `quantile` of the spots' needs; None when fewer than 3 spots match."""
+    spots) does.  The `quantile` of the spots' needs (1: all of them); None when fewer than 3 match."""
     import copy
     from scipy.spatial import cKDTree
     from . import predict
@@ -242,7 +242,7 @@ def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=()
                                                                scan, first, last)
         if ap.mosaic is not None:
             ap.lines.append(f" Mosaic spread set to {ap.mosaic:.2f} degrees: the predictions then reach "
-                            f"every image {ap.n_mosaic_spots} strong spots are seen on (all but a tenth)")
+                            f"every image each of {ap.n_mosaic_spots} strong spots is seen on")
     if "MOSAIC" not in given and ap.mosaic is None:
         ap.mosaic, ap.n_mosaic_spots = mosaic_from_widths(linked, beam, detector, goniometer, scan, first,
                                                           last)
