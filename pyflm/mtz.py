@@ -386,8 +386,11 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
     try:
         with atomic_path(path) as tmp:
             mtz.write_to_file(tmp)
-    except (OSError, RuntimeError) as exc:
-        raise MtzError(os.fspath(path), f"cannot be written ({getattr(exc, 'strerror', None) or exc})") from None
+    except OSError as exc:
+        raise MtzError(os.fspath(path), f"cannot be written ({exc.strerror or exc})") from None
+    except RuntimeError:     # gemmi says only "Writing MTZ file failed: <temporary name>"
+        raise MtzError(os.fspath(path), "cannot be written (the write failed part-way: is the disk full?)") \
+            from None
     return len(rec)
 
 

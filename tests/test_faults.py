@@ -133,7 +133,7 @@ def test_a_file_size_limit_stops_the_real_mtz_write(tmp_path):
     assert r.returncode == 1
     err = errors(r.stdout)
     assert len(err) == 1 and err[0].startswith(" Error in PROCESS (input line 5): MTZ file e.mtz: cannot be "
-                                                "written (Writing MTZ file failed"), r.stdout[-2000:]
+                                                "written (the write failed part-way: is the disk full?)"), r.stdout[-2000:]
     assert not (tmp_path / "e.mtz").exists() and not (tmp_path / "e.sum").exists()
     assert (tmp_path / "mosflm.lp").read_text() == r.stdout
     assert_clean(r.stdout + r.stderr, tmp_path)
