@@ -4,6 +4,7 @@
     python3 scripts/bench_pipeline.py                      # the shared 60-image sim sweep
     python3 scripts/bench_pipeline.py --sim6m 100          # a simulated Pilatus 6M sweep (made in /tmp)
     python3 scripts/bench_pipeline.py --nproc 1,2          # integration on 1 and on 2 processes
+    python3 scripts/bench_pipeline.py --dask 2             # and on a 2-worker Dask LocalCluster
     python3 scripts/bench_pipeline.py --memory 100,200     # peak memory of 100 vs 200 images
     python3 scripts/bench_pipeline.py --no-dials --no-profile
 
@@ -205,13 +206,15 @@ def child(deck_path, workdir, profile):
     return status
 
 
-def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False):
+def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
     workdir = pathlib.Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / "job.deck").write_text(deck(sweep, n_images, last, nproc))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if scheduler:
+        env["PYFLM_SCHEDULER"] = scheduler
     r = subprocess.run([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
                        + (["--profile"] if profile else []), env=env, capture_output=True, text=True)
     res_path = workdir / "stages.json"
@@ -312,6 +315,19 @@ def report_main(args, sweep, n_images):
         runs[p] = run_pyflm(sweep, n_images, TMP / f"run-{sweep.name}-pyflm-np{p}", nproc=p)
         print(f"   pyflm nproc {p}: {runs[p]['total']:.1f} s  ({load()})", flush=True)
     py = runs[nprocs[0]]
+    dask_run = None
+    if args.dask:
+        # the cluster's workers must import this copy of pyflm, as the child does: spawned workers get
+        # this process's sys.path (and the environment, for their own children)
+        os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        sys.path.insert(0, str(ROOT))
+        from distributed import LocalCluster
+        with LocalCluster(n_workers=args.dask, processes=True, threads_per_worker=1, host="127.0.0.1",
+                          dashboard_address=None) as cl:
+            dask_run = run_pyflm(sweep, n_images, TMP / f"run-{sweep.name}-pyflm-dask",
+                                 scheduler=cl.scheduler_address)
+        print(f"   pyflm on a {args.dask}-worker Dask LocalCluster: {dask_run['total']:.1f} s  ({load()})",
+              flush=True)
     dials = None
     if not args.no_dials and shutil.which("dials.import"):
         dials = run_dials(sweep, TMP / f"run-{sweep.name}-dials")
@@ -352,6 +368,11 @@ def report_main(args, sweep, n_images):
                   f" total {base['total']:.2f} -> {r['total']:.2f} s = {base['total'] / r['total']:.2f}x; "
                   f"RSS main {r['maxrss_self_mb']:.0f} MB + {p} workers of at most "
                   f"{r['maxrss_children_mb']:.0f} MB; MTZ {'identical' if ok else 'DIFFERENT'} ({why})")
+    if dask_run:
+        ok, why = same_content(py["mtz"], dask_run["mtz"])
+        print(f"   Dask LocalCluster ({args.dask} workers) vs nproc {nprocs[0]}: integration "
+              f"{py['stages']['integrate']:.2f} s -> {dask_run['stages']['integrate']:.2f} s; "
+              f"MTZ {'identical' if ok else 'DIFFERENT'} ({why})")
     sp, sd = score(py["mtz"], sweep), score(dials["mtz"], sweep) if dials else None
     for name, s in (("pyflm", sp), ("DIALS", sd)):
         if s:
@@ -360,7 +381,7 @@ def report_main(args, sweep, n_images):
                   f"  z_sd {s.get('z_sd', float('nan')):.2f}")
     if dials and sp and sd:
         print(f"   total time pyflm/DIALS {tot_ratio:.3f} (goal <= 0.333: {'yes' if tot_ratio <= 1 / 3 else 'no'});"
-              f" cc_truth pyflm {sp['cc_truth']:.5f} vs DIALS {sd['cc_truth']:.5f}"
+              f" cc_truth pyflm {sp['cc_truth']:.6f} vs DIALS {sd['cc_truth']:.6f}"
               f" ({'no worse' if sp['cc_truth'] >= sd['cc_truth'] else 'WORSE'})")
     print(f"   integration {integ / dec:.2f} x fabio decode (goal <= 5: {'yes' if integ / dec <= 5 else 'no'})")
     print(f"   {load()}")
@@ -402,6 +423,8 @@ def main():
     ap.add_argument("--nproc", default="1", help="comma-separated worker counts for pyflm (e.g. 1,2)")
     ap.add_argument("--memory", default=None, metavar="N1,N2",
                     help="peak memory processing N1 vs N2 images of a small-detector simulated sweep")
+    ap.add_argument("--dask", type=int, default=0, metavar="N",
+                    help="also run on a Dask LocalCluster of N worker processes (MTZ compared)")
     ap.add_argument("--no-dials", action="store_true")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile", dest="profile", action="store_true", default=True)
