@@ -1,6 +1,8 @@
 """Cell refinement from two segments far apart (xia2's deck), starting from the indexing result."""
 import re
 
+import pytest
+
 from conftest import SIM, run_ipmosflm
 
 
@@ -55,6 +57,7 @@ def test_xia2_cell_refinement_deck_refines_the_indexed_cell(workdir):
     assert (workdir / "xiarefine.mat").exists()
 
 
+@pytest.mark.slow
 def test_index_refine_integrate_in_one_deck(workdir):
     """A user's whole job: autoindex, cell refinement on two segments, then every image."""
     import json

@@ -92,6 +92,7 @@ def test_sweep_from_autoindexing_refines_to_the_truth(workdir):
         assert abs(got / true - 1) < 0.001
 
 
+@pytest.mark.slow
 def test_distance_wrong_by_1mm_is_recovered_by_cell_refinement(workdir):
     """DISTANCE 121 (the header says 120) from the start: cell refinement puts back the distance and
     the cell, and later processing uses them."""
