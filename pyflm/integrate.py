@@ -122,7 +122,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     for img in block_images:
         if isinstance(datas[img], Exception):
             continue
-        sel = np.flatnonzero((parts["image"] == img) & measurable & (parts["n_parts"] == 1))
+        # fulls and the larger parts of partials (measured at their own centroids) make the profiles
+        sel = np.flatnonzero((parts["image"] == img) & measurable & (parts["fraction"] >= 0.5))
         sums = profile_sums(datas[img], part_fast[sel], part_slow[sel], raster=raster, gain=detector.gain,
                             overload=detector.overload, nullpix=detector.nullpix, mask=shadow,
                             regions=regions[sel], n_regions=n_regions)

@@ -282,7 +282,7 @@ def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1
     return sums, weights, counts
 
 
-def block_profiles(sums, weights, counts, raster, min_spots=10, prior=1.0, sub=SUB):
+def block_profiles(sums, weights, counts, raster, min_spots=10, prior=1.0, sub=SUB, pool=True):
     """Standard profiles on the fine grid from profile_sums added over a block: per region its sums over
     its weights, drawn towards the average of all regions where it has few samples (`prior` is that
     average's weight, relative to the region's best-sampled point); a region with fewer than min_spots
@@ -290,10 +290,18 @@ def block_profiles(sums, weights, counts, raster, min_spots=10, prior=1.0, sub=S
     w_all, s_all = weights.sum(0), sums.sum(0)
     overall = np.where(w_all > 0, s_all / np.maximum(w_all, 1e-30), 0.0)
     prof = np.empty_like(sums)
-    for r in range(len(sums)):
-        if counts[r] >= min_spots:
-            k = prior * 0.02 * weights[r].max()
-            prof[r] = (sums[r] + k * overall) / (weights[r] + k)
+    nreg = len(sums)
+    for r in range(nreg):
+        # a region with few strong spots pools its nearest regions by index (rings: the next ring in,
+        # then out), whose spots are more like its own than the average of all
+        s, w, c = sums[r].copy(), weights[r].copy(), int(counts[r])
+        for j in sorted((j for j in range(nreg) if j != r), key=lambda j: (abs(j - r), j > r)):
+            if c >= min_spots or not pool:
+                break
+            s, w, c = s + sums[j], w + weights[j], c + int(counts[j])
+        if c >= min_spots:
+            k = prior * 0.02 * w.max()
+            prof[r] = (s + k * overall) / (w + k)
         else:
             prof[r] = overall
     return {"fine": np.maximum(prof, 0.0), "sub": sub, "raster": tuple(raster)}
