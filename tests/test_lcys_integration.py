@@ -90,7 +90,7 @@ def run_sweep(sweep, tmp_path):
 # DIALS's near-axis predictions there are doubtful; a dead pixel (-2) in the peak of (4 2 1) makes
 # pyflm drop its parts on images 2-14; and reflections nearer the axis than MAXWIDTH 5 allows are
 # not measured at all.
-TARGETS = {1: (0.90, 0.95), 4: (0.60, 0.85)}
+TARGETS = {1: (0.90, 0.95, 0.95), 4: (0.60, 0.85, 0.85)}   # fraction, CC, fraction of the fitted
 
 
 @pytest.mark.slow
@@ -120,9 +120,9 @@ def test_lcys_one_deck_against_dials(sweep, tmp_path):
     frac_p, cc_p, sig_p, n_p, _ = compare_with_dials(our_reflections(tmp_path / "lcys.mtz"), fitted)
     print(f"  of the {len(fitted['h'])} DIALS profile-fitted: {frac_p:.1%} measured, CC {cc_p:.4f} over "
           f"{n_p} with I/sigma > 3, sigma ratio {sig_p:.2f}")
-    min_frac, min_cc = TARGETS[sweep]
+    min_frac, min_cc, min_frac_p = TARGETS[sweep]
     assert frac >= min_frac and cc >= min_cc
-    assert frac_p >= 0.9 and cc_p >= min_cc
+    assert frac_p >= min_frac_p and cc_p >= min_cc
     assert 0.5 < sig_ratio < 2.0
 
 
