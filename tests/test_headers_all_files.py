@@ -133,3 +133,57 @@ def test_marccd_header_takes_the_distance_from_the_deck(tmp_path):
     assert "Crystal to detector distance of   150.00mm taken from keyword input" in r.stdout
     assert re.search(r"Start and end phi values for image\s+1 from keyword input are\s+0.00 and\s+1.00", r.stdout)
     assert "give DISTANCE" not in r.stdout
+
+
+# one file of each kind, with a crystal for PREDICT: the set's own cell where it is known
+PREDICT_CASES = [
+    ("formats/DLS_I03_smargon_0001.cbf.gz", (57.8, 57.8, 150.0, 90, 90, 90), ""),
+    ("formats/DLS_I23_P12M_thau_00001.cbf.gz", (57.8, 57.8, 150.0, 90, 90, 90), ""),
+    ("formats/TIMEPIX_SU_516-stdgoni_0001.img", (20.0, 30.0, 40.0, 90, 90, 90), ""),
+    ("formats/adsc_q4.img.gz", (50.0, 60.0, 70.0, 90, 90, 90), ""),
+    ("formats/corkcont2_H_0089.mccd.gz", (50.0, 60.0, 70.0, 90, 90, 90), "DISTANCE 100\nIMAGE 89 PHI 0 TO 1"),
+    ("formats/somedata_0001.mccd.gz", (50.0, 60.0, 70.0, 90, 90, 90), "DISTANCE 100\nIMAGE 1 PHI 0 TO 1"),
+    ("formats/dlsnxs2cbf_therm_0001.cbf.gz", (57.8, 57.8, 150.0, 90, 90, 90), ""),
+    ("formats/example.mar2300", (50.0, 60.0, 70.0, 90, 90, 90), ""),
+    ("formats/run2_1_00148.cbf.gz", (50.0, 60.0, 70.0, 90, 90, 90), ""),
+    ("formats/ximg2700_00001.cbf", (5.42, 8.14, 12.03, 90, 90, 90), ""),
+    ("real-lcys-pilatus2m/l-cyst_01_00001.cbf.gz", (5.42, 8.14, 12.03, 90, 90, 90), ""),
+    ("real-pilatus6m-singles/example_004.cbf.gz", (91.4, 91.4, 45.9, 90, 90, 120), ""),
+    ("real-pilatus6m-singles/thaum_0500.cbf.gz", (58.0, 58.0, 149.8, 90, 90, 90), "IMAGE 500 PHI 0 TO 0.5"),
+    ("real-thaumatin-pilatus6m-stills/thau_3_2_0001.cbf.bz2", (58.0, 58.0, 149.8, 90, 90, 90),
+     "IMAGE 1 PHI 90 TO 90.5"),
+    ("sim-p212121-cbf/sim_0001.cbf", (42.3, 51.9, 78.6, 90, 90, 90), ""),
+]
+
+
+@pytest.mark.slow
+def test_predict_draws_an_overlay_on_every_kind_of_image(tmp_path):
+    """PREDICT with a given cell and orientation (a MATRIX file written here) on one image of each
+    detector and set: the classes are counted and a picture in MOSFLM's colours is written."""
+    import numpy as np
+    from PIL import Image
+    from pyflm import geometry
+    from pyflm.matrix import write_matrix
+    from pyflm.model import Crystal
+    U = geometry.rot_x(20) @ geometry.rot_y(-35) @ geometry.rot_z(50)     # any orientation will do
+    deck, pngs = [], []
+    for k, (rel, cell, extra) in enumerate(PREDICT_CASES):
+        path = DATA / rel
+        d, tmpl, n = deck_line_for(path, tmp_path)
+        write_matrix(tmp_path / f"m{k}.mat", Crystal(cell, "P1", U), 1.0)
+        pngs.append(tmp_path / f"predict_{k}.png")
+        lines = [f"DIRECTORY {d}", f"TEMPLATE {tmpl}", f"IMAGE {n}", f"MATRIX m{k}.mat", "MOSAIC 0.5"]
+        lines += extra.splitlines() if extra else []
+        lines += [f"PREDICT PNG {pngs[-1].name}", "GO"]
+        deck += lines
+    r = run_ipmosflm("\n".join(deck + ["EXIT", ""]), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    counts = [int(x) for x in re.findall(r"(\d+) Reflections generated", r.stdout)]
+    assert len(counts) == len(PREDICT_CASES) and min(counts) > 0, counts
+    assert r.stdout.count("Picture of the predictions written to") == len(PREDICT_CASES)
+    for (rel, _, _), png in zip(PREDICT_CASES, pngs):
+        px = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
+        blue = np.all(px == (60, 120, 255), axis=1).any()
+        yellow = np.all(px == (255, 220, 0), axis=1).any()
+        assert blue or yellow, f"{rel}: no prediction drawn in {png.name}"
