@@ -152,6 +152,7 @@ class Fit:
     n_used: int
     hkl: np.ndarray = None
     used: np.ndarray = None
+    detector: object = None    # the detector with any refined parameters
 
 
 def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
@@ -172,9 +173,15 @@ def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
 
 
 def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, reverse=False,
-                       refine_beam=True, cell_params=None, phi_weight=None):
+                       refine_beam=True, cell_params=None, phi_weight=None, refine_detector=()):
     """Least-squares refinement of A (9 free elements, or orientation + constrained cell given by
-    cell_params = (lattice, cell)) and the beam centre on spot positions (mm) and phi."""
+    cell_params = (lattice, cell)) and the beam centre on spot positions (mm) and phi; refine_detector
+    names Detector attributes ('distance', 'omega', 'two_theta') refined as well (Fit.detector)."""
+    import copy
+    det_names = tuple(refine_detector)
+    det0 = np.array([float(getattr(detector, k)) for k in det_names])
+    det_scale = np.array([{"distance": 0.5}.get(k, 0.2) for k in det_names])
+    base_det = detector
     beam0 = np.array([detector.beam_x, detector.beam_y])
     px = detector.pixel_fast
     phi_w = phi_weight or (px / np.radians(0.2) / detector.distance * 57.3 * 0.02)   # ~1 px per 0.2 deg
@@ -201,25 +208,54 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
         scale = np.concatenate([np.full(3, 1e-3), np.abs(free.x0) * 1e-3 + 1e-3,
                                 [0.1, 0.1] if refine_beam else []])
 
+    n_main = len(x0)
+    x0 = np.concatenate([x0, det0])
+    scale = np.concatenate([scale, det_scale])
+
+    def det_of(x):
+        if not det_names:
+            return base_det
+        d = copy.copy(base_det)
+        for k, v in zip(det_names, x[n_main:]):
+            setattr(d, k, float(v))
+        return d
+
     def resid(x):
         try:
-            Am, b = unpack(x)
+            Am, b = unpack(x[:n_main])
         except (ValueError, np.linalg.LinAlgError):      # a step into an impossible cell
             return np.full(3 * len(hkl), 1e3)
-        xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, detector, b, reverse)
+        xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, det_of(x), b, reverse)
         rx = np.where(ok, xp - x_obs, 1.0)
         ry = np.where(ok, yp - y_obs, 1.0)
         rp = np.where(ok, (pp - phi_obs) * phi_w, 1.0)
         return np.concatenate([rx, ry, rp])
 
-    res = least_squares(resid, x0, x_scale=scale, loss="soft_l1", f_scale=0.3, max_nfev=200)
-    Am, b = unpack(res.x)
+    all_hkl, all_x, all_y, all_phi = hkl, x_obs, y_obs, phi_obs
+    use = np.ones(len(all_hkl), bool)
+    for cycle in range(3):
+        hkl, x_obs, y_obs, phi_obs = all_hkl[use], all_x[use], all_y[use], all_phi[use]
+        res = least_squares(resid, x0, x_scale=scale, loss="soft_l1", f_scale=0.3, max_nfev=200)
+        x0 = res.x
+        Am, b = unpack(res.x[:n_main])
+        detector = det_of(res.x)
+        xp, yp, pp, ok = _predict_spots(Am, all_hkl, all_phi, wavelength, detector, b, reverse)
+        err = np.where(ok, np.sqrt((xp - all_x) ** 2 + (yp - all_y) ** 2 + ((pp - all_phi) * phi_w) ** 2),
+                       np.inf)
+        # outliers (fragments of split spots, a second lattice, zingers) would bend a fit of a few
+        # dozen spots: drop those far beyond the typical error (robust scale: the median) and refit
+        lim = max(4.0 * np.median(err[use & ok]) if (use & ok).any() else 1.0, 1.5 * px)
+        new_use = err < lim
+        if new_use.sum() < max(6, 0.5 * len(all_hkl)) or np.array_equal(new_use, use):
+            break
+        use = new_use
+    hkl, x_obs, y_obs, phi_obs = all_hkl, all_x, all_y, all_phi
     xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, detector, b, reverse)
     dxy = np.hypot(xp - x_obs, yp - y_obs)
-    good = ok & (dxy < max(3 * np.median(dxy[ok]) if ok.any() else 1.0, 0.05))
+    good = ok & use & (dxy < max(3 * np.median(dxy[ok & use]) if (ok & use).any() else 1.0, 0.05))
     rms = float(np.sqrt(np.mean(dxy[good] ** 2))) if good.any() else float("nan")
     rphi = float(np.sqrt(np.mean((pp - phi_obs)[good] ** 2))) if good.any() else float("nan")
-    return Fit(Am, float(b[0]), float(b[1]), rms, rphi, int(good.sum()), hkl, good)
+    return Fit(Am, float(b[0]), float(b[1]), rms, rphi, int(good.sum()), hkl, good, detector)
 
 
 class _free_cell:
@@ -272,10 +308,11 @@ class IndexingResult:
     n_spots: int
     initial_cell: tuple
     lines: list = field(default_factory=list)
+    detector: object = None        # the detector as refined (distance, tilt, twist), or as given
 
 
 def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15, refine_beam=True,
-                known_cell=None, known_symmetry=None, solution=None):
+                known_cell=None, known_symmetry=None, solution=None, refine_detector="auto"):
     """Index a spot list (pyflm.spots.SPOT_DTYPE).  Returns IndexingResult; raises ProcessingError."""
     from .model import Crystal
     ok = spots[spots["flag"] == 0] if "flag" in spots.dtype.names else spots
@@ -288,8 +325,16 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
                             goniometer.reverse_phi)
     dmin = 1.0 / np.max(np.linalg.norm(r, axis=1))
     if max_cell is None:
-        # the longest cell edge a spot separation on this detector can resolve, capped
+        # the longest cell edge a spot separation on this detector can resolve, capped, and no longer
+        # than the spots' own spacing suggests (as DIALS estimates it: 1.3 / the 5th percentile of the
+        # nearest-neighbour distances in reciprocal space).  Long trial vectors index a sparse spot set
+        # by chance, and would be taken for a cell edge.
+        from scipy.spatial import cKDTree
         max_cell = min(400.0, detector.distance * beam.wavelength / (3 * detector.pixel_fast))
+        nn = cKDTree(r).query(r, k=2)[0][:, 1]
+        nn = nn[nn > 0]
+        if len(nn) >= 10:
+            max_cell = min(max_cell, max(1.3 / np.percentile(nn, 5), 20.0))
     cands = candidate_vectors(r, max_cell)
     if len(cands) < 3:
         raise ProcessingError("DPS found fewer than three lattice directions: the spots do not form a "
@@ -298,7 +343,13 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     red, _ = lattice.reduce_basis(basis)
     Astar = np.linalg.inv(red)                     # columns: reciprocal axes of the reduced cell
     hkl = np.round(r @ red.T)
-    good = np.all(np.abs(r @ red.T - hkl) < hkldev, axis=1) & np.any(hkl != 0, axis=1)
+    dev = np.abs(r @ red.T - hkl).max(axis=1)
+    good = (dev < hkldev) & np.any(hkl != 0, axis=1)
+    # one spot per index: the fragments of a split reflection would be fitted twice
+    order = np.lexsort((dev, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
+    same = np.zeros(len(hkl), bool)
+    same[order[1:]] = np.all(hkl[order[1:]] == hkl[order[:-1]], axis=1)
+    good &= ~same
     fit = refine_orientation(Astar, hkl[good], ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good],
                              beam.wavelength, detector, reverse=goniometer.reverse_phi, refine_beam=refine_beam)
     red = np.linalg.inv(fit.A)
@@ -317,11 +368,21 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     conv = chosen.transform @ red                # conventional real basis rows
     A_conv = np.linalg.inv(conv)
     # keep the conventional cell's own order but make its axes right-handed (det of conv > 0)
-    hkl_c = np.round(hkl[good] @ np.linalg.inv(chosen.transform).T)
+    hkl_c = np.round(hkl[good] @ chosen.transform.T)    # indices transform like the basis rows
     initial_cell = chosen.reg_cell
-    fit2 = refine_orientation(A_conv, hkl_c, ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good],
-                              beam.wavelength, detector, reverse=goniometer.reverse_phi,
-                              refine_beam=refine_beam, cell_params=(chosen.lattice, chosen.reg_cell))
+    args = (A_conv, hkl_c, ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good], beam.wavelength, detector)
+    kw = dict(reverse=goniometer.reverse_phi, refine_beam=refine_beam,
+              cell_params=(chosen.lattice, chosen.reg_cell))
+    if refine_detector == "auto":
+        # the distance and the detector's tilts, as DIALS refines them while indexing: a header's
+        # distance can be 1 % out (L-cysteine: 157.9 mm refined, 160 in the header), and the cell
+        # scales with it.  With few spots the fit could wander: keep it only near the header's values.
+        refine_detector = ("distance", "tilt", "twist") if good.sum() >= 15 else ()
+    fit2 = refine_orientation(*args, **kw, refine_detector=refine_detector)
+    d2 = fit2.detector
+    if refine_detector and (abs(d2.distance / detector.distance - 1) > 0.03 or
+                            max(abs(d2.tilt - detector.tilt), abs(d2.twist - detector.twist)) > 3.0):
+        fit2 = refine_orientation(*args, **kw)
     cell = tuple(geometry.cell_from_a(fit2.A))
     B = geometry.b_matrix(cell)
     U = fit2.A @ np.linalg.inv(B)
@@ -332,20 +393,29 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     crystal = Crystal(cell, space_group_name(sg), U, (0.0, 0.0, 0.0))
     res = IndexingResult(sols, chosen, crystal, fit2.beam_x, fit2.beam_y,
                          (detector.beam_x, detector.beam_y), fit2.rms_mm, fit2.rms_phi, fit2.n_used,
-                         len(ok), tuple(initial_cell))
+                         len(ok), tuple(initial_cell), detector=fit2.detector)
     res.fraction_indexed = float(np.mean(good))
     return res
 
 
 def _good(res, detector):
-    return res is not None and res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6
+    """Good enough not to search other beam centres: most spots indexed, or (a second lattice taking
+    the rest) those indexed fitted to well under a pixel.  Comparing fractions across beam centres
+    would favour larger cells, which index more spots by chance."""
+    px = detector.pixel_fast
+    return res is not None and res.rms_mm < 4 * px and (res.fraction_indexed > 0.6 or res.rms_mm < 0.6 * px)
 
 
 def _plausible(res, detector):
-    """A solution worth reporting at all: finite residuals, real cell edges, the beam still near."""
-    return (res is not None and np.isfinite(res.rms_mm) and res.rms_mm < 10 * detector.pixel_fast
+    """A solution worth reporting at all: finite residuals, real cell edges, the beam still near, and
+    either most spots indexed or the indexed ones fitted well.  (A second lattice leaves half the spots
+    unindexed but fits the rest to half a pixel; a distance 10-20 % wrong indexes a third of them at a
+    pixel or worse.)"""
+    px = detector.pixel_fast
+    return (res is not None and np.isfinite(res.rms_mm) and res.rms_mm < 10 * px
             and min(res.crystal.cell[:3]) > 2.0 and
-            np.hypot(res.beam_x - detector.beam_x, res.beam_y - detector.beam_y) < 3.0)
+            np.hypot(res.beam_x - detector.beam_x, res.beam_y - detector.beam_y) < 3.0 and
+            (res.fraction_indexed >= 0.6 or res.rms_mm < 0.75 * px))
 
 
 def _index_refining_beam(spots, beam, detector, goniometer, n_rounds=3, **kw):
@@ -575,6 +645,14 @@ def run_autoindex(job, args):
         res.crystal.mosaic = job.crystal.mosaic
     job.crystal = res.crystal
     job.kw.setdefault("BEAM", {})["_args"] = [res.beam_x, res.beam_y]
+    d = res.detector
+    if d is not None and (d.distance != det.distance or d.tilt != det.tilt or d.twist != det.twist):
+        log.line(f" Detector refined with the crystal: distance {det.distance:8.3f} -> {d.distance:8.3f} mm,"
+                 f"  TILT {d.tilt * 100:5.0f}  TWIST {d.twist * 100:5.0f} (0.01 degrees; used from now on)")
+        # carried to later lines through the keywords, as cell refinement carries its detector
+        job.kw.setdefault("DISTANCE", {})["_args"] = [d.distance]
+        dist = job.kw.setdefault("DISTORTION", {})
+        dist["TILT"], dist["TWIST"] = d.tilt * 100, d.twist * 100
     job.results["indexing"] = res
     if "NEWMAT" in job.files:
         from .matrix import write_matrix

@@ -216,8 +216,13 @@ def lattice_solutions(reduced_basis):
             tie += (cells[sel, 0] > cells[sel, 1]) * 0.0005 + (cells[sel, 1] > cells[sel, 2]) * 0.0003 \
                 if lat[0] == "o" else 0
         k = np.argmin(pen + tie)
-        out.append(Solution(0, lat, float(min(pen[k], 999.0)), T[sel[k]].astype(int),
-                            tuple(cells[sel[k]]), tuple(reg[k])))
+        Tk, cell_k = T[sel[k]].astype(int), tuple(cells[sel[k]])
+        if lat == "hP" and cell_k[5] < 90:
+            # gamma 60 is the same lattice as 120: turn a and c round (still right-handed) so the
+            # cell is the conventional one its regularised cell and refinement start from
+            Tk = np.diag([-1, 1, -1]) @ Tk
+            cell_k = cell_of(Tk @ reduced_basis)
+        out.append(Solution(0, lat, float(min(pen[k], 999.0)), Tk, tuple(cell_k), tuple(reg[k])))
     out.sort(key=lambda s: (s.penalty, -SYMMETRY_ORDER[s.lattice]))
     for i, s in enumerate(out, 1):
         s.number = i

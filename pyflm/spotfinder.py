@@ -154,12 +154,21 @@ def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images
         a, b = lists[k], lists[k + 1]
         if not len(a) or not len(b):
             continue
-        tree = cKDTree(np.stack([a["fast"], a["slow"]], 1))
-        d, j = tree.query(np.stack([b["fast"], b["slow"]], 1), distance_upper_bound=radius)
-        for ib in np.flatnonzero(np.isfinite(d)):
-            ra, rb = root(starts[k] + j[ib]), root(starts[k + 1] + ib)
-            if ra != rb:
-                parent[rb] = ra
+        # continued when the centroids are within `radius`, or the spots' boxes touch (a large spot
+        # moving across the detector: its pixels overlap from image to image, as 3D labelling joins)
+        reach = radius + 0.5 * (max(a["size_fast"].max(), a["size_slow"].max()) +
+                                max(b["size_fast"].max(), b["size_slow"].max()))
+        pairs = cKDTree(np.stack([a["fast"], a["slow"]], 1)).query_ball_point(
+            np.stack([b["fast"], b["slow"]], 1), reach)
+        for ib, near in enumerate(pairs):
+            for ia in near:
+                df, ds = abs(a["fast"][ia] - b["fast"][ib]), abs(a["slow"][ia] - b["slow"][ib])
+                touch = (df <= 0.5 * (a["size_fast"][ia] + b["size_fast"][ib]) + 1.0 and
+                         ds <= 0.5 * (a["size_slow"][ia] + b["size_slow"][ib]) + 1.0)
+                if np.hypot(df, ds) <= radius or touch:
+                    ra, rb = root(starts[k] + ia), root(starts[k + 1] + ib)
+                    if ra != rb:
+                        parent[rb] = ra
     roots = np.array([root(i) for i in range(len(allsp))])
     uniq, group = np.unique(roots, return_inverse=True)
     n = len(uniq)

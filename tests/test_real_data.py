@@ -21,7 +21,7 @@ def symmetry(stdout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sweep", [1])
+@pytest.mark.parametrize("sweep", [1, 4])
 def test_lcysteine_sweep_indexes_primitive_orthorhombic_like_dials(workdir, sweep):
     # 15 images of 0.1 degree, 30-60 spots in all, a 5 x 8 x 12 A cell, detector swung to 30 degrees:
     # the spots of consecutive images are merged into 3D spots and indexed together
@@ -35,3 +35,23 @@ def test_lcysteine_sweep_indexes_primitive_orthorhombic_like_dials(workdir, swee
     dev = np.array(sorted(cell[:3])) / np.array(DIALS_LCYS[sweep]) - 1
     assert np.all(np.abs(dev) < 0.005), (cell, dev)
     assert cell[3:] == [90.0, 90.0, 90.0]
+    # the header's 160 mm is refined with the crystal (DIALS: 159.4 and 157.9 mm)
+    line = [ln for ln in r.stdout.splitlines() if "Detector refined with the crystal" in ln][0]
+    assert 157.0 < float(line.split("->")[1].split()[0]) < 160.0
+
+
+P6M = DATA / "real-pilatus6m-singles"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", [4])
+def test_pilatus6m_single_image_indexes_hexagonal(workdir, image):
+    # one 0.1 degree image of a P3 crystal (two lattices: DIALS indexes two crystals on example_004)
+    deck = f"TEMPLATE example_###.cbf\nDIRECTORY {P6M}\nAUTOINDEX DPS REFINE IMAGE {image}\nGO\n"
+    r = run_ipmosflm(deck, cwd=workdir)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert symmetry(r.stdout) == "hP"
+    cell = final_cell(r.stdout)
+    dev = np.array(cell[:3]) / np.array([91.4, 91.4, 45.9]) - 1
+    assert np.all(np.abs(dev) < 0.005), (cell, dev)
+    assert cell[3:] == [90.0, 90.0, 120.0]
