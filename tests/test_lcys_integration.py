@@ -223,3 +223,30 @@ def test_dials_model_predicts_where_dials_does():
     dz = (pred["phi"][idx] + 145.0) / 0.1 - ref["z_cal_img"]
     assert np.sqrt(np.mean(df ** 2 + ds ** 2)) < 0.5 and np.max(np.hypot(df, ds)) < 1.0
     assert np.sqrt(np.mean(dz ** 2)) < 0.3
+
+
+@pytest.mark.parametrize("spread", [0.4, 0.8])
+def test_mosaic_from_predictions_recovers_the_spread_spots_were_made_with(spread):
+    """Spots placed where a crystal of a given spread puts them, on the images its rocking curves
+    reach: the spread chosen for integration is that one, to within an image's worth of phi."""
+    from pyflm import geometry, predict
+    from pyflm.model import Crystal
+    crystal = Crystal((5.42, 8.14, 12.03, 90, 90, 90), "P212121",
+                      geometry.rot_x(30) @ geometry.rot_y(-20) @ geometry.rot_z(70), mosaic=spread)
+    det, beam = _detector(), Beam(0.6889)
+    det.two_theta = 30.0
+    scan = Scan("x_#####.cbf", ".", 1, 15, -145.0, 0.1)
+    pred = predict.predict(crystal, beam, det, Goniometer(), -145.0, -143.5, 0.7)
+    pred = pred[pred["on_detector"] & (pred["width"] < 4 * spread)]
+    lo, hi = predict.phi_extent(pred)
+    first = np.clip(np.floor((lo + 145.0) / 0.1).astype(int) + 1, 1, 15)
+    last = np.clip(np.floor((hi + 145.0) / 0.1).astype(int) + 1, 1, 15)
+    linked = np.zeros(len(pred), autoparams.LINK_DTYPE)
+    linked["first"], linked["last"] = first, last
+    linked["fast"], linked["slow"] = pred["fast"], pred["slow"]
+    linked["x_mm"], linked["y_mm"] = pred["x_mm"], pred["y_mm"]
+    linked["intensity"], linked["sigma"] = 1000.0, 10.0
+    assert len(linked) >= 10
+    eta, n = autoparams.mosaic_from_predictions(linked, crystal, beam, det, Goniometer(), scan, 1, 15)
+    assert n >= 0.9 * len(linked)          # each matched to a prediction within 3 pixels
+    assert spread - 0.02 < eta < spread + 0.2
