@@ -268,9 +268,12 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     if crystal.mosaic or (job.kw.get("MOSAIC") or {}).get("_args"):
         given.add("MOSAIC")
     # one image says whether the sweep is sparse; only then are all its images searched
-    known = job.results.get("spots") or {}
-    probe = find_sweep_spots(read_image, detector, scan, [(first + last) // 2], known)[0]
+    mid = (first + last) // 2
+    probe = find_sweep_spots(read_image, detector, scan, [mid])[0]
     n_probe = _n_spots(probe)
+    known = job.results.get("spots") or {}
+    if known and not _same_spots(known.get(mid), probe):
+        known = {}           # found on another sweep's images (TEMPLATE changed since): not these
     if n_probe == 0 or n_probe >= SPARSE_SPOTS:
         return AutoParams(spots_per_image=n_probe)
     # a long sweep is judged on a run of consecutive images in its middle (spots are followed through
@@ -284,6 +287,17 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     for ln in ap.lines:
         job.log.line(ln)
     return ap
+
+
+def _same_spots(a, b, tol=1.5):
+    """Whether two spot lists of one image number are of the same image: most of the strong spots of
+    one lie within `tol` pixels of a spot of the other."""
+    from scipy.spatial import cKDTree
+    if a is None or not len(a) or not len(b):
+        return False
+    sa = a[np.argsort(-a["intensity"])][:20]
+    d, _ = cKDTree(np.stack([b["fast"], b["slow"]], 1)).query(np.stack([sa["fast"], sa["slow"]], 1))
+    return bool(np.mean(d < tol) > 0.8)
 
 
 def update_settings(settings, ap):

@@ -250,3 +250,10 @@ def test_mosaic_from_predictions_recovers_the_spread_spots_were_made_with(spread
     eta, n = autoparams.mosaic_from_predictions(linked, crystal, beam, det, Goniometer(), scan, 1, 15)
     assert n >= 0.9 * len(linked)          # each matched to a prediction within 3 pixels
     assert spread - 0.02 < eta < spread + 0.2
+
+
+def test_spots_of_another_sweep_are_not_taken_for_these():
+    a = _spot_lists(25, rng=np.random.default_rng(1))[7]
+    b = _spot_lists(25, rng=np.random.default_rng(2))[7]
+    assert autoparams._same_spots(a, a.copy()) and not autoparams._same_spots(a, b)
+    assert not autoparams._same_spots(None, a)
