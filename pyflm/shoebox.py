@@ -24,6 +24,10 @@ try:        # the Cython kernel of fit_background (ext/_background.pyx); fit_bac
     from ._ext import _background as _bg_ext
 except ImportError:
     _bg_ext = None
+try:        # the Cython kernel of shadow_mask's statistics (ext/_shadow.pyx); twin shadow_stats_numpy
+    from ._ext import _shadow as _shadow_ext
+except ImportError:
+    _shadow_ext = None
 
 SB_DTYPE = np.dtype([("I", "f8"), ("SIGI", "f8"), ("IPR", "f8"), ("SIGIPR", "f8"), ("bg", "f8"),
                      ("fast_obs", "f8"), ("slow_obs", "f8"), ("flag", "i4"), ("bgratio", "f8"),
@@ -91,22 +95,39 @@ def foreground_mask(shape, fast, slow, raster):
     return mask
 
 
-def shadow_mask(images, nullpix=-1.0, bin_=8, ratio=0.25, min_level=0.5, grow=2):
+def shadow_mask(images, nullpix=-1.0, bin_=8, ratio=0.25, min_level=0.5, grow=2, use_cython=True):
     """Pixels in a shadow (beamstop, its arm, anything that blocks the beam) from a block of images:
     their median over the block, averaged over 3 x 3 pixels (so counting noise cannot reach the test), is
     below `ratio` times the local background level (median over 5 x 5 bins of bin_ pixels), where that
     level is at least min_level counts.  The mask is grown by `grow` pixels for the penumbra.  Spots
     measured there would be a fraction of their true intensity, whatever the shadow's shape."""
     from scipy import ndimage
-    stack = [np.asarray(d, float) for d in images]
-    if not stack:
+    if not len(images):
         return None
-    valid = np.mean([d > nullpix for d in stack], 0) > 0.5
-    # the median over the block, so spots crossing the shadow on one image do not hide it
-    mean = np.where(valid, np.median([np.maximum(d, 0) for d in stack], 0), 0.0)
+    if use_cython and _shadow_ext is not None:    # the kernel (ext/_shadow.pyx): the same three arrays
+        valid, mean, coarse = _shadow_ext.block_stats(list(images), float(nullpix), int(bin_))
+    else:
+        valid, mean, coarse = shadow_stats_numpy(images, nullpix, bin_)
     num = ndimage.uniform_filter(mean, 3, mode="nearest")
     den = ndimage.uniform_filter(valid.astype(float), 3, mode="nearest")
     local = np.where(den > 0.5, num / np.maximum(den, 1e-9), np.inf)
+    ns, nf = mean.shape
+    level = ndimage.median_filter(coarse, 5, mode="nearest")
+    level = np.repeat(np.repeat(level, bin_, 0), bin_, 1)[:ns, :nf]
+    shadow = valid & (level >= min_level) & (local < ratio * level)
+    if grow and shadow.any():
+        shadow = ndimage.binary_dilation(shadow, iterations=grow)
+    return shadow
+
+
+def shadow_stats_numpy(images, nullpix=-1.0, bin_=8):
+    """shadow_mask's statistics of a block: pixels valid on most images, their median over the block
+    (negative values as 0; 0 where not valid), and the median of the valid ones over bin_ x bin_ bins
+    (0 where a bin has none).  The numpy twin of ext/_shadow.pyx."""
+    stack = [np.asarray(d, float) for d in images]
+    valid = np.mean([d > nullpix for d in stack], 0) > 0.5
+    # the median over the block, so spots crossing the shadow on one image do not hide it
+    mean = np.where(valid, np.median([np.maximum(d, 0) for d in stack], 0), 0.0)
     ns, nf = mean.shape
     ps, pf = -ns % bin_, -nf % bin_
     m = np.pad(np.where(valid, mean, np.nan), ((0, ps), (0, pf)), constant_values=np.nan)
@@ -115,13 +136,7 @@ def shadow_mask(images, nullpix=-1.0, bin_=8, ratio=0.25, min_level=0.5, grow=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             coarse = np.nanmedian(m.reshape(m.shape[0] // bin_, bin_, m.shape[1] // bin_, bin_), (1, 3))
-    coarse = np.where(np.isfinite(coarse), coarse, 0.0)
-    level = ndimage.median_filter(coarse, 5, mode="nearest")
-    level = np.repeat(np.repeat(level, bin_, 0), bin_, 1)[:ns, :nf]
-    shadow = valid & (level >= min_level) & (local < ratio * level)
-    if grow and shadow.any():
-        shadow = ndimage.binary_dilation(shadow, iterations=grow)
-    return shadow
+    return valid, mean, np.where(np.isfinite(coarse), coarse, 0.0)
 
 
 def _valid(boxes, nullpix, mask, fast, slow, raster):
