@@ -1,7 +1,8 @@
 """L-cysteine end to end: one deck autoindexes, refines and integrates images 1-15 of a sweep, and the
 MTZ is compared with DIALS 3.12's integration of the same images (ref/dials312_sweep*_integrated.csv).
 
-Reflections are matched by (h, k, l) after putting both in the same indexing: for an orthorhombic
+Reflections are matched by (h, k, l) after putting both in the same indexing (DIALS's few rows of
+one (h, k, l), a reflection split in two, summed): for an orthorhombic
 cell only the choice of axes (a signed permutation) can differ, so the one that matches most is
 taken.  Our intensity of a reflection is the sum of its parts over the images (MTZ I, LP-corrected);
 DIALS's is its profile-fitted intensity where it has one, else the summation one, times its LP
@@ -49,6 +50,28 @@ def our_reflections(mtz_path):
         a[0] += float(i)
         a[1] += float(s) ** 2
     return out
+
+
+def merge_duplicates(ref):
+    """DIALS lists a few reflections twice (sweep 4: three, split into two partial shoeboxes); a
+    reflection is its (h, k, l), so its rows are summed as our parts are: intensities and variances
+    added, profile-fitted only when every row is."""
+    keys = [tuple(x) for x in np.stack([ref["h"], ref["k"], ref["l"]], 1).astype(int)]
+    rows = {}
+    for i, k in enumerate(keys):
+        rows.setdefault(k, []).append(i)
+    out = {c: [] for c in ref}
+    for idx in rows.values():
+        fitted = bool(np.all(ref["integrated_prf"][idx] > 0))
+        for c in ref:
+            v = ref[c][idx]
+            if c in ("I_sum", "var_sum") or (c in ("I_prf", "var_prf") and fitted):
+                out[c].append(v.sum())
+            elif c == "integrated_prf":
+                out[c].append(float(fitted))
+            else:
+                out[c].append(v[0])
+    return {c: np.array(v) for c, v in out.items()}
 
 
 def compare_with_dials(ours, ref):
@@ -110,7 +133,7 @@ def test_lcys_one_deck_against_dials(sweep, tmp_path):
     assert sorted(set(np.array(mtz.column_with_label("BATCH"), int))) == list(range(1, 16))
     ipr, i = np.array(mtz.column_with_label("IPR")), np.array(mtz.column_with_label("I"))
     assert np.array_equal(ipr, i)       # the summation fallback
-    ref = read_integrated_csv(LCYS / "ref" / f"dials312_sweep{sweep}_integrated.csv")
+    ref = merge_duplicates(read_integrated_csv(LCYS / "ref" / f"dials312_sweep{sweep}_integrated.csv"))
     frac, cc, sig_ratio, n_strong, T = compare_with_dials(our_reflections(tmp_path / "lcys.mtz"), ref)
     print(f"\nL-cysteine sweep {sweep}: {frac:.1%} of DIALS's {len(ref['h'])} reflections measured; "
           f"CC {cc:.4f} over {n_strong} with DIALS I/sigma > 3; median sigma ratio ours/DIALS "
@@ -257,3 +280,14 @@ def test_spots_of_another_sweep_are_not_taken_for_these():
     b = _spot_lists(25, rng=np.random.default_rng(2))[7]
     assert autoparams._same_spots(a, a.copy()) and not autoparams._same_spots(a, b)
     assert not autoparams._same_spots(None, a)
+
+
+def test_dials_rows_of_one_reflection_are_summed():
+    ref = {"h": np.array([1.0, 1.0, 2.0]), "k": np.zeros(3), "l": np.zeros(3),
+           "I_sum": np.array([10.0, 5.0, 7.0]), "var_sum": np.array([1.0, 2.0, 3.0]),
+           "I_prf": np.array([11.0, 0.0, 8.0]), "var_prf": np.array([1.0, -1.0, 2.0]),
+           "integrated_prf": np.array([1.0, 0.0, 1.0]), "lp": np.array([0.5, 0.5, 0.7])}
+    m = merge_duplicates(ref)
+    assert m["h"].tolist() == [1.0, 2.0] and m["I_sum"].tolist() == [15.0, 7.0]
+    assert m["var_sum"].tolist() == [3.0, 3.0] and m["integrated_prf"].tolist() == [0.0, 1.0]
+    assert m["I_prf"].tolist() == [11.0, 8.0] and m["lp"].tolist() == [0.5, 0.7]
