@@ -55,3 +55,27 @@ def test_pilatus6m_single_image_indexes_hexagonal(workdir, image):
     dev = np.array(cell[:3]) / np.array([91.4, 91.4, 45.9]) - 1
     assert np.all(np.abs(dev) < 0.005), (cell, dev)
     assert cell[3:] == [90.0, 90.0, 120.0]
+
+
+STILLS = DATA / "real-thaumatin-pilatus6m-stills"
+DIALS_STILL_SPOTS = {1: 290, 2: 1143, 3: 1313}     # dials.find_spots (3.12, defaults) on each still
+
+
+@pytest.mark.slow
+def test_thaumatin_stills_spot_counts_and_pictures(workdir):
+    from PIL import Image
+    # the stills' headers give no oscillation: a phi range is given for each, as for thaum_0500
+    deck = [f"TEMPLATE thau_3_2_####.cbf", f"DIRECTORY {STILLS}", "PICTURE ON DIRECTORY pics"]
+    for i in DIALS_STILL_SPOTS:
+        deck += [f"IMAGE {i} PHI 0 TO 0.1", "FINDSPOTS", "GO"]
+    r = run_ipmosflm("\n".join(deck) + "\n", cwd=workdir)
+    assert r.returncode == 0, r.stdout[-3000:]
+    counts = [int(ln.split()[-1]) for ln in r.stdout.splitlines() if "Number stored as OK" in ln]
+    for n, (i, n_dials) in zip(counts, DIALS_STILL_SPOTS.items()):
+        assert abs(n / n_dials - 1) < 0.25, (i, n, n_dials)       # 303, 1336, 1450 found
+        png = np.asarray(Image.open(workdir / "pics" / f"spots_{i:05d}.png").convert("RGB")).astype(int)
+        red = (png[..., 0] > 200) & (png[..., 1] < 80) & (png[..., 2] < 80)
+        yellow = (png[..., 0] > 200) & (png[..., 1] > 180) & (png[..., 2] < 60)
+        # each spot is a 11 x 11 box outline (40 pixels) in red (I/sigma >= 20) or yellow
+        assert 0.5 * n < (red.sum() + yellow.sum()) / 40 < 1.5 * n
+        assert red.any() and yellow.any()
