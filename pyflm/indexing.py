@@ -399,11 +399,24 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
 
 
 def _good(res, detector):
-    """Good enough not to search other beam centres: most spots indexed, or (a second lattice taking
-    the rest) those indexed fitted to well under a pixel.  Comparing fractions across beam centres
-    would favour larger cells, which index more spots by chance."""
-    px = detector.pixel_fast
-    return res is not None and res.rms_mm < 4 * px and (res.fraction_indexed > 0.6 or res.rms_mm < 0.6 * px)
+    """Good enough not to search other beam centres: most spots indexed, well fitted."""
+    return res is not None and res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6
+
+
+def _better(r, best):
+    """Does trial r index better than best?  More spots without a much larger cell (a supercell
+    indexes every spot of the true one and more by chance), or as many with a clearly smaller cell,
+    or as many as well with a smaller error."""
+    if best is None:
+        return True
+    vol = lambda x: abs(np.linalg.det(np.linalg.inv(x.crystal.A)))
+    vr, vb = vol(r), vol(best)
+    fr, fb = r.fraction_indexed, best.fraction_indexed
+    if fr >= fb + 0.03 and vr <= 1.5 * vb:
+        return True
+    if fr >= fb - 0.03 and vr < vb / 1.5:
+        return True
+    return abs(fr - fb) < 0.03 and r.rms_mm < best.rms_mm and vr <= 1.5 * vb
 
 
 def _plausible(res, detector):
@@ -451,17 +464,31 @@ def index_with_beam_search(spots, beam, detector, goniometer, log=None, **kw):
     if not _good(res, detector):
         offsets = sorted(((dx, dy) for dx in (-2, -1, 0, 1, 2) for dy in (-2, -1, 0, 1, 2) if dx or dy),
                          key=lambda o: np.hypot(*o))
+        # the trials keep the detector as given (refining it too would triple the search's time);
+        # the one kept is refined in full below
+        trial_kw = dict(kw, refine_detector=())
         for dx, dy in offsets:
             det = copy.copy(detector)
             det.beam_x, det.beam_y = detector.beam_x + dx, detector.beam_y + dy
             try:
-                r = _index_refining_beam(spots, beam, det, goniometer, **kw)
+                r = _index_refining_beam(spots, beam, det, goniometer, **trial_kw)
             except ProcessingError:
                 continue
-            if best is None or (r.fraction_indexed, -r.rms_mm) > (best.fraction_indexed, -best.rms_mm):
+            if _better(r, best):
                 best = r
             if _good(best, detector):
                 break
+        if best is not None and best is not res and kw.get("refine_detector", "auto") != ():
+            det = copy.copy(detector)
+            det.beam_x, det.beam_y = best.beam_x, best.beam_y
+            try:
+                full = index_spots(spots, beam, det, goniometer, **kw)
+                same = (full.chosen.lattice == best.chosen.lattice and np.allclose(
+                    sorted(full.crystal.cell[:3]), sorted(best.crystal.cell[:3]), rtol=0.01))
+                if same and full.fraction_indexed >= best.fraction_indexed - 0.02 and full.rms_mm <= best.rms_mm * 1.1:
+                    best = full
+            except ProcessingError:
+                pass
     if best is None:
         raise first_err or ProcessingError("indexing failed")
     if not _plausible(best, detector):

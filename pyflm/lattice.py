@@ -215,7 +215,12 @@ def lattice_solutions(reduced_basis):
         if lat[0] == "o" or lat[0] == "t":
             tie += (cells[sel, 0] > cells[sel, 1]) * 0.0005 + (cells[sel, 1] > cells[sel, 2]) * 0.0003 \
                 if lat[0] == "o" else 0
-        k = np.argmin(pen + tie)
+        # among settings that fit as well (to 0.3 degrees, within the noise of a fit), the shortest
+        # cell: a long monoclinic axis at beta 168 can fit a hair better by chance, but is not the cell
+        # anyone would report
+        near = pen <= pen.min() + 3.0
+        size = cells[sel, 0] + cells[sel, 1] + cells[sel, 2]
+        k = int(np.argmin(np.where(near, size / size[near].min() * 1e3 + pen + tie, np.inf)))
         Tk, cell_k = T[sel[k]].astype(int), tuple(cells[sel[k]])
         if lat == "hP" and cell_k[5] < 90:
             # gamma 60 is the same lattice as 120: turn a and c round (still right-handed) so the
