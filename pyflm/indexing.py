@@ -399,8 +399,16 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
 
 
 def _good(res, detector):
-    """Good enough not to search other beam centres: most spots indexed, well fitted."""
-    return res is not None and res.rms_mm < 4 * detector.pixel_fast and res.fraction_indexed > 0.6
+    """Good enough not to search other beam centres: most spots indexed, well fitted; or (a second
+    lattice taking the rest) at least 40 % fitted to well under a pixel in a lattice of orthorhombic
+    or higher symmetry with a low penalty, which a wrong beam centre does not give."""
+    px = detector.pixel_fast
+    if res is None or res.rms_mm >= 4 * px:
+        return False
+    if res.fraction_indexed > 0.6:
+        return True
+    return (res.fraction_indexed >= 0.4 and res.rms_mm < 0.6 * px and res.chosen.penalty < 10 and
+            lattice.SYMMETRY_ORDER[res.chosen.lattice] >= 4)
 
 
 def _better(r, best):
@@ -471,7 +479,7 @@ def index_with_beam_search(spots, beam, detector, goniometer, log=None, **kw):
             det = copy.copy(detector)
             det.beam_x, det.beam_y = detector.beam_x + dx, detector.beam_y + dy
             try:
-                r = _index_refining_beam(spots, beam, det, goniometer, **trial_kw)
+                r = _index_refining_beam(spots, beam, det, goniometer, n_rounds=1, **trial_kw)
             except ProcessingError:
                 continue
             if _better(r, best):
