@@ -77,31 +77,17 @@ def link_spots(per_image, osc, radius=3.0):
     and last image, intensity-weighted centroid and phi, the spread of phi (degrees, the image width's
     own spread osc^2/12 taken out), summed intensity and largest size.  LINK_DTYPE, brightest first."""
     from scipy.spatial import cKDTree
-    from .spotfinder import TOO_BIG, OUTSIDE, BACKSTOP
+    from .spotfinder import TOO_BIG, OUTSIDE, BACKSTOP, chain_groups
     lists = [s[((s["flag"] & (TOO_BIG | OUTSIDE | BACKSTOP)) == 0) & (s["intensity"] > 0)]
              for s in per_image]
-    allsp = np.concatenate(lists) if lists else np.zeros(0)
-    if len(allsp) == 0:
+    if not lists or sum(len(s) for s in lists) == 0:
         return np.zeros(0, LINK_DTYPE)
-    starts = np.cumsum([0] + [len(s) for s in lists])
-    parent = np.arange(len(allsp))
 
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    for k in range(len(lists) - 1):
-        a, b = lists[k], lists[k + 1]
-        if not len(a) or not len(b):
-            continue
+    def linked(a, b):       # the nearest spot of the previous image within `radius`
         d, j = cKDTree(np.stack([a["fast"], a["slow"]], 1)).query(np.stack([b["fast"], b["slow"]], 1),
                                                                     distance_upper_bound=radius)
-        for ib in np.flatnonzero(np.isfinite(d)):
-            ra, rb = root(starts[k] + j[ib]), root(starts[k + 1] + ib)
-            if ra != rb:
-                parent[rb] = ra
-    group = np.unique([root(i) for i in range(len(allsp))], return_inverse=True)[1]
+        return [(j[ib], ib) for ib in np.flatnonzero(np.isfinite(d))]
+    allsp, group = chain_groups(lists, linked)
     n = group.max() + 1
     w = np.maximum(allsp["intensity"], 1e-9)
     sw = np.bincount(group, w, n)

@@ -135,6 +135,31 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
     return spots[order]
 
 
+def chain_groups(lists, linked):
+    """Spots of consecutive images joined into chains: `lists` holds one spot array per image, in
+    image order; linked(a, b) gives the (ia, ib) pairs of a spot on one image continuing on the next.
+    Returns the concatenated spots and each one's chain number (0..n-1)."""
+    allsp = np.concatenate(lists)
+    starts = np.cumsum([0] + [len(s) for s in lists])
+    parent = np.arange(len(allsp))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for k in range(len(lists) - 1):
+        a, b = lists[k], lists[k + 1]
+        if not len(a) or not len(b):
+            continue
+        for ia, ib in linked(a, b):
+            ra, rb = root(starts[k] + ia), root(starts[k + 1] + ib)
+            if ra != rb:
+                parent[rb] = ra
+    roots = np.array([root(i) for i in range(len(allsp))])
+    return allsp, np.unique(roots, return_inverse=True)[1]
+
+
 def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images=None):
     """Spots found on consecutive thin images joined into 3D spots (algorithms.md 1a, merging).
 
@@ -149,21 +174,10 @@ def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images
     from scipy.spatial import cKDTree
     lists = [s[(s["flag"] & ~(TOO_SMALL | TOO_CLOSE)) == 0] for s in per_image]
     lists = [s[s["intensity"] > 0] for s in lists]
-    allsp = np.concatenate(lists) if lists else np.zeros(0, SPOT_DTYPE)
-    if len(allsp) == 0:
-        return allsp
-    starts = np.cumsum([0] + [len(s) for s in lists])
-    parent = np.arange(len(allsp))
+    if not lists or sum(len(s) for s in lists) == 0:
+        return np.zeros(0, SPOT_DTYPE)
 
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    for k in range(len(lists) - 1):
-        a, b = lists[k], lists[k + 1]
-        if not len(a) or not len(b):
-            continue
+    def linked(a, b):
         # continued when the centroids are within `radius`, or the spots' boxes touch (a large spot
         # moving across the detector: its pixels overlap from image to image, as 3D labelling joins)
         reach = radius + 0.5 * (max(a["size_fast"].max(), a["size_slow"].max()) +
@@ -176,12 +190,9 @@ def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images
                 touch = (df <= 0.5 * (a["size_fast"][ia] + b["size_fast"][ib]) + 1.0 and
                          ds <= 0.5 * (a["size_slow"][ia] + b["size_slow"][ib]) + 1.0)
                 if np.hypot(df, ds) <= radius or touch:
-                    ra, rb = root(starts[k] + ia), root(starts[k + 1] + ib)
-                    if ra != rb:
-                        parent[rb] = ra
-    roots = np.array([root(i) for i in range(len(allsp))])
-    uniq, group = np.unique(roots, return_inverse=True)
-    n = len(uniq)
+                    yield ia, ib
+    allsp, group = chain_groups(lists, linked)
+    n = group.max() + 1
     w = np.maximum(allsp["intensity"], 1e-9)
     sumw = np.bincount(group, w, n)
     out = np.zeros(n, SPOT_DTYPE)
