@@ -453,6 +453,8 @@ def run_process(job, args):
         for ln in image_lines(st, det, crystal):
             log.line(ln)
         det_row, post_row = table_rows(st, det, crystal)
+        if auto is not None and not auto.profiles:    # IPR will carry the summation intensities
+            st.isig_pr, st.isig_pr_outer = st.isig_sum, st.isig_sum_outer
         log.line(f"   {st.n_full:6d} Fully recorded and {st.n_partial:6d} partials measured;"
                  f" {st.n_overload} overloads, {st.n_bad} bad spots")
         log.line(f"   <I/sigI> profile fitted {st.isig_pr:7.1f}  summation {st.isig_sum:7.1f};"

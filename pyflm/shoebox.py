@@ -84,8 +84,10 @@ def foreground_mask(shape, fast, slow, raster):
     other spot's background (a neighbour's peak in the rim would raise it)."""
     nxs, nys, nc, nrx, nry = raster
     ps, pf = nxs - 2 * nrx, nys - 2 * nry
-    s0 = np.floor(np.asarray(slow, float)).astype(np.int64) - ps // 2
-    f0 = np.floor(np.asarray(fast, float)).astype(np.int64) - pf // 2
+    slow, fast = np.asarray(slow, float), np.asarray(fast, float)
+    on = np.isfinite(slow) & np.isfinite(fast)        # rays that miss the detector plane have no pixel
+    s0 = np.floor(slow[on]).astype(np.int64) - ps // 2
+    f0 = np.floor(fast[on]).astype(np.int64) - pf // 2
     si, fi = np.broadcast_arrays(s0[:, None, None] + np.arange(ps)[None, :, None],
                                  f0[:, None, None] + np.arange(pf)[None, None, :])
     si, fi = si.ravel(), fi.ravel()
@@ -219,8 +221,11 @@ def ring_regions(fast, slow, centre, r_max, n_rings=4, n_sectors=1):
     """Profile regions as rings about the direct beam (centre: fast, slow pixels) out to r_max pixels,
     each cut into n_sectors: spots grow with the scattering angle, so profiles should follow radius."""
     df, ds = np.asarray(fast, float) - centre[0], np.asarray(slow, float) - centre[1]
-    ring = np.clip((np.hypot(df, ds) / r_max * n_rings).astype(int), 0, n_rings - 1)
-    sector = np.clip(((np.arctan2(ds, df) + np.pi) / (2 * np.pi) * n_sectors).astype(int), 0, n_sectors - 1)
+    # a position that is not finite (no pixel) goes to the outer ring, sector 0, rather than a bad cast
+    r = np.nan_to_num(np.hypot(df, ds) / r_max * n_rings, nan=n_rings, posinf=n_rings, neginf=0.0)
+    ring = np.clip(r.astype(int), 0, n_rings - 1)
+    a = np.nan_to_num((np.arctan2(ds, df) + np.pi) / (2 * np.pi) * n_sectors, nan=0.0)
+    sector = np.clip(a.astype(int), 0, n_sectors - 1)
     return ring * n_sectors + sector
 
 

@@ -133,6 +133,10 @@ def test_lcys_one_deck_against_dials(sweep, tmp_path):
     assert sorted(set(np.array(mtz.column_with_label("BATCH"), int))) == list(range(1, 16))
     ipr, i = np.array(mtz.column_with_label("IPR")), np.array(mtz.column_with_label("I"))
     assert np.array_equal(ipr, i)       # the summation fallback
+    # and the per-image lines report the IPR that was written (the summation's), not 0.0
+    lines = [ln.split() for ln in log.splitlines() if "<I/sigI> profile fitted" in ln]
+    assert len(lines) == 15 and all(ln[3] == ln[5].rstrip(";") and ln[8] == ln[9] for ln in lines), lines[:3]
+    assert any(float(ln[3]) > 0 for ln in lines)
     ref = merge_duplicates(read_integrated_csv(LCYS / "ref" / f"dials312_sweep{sweep}_integrated.csv"))
     frac, cc, sig_ratio, n_strong, T = compare_with_dials(our_reflections(tmp_path / "lcys.mtz"), ref)
     print(f"\nL-cysteine sweep {sweep}: {frac:.1%} of DIALS's {len(ref['h'])} reflections measured; "
