@@ -428,15 +428,20 @@ def run_process(job, args):
     xml = responses(job)
 
     reported = set()
+    # a signal that comes while an image is being reported waits until its log lines and SUMMARY rows
+    # are all written (no half report, and no second report of it). Blocking the signal is not enough:
+    # one that arrives just before the block still runs its Python handler inside the report.
+    reporting = {"now": False, "pending": None}
 
     def on_image(st):
-        # a signal waits until the image's log lines and SUMMARY rows are all written (no half report)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        reporting["now"] = True
         try:
             _report(st)
             reported.add(st.image)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+            reporting["now"] = False
+        if reporting["pending"] is not None:
+            raise Interrupted(reporting["pending"])
 
     def _report(st):
         a, b = st.phi
@@ -478,6 +483,9 @@ def run_process(job, args):
     import signal
 
     def _stop(signum, frame):
+        if reporting["now"]:
+            reporting["pending"] = signum
+            return
         raise Interrupted(signum)
     old = {s_: signal.signal(s_, _stop) for s_ in (signal.SIGINT, signal.SIGTERM)}
     try:
