@@ -77,7 +77,7 @@ def link_spots(per_image, osc, radius=3.0):
     and last image, intensity-weighted centroid and phi, the spread of phi (degrees, the image width's
     own spread osc^2/12 taken out), summed intensity and largest size.  LINK_DTYPE, brightest first."""
     from scipy.spatial import cKDTree
-    from .spotfinder import TOO_BIG, OUTSIDE, BACKSTOP, chain_groups
+    from .spotfinder import TOO_BIG, OUTSIDE, BACKSTOP, chain_groups, chain_sums
     lists = [s[((s["flag"] & (TOO_BIG | OUTSIDE | BACKSTOP)) == 0) & (s["intensity"] > 0)]
              for s in per_image]
     if not lists or sum(len(s) for s in lists) == 0:
@@ -88,16 +88,10 @@ def link_spots(per_image, osc, radius=3.0):
                                                                     distance_upper_bound=radius)
         return [(j[ib], ib) for ib in np.flatnonzero(np.isfinite(d))]
     allsp, group = chain_groups(lists, linked)
-    n = group.max() + 1
-    w = np.maximum(allsp["intensity"], 1e-9)
-    sw = np.bincount(group, w, n)
-    out = np.zeros(n, LINK_DTYPE)
-    for col in ("fast", "slow", "x_mm", "y_mm", "phi"):
-        out[col] = np.bincount(group, w * allsp[col], n) / sw
+    out, w, sw = chain_sums(allsp, group, LINK_DTYPE)
+    n = len(out)
     var = np.bincount(group, w * (allsp["phi"] - out["phi"][group]) ** 2, n) / sw - osc ** 2 / 12.0
     out["phi_sd"] = np.sqrt(np.maximum(var, 0.0))
-    out["intensity"] = np.bincount(group, allsp["intensity"], n)
-    out["sigma"] = np.sqrt(np.bincount(group, allsp["sigma"] ** 2, n))
     out["first"] = np.full(n, np.iinfo(np.int32).max)
     out["last"] = np.full(n, np.iinfo(np.int32).min)
     np.minimum.at(out["first"], group, allsp["image"])

@@ -160,6 +160,20 @@ def chain_groups(lists, linked):
     return allsp, np.unique(roots, return_inverse=True)[1]
 
 
+def chain_sums(allsp, group, dtype):
+    """Per chain (chain_groups): centroid in fast, slow, x_mm, y_mm and phi weighted by intensity,
+    intensity and variance added.  Returns the new array (dtype) and the weights used."""
+    n = group.max() + 1
+    w = np.maximum(allsp["intensity"], 1e-9)
+    sumw = np.bincount(group, w, n)
+    out = np.zeros(n, dtype)
+    for col in ("fast", "slow", "x_mm", "y_mm", "phi"):
+        out[col] = np.bincount(group, w * allsp[col], n) / sumw
+    out["intensity"] = np.bincount(group, allsp["intensity"], n)
+    out["sigma"] = np.sqrt(np.bincount(group, allsp["sigma"] ** 2, n))
+    return out, w, sumw
+
+
 def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images=None):
     """Spots found on consecutive thin images joined into 3D spots (algorithms.md 1a, merging).
 
@@ -192,14 +206,8 @@ def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images
                 if np.hypot(df, ds) <= radius or touch:
                     yield ia, ib
     allsp, group = chain_groups(lists, linked)
-    n = group.max() + 1
-    w = np.maximum(allsp["intensity"], 1e-9)
-    sumw = np.bincount(group, w, n)
-    out = np.zeros(n, SPOT_DTYPE)
-    for col in ("fast", "slow", "x_mm", "y_mm", "phi"):
-        out[col] = np.bincount(group, w * allsp[col], n) / sumw
-    out["intensity"] = np.bincount(group, allsp["intensity"], n)
-    out["sigma"] = np.sqrt(np.bincount(group, allsp["sigma"] ** 2, n))
+    out, _, _ = chain_sums(allsp, group, SPOT_DTYPE)
+    n = len(out)
     out["npix"] = np.bincount(group, allsp["npix"], n).astype(np.int32)
     brightest = np.zeros(n, int)
     order = np.argsort(allsp["intensity"])            # later (brighter) rows win the assignment
