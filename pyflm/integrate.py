@@ -86,11 +86,24 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                     integrate_fn):
     """Predict the block's reflections, integrate each of its images; records and stats in image order."""
     from . import predict
+    # each image is decoded once: pass 1 (refinement, up to three measurements) and pass 2 read it here
+    datas = {}
+    for img in block_images:
+        try:
+            datas[img] = check_image(read_image(img), detector)
+        except Exception as e:           # a bad image is skipped and reported, the rest goes on
+            datas[img] = e
+
+    def block_image(img):
+        d = datas[img]
+        if isinstance(d, Exception):
+            raise d
+        return d
     refined = {}
     if settings.refine is not None:      # pass 1: positional and post-refinement on the block
         from .refine import refine_block
         crystal, detector, refined = refine_block(crystal, beam, detector, goniometer, scan, block_images,
-                                                  settings, read_image)
+                                                  settings, block_image)
     dmin = settings.dmin or predict.corner_resolution(detector, beam.wavelength)
     phi_lo = scan.phi_range(block_images[0])[0]
     phi_hi = scan.phi_range(block_images[-1])[1]
@@ -114,12 +127,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     out_records, out_stats, out_obs = [], [], []
     # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
     from .shoebox import block_profiles, foreground_mask, profile_sums, shadow_mask
-    datas, acc = {}, None
-    for img in block_images:
-        try:
-            datas[img] = check_image(read_image(img), detector)
-        except Exception as e:           # a bad image is skipped and reported, the rest goes on
-            datas[img] = e
+    acc = None
     # every predicted spot's peak on an image (measured or not) is kept out of its neighbours' background
     on_image = {}
 
