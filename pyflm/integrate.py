@@ -87,18 +87,12 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     """Predict the block's reflections, integrate each of its images; records and stats in image order."""
     from . import predict
     # each image is decoded once: pass 1 (refinement, up to three measurements) and pass 2 read it here
-    datas = {}
+    block_image, datas = decode_once(lambda img: check_image(read_image(img), detector))
     for img in block_images:
         try:
-            datas[img] = check_image(read_image(img), detector)
-        except Exception as e:           # a bad image is skipped and reported, the rest goes on
-            datas[img] = e
-
-    def block_image(img):
-        d = datas[img]
-        if isinstance(d, Exception):
-            raise d
-        return d
+            block_image(img)
+        except Exception:                # a bad image is skipped and reported (datas keeps why)
+            pass
     refined = {}
     if settings.refine is not None:      # pass 1: positional and post-refinement on the block
         from .refine import refine_block
@@ -263,6 +257,23 @@ def combine_weak_partials(rec, max_isig=10.0, min_fraction=0.1):
     ipr[order[sel]] = new_i[sel]
     sig[order[sel]] = new_s[sel]
     rec["ipr"], rec["sigipr"] = ipr, sig
+
+
+def decode_once(read_image):
+    """A reader that decodes each image once, and the dict it keeps them in (a failure is kept too and
+    raised again on every read): the passes over a block, or cell refinement's cycles, share it."""
+    cache = {}
+
+    def read(img):
+        if img not in cache:
+            try:
+                cache[img] = read_image(img)
+            except Exception as e:
+                cache[img] = e
+        if isinstance(cache[img], Exception):
+            raise cache[img]
+        return cache[img]
+    return read, cache
 
 
 def check_image(data, detector):

@@ -609,17 +609,8 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
     kw = {} if settings is None else dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
                                           separation=settings.separation)
     ref = None
-    decoded = {}           # the segments' few images, decoded once for every cycle
-
-    def segment_image(img):
-        if img not in decoded:
-            try:
-                decoded[img] = read_image(img)
-            except Exception as e:
-                decoded[img] = e
-        if isinstance(decoded[img], Exception):
-            raise decoded[img]
-        return decoded[img]
+    from .integrate import decode_once
+    segment_image, _ = decode_once(read_image)      # the segments' few images, for every cycle
     for cycle in range(1, max_cycles + 1):
         parts = np.concatenate([measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), segment_image,
                                               **kw) for a, b in segments])
