@@ -14,7 +14,8 @@ strong spots takes the average of all profiles): I = sum(P(c-bg)/v)/sum(P^2/v), 
 v = gain.(bg + I.P), iterated.
 
 Flags (as written to the MTZ FLAG column, pyflm.mtz): 1 BGRATIO, 4 more than 5 sigma negative,
-8 background gradient, 16 overload, 32 edge (box off the image or invalid pixels in the peak).
+8 background gradient, 16 overload, 32 edge (box off the image, shadowed pixels in the peak, or dead
+pixels holding more than MAX_DEAD_FRACTION of its intensity; fewer are masked, _mend_dead_pixels).
 """
 from __future__ import annotations
 
@@ -372,6 +373,69 @@ def profiles_at(profiles, regions, fast, slow, peak_mask):
     return out / np.where(tot > 0, tot, 1.0)[:, None, None]
 
 
+MAX_DEAD_FRACTION = 0.25    # of a peak's intensity that may fall on dead pixels and be made good
+MAX_DEAD_PIXELS = 0.2       # of its pixels that may be dead (more is a module gap, not a bad pixel)
+
+
+def _dead_pixel_estimates(net, ok, dead):
+    """Each dead pixel's net counts from the reflection's own valid ones: the pixel opposite it through
+    the spot's centroid (spots are near-symmetric; a neighbour mean would miss a pixel beside the
+    maximum by half), else the mean of its valid 3 x 3 neighbours.  Returns their sums per box and
+    whether a box has a dead pixel in its core (within a pixel of the centroid)."""
+    n, nxs, nys = net.shape
+    b, i, j = np.nonzero(dead)
+    v = np.pad(np.where(ok, net, 0.0), ((0, 0), (1, 1), (1, 1)))
+    c = np.pad(ok.astype(np.float64), ((0, 0), (1, 1), (1, 1)))
+    near = sum(v[b, i + 1 + da, j + 1 + db] for da in (-1, 0, 1) for db in (-1, 0, 1))
+    est = np.maximum(near / np.maximum(sum(c[b, i + 1 + da, j + 1 + db] for da in (-1, 0, 1)
+                                           for db in (-1, 0, 1)), 1.0), 0.0)
+    ix, iy = np.arange(nxs)[None, :, None] + 0.5, np.arange(nys)[None, None, :] + 0.5
+    for _ in range(3):      # the centroid with the estimates filled in, so a gap does not push it away
+        w = np.where(ok, np.maximum(net, 0.0), 0.0)
+        w[b, i, j] = est
+        tot = w.sum((1, 2))
+        cs = np.where(tot > 0, (w * ix).sum((1, 2)) / np.maximum(tot, 1e-9), nxs / 2)
+        cf = np.where(tot > 0, (w * iy).sum((1, 2)) / np.maximum(tot, 1e-9), nys / 2)
+        mi = np.floor(2 * cs[b] - (i + 0.5)).astype(np.int64)
+        mj = np.floor(2 * cf[b] - (j + 0.5)).astype(np.int64)
+        inside = (mi >= 0) & (mi < nxs) & (mj >= 0) & (mj < nys)
+        mi, mj = np.clip(mi, 0, nxs - 1), np.clip(mj, 0, nys - 1)
+        mirror = inside & ok[b, mi, mj] & ~((mi == i) & (mj == j))
+        est = np.where(mirror, np.maximum(net[b, mi, mj], 0.0), est)
+    # a dead pixel among the (up to 4) around the centroid is in the spot's core: nothing of the spot
+    # itself can stand in for it
+    at = (np.abs(i + 0.5 - cs[b]) < 1.0) & (np.abs(j + 0.5 - cf[b]) < 1.0)
+    core = np.bincount(b, at, minlength=n) > 0
+    return np.bincount(b, est, minlength=n), core
+
+
+def _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask, prof_each, on):
+    """A reflection whose peak holds a few dead pixels (value <= NULLPIX; a Pilatus marks them -2) is
+    measured from its other pixels rather than rejected, as a crystallographer would mask the pixel.
+    The profile fit already uses only the valid pixels against a profile normalised over the whole
+    peak; the summation is divided by the fraction of the intensity on the valid ones, read off the
+    standard profile, or where there is none (sparse sweeps) off the reflection's own net counts
+    (_dead_pixel_estimates).  At most MAX_DEAD_FRACTION of the intensity and MAX_DEAD_PIXELS of the
+    peak may be missing; shadowed pixels (the mask) and boxes off the image still reject it.
+    Returns the corrected (I, sig) and the reflections still to flag."""
+    pk = peak_mask[None]
+    dead = pk & (boxes <= nullpix)
+    other = (pk & ~valid & ~dead).any((1, 2))
+    few = dead.sum((1, 2)) <= MAX_DEAD_PIXELS * peak_mask.sum()
+    cand = bad_peak & on & ~other & few
+    lost = np.zeros(len(I))
+    if cand.any():
+        total = prof_each[cand].sum((1, 2))
+        lost_prof = (prof_each[cand] * dead[cand]).sum((1, 2)) / np.where(total > 0, total, 1.0)
+        fill, core = _dead_pixel_estimates((boxes - plane)[cand], (pk & valid)[cand], dead[cand])
+        own = np.maximum(I[cand], 0.0) + fill
+        lost_own = np.where(core, 1.0, np.where(own > 0, fill / np.where(own > 0, own, 1.0), 0.0))
+        lost[cand] = np.where(total > 0, lost_prof, lost_own)
+    mend = cand & (lost <= MAX_DEAD_FRACTION)
+    scale = np.where(mend, 1.0 / (1.0 - np.where(mend, lost, 0.0)), 1.0)
+    return I * scale, sig * scale, bad_peak & ~mend
+
+
 def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, profiles=None,
                     regions=None, strong_isig=10.0, strong_mask=None, bgratio=3.0, grid=3, mask=None,
                     bg_exclude=None):
@@ -400,6 +464,7 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
         profiles = block_profiles(s_, w_, c_, raster)
     prof_each = profiles_at(profiles, regions, fast, slow, peak_mask)
     Ipr, sigpr = fit_profiles(boxes, plane, prof_each, peak_mask, valid, I, gain, overload=overload)
+    I, sig, bad_peak = _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask, prof_each, on)
     # centroid of the net peak, in continuous pixel coordinates
     w = np.maximum(net, 0)
     tot = np.maximum(w.sum((1, 2)), 1e-9)
