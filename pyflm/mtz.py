@@ -332,17 +332,18 @@ def _make_batch(info, sg, wavelength):
     return b
 
 
-def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches, pname="PNAME",
-                       xname="XNAME", dname="DNAME", title="", history=()):
-    """Write MOSFLM's unmerged MTZ.  records: original indices and per-record columns (see as_records);
-    batches: a BatchInfo per image.  The file appears under `path` only when complete.
-    Returns the number of records written."""
+def _metadata(space_group, cell, batches):
     sg = _space_group(space_group)
     cell = _cell(cell)
     batches = sorted(batches, key=lambda b: b.number)
     numbers = [int(b.number) for b in batches]
     if len(set(numbers)) != len(numbers):
         raise InputError("MTZ batches", given=numbers, expected="distinct batch numbers")
+    return sg, cell, batches, numbers
+
+
+def _rows(records, sg, batches, numbers):
+    """The float32 rows of the file for some records (checked as the writer checks them)."""
     rec = as_records(records, batches)
     unknown = np.setdiff1d(np.unique(rec["batch"]), numbers)
     if len(unknown):
@@ -351,17 +352,28 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
     hkl = np.stack([rec["h"], rec["k"], rec["l"]], axis=1)
     if np.any(np.all(hkl == 0, axis=1)):
         raise InputError("MTZ records", given="indices 0 0 0", expected="real reflections")
-    if not len(rec):      # gemmi (and so the programs after us) cannot read an MTZ of no reflections
-        raise MtzError(os.fspath(path), "no reflections to write (none was integrated: check RESOLUTION, "
-                       "the images and the orientation)")
     for label, _ in COLUMNS[4:]:
         bad = int(np.count_nonzero(~np.isfinite(np.asarray(rec[label.lower()], float))))
         if bad:
             raise InputError("MTZ records", given=f"{bad} non-finite value(s) in {label}",
                              expected="finite numbers (an MTZ never holds NaN)")
+    data = np.empty((len(rec), len(COLUMNS)), np.float32)
+    if not len(rec):
+        return data
     red, isym = reduce_to_asu(hkl, sg)
     m_flag = (rec["mpart"] != 0).astype(np.int64)
+    data[:, 0:3] = red
+    data[:, 3] = 256 * m_flag + isym
+    for j, (label, _) in enumerate(COLUMNS[4:], start=4):
+        data[:, j] = rec[label.lower()]
+    return data
 
+
+def unmerged_mtz_object(records, *, space_group, cell, wavelength, batches, pname="PNAME",
+                        xname="XNAME", dname="DNAME", title="", history=(), rows=None):
+    """The gemmi.Mtz of MOSFLM's unmerged file holding `records` (or ready-made float32 `rows`)."""
+    sg, cell, batches, numbers = _metadata(space_group, cell, batches)
+    data = _rows(records, sg, batches, numbers) if rows is None else rows
     mtz = gemmi.Mtz(with_base=True)
     mtz.title = title or "From pyflm"
     mtz.spacegroup = sg
@@ -372,26 +384,153 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
     ds.cell = gemmi.UnitCell(*cell)
     for label, kind in COLUMNS[3:]:
         mtz.add_column(label, kind, dataset_id=1)
-    data = np.empty((len(rec), len(COLUMNS)), np.float32)
-    data[:, 0:3] = red
-    data[:, 3] = 256 * m_flag + isym
-    for j, (label, _) in enumerate(COLUMNS[4:], start=4):
-        data[:, j] = rec[label.lower()]
     mtz.set_data(data)
     for info in batches:
         mtz.batches.append(_make_batch(info, sg, wavelength))
     mtz.history = [str(h)[:80] for h in history][:30]     # readers accept at most 30 history lines
-    if len(rec):
+    if len(data):
         mtz.update_reso()
+    return mtz
+
+
+def _inv_d2(rows, cell):
+    """1/d^2 of rows' indices, in double precision (to choose the rows that set the RESO record)."""
+    frac = np.array(gemmi.UnitCell(*cell).frac.mat.tolist())
+    q = rows[:, 0:3].astype(np.float64) @ frac      # the reciprocal-lattice vector, orthogonal frame
+    return np.einsum("ij,ij->i", q, q)
+
+
+class _Extremes:
+    """Rows holding the smallest and largest 1/d^2 seen so far (with any within rounding of them)."""
+
+    def __init__(self, cell):
+        self.cell, self.lo, self.hi = cell, None, None
+
+    @staticmethod
+    def _keep(rows, v, lowest):
+        best = v.min() if lowest else v.max()
+        tol = 1e-9 * max(abs(best), 1e-30)
+        sel = v <= best + tol if lowest else v >= best - tol
+        return rows[sel], v[sel]
+
+    def add(self, rows):
+        if not len(rows):
+            return
+        v = _inv_d2(rows, self.cell)
+        for name, lowest in (("lo", True), ("hi", False)):
+            r, w = self._keep(rows, v, lowest)
+            old = getattr(self, name)
+            if old is not None:
+                r, w = np.concatenate([old[0], r]), np.concatenate([old[1], w])
+                r, w = self._keep(r, w, lowest)
+            setattr(self, name, (r, w))
+
+    def rows(self):
+        return np.concatenate([self.lo[0], self.hi[0]])
+
+
+def _records(header):
+    """An MTZ header (bytes, from its position to the end) as 80-character records; the batch headers'
+    binary parts are cut into records too, but never start with a keyword searched for here."""
+    return [header[i:i + 80] for i in range(0, len(header), 80)]
+
+
+def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches, pname="PNAME",
+                       xname="XNAME", dname="DNAME", title="", history=()):
+    """Write MOSFLM's unmerged MTZ.  records: original indices and per-record columns (see as_records),
+    or an iterable of such arrays (chunks, written as they come: memory holds one chunk, not the file);
+    batches: a BatchInfo per image.  The file appears under `path` only when complete.
+    Returns the number of records written.
+
+    gemmi writes an MTZ only from a table in memory, so the rows are written here, as gemmi lays them
+    out (an 80-byte preamble with the header's position, the float32 rows, then the header), and the
+    header is gemmi's own: written for a few rows that carry the file's column minima and maxima and
+    its lowest and highest resolution, with the reflection count put right.  The file is byte for byte
+    the one gemmi writes from the whole table (tests/test_mtz.py)."""
+    sg, cell, batches, numbers = _metadata(space_group, cell, batches)
+    chunks = [records] if isinstance(records, (np.ndarray, dict)) else records
+    meta = dict(space_group=sg, cell=cell, wavelength=wavelength, batches=batches, pname=pname,
+                xname=xname, dname=dname, title=title, history=history)
+    n = 0
     try:
         with atomic_path(path) as tmp:
-            mtz.write_to_file(tmp)
-    except OSError as exc:
-        raise MtzError(os.fspath(path), f"cannot be written ({exc.strerror or exc})") from None
+            ext = _Extremes(cell)
+            lo = hi = None
+            with open(tmp, "wb") as f:
+                f.write(bytes(80))                 # the preamble, written last (it points to the header)
+                for chunk in chunks:
+                    rows = _rows(chunk, sg, batches, numbers)
+                    if not len(rows):
+                        continue
+                    f.write(rows.tobytes())
+                    n += len(rows)
+                    lo = rows.min(0) if lo is None else np.minimum(lo, rows.min(0))
+                    hi = rows.max(0) if hi is None else np.maximum(hi, rows.max(0))
+                    ext.add(rows)
+                if not n:      # gemmi (and so the programs after us) cannot read an MTZ of no reflections
+                    raise MtzError(os.fspath(path), "no reflections to write (none was integrated: check "
+                                   "RESOLUTION, the images and the orientation)")
+                header = _gemmi_header(path, tmp, meta, ext.rows(), np.stack([lo, hi]), n)
+                f.write(header)
+                f.seek(0)
+                f.write(_preamble(len(COLUMNS), n))
+    except OSError:
+        raise MtzError(os.fspath(path), "cannot be written (the write failed part-way: is the disk full?)") \
+            from None
     except RuntimeError:     # gemmi says only "Writing MTZ file failed: <temporary name>"
         raise MtzError(os.fspath(path), "cannot be written (the write failed part-way: is the disk full?)") \
             from None
-    return len(rec)
+    return n
+
+
+def _preamble(n_columns, n_rows):
+    """MTZ's first 80 bytes: 'MTZ ', the header's position in 4-byte words (from 1), the machine stamp
+    of little-endian IEEE floats; as gemmi writes them."""
+    out = bytearray(80)
+    out[0:4] = b"MTZ "
+    start = n_columns * n_rows + 21
+    if start > 2 ** 31 - 1:          # gemmi's large-file form: -1 here, the 64-bit position after
+        out[4:8] = np.int32(-1).tobytes()
+        out[12:20] = np.int64(start).tobytes()
+    else:
+        out[4:8] = np.int32(start).tobytes()
+    out[8:12] = np.int32(0x00004144).tobytes()
+    return bytes(out)
+
+
+def _gemmi_header(path, tmp, meta, reso_rows, minmax_rows, n):
+    """gemmi's header for the file: its RESO from the rows that set the resolution range, its COLUMN
+    records from two rows of the column minima and maxima, its NCOL with the real reflection count.
+    The first is written to a file beside the MTZ (a full disk shows there as it would in gemmi)."""
+    import contextlib
+    from .fileio import open_temp
+    fd, side = open_temp(tmp)
+    os.close(fd)
+    try:
+        unmerged_mtz_object(None, rows=reso_rows, **meta).write_to_file(side)
+        with open(side, "rb") as g:
+            recs = _records(_header_of(g.read()))
+    except OSError as exc:
+        raise MtzError(os.fspath(path), f"cannot be written ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(side)
+    col_recs = [r for r in _records(_header_of(bytes(unmerged_mtz_object(None, rows=minmax_rows, **meta)
+                                                     .write_to_bytes()))) if r.startswith(b"COLUMN ")]
+    # the text part of the header ends at END; batch headers (with binary words) come after it
+    end = recs.index(b"END".ljust(80))
+    cols = iter(col_recs)
+    for i in range(end):
+        if recs[i].startswith(b"NCOL "):
+            recs[i] = f"NCOL {len(COLUMNS):8d} {n:12d} {len(meta['batches']):8d}".ljust(80).encode()
+        elif recs[i].startswith(b"COLUMN "):
+            recs[i] = next(cols)
+    return b"".join(recs)
+
+
+def _header_of(mtz_bytes):
+    start = int(np.frombuffer(mtz_bytes[4:8], np.int32)[0])
+    return mtz_bytes[(start - 1) * 4:]
 
 
 # ---- reading ----------------------------------------------------------------------------------------
