@@ -290,29 +290,34 @@ def check_image(data, detector):
 
 
 def integrate_images(crystal, beam, detector, goniometer, scan, images, settings, read_image,
-                     integrate_fn, on_image=None):
+                     integrate_fn, on_image=None, spill=None):
     """Integrate `images` (image numbers) block by block, on settings.nproc processes.
 
     read_image(n) -> 2-D array [slow, fast]; integrate_fn as pyflm.shoebox.integrate_image.
     on_image(stats) is called as each image's result arrives, in image order.
-    Returns Result(records in image order with MPART set, per-image stats)."""
-    from .mtz import partial_codes
+    Returns Result(records in image order with MPART set, per-image stats).  With a RecordSpill the
+    records of each finished block go to it instead (memory then holds a block, not the sweep):
+    Result.records is None and finished_records(spill) gives them, MPART set, in the same order."""
     blocks = _block_ranges(images, max(1, settings.block))
-    records, stats, observations = [], [], []
+    stats, observations = [], []
+    kept = RecordSpill.in_memory() if spill is None else spill
     args = (crystal, beam, detector, goniometer, scan)
     interrupted = None
+
+    def take(block, recs, sts, obs_):
+        kept.add(recs, block[-1])
+        if spill is None:             # what refinement would need of each part; not kept when spilling
+            observations.extend(obs_)
+        stats.extend(sts)
+        for s in sts:
+            on_image and on_image(s)
     if (settings.nproc > 1 or settings.scheduler) and len(blocks) > 1:
         ex = _executor(settings)
         try:
             futures = [ex.submit(integrate_block, *args, b, settings, read_image, integrate_fn)
                        for b in blocks]
-            for f in futures:
-                recs, sts, obs_ = f.result()
-                observations += obs_
-                records += recs
-                stats += sts
-                for s in sts:
-                    on_image and on_image(s)
+            for b, f in zip(blocks, futures):
+                take(b, *f.result())
         except Interrupted as e:
             interrupted = e
             for f in futures:
@@ -322,23 +327,124 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     else:
         try:
             for b in blocks:
-                recs, sts, obs_ = integrate_block(*args, b, settings, read_image, integrate_fn)
-                observations += obs_
-                records += recs
-                stats += sts
-                for s in sts:
-                    on_image and on_image(s)
+                take(b, *integrate_block(*args, b, settings, read_image, integrate_fn))
         except Interrupted as e:      # keep what is finished; the caller writes it
             interrupted = e
-    rec = np.concatenate(records) if records else np.zeros(0, RECORD_DTYPE)
-    if len(rec):
-        hkl = np.stack([rec["h"], rec["k"], rec["l"]], 1)
-        rec["mpart"] = partial_codes(hkl, rec["batch"], rec["fractioncalc"])
-        combine_weak_partials(rec)
+    if spill is None:
+        done = list(finished_records(kept))
+        rec = np.concatenate(done) if done else np.zeros(0, RECORD_DTYPE)
+    else:
+        rec = None
     result = Result(rec, stats)
     result.interrupted = interrupted
     result.observations = np.concatenate(observations) if observations else np.zeros(0, OBS_DTYPE)
     return result
+
+
+class RecordSpill:
+    """The records of finished blocks, in image order, in a temporary file beside HKLOUT (removed by
+    close) until the MTZ is written from them; or, for the plain API, in memory."""
+
+    def __init__(self, near=None):
+        self.blocks = []           # (last image of the block, number of records)
+        self.path, self.f, self._mem = None, None, None
+        if near is None:
+            self._mem = []
+            return
+        import tempfile
+        self.near = os.fspath(near)
+        d = os.path.dirname(os.path.abspath(near))
+        try:
+            fd, self.path = tempfile.mkstemp(prefix="." + os.path.basename(near) + ".", suffix=".spill", dir=d)
+        except OSError as e:
+            from .mtz import MtzError
+            raise MtzError(self.near, f"cannot be written (no temporary file beside it for the finished "
+                           f"blocks' reflections: {e.strerror or e})") from None
+        self.f = os.fdopen(fd, "w+b")
+
+    @classmethod
+    def in_memory(cls):
+        return cls(None)
+
+    def add(self, records, last_image):
+        rec = np.concatenate(records) if len(records) else np.zeros(0, RECORD_DTYPE)
+        if self._mem is not None:
+            self._mem.append(rec)
+        else:
+            try:
+                self.f.write(rec.tobytes())
+            except OSError as e:      # the MTZ's first bytes, in effect: reported as its write failing
+                from .mtz import MtzError
+                raise MtzError(self.near, "cannot be written (the write failed part-way: is the disk full?); "
+                               f"the finished blocks' reflections could not be kept beside it "
+                               f"({e.strerror or e})") from None
+        self.blocks.append((last_image, len(rec)))
+
+    def chunks(self):
+        """(records of a block, its last image), block by block."""
+        if self._mem is not None:
+            yield from zip(self._mem, (b[0] for b in self.blocks))
+            return
+        self.f.flush()
+        self.f.seek(0)
+        for last, n in self.blocks:
+            buf = self.f.read(n * RECORD_DTYPE.itemsize)
+            yield np.frombuffer(buf, RECORD_DTYPE).copy(), last
+
+    def close(self):
+        if self.f is not None:
+            import contextlib
+            self.f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.f = None
+
+
+def finished_records(spill):
+    """The spill's records in their order with MPART set and weak partials combined, a block at a time.
+
+    Both are computed per reflection (records of the same indices on consecutive images), so a
+    reflection is finished once the block after its last image is in; records are handed on when every
+    reflection they belong to is finished, and come out exactly as if the whole sweep were at hand."""
+    held, done, last = np.zeros(0, RECORD_DTYPE), np.zeros(0, bool), None
+    for new, last in spill.chunks():
+        out, held, done = _finish(held, done, new, last, final=False)
+        if len(out):
+            yield out
+    if last is not None:
+        out, _, _ = _finish(held, done, np.zeros(0, RECORD_DTYPE), last, final=True)
+        if len(out):
+            yield out
+
+
+def _finish(held, done, new, last_image, final):
+    from .mtz import partial_codes
+    seq = np.concatenate([held, new])
+    fin = np.concatenate([done, np.zeros(len(new), bool)])
+    work = np.flatnonzero(~fin)
+    w = seq[work]
+    # reflections (same indices, consecutive images) among the unfinished records
+    order = np.lexsort((w["batch"], w["l"], w["k"], w["h"]))
+    ws = w[order]
+    start = np.ones(len(ws), bool)
+    start[1:] = ~((ws["h"][1:] == ws["h"][:-1]) & (ws["k"][1:] == ws["k"][:-1]) &
+                  (ws["l"][1:] == ws["l"][:-1]) & (ws["batch"][1:] == ws["batch"][:-1] + 1))
+    gid = np.empty(len(w), np.int64)
+    gid[order] = np.cumsum(start) - 1
+    last = np.full(int(gid.max()) + 1 if len(w) else 0, -2 ** 31, np.int64)
+    np.maximum.at(last, gid, w["batch"])
+    still_open = (last[gid] >= last_image) & (not final)       # may go on onto the next block's images
+    closing = work[~still_open]
+    if len(closing):
+        sub = seq[closing]
+        hkl = np.stack([sub["h"], sub["k"], sub["l"]], 1)
+        sub["mpart"] = partial_codes(hkl, sub["batch"], sub["fractioncalc"])
+        combine_weak_partials(sub)
+        seq[closing] = sub
+        fin[closing] = True
+    first_open = int(w["batch"][still_open].min()) if still_open.any() else None
+    emit = np.ones(len(seq), bool) if first_open is None else seq["batch"] < first_open
+    return seq[emit], seq[~emit], fin[~emit]
 
 
 def _executor(settings):
@@ -407,8 +513,6 @@ def _image_range(job, args):
 
 def run_process(job, args):
     """PROCESS a TO b [START phi ANGLE dphi]: integrate images a..b into HKLOUT and SUMMARY."""
-    from .fileio import atomic_open  # noqa: F401  (outputs below are all written atomically)
-    from .mtz import BatchInfo, write_unmerged_mtz
     from . import summary as summ
     import functools
     first, last = _image_range(job, args)
@@ -499,7 +603,26 @@ def run_process(job, args):
     # an absolute directory: worker processes (or other machines) may not share this working directory
     reader = functools.partial(read_image_data, job.template, os.path.abspath(job.directory),
                                job.extension)
+    hklout = job.files.get("HKLOUT", "hklout.mtz")
+    # finished blocks' records wait on disk beside HKLOUT, not in memory, until the MTZ is written
+    spill = RecordSpill(hklout)
+    try:
+        return _process_spilled(job, spill, hklout, (crystal, beam, det, gonio, scan), first, last,
+                                settings, reader, integrate_image, on_image, reported, reporting, auto,
+                                tables)
+    finally:
+        spill.close()
+
+
+def _process_spilled(job, spill, hklout, models, first, last, settings, reader, integrate_image,
+                     on_image, reported, reporting, auto, tables):
+    """PROCESS's integration and outputs, the records kept in `spill` (run_process closes it)."""
     import signal
+    from . import autoparams
+    from . import summary as summ
+    from .mtz import BatchInfo, write_unmerged_mtz
+    crystal, beam, det, gonio, scan = models
+    log = job.log
 
     def _stop(signum, frame):
         if reporting["now"]:
@@ -509,7 +632,7 @@ def run_process(job, args):
     old = {s_: signal.signal(s_, _stop) for s_ in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
-                                  reader, integrate_image, on_image=on_image)
+                                  reader, integrate_image, on_image=on_image, spill=spill)
         for s_ in result.stats:     # a signal can stop the reports part-way through a finished block
             if s_.image not in reported:
                 try:
@@ -519,14 +642,12 @@ def run_process(job, args):
     finally:
         for s_, h in old.items():
             signal.signal(s_, h)
-    autoparams.summation_fallback(result.records, auto)
     if result.interrupted is not None:
         done = [s.image for s in result.stats if not s.error]
         log.line("")
         log.line(f" ***** Interrupted (signal {result.interrupted.signum}) after "
                  f"{len(done)} image(s): writing what is finished")
     bad = [s for s in result.stats if s.error]
-    hklout = job.files.get("HKLOUT", "hklout.mtz")
     batches = []
     U = __import__("pyflm.geometry", fromlist=["misset_matrix"]).misset_matrix(*crystal.missets) @ crystal.U
     for s in result.stats:
@@ -541,9 +662,12 @@ def run_process(job, args):
         if result.interrupted is not None:
             raise result.interrupted
         raise ProcessingError("no image could be integrated")
-    keep = np.isin(result.records["batch"], [b.number for b in batches])
+    numbers = [b.number for b in batches]
+    # the records stream from the spill into the MTZ, a block at a time, MPART set as they pass
+    records = (autoparams.summation_fallback(c, auto)[np.isin(c["batch"], numbers)]
+               for c in finished_records(spill))
     kwn = lambda n, d: ((job.kw.get(n) or {}).get("_args") or [d])[0]
-    n = write_unmerged_mtz(hklout, result.records[keep], space_group=crystal.space_group,
+    n = write_unmerged_mtz(hklout, records, space_group=crystal.space_group,
                            cell=crystal.cell, wavelength=beam.wavelength, batches=batches,
                            pname=kwn("PNAME", "PNAME"), xname=kwn("XNAME", "XNAME"),
                            dname=kwn("DNAME", "DNAME"), title=kwn("TITLE", ""),

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import SHARED, SIM
 from pyflm.errors import InputError, PyflmError
-from pyflm.mtz import (COLUMNS, FLAG_EDGE, FLAG_OVERLOAD, BatchInfo, MtzError, decode_mpart,
+from pyflm.mtz import (COLUMNS, FLAG_EDGE, FLAG_OVERLOAD, BatchInfo, MtzError, as_records, decode_mpart,
                        encode_mpart, pack_bgpk, partial_codes, read_unmerged_mtz, unpack_bgpk,
-                       write_unmerged_mtz)
+                       unmerged_mtz_object, write_unmerged_mtz)
 
 CELLS = {
     "P 1": (31.0, 42.0, 53.0, 81.0, 97.0, 103.0),
@@ -278,3 +278,74 @@ def test_predicted_sweep_written_as_mtz_scores_cc_truth_one(tmp_path):
     # partials were joined: far fewer observations than records, and most unique reflections seen
     assert overall["n_obs"] < 0.6 * score["records"]
     assert overall["completeness"] > 0.5
+
+
+# ---- a file written as the blocks come, without the sweep in memory ------------------------------------
+
+def predicted_sweep():
+    """The sim sweep's predicted records in image order (as PROCESS hands them on), noisy, with batches."""
+    truth = json.loads((SIM / "truth.json").read_text())
+    cols = sweep_records_from_predictions(SIM / "predictions.csv")
+    rng = np.random.default_rng(3)
+    cols["IPR"] = cols["I"] + rng.normal(0, 1, len(cols["I"])) * cols["SIGI"]     # weak parts too
+    order = np.argsort(cols["BATCH"], kind="stable")
+    cols = {k: np.asarray(v)[order] for k, v in cols.items()}
+    batches = [BatchInfo(number=i, phi_start=i - 1.0, phi_end=float(i), cell=truth["cell"],
+                         umat=np.array(truth["U_mosflm"]), mosaic=truth["mosaic_fwhm_deg"],
+                         wavelength=truth["wavelength_A"], distance=truth["distance_mm"])
+               for i in range(1, 61)]
+    meta = dict(space_group="P 21 21 21", cell=truth["cell"], wavelength=truth["wavelength_A"],
+                batches=batches, pname="sim", xname="xtal", dname="sweep", title="predicted sweep",
+                history=["From pyflm, images 1 to 60"])
+    return cols, meta
+
+
+def test_an_mtz_written_block_by_block_is_gemmis_file_byte_for_byte(tmp_path):
+    cols, meta = predicted_sweep()
+    rec = as_records(cols, meta["batches"])
+    gemmi_file = tmp_path / "gemmi.mtz"
+    unmerged_mtz_object(rec, **meta).write_to_file(str(gemmi_file))      # the whole table in memory
+    blocks = [rec[(rec["batch"] > b) & (rec["batch"] <= b + 5)] for b in range(0, 60, 5)]
+    streamed = tmp_path / "streamed.mtz"
+    assert write_unmerged_mtz(streamed, iter(blocks), **meta) == len(rec)
+    assert streamed.read_bytes() == gemmi_file.read_bytes()
+    # and so everything a reader sees: columns, ranges, batches, cell, symmetry, history
+    got = read_unmerged_mtz(streamed)
+    assert [c for c, _ in got.columns] == [c for c, _ in COLUMNS]
+    assert len(got.batches) == 60 and got.history == ["From pyflm, images 1 to 60"]
+    assert got.space_group.hm == "P 21 21 21"
+    np.testing.assert_allclose(got.cell, meta["cell"], atol=1e-4)
+    np.testing.assert_array_equal(got.records["h"], rec["h"])
+    np.testing.assert_array_equal(got.records["ipr"], rec["ipr"])
+    rs = pytest.importorskip("reciprocalspaceship")
+    ds = rs.read_mtz(str(streamed))
+    assert len(ds) == len(rec) and "BATCH" in ds.columns and ds.spacegroup.hm == "P 21 21 21"
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_records_kept_on_disk_come_back_as_the_whole_sweep_would_give_them(tmp_path):
+    """PROCESS keeps finished blocks' records in a file beside HKLOUT and finishes each reflection (MPART,
+    weak partials fitted over their images) once the block after it is in: the same values, in the
+    same order, as from the whole sweep, while holding no more than a few blocks at a time."""
+    from pyflm.integrate import RecordSpill, combine_weak_partials, finished_records
+    cols, meta = predicted_sweep()
+    rec = as_records(cols, meta["batches"])
+    # PROCESS measures no reflection wider than MAXWIDTH (5 images here), as the limit on what is held
+    rec = rec[decode_mpart(rec["mpart"])[0] <= 5]
+    whole = rec.copy()
+    whole["mpart"] = partial_codes(np.stack([whole["h"], whole["k"], whole["l"]], 1), whole["batch"],
+                                   whole["fractioncalc"])
+    combine_weak_partials(whole)
+    assert np.count_nonzero(whole["ipr"] != rec["ipr"]) > 100      # weak partials were combined
+    spill = RecordSpill(tmp_path / "out.mtz")
+    assert os.path.dirname(spill.path) == str(tmp_path)
+    for b in range(0, 60, 5):
+        block = rec[(rec["batch"] > b) & (rec["batch"] <= b + 5)]
+        spill.add([block[block["batch"] <= b + 2], block[block["batch"] > b + 2]], b + 5)
+    chunks = list(finished_records(spill))
+    spill.close()
+    assert not list(tmp_path.iterdir())                            # the spill file is gone
+    got = np.concatenate(chunks)
+    assert got.tobytes() == whole.tobytes()
+    per_block = len(rec) / 12
+    assert len(chunks) >= 10 and max(len(c) for c in chunks) < 2 * per_block
