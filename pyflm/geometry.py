@@ -183,6 +183,26 @@ def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0,
     return origin, ex, ey, n
 
 
+def imgcif_to_mosflm_frame(rotation_axis):
+    """Rows: MOSFLM's X (the beam), Y and Z (the scan axis, made perpendicular to the beam) in the
+    imgCIF lab of a goniometer whose scan axis is rotation_axis (with the axes it sits on applied)."""
+    e = np.asarray(rotation_axis, float)
+    e = e / np.linalg.norm(e)
+    X = np.array([0.0, 0.0, -1.0])                # the beam, source to crystal
+    Z = e - X * (e @ X)
+    Z /= np.linalg.norm(Z)
+    return np.array([X, np.cross(Z, X), Z])
+
+
+def polarisation_angle(rotation_axis, electric=(1.0, 0.0, 0.0)):
+    """Angle (degrees, about the beam from MOSFLM's Z towards Y) of a synchrotron beam's electric vector,
+    which lies along the imgCIF lab's x (horizontal, in the orbit plane; DIALS's polarization normal is
+    y), for a scan about rotation_axis: 0 when the axis is horizontal, 54.7 for I19's phi scan at chi
+    -54.7 (MOSFLM itself assumes 0)."""
+    E = imgcif_to_mosflm_frame(rotation_axis) @ np.asarray(electric, float)
+    return float(np.degrees(np.arctan2(E[1], E[2])))
+
+
 def imgcif_detector_to_mosflm(rotation_axis, fast, slow, two_theta=0.0, two_theta_axis=(1.0, 0.0, 0.0)):
     """MOSFLM's (two_theta, DETECTOR OMEGA) for a detector described by imgCIF axes.
 
@@ -196,12 +216,7 @@ def imgcif_detector_to_mosflm(rotation_axis, fast, slow, two_theta=0.0, two_thet
     problem is None, or a few words why MOSFLM's model cannot represent this detector (mirrored
     axes, two-theta about another axis), in which case the angles are the nearest it can.
     """
-    e = np.asarray(rotation_axis, float)
-    e = e / np.linalg.norm(e)
-    X = np.array([0.0, 0.0, -1.0])                # the beam, source to crystal
-    Z = e - X * (e @ X)
-    Z /= np.linalg.norm(Z)
-    M = np.array([X, np.cross(Z, X), Z])          # rows: MOSFLM's X, Y, Z in imgCIF
+    M = imgcif_to_mosflm_frame(rotation_axis)
     ex, ey = M @ np.asarray(slow, float), M @ np.asarray(fast, float)
     # detector_frame: ex = R_x(omega) (0, -1, 0) = (0, -cos w, -sin w), ey = (0, -sin w, cos w)
     omega = float(np.degrees(np.arctan2(-ex[2], -ex[1]))) % 360.0

@@ -45,6 +45,7 @@ class ImageHeader:
     gain: Optional[float] = None
     exposure: Optional[float] = None
     polarisation: Optional[float] = None
+    polarisation_angle: float = 0.0     # geometry.polarisation_angle of the scan axis
     warnings: list = field(default_factory=list)
     raw: dict = field(default_factory=dict)
 
@@ -295,6 +296,7 @@ def _parse_minicbf(img, path):
     axes = _imgcif_axes(img.header)
     if axes is not None:
         tt, h.omega, problem = geometry.imgcif_detector_to_mosflm(*axes)
+        h.polarisation_angle = geometry.polarisation_angle(axes[0])
         h.two_theta = tt if axes[3] else h.two_theta
         if problem:
             h.warnings.append(f"detector axes in the header: {problem}; MOSFLM's model is approximate")
@@ -510,7 +512,7 @@ def experiment_for(job, image):
     if missing:
         raise ImageError(hdr.path, f"the header lacks {', '.join(missing)}: give "
                                    f"{' and '.join(missing)} keyword(s)")
-    beam = Beam(float(wl))
+    beam = Beam(float(wl), polarisation_angle=hdr.polarisation_angle)
     div = _kw(job, "DIVERGENCE").get("_args")
     if div:
         beam.divergence = (float(div[0]), float(div[-1]))

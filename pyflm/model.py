@@ -19,6 +19,7 @@ class Beam:
     divergence: tuple = (0.02, 0.02)       # degrees, horizontal and vertical (MOSFLM's default)
     dispersion: float = 0.0002             # delta lambda / lambda
     polarisation: float = 0.95             # fraction polarised in the horizontal (lab XY) plane
+    polarisation_angle: float = 0.0        # degrees from the rotation axis (Z) to the electric vector
     polarisation_model: str = "SYNCHROTRON"  # SYNCHROTRON | MONOCHROMATOR | PINHOLE
     monochromator_two_theta: float = 0.0   # degrees, for MONOCHROMATOR
 

@@ -105,6 +105,30 @@ def deck_lines(kw):
             f"DISTORTION TILT {100 * kw['TILT']:.1f} TWIST {100 * kw['TWIST']:.1f}"]
 
 
+def lp_factors(path, experiment, x_px, y_px, fraction=0.99):
+    """DIALS's Lorentz-polarisation correction (its reflection tables' "lp": zeta / P, with the electric
+    vector along the lab x, polarization normal y) at detector pixels (x fast, y slow) of one
+    experiment of a .expt: to compare the LP factors of another model with it."""
+    e = json.load(open(path))
+    ex = e["experiment"][experiment]
+    panel = e["detector"][ex["detector"]]["panels"][0]
+    gon, beam = e["goniometer"][ex["goniometer"]], e["beam"][ex["beam"]]
+    o, f, sl = (np.asarray(panel[k], float) for k in ("origin", "fast_axis", "slow_axis"))
+    px = panel["pixel_size"][0]
+    pos = o + np.asarray(x_px, float)[:, None] * px * f + np.asarray(y_px, float)[:, None] * px * sl
+    s1 = pos / np.linalg.norm(pos, axis=1)[:, None]
+    s0 = -np.asarray(beam["direction"], float)
+    s0 /= np.linalg.norm(s0)
+    axes, angles, i = gon["axes"], gon["angles"], gon["scan_axis"]
+    S = np.eye(3)
+    for ax, ang in zip(axes[i + 1:], angles[i + 1:]):
+        S = _rot(ax, ang) @ S
+    m2 = S @ np.asarray(axes[i], float)
+    zeta = np.abs(s1 @ np.cross(m2 / np.linalg.norm(m2), s0))
+    P = fraction * (1 - s1[:, 0] ** 2) + (1 - fraction) * (1 - s1[:, 1] ** 2)
+    return zeta / P
+
+
 def read_integrated_csv(path):
     """DIALS's integrated reflections: a dict of numpy arrays by column name."""
     with open(path) as f:

@@ -4,10 +4,19 @@ MTZ is compared with DIALS 3.12's integration of the same images (ref/dials312_s
 Reflections are matched by (h, k, l) after putting both in the same indexing (DIALS's few rows of
 one (h, k, l), a reflection split in two, summed): for an orthorhombic
 cell only the choice of axes (a signed permutation) can differ, so the one that matches most is
-taken.  Our intensity of a reflection is the sum of its parts over the images (MTZ I, LP-corrected);
-DIALS's is its profile-fitted intensity where it has one, else the summation one, times its LP
-correction.  Figures printed: the fraction of DIALS's reflections we measure, the CC of the
-intensities of DIALS's I/sigma > 3 reflections, and the median ratio of our sigmas to DIALS's.
+taken.  Our intensity of a reflection is the sum of its parts over the images (MTZ I, LP-corrected:
+summation, as the sweep is too sparse for profiles); DIALS's is its summation intensity times its LP
+correction.  (DIALS's profile-fitted intensity of a partial cut by the sweep's end estimates the whole
+reflection, up to 2.3 times what is on the images, which no sum of recorded parts can match.)
+Figures printed: the fraction of DIALS's reflections we measure, the CC of the intensities of DIALS's
+I/sigma > 3 reflections, and the median ratio of our sigmas to DIALS's.
+
+DIALS predicts 1 degree beyond the scan and integrates what its boxes reach, so it lists reflections
+whose centres lie 0.3-1 degree outside these 15 images and of which, in its own model, nothing is on
+them (partiality 0 to the CSV's 4 decimals): 19 of sweep 4's 47, 25 of sweep 1's 77, all but 4 of
+them noise (DIALS I/sigma -0.9 to 2.7; pyflm measures those 4).  dials.export itself drops them
+(partiality_threshold 0.4).  The figures are given over all of DIALS's reflections, over those with
+something recorded (partiality > 0), and as the fraction of DIALS's I/sigma > 3 ones measured.
 
 Also the automatic parameters (pyflm.autoparams) on spot lists made here.
 """
@@ -65,7 +74,7 @@ def merge_duplicates(ref):
         fitted = bool(np.all(ref["integrated_prf"][idx] > 0))
         for c in ref:
             v = ref[c][idx]
-            if c in ("I_sum", "var_sum") or (c in ("I_prf", "var_prf") and fitted):
+            if c in ("I_sum", "var_sum", "partiality") or (c in ("I_prf", "var_prf") and fitted):
                 out[c].append(v.sum())
             elif c == "integrated_prf":
                 out[c].append(float(fitted))
@@ -76,7 +85,7 @@ def merge_duplicates(ref):
 
 def compare_with_dials(ours, ref):
     """(fraction of DIALS's reflections measured, CC for DIALS I/sigma > 3, median sigma ratio,
-    number of strong reflections, the reindexing matrix)."""
+    number of strong reflections, the reindexing matrix), against DIALS's summation intensities."""
     hkl = np.stack([ref["h"], ref["k"], ref["l"]], 1).astype(int)
     best = None
     for perm in itertools.permutations(range(3)):
@@ -87,9 +96,7 @@ def compare_with_dials(ours, ref):
             if best is None or n > best[0]:
                 best = (n, T)
     T = best[1]
-    prf = ref["integrated_prf"] > 0
-    I_d = np.where(prf, ref["I_prf"], ref["I_sum"])
-    var_d = np.maximum(np.where(prf, ref["var_prf"], ref["var_sum"]), 1e-12)
+    I_d, var_d = ref["I_sum"], np.maximum(ref["var_sum"], 1e-12)
     found = np.array([tuple(T @ h) in ours for h in hkl])
     I_o = np.array([ours[tuple(T @ h)][0] if f else np.nan for h, f in zip(hkl, found)])
     s_o = np.array([np.sqrt(ours[tuple(T @ h)][1]) if f else np.nan for h, f in zip(hkl, found)])
@@ -97,6 +104,10 @@ def compare_with_dials(ours, ref):
     cc = np.corrcoef(I_o[strong], I_d[strong] * ref["lp"][strong])[0, 1]
     sig_ratio = np.median(s_o[found] / (np.sqrt(var_d[found]) * ref["lp"][found]))
     return found.mean(), cc, sig_ratio, int(strong.sum()), T
+
+
+def subset(ref, keep):
+    return {k: v[keep] for k, v in ref.items()}
 
 
 def run_sweep(sweep, tmp_path):
@@ -107,13 +118,11 @@ def run_sweep(sweep, tmp_path):
     return r.stdout
 
 
-# Sweep 1 reaches the issue's targets.  Sweep 4 does not yet (what it reaches is asserted so that it
-# cannot get worse unnoticed): its DIALS model refined on these 15 images turned the detector 8 degrees
-# about the beam from where the header and the whole data set put it (omega 207 against 215.3), so
-# DIALS's near-axis predictions there are doubtful; a dead pixel (-2) in the peak of (4 2 1) makes
-# pyflm drop its parts on images 2-14; and reflections nearer the axis than MAXWIDTH 5 allows are
-# not measured at all.
-TARGETS = {1: (0.90, 0.95, 0.95), 4: (0.60, 0.85, 0.85)}   # fraction, CC, fraction of the fitted
+# What is not reached, and why (sweep 4): 19 of DIALS's 47 reflections have nothing on these images
+# (above); (1 4 11) lies 2 degrees from the rotation axis, recorded on all 15 images as its spot moves
+# 6 pixels, and is predicted 14 degrees wide (> MAXWIDTH 5; 0.7 % of it per image), so is not measured.
+# Floors over all of DIALS's reflections keep the figures from getting worse unnoticed.
+ALL_ROWS_FLOOR = {1: 0.90, 4: 0.65}
 
 
 @pytest.mark.slow
@@ -137,19 +146,28 @@ def test_lcys_one_deck_against_dials(sweep, tmp_path):
     lines = [ln.split() for ln in log.splitlines() if "<I/sigI> profile fitted" in ln]
     assert len(lines) == 15 and all(ln[3] == ln[5].rstrip(";") and ln[8] == ln[9] for ln in lines), lines[:3]
     assert any(float(ln[3]) > 0 for ln in lines)
+    ours = our_reflections(tmp_path / "lcys.mtz")
     ref = merge_duplicates(read_integrated_csv(LCYS / "ref" / f"dials312_sweep{sweep}_integrated.csv"))
-    frac, cc, sig_ratio, n_strong, T = compare_with_dials(our_reflections(tmp_path / "lcys.mtz"), ref)
-    print(f"\nL-cysteine sweep {sweep}: {frac:.1%} of DIALS's {len(ref['h'])} reflections measured; "
-          f"CC {cc:.4f} over {n_strong} with DIALS I/sigma > 3; median sigma ratio ours/DIALS "
-          f"{sig_ratio:.2f}; reindexing {T.tolist()}")
+    frac_all, cc_all, sig_all, n_all, T = compare_with_dials(ours, ref)
+    print(f"\nL-cysteine sweep {sweep}: {frac_all:.1%} of all DIALS's {len(ref['h'])} reflections measured; "
+          f"CC {cc_all:.4f} over {n_all} with DIALS I/sigma > 3; median sigma ratio ours/DIALS "
+          f"{sig_all:.2f}; reindexing {T.tolist()}")
+    rec = subset(ref, ref["partiality"] > 0)
+    frac, cc, sig_ratio, n_strong, _ = compare_with_dials(ours, rec)
+    print(f"  of the {len(rec['h'])} with something on these images (DIALS partiality > 0): {frac:.1%} "
+          f"measured, CC {cc:.4f} over {n_strong} with I/sigma > 3, sigma ratio {sig_ratio:.2f}")
+    strong = subset(ref, ref["I_sum"] > 3 * np.sqrt(np.maximum(ref["var_sum"], 1e-12)))
+    frac_s = compare_with_dials(ours, strong)[0]
+    print(f"  of the {len(strong['h'])} with DIALS I/sigma > 3: {frac_s:.1%} measured")
     # the reflections DIALS could profile-fit (its data README counts these: 37 and 18 with I/sigma > 3)
-    fitted = {k: v[ref["integrated_prf"] > 0] for k, v in ref.items()}
-    frac_p, cc_p, sig_p, n_p, _ = compare_with_dials(our_reflections(tmp_path / "lcys.mtz"), fitted)
+    fitted = subset(ref, ref["integrated_prf"] > 0)
+    frac_p, cc_p, sig_p, n_p, _ = compare_with_dials(ours, fitted)
     print(f"  of the {len(fitted['h'])} DIALS profile-fitted: {frac_p:.1%} measured, CC {cc_p:.4f} over "
           f"{n_p} with I/sigma > 3, sigma ratio {sig_p:.2f}")
-    min_frac, min_cc, min_frac_p = TARGETS[sweep]
-    assert frac >= min_frac and cc >= min_cc
-    assert frac_p >= min_frac_p and cc_p >= min_cc
+    # the issue's figures: 90 % measured, CC >= 0.95
+    assert frac >= 0.90 and cc >= 0.95 and frac_s >= 0.90
+    assert frac_p >= 0.90 and cc_p >= 0.95
+    assert frac_all >= ALL_ROWS_FLOOR[sweep] and cc_all >= 0.95
     assert 0.5 < sig_ratio < 2.0
 
 
@@ -295,3 +313,27 @@ def test_dials_rows_of_one_reflection_are_summed():
     assert m["h"].tolist() == [1.0, 2.0] and m["I_sum"].tolist() == [15.0, 7.0]
     assert m["var_sum"].tolist() == [3.0, 3.0] and m["integrated_prf"].tolist() == [0.0, 1.0]
     assert m["I_prf"].tolist() == [11.0, 8.0] and m["lp"].tolist() == [0.5, 0.7]
+
+
+@pytest.mark.parametrize("sweep", [1, 4])
+def test_polarisation_follows_the_scan_axis_of_a_kappa_goniometer(sweep):
+    """Sweep 4 turns about phi at chi -54.7, so in MOSFLM's frame (Z along the scan axis) the beam's
+    horizontal electric vector lies 54.7 degrees from Z.  pyflm's LP factors from the header's
+    geometry agree with those of DIALS's model of the whole data set (ref/indexed.expt, refined on
+    4 x 1700 images) at DIALS's spot positions; with the vector along Z they were 0.6-1.5 times them."""
+    from dials_ref import lp_factors
+    from pyflm import geometry, predict
+    from pyflm.images import read_header
+    hdr = read_header(LCYS / f"l-cyst_0{sweep}_00001.cbf.gz")
+    assert hdr.polarisation_angle == pytest.approx({1: 0.0, 4: 54.73}[sweep], abs=0.01)
+    det = Detector(hdr.distance, *hdr.beam, hdr.pixel_fast, hdr.pixel_slow, hdr.n_fast, hdr.n_slow,
+                   two_theta=hdr.two_theta, omega=hdr.omega)
+    ref = read_integrated_csv(LCYS / "ref" / f"dials312_sweep{sweep}_integrated.csv")
+    x, y = det.pixel_to_mm(ref["x_cal_px"], ref["y_cal_px"])
+    s1 = geometry.mm_to_lab(x, y, det.frame())
+    s1 /= np.linalg.norm(s1, axis=1)[:, None]
+    lor, pol = predict.lorentz_polar(s1, Goniometer().axis, hdr.polarisation, "SYNCHROTRON",
+                                     polarisation_angle=hdr.polarisation_angle)
+    ratio = 1.0 / (lor * pol) / lp_factors(LCYS / "ref" / "indexed.expt", sweep - 1, ref["x_cal_px"],
+                                           ref["y_cal_px"], hdr.polarisation)
+    assert np.all(np.abs(ratio - 1) < 0.05), np.percentile(ratio, [0, 50, 100])
