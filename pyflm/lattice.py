@@ -1,17 +1,23 @@
-"""Lattice characters: which Bravais lattices a reduced cell fits, with what distortion (penalty).
+"""The 44 lattice characters of the Niggli reduced cell, with penalties (MOSFLM's and XDS's table).
 
-For the reduced (Buerger/Niggli) real-space basis, every integer transformation with entries in
-{-1, 0, 1} and determinant 1, 2, 3 or 4 is tried (19 683 matrices, vectorised).  A transformed basis is a
-candidate conventional cell of a Bravais type when the primitive lattice points fall on that type's
-centring positions (P, C, I, F, R obverse); its penalty measures how far its metric is from the type's
-ideal one: ten times the angle deviations in degrees plus length mismatches in percent (a cell that fits
-exactly scores 0; MOSFLM treats < 20 as acceptable).  For each Bravais type the lowest-penalty transformation is
-kept, and the table lists them as MOSFLM lists its lattice characters: penalty, cell, lattice and the
-space groups possible for it (the one with no screw axes first, which indexing assigns).
+International Tables A, Table 9.2.5.1 (Burzlaff & Zimmermann; the reduction of Krivy & Gruber as made
+numerically stable by Grosse-Kunstleve, Sauter & Adams 2004, Acta A60 1-6): a Niggli reduced cell has
+the metric A = a.a, B = b.b, C = c.c, D = b.c, E = a.c, F = a.b; each of the 44 lattice characters is a
+set of linear conditions on (A, B, C, D, E, F), a sign type (I: D, E, F all > 0; II: all <= 0), a
+Bravais lattice and the transformation from the reduced to the conventional cell.
+
+The observed cell is reduced with gemmi (GruberVector.niggli_reduce).  Its penalty for a character is
+the distance of its metric from the nearest metric obeying the character's conditions (a least-squares
+projection onto them, each element measured relative to its diagonal, so 1 degree or 1 % off an ideal
+cell scores about 10, MOSFLM's scale: < 20 is acceptable, 999 is impossible).  Measurement error moves a
+cell across the Niggli boundaries (|2D| = B, angles at 90 ...), where the reduced cell of the true
+lattice is another, equally short basis: the penalty is the smallest over the bases as short as the
+reduced one (to 2 %), so a lattice near a boundary keeps its character.
 """
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,204 +40,307 @@ SG_NUMBER = {"P1": 1, "P2": 3, "C2": 5, "P222": 16, "C222": 21, "I222": 23, "F22
              "I4": 79, "P3": 143, "H3": 146, "P23": 195, "I23": 197, "F23": 196}
 SYMMETRY_ORDER = {"aP": 1, "mP": 2, "mC": 2, "oP": 4, "oC": 4, "oI": 4, "oF": 4, "tP": 8, "tI": 8,
                   "hP": 12, "hR": 6, "cP": 24, "cI": 24, "cF": 24}
+CENTRING = {"P": [(0, 0, 0)], "C": [(0, 0, 0), (0.5, 0.5, 0)], "I": [(0, 0, 0), (0.5, 0.5, 0.5)],
+            "F": [(0, 0, 0), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
+            "R": [(0, 0, 0), (2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)]}
+# rows: the primitive rhombohedral basis in the hexagonal (obverse) cell's coordinates
+HEX_TO_RHOMBOHEDRAL = np.array([[2 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, 1 / 3], [-1 / 3, -2 / 3, 1 / 3]])
 
-_CENTRING = {
-    "P": [(0, 0, 0)],
-    "C": [(0, 0, 0), (0.5, 0.5, 0)],
-    "I": [(0, 0, 0), (0.5, 0.5, 0.5)],
-    "F": [(0, 0, 0), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
-    "R": [(0, 0, 0), (2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)],
-}
-_DET = {"P": 1, "C": 2, "I": 2, "F": 4, "R": 3}
+# IT A Table 9.2.5.1: number, Bravais lattice, Niggli type, conditions (besides the ordering
+# A <= B <= C), transformation rows (conventional basis = T @ reduced basis).  Type II's
+# "2|D+E+F| = A+B" reads -2D-2E-2F = A+B, since D, E, F <= 0 there.  All transformations are
+# right-handed (17: the table's matrix negated); 43 (I-centred monoclinic in the table) is given in
+# its C-centred setting, as MOSFLM reports it ("C2 (transformed from I2)").
+_TABLE = """
+ 1 cF 1 A=B=C; D=E=F=A/2                    1 -1 1 / 1 1 -1 / -1 1 1
+ 2 hR 1 A=B=C; D=E=F                        1 -1 0 / -1 0 1 / -1 -1 -1
+ 3 cP 2 A=B=C; D=E=F=0                      1 0 0 / 0 1 0 / 0 0 1
+ 4 hR 2 A=B=C; D=E=F                        1 -1 0 / -1 0 1 / -1 -1 -1
+ 5 cI 2 A=B=C; D=E=F=-A/3                   1 0 1 / 1 1 0 / 0 1 1
+ 6 tI 2 A=B=C; D=E; -2D-2E-2F=A+B           0 1 1 / 1 0 1 / 1 1 0
+ 7 tI 2 A=B=C; E=F; -2D-2E-2F=A+B           1 0 1 / 1 1 0 / 0 1 1
+ 8 oI 2 A=B=C; -2D-2E-2F=A+B                -1 -1 0 / -1 0 -1 / 0 -1 -1
+ 9 hR 1 A=B; D=E=F=A/2                      1 0 0 / -1 1 0 / -1 -1 3
+10 mC 1 A=B; D=E                            1 1 0 / 1 -1 0 / 0 0 -1
+11 tP 2 A=B; D=E=F=0                        1 0 0 / 0 1 0 / 0 0 1
+12 hP 2 A=B; D=E=0; F=-A/2                  1 0 0 / 0 1 0 / 0 0 1
+13 oC 2 A=B; D=E=0                          1 1 0 / -1 1 0 / 0 0 1
+14 mC 2 A=B; D=E                            1 1 0 / -1 1 0 / 0 0 1
+15 tI 2 A=B; D=E=-A/2; F=0                  1 0 0 / 0 1 0 / 1 1 2
+16 oF 2 A=B; D=E; -2D-2E-2F=A+B             -1 -1 0 / 1 -1 0 / 1 1 2
+17 mC 2 A=B; -2D-2E-2F=A+B                  -1 1 0 / -1 -1 0 / 1 0 1
+18 tI 1 B=C; D=A/4; E=F=A/2                 0 -1 1 / 1 -1 -1 / 1 0 0
+19 oI 1 B=C; E=F=A/2                        -1 0 0 / 0 -1 1 / -1 1 1
+20 mC 1 B=C; E=F                            0 1 1 / 0 1 -1 / -1 0 0
+21 tP 2 B=C; D=E=F=0                        0 1 0 / 0 0 1 / 1 0 0
+22 hP 2 B=C; D=-B/2; E=F=0                  0 1 0 / 0 0 1 / 1 0 0
+23 oC 2 B=C; E=F=0                          0 1 1 / 0 -1 1 / 1 0 0
+24 hR 2 B=C; E=F=-A/3; -2D-2E-2F=A+B        1 2 1 / 0 -1 1 / 1 0 0
+25 mC 2 B=C; E=F                            0 1 1 / 0 -1 1 / 1 0 0
+26 oF 1 D=A/4; E=F=A/2                      1 0 0 / -1 2 0 / -1 0 2
+27 mC 1 E=F=A/2                             -1 2 0 / -1 0 0 / 0 -1 1
+28 mC 1 E=A/2; F=2D                         -1 0 0 / -1 0 2 / 0 1 0
+29 mC 1 E=2D; F=A/2                         1 0 0 / 1 -2 0 / 0 0 -1
+30 mC 1 D=B/2; F=2E                         0 1 0 / 0 1 -2 / -1 0 0
+31 aP 1 -                                   1 0 0 / 0 1 0 / 0 0 1
+32 oP 2 D=E=F=0                             1 0 0 / 0 1 0 / 0 0 1
+33 mP 2 D=F=0                               1 0 0 / 0 1 0 / 0 0 1
+34 mP 2 D=E=0                               -1 0 0 / 0 0 -1 / 0 -1 0
+35 mP 2 E=F=0                               0 -1 0 / -1 0 0 / 0 0 -1
+36 oC 2 D=F=0; E=-A/2                       1 0 0 / -1 0 -2 / 0 1 0
+37 mC 2 E=-A/2; F=0                         1 0 2 / 1 0 0 / 0 1 0
+38 oC 2 D=E=0; F=-A/2                       -1 0 0 / 1 2 0 / 0 0 -1
+39 mC 2 E=0; F=-A/2                         -1 -2 0 / -1 0 0 / 0 0 -1
+40 oC 2 D=-B/2; E=F=0                       0 -1 0 / 0 1 2 / -1 0 0
+41 mC 2 D=-B/2; F=0                         0 -1 -2 / 0 -1 0 / -1 0 0
+42 oI 2 D=-B/2; E=-A/2; F=0                 -1 0 0 / 0 -1 0 / 1 1 2
+43 mC 2 -2D-2E-2F=A+B; -2D-F=B              1 1 0 / -1 -1 -2 / -1 0 0
+44 aP 2 -                                   1 0 0 / 0 1 0 / 0 0 1
+"""
+
+_VARS = "ABCDEF"
+
+
+def _linear(expr):
+    """Coefficients over (A..F) of a sum of terms like 'A', '-B/2', '2D', '0'."""
+    v = np.zeros(6)
+    for sign, num, var, den in re.findall(r"([+-]?)(\d*)([A-F]?)(?:/(\d+))?", expr.replace(" ", "")):
+        if not var:
+            continue
+        v[_VARS.index(var)] += (-1 if sign == "-" else 1) * float(num or 1) / float(den or 1)
+    return v
+
+
+@dataclass
+class Character:
+    number: int
+    lattice: str
+    niggli_type: int
+    conditions: str
+    transform: np.ndarray         # (3, 3) int
+    equations: np.ndarray         # (k, 6): equations @ (A, B, C, D, E, F) = 0
+
+
+def _parse_table():
+    out = []
+    for line in _TABLE.strip().splitlines():
+        num, lat, typ, rest = line.split(None, 3)
+        cond, mat = rest[:36].strip(), rest[36:]
+        T = np.array([[int(x) for x in row.split()] for row in mat.split("/")])
+        eqs = []
+        for clause in ([] if cond == "-" else cond.split(";")):
+            sides = [_linear(s) for s in clause.split("=")]
+            eqs += [sides[i] - sides[i + 1] for i in range(len(sides) - 1)]
+        out.append(Character(int(num), lat, int(typ), cond, T, np.array(eqs).reshape(-1, 6)))
+    return out
+
+
+CHARACTERS = _parse_table()
+
+
+def metric(basis):
+    """(A, B, C, D, E, F) of real basis rows."""
+    G = basis @ basis.T
+    return np.array([G[0, 0], G[1, 1], G[2, 2], G[1, 2], G[0, 2], G[0, 1]])
+
+
+def _g33(g):
+    A, B, C, D, E, F = g
+    return np.array([[A, F, E], [F, B, D], [E, D, C]])
+
+
+def cell_of(basis):
+    """(a, b, c, alpha, beta, gamma) of real basis rows (3, 3)."""
+    return _cell_of_metric(metric(np.asarray(basis, float)))
+
+
+def _cell_of_metric(g):
+    A, B, C, D, E, F = g
+    a, b, c = np.sqrt([A, B, C])
+    ang = lambda x: float(np.degrees(np.arccos(np.clip(x, -1, 1))))
+    return (float(a), float(b), float(c), ang(D / (b * c)), ang(E / (a * c)), ang(F / (a * b)))
+
+
+def niggli_reduce(basis):
+    """The Niggli reduced basis of the lattice of real basis rows (gemmi's Krivy-Gruber reduction):
+    (reduced rows, integer matrix N with reduced = N @ basis)."""
+    import gemmi
+    basis = np.asarray(basis, float)
+    if np.linalg.det(basis) < 0:
+        basis = basis * -1.0
+        flip = -1
+    else:
+        flip = 1
+    gv = gemmi.GruberVector(gemmi.UnitCell(*cell_of(basis)), "P", True)
+    # gemmi compares metric elements to epsilon: scale it to the cell (A^2)
+    gv.niggli_reduce(epsilon=1e-7 * float(np.mean(metric(basis)[:3])), iteration_limit=200)
+    op = gv.change_of_basis
+    N = np.rint(np.array(op.rot, float).T / op.DEN).astype(int) * flip
+    return N @ (basis * flip), N
+
+
+_UNIMODULAR = None
+
+
+def _unimodular():
+    """Every integer matrix with entries -1, 0, 1 and determinant +1 (3 480 of them)."""
+    global _UNIMODULAR
+    if _UNIMODULAR is None:
+        m = np.array(list(itertools.product((-1, 0, 1), repeat=9))).reshape(-1, 3, 3)
+        _UNIMODULAR = m[np.rint(np.linalg.det(m)) == 1]
+    return _UNIMODULAR
+
+
+def _null_basis(eqs):
+    if not len(eqs):
+        return np.eye(6)
+    _, s, vt = np.linalg.svd(eqs)
+    rank = int(np.sum(s > 1e-9))
+    return vt[rank:].T
+
+
+# one of these per sign pattern: the character's equations plus "this element is 0"
+_NULL_CACHE = {}
+
+
+def _projection(ch, g, w):
+    """Nearest metric to g (n, 6) obeying character ch, in the metric weighted by w (n, 6), with the
+    character's sign type imposed (elements of the wrong sign pinned at 0)."""
+    n = len(g)
+    fixed = np.zeros((n, 3), bool)
+    out = np.empty_like(g)
+    todo = np.arange(n)
+    for _ in range(4):
+        if not len(todo):
+            break
+        pats = fixed[todo]
+        for pat in np.unique(pats, axis=0):
+            sel = todo[np.all(pats == pat, axis=1)]
+            key = (ch.number, tuple(pat))
+            if key not in _NULL_CACHE:
+                extra = np.eye(6)[3:][pat]
+                _NULL_CACHE[key] = _null_basis(np.concatenate([ch.equations, extra]))
+            N = _NULL_CACHE[key]
+            WN = w[sel, :, None] * N[None]                         # (k, 6, m)
+            p = np.einsum("kmi,ki->km", np.linalg.pinv(WN), w[sel] * g[sel])
+            out[sel] = p @ N.T
+        def_ = out[todo, 3:]
+        wrong = def_ < -1e-12 if ch.niggli_type == 1 else def_ > 1e-12
+        fixed[todo] |= wrong
+        todo = todo[np.any(wrong, axis=1)]
+    return out
+
+
+# penalty per unit of relative metric distance: an angle 1 degree from 90 scores about 10 (MOSFLM's scale)
+_PENALTY_SCALE = 400.0
+
+
+def _weights(g):
+    A, B, C = g[:, 0], g[:, 1], g[:, 2]
+    r2 = np.sqrt(2.0)
+    return np.stack([1 / A, 1 / B, 1 / C, r2 / np.sqrt(B * C), r2 / np.sqrt(A * C), r2 / np.sqrt(A * B)], 1)
 
 
 @dataclass
 class Solution:
-    number: int
+    number: int                # row of the table, 1 = lowest penalty (SOLUTION n)
     lattice: str
     penalty: float
-    transform: np.ndarray      # new real basis rows = transform @ reduced basis rows
-    cell: tuple                # raw (transformed) cell
-    reg_cell: tuple            # cell with the lattice's constraints imposed
+    transform: np.ndarray      # conventional real basis rows = transform @ the basis given
+    cell: tuple                # raw: the observed cell transformed
+    reg_cell: tuple            # the nearest cell obeying the character (its constraints imposed)
+    character: int = 0         # International Tables number, 1-44
+    ref_cell: tuple = None     # refined with the constraints (pre-refinement), if done
+    sd_mm: float = None        # sd in spot positions of that refinement
+    fraction: float = None     # fraction of the spots it indexes
 
     @property
     def space_group(self):
         return SPACE_GROUPS[self.lattice].split()[0]
 
-
-def cell_of(basis):
-    """(a, b, c, alpha, beta, gamma) of real basis rows (3, 3)."""
-    a, b, c = basis
-    la, lb, lc = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(c)
-    ang = lambda u, v, lu, lv: np.degrees(np.arccos(np.clip(u @ v / (lu * lv), -1, 1)))
-    return (la, lb, lc, ang(b, c, lb, lc), ang(a, c, la, lc), ang(a, b, la, lb))
-
-
-def reduce_basis(basis, n_iter=20):
-    """A reduced basis (shortest independent vectors, Niggli-like: all angles >= or all <= 90) of the
-    lattice spanned by real basis rows; returns (reduced rows, integer matrix T with reduced = T @ basis)."""
-    B = np.array(basis, float)
-    T = np.eye(3)
-    combos = np.array([c for c in itertools.product(range(-2, 3), repeat=3) if any(c)], float)
-    for _ in range(n_iter):
-        vecs = combos @ B
-        lens = np.linalg.norm(vecs, axis=1)
-        order = np.argsort(lens, kind="stable")
-        chosen = []
-        for i in order:
-            cand = chosen + [i]
-            M = combos[cand]
-            if np.linalg.matrix_rank(M) == len(cand):
-                chosen = cand
-            if len(chosen) == 3:
-                break
-        M = combos[chosen]
-        if abs(round(np.linalg.det(M))) != 1:
-            # the shortest vectors span a sublattice: keep the basis, only sort it
-            break
-        newB = M @ B
-        T = M @ T
-        if np.allclose(newB, B):
-            break
-        B = newB
-    # right-handed, and all angles acute or all obtuse (flip signs of vectors)
-    if np.linalg.det(B) < 0:
-        B[2] *= -1
-        T[2] *= -1
-    best = None
-    for signs in itertools.product((1, -1), repeat=3):
-        S = np.diag(signs)
-        if np.linalg.det(S) < 0:
-            continue
-        c = cell_of(S @ B)
-        acute = all(x <= 90 + 1e-6 for x in c[3:])
-        obtuse = all(x >= 90 - 1e-6 for x in c[3:])
-        if acute or obtuse:
-            best = S
-            break
-    if best is not None:
-        B, T = best @ B, best @ T
-    return B, np.round(T).astype(int)
+    @property
+    def rhombohedral_cell(self):
+        """For hR: the primitive rhombohedral cell of the regularised hexagonal cell."""
+        from . import geometry
+        hexb = np.linalg.inv(geometry.b_matrix(self.reg_cell))
+        return cell_of(HEX_TO_RHOMBOHEDRAL @ hexb)
 
 
-def _transforms(reduced_basis, n_short=40):
-    """Candidate integer transformations: triples of the shortest lattice vectors (coefficients -2..2
-    on the reduced basis; a conventional cell's axes are short lattice vectors), determinant 1 to 4."""
-    combos = np.array([c for c in itertools.product(range(-2, 3), repeat=3) if any(c)], float)
-    # one of each +/- pair
-    first_nz = np.array([c[np.flatnonzero(c)[0]] for c in combos])
-    combos = combos[first_nz > 0]
-    lens = np.linalg.norm(combos @ reduced_basis, axis=1)
-    short = combos[np.argsort(lens, kind="stable")[:n_short]]
-    idx = np.array(list(itertools.combinations(range(len(short)), 3)))
-    # every order of the three axes: the unique axis of a lattice type may be any of them
-    idx = np.concatenate([idx[:, p] for p in itertools.permutations(range(3))])
-    T = short[idx]                                    # (n, 3, 3)
-    det = np.round(np.linalg.det(T)).astype(int)
-    T[det < 0, 2] *= -1                               # right-handed
-    det = np.abs(det)
-    keep = np.isin(det, (1, 2, 3, 4))
-    T, det = T[keep], det[keep]
-    # all sign choices of the first two axes give the same lattice but different angles (90 +/- x)
-    return T, det
-
-
-def _centring_ok(T, centring):
-    """Does the lattice generated by the old basis equal the `centring` lattice of the new cell?"""
-    inv = np.linalg.inv(T)                     # rows: old basis vectors in new-cell coordinates
-    frac = np.mod(np.round(inv * 6) / 6, 1.0)  # fractional parts
-    allowed = np.array(_CENTRING[centring])
-    # each old basis vector must sit on an allowed centring position
-    d = np.abs(frac[:, :, None, :] - allowed[None, None, :, :])
-    d = np.minimum(d, 1 - d)
-    return np.all(np.any(np.all(d < 1e-3, axis=-1), axis=-1), axis=-1)
-
-
-def _penalties(cells, lattice):
-    """Penalty of each cell (n, 6) for a lattice type, and the regularised cells."""
-    a, b, c, al, be, ga = cells.T
-    # flipping the sign of one axis turns gamma into 180 - gamma: a 60-degree pair is a 120-degree one
-    ga = np.where(ga < 90, 180 - ga, ga) if lattice[0] == "h" else ga
-    rel = lambda x, y: 100 * np.abs(x - y) / ((x + y) / 2)
-    d90 = lambda x: np.abs(x - 90)
-    reg = cells.copy()
-    kind = lattice[0]
-    if kind == "a":
-        pen = np.zeros(len(cells))
-    elif kind == "m":
-        pen = d90(al) + d90(ga)
-        reg[:, 3] = reg[:, 5] = 90
-    elif kind == "o":
-        pen = d90(al) + d90(be) + d90(ga)
-        reg[:, 3:] = 90
-    elif kind == "t":
-        pen = d90(al) + d90(be) + d90(ga) + rel(a, b)
+def _regularise(cell, lat):
+    """Impose the Bravais lattice's exact constraints (the projection leaves rounding)."""
+    a, b, c, al, be, ga = cell
+    k = lat[0]
+    if k == "a":
+        return tuple(cell)
+    if k == "m":
+        return (a, b, c, 90.0, be, 90.0)
+    if k == "o":
+        return (a, b, c, 90.0, 90.0, 90.0)
+    if k == "t":
         m = (a + b) / 2
-        reg[:, 0] = reg[:, 1] = m
-        reg[:, 3:] = 90
-    elif kind == "h":
-        pen = d90(al) + d90(be) + np.abs(ga - 120) + rel(a, b)
+        return (m, m, c, 90.0, 90.0, 90.0)
+    if k == "h":
         m = (a + b) / 2
-        reg[:, 0] = reg[:, 1] = m
-        reg[:, 3] = reg[:, 4] = 90
-        reg[:, 5] = 120
-    else:   # cubic
-        pen = d90(al) + d90(be) + d90(ga) + rel(a, b) + rel(b, c) + rel(a, c)
-        m = (a + b + c) / 3
-        reg[:, :3] = m[:, None]
-        reg[:, 3:] = 90
-    # MOSFLM's scale: a solution 1 degree (or 1 %) from ideal scores about 10; < 20 is acceptable
-    return 10.0 * pen, reg
+        return (m, m, c, 90.0, 90.0, 120.0)
+    m = (a + b + c) / 3
+    return (m, m, m, 90.0, 90.0, 90.0)
 
 
-def lattice_solutions(reduced_basis):
-    """The best transformation of each Bravais type for a reduced real basis, sorted by penalty."""
-    T, det = _transforms(reduced_basis)
-    new = np.einsum("nij,jk->nik", T, reduced_basis)
-    lens = np.linalg.norm(new, axis=2)
-    cos = lambda i, j: np.einsum("nk,nk->n", new[:, i], new[:, j]) / (lens[:, i] * lens[:, j])
-    cells = np.stack([lens[:, 0], lens[:, 1], lens[:, 2], np.degrees(np.arccos(np.clip(cos(1, 2), -1, 1))),
-                      np.degrees(np.arccos(np.clip(cos(0, 2), -1, 1))),
-                      np.degrees(np.arccos(np.clip(cos(0, 1), -1, 1)))], 1)
+def lattice_solutions(basis, alt_tolerance=0.02):
+    """The 44 lattice characters of the lattice of real basis rows, each with its penalty and
+    conventional cell, sorted by penalty (number 1 = lowest)."""
+    basis = np.asarray(basis, float)
+    red, N = niggli_reduce(basis)
+    g0 = metric(red)
+    # bases as short as the reduced one, to alt_tolerance in A + B + C: the reduced cells of the
+    # lattices near this one (across a Niggli boundary) are among them
+    U = _unimodular()
+    G0 = _g33(g0)
+    GU = np.einsum("nij,jk,nlk->nil", U, G0, U)
+    tr = np.trace(GU, axis1=1, axis2=2)
+    keep = np.flatnonzero(tr <= np.trace(G0) * (1 + alt_tolerance))
+    keep = keep[np.argsort(np.any(U[keep] != np.eye(3, dtype=int), axis=(1, 2)), kind="stable")]
+    U, GU = U[keep], GU[keep]                     # the reduced cell itself first
+    g = np.stack([GU[:, 0, 0], GU[:, 1, 1], GU[:, 2, 2], GU[:, 1, 2], GU[:, 0, 2], GU[:, 0, 1]], 1)
+    w = _weights(g)
+    # among bases that fit a character as well, the reduced cell itself, else one in its order
+    # A <= B <= C (the characters' transformations assume it: an orthorhombic cell comes out a < b < c)
+    disorder = (np.maximum(g[:, 0] - g[:, 1], 0) + np.maximum(g[:, 1] - g[:, 2], 0)) / (tr[keep] / 3)
+    tie = 0.01 * disorder + 1e-9 * np.arange(len(g))
     out = []
-    for lat in LATTICES:
-        if lat == "aP":
-            out.append(Solution(0, "aP", 0.0, np.eye(3, dtype=int), cell_of(reduced_basis),
-                                cell_of(reduced_basis)))
-            continue
-        cen = lat[1] if lat[1] in "CIFR" else "P"
-        sel = np.flatnonzero(det == _DET[cen])
-        if cen != "P":
-            sel = sel[_centring_ok(T[sel], cen)]
-        if not len(sel):
-            continue
-        pen, reg = _penalties(cells[sel], lat)
-        if lat == "hR":     # rhombohedral cells are described on hexagonal axes: a = b, gamma 120
-            pass
-        # prefer, among equal penalties, conventional settings: monoclinic beta >= 90, a <= c
-        tie = np.zeros(len(sel))
-        if lat[0] == "m":
-            tie += (cells[sel, 4] < 90) * 0.001 + (cells[sel, 0] > cells[sel, 2]) * 0.0005
-        if lat[0] == "o" or lat[0] == "t":
-            tie += (cells[sel, 0] > cells[sel, 1]) * 0.0005 + (cells[sel, 1] > cells[sel, 2]) * 0.0003 \
-                if lat[0] == "o" else 0
-        # among settings that fit as well (to 0.3 degrees, within the noise of a fit), the shortest
-        # cell: a long monoclinic axis at beta 168 can fit a hair better by chance, but is not the cell
-        # anyone would report
-        near = pen <= pen.min() + 3.0
-        size = cells[sel, 0] + cells[sel, 1] + cells[sel, 2]
-        k = int(np.argmin(np.where(near, size / size[near].min() * 1e3 + pen + tie, np.inf)))
-        Tk, cell_k = T[sel[k]].astype(int), tuple(cells[sel[k]])
-        if lat == "hP" and cell_k[5] < 90:
-            # gamma 60 is the same lattice as 120: turn a and c round (still right-handed) so the
-            # cell is the conventional one its regularised cell and refinement start from
-            Tk = np.diag([-1, 1, -1]) @ Tk
-            cell_k = cell_of(Tk @ reduced_basis)
-        out.append(Solution(0, lat, float(min(pen[k], 999.0)), Tk, tuple(cell_k), tuple(reg[k])))
-    out.sort(key=lambda s: (s.penalty, -SYMMETRY_ORDER[s.lattice]))
+    for ch in CHARACTERS:
+        proj = _projection(ch, g, w)
+        dist = np.linalg.norm(w * (g - proj), axis=1)
+        k = int(np.argmin(dist + tie))
+        pen = float(min(_PENALTY_SCALE * dist[k], 999.0))
+        M = ch.transform
+        T = M @ U[k] @ N
+        raw = cell_of(T @ basis)
+        gc = _g33(proj[k])
+        gc = M @ gc @ M.T
+        if np.all(np.linalg.eigvalsh(gc) > 0):
+            reg = _cell_of_metric([gc[0, 0], gc[1, 1], gc[2, 2], gc[1, 2], gc[0, 2], gc[0, 1]])
+        else:                  # far from the character: its nearest metric is no cell at all
+            reg = raw
+        if ch.lattice[0] == "m" and raw[4] < 90:
+            # the same cell with a and c reversed (still right-handed): beta >= 90, as reported
+            T = np.diag([-1, 1, -1]) @ T
+            raw = cell_of(T @ basis)
+            reg = (reg[0], reg[1], reg[2], reg[3], 180.0 - reg[4], reg[5])
+        out.append(Solution(0, ch.lattice, pen, T.astype(int), tuple(raw), _regularise(reg, ch.lattice),
+                            character=ch.number))
+    out.sort(key=lambda s: (round(s.penalty, 6), -SYMMETRY_ORDER[s.lattice], s.character))
     for i, s in enumerate(out, 1):
         s.number = i
     return out
+
+
+def best_per_lattice(solutions):
+    """The lowest-penalty solution of each Bravais lattice (the first in the table's order)."""
+    seen = {}
+    for s in solutions:
+        seen.setdefault(s.lattice, s)
+    return list(seen.values())
 
 
 def preferred(solutions, max_penalty=20.0):
@@ -239,15 +348,45 @@ def preferred(solutions, max_penalty=20.0):
     ok = [s for s in solutions if s.penalty <= max_penalty]
     if not ok:
         return min(solutions, key=lambda s: s.penalty)
-    return max(ok, key=lambda s: (SYMMETRY_ORDER[s.lattice], -s.penalty))
+    return max(ok, key=lambda s: (SYMMETRY_ORDER[s.lattice], -s.penalty, -s.number))
 
 
-def format_table(solutions, sd_cell=None):
-    lines = [" No PENALTY SDCELL FRACN LATT      a        b        c     alpha  beta gamma  Possible spacegroups"]
-    for s in solutions:
-        sg = SPACE_GROUPS[s.lattice]
-        sd = sd_cell if sd_cell is not None else 0.0
-        lines.append(f"{s.number:3d} {s.penalty:7.0f} {sd:6.1f} {1.0:5.2f}   {s.lattice:2s}"
-                     f"{s.cell[0]:9.2f}{s.cell[1]:9.2f}{s.cell[2]:9.2f}{s.cell[3]:7.1f}{s.cell[4]:6.1f}"
-                     f"{s.cell[5]:6.1f}  {sg}")
+def _cellfmt(c):
+    return f"{c[0]:9.2f}{c[1]:9.2f}{c[2]:9.2f}{c[3]:8.1f}{c[4]:6.1f}{c[5]:6.1f}"
+
+
+def format_table(solutions):
+    """MOSFLM's table: highest penalty first, the lowest last, next to the suggested solution.  The
+    first line of a solution has its refined cell ("ref") when it was pre-refined, otherwise the raw
+    one ("unrefined"); the lines under it give the regularised ("reg") and raw ("raw") cells, and for
+    hR the primitive rhombohedral cell."""
+    head = " No PENALTY SDCELL FRACN LATT      a        b        c     alpha  beta gamma  Possible spacegroups"
+    lines = [" List of possible Laue groups, sorted on penalty index.", " The lower the PENALTY, the better",
+             head, ""]
+    for s in sorted(solutions, key=lambda s: -s.number):
+        sg = ",".join(SPACE_GROUPS[s.lattice].split())
+        if s.lattice == "hR":
+            sg += " (hexagonal settings of R3 and R32)"
+        if s.character == 43:
+            sg += " (transformed from I2)"
+        if s.ref_cell is not None:
+            sd = f"{s.sd_mm:6.3f} {s.fraction:4.2f}"
+            first = s.ref_cell
+        else:
+            sd = "   unrefined"
+            first = s.cell
+        lines.append(f" {s.number:3d} {s.penalty:4.0f}  {sd:>12s}  {s.lattice:2s}{_cellfmt(first)}   {sg}")
+        pad = " " * 23
+        if s.ref_cell is not None:
+            lines.append(f"{pad}reg {_cellfmt(s.reg_cell)}")
+            lines.append(f"{pad}raw {_cellfmt(s.cell)}")
+        if s.lattice == "hR":
+            lines.append(f"{pad}    {_cellfmt(s.rhombohedral_cell)}   R3,R32 (primitive rhombohedral cell)")
+    lines.append(head)
     return lines
+
+
+def reduce_basis(basis, n_iter=20):
+    """A reduced basis of the lattice spanned by real basis rows (the Niggli cell, gemmi); returns
+    (reduced rows, integer matrix T with reduced = T @ basis)."""
+    return niggli_reduce(basis)
