@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,6 +154,7 @@ class Fit:
     hkl: np.ndarray = None
     used: np.ndarray = None
     detector: object = None    # the detector with any refined parameters
+    esd: dict = None           # standard uncertainties of the refined detector parameters
 
 
 def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
@@ -255,7 +257,17 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
     good = ok & use & (dxy < max(3 * np.median(dxy[ok & use]) if (ok & use).any() else 1.0, 0.05))
     rms = float(np.sqrt(np.mean(dxy[good] ** 2))) if good.any() else float("nan")
     rphi = float(np.sqrt(np.mean((pp - phi_obs)[good] ** 2))) if good.any() else float("nan")
-    return Fit(Am, float(b[0]), float(b[1]), rms, rphi, int(good.sum()), hkl, good, detector)
+    esd = {}
+    if det_names:
+        # from the Gauss-Newton normal matrix at the solution, scaled by the fit's own residual
+        J = res.jac
+        dof = max(J.shape[0] - J.shape[1], 1)
+        try:
+            cov = np.linalg.pinv(J.T @ J) * (2 * res.cost / dof)
+            esd = {k: float(np.sqrt(max(cov[n_main + i, n_main + i], 0.0))) for i, k in enumerate(det_names)}
+        except np.linalg.LinAlgError:
+            esd = {k: float("inf") for k in det_names}
+    return Fit(Am, float(b[0]), float(b[1]), rms, rphi, int(good.sum()), hkl, good, detector, esd)
 
 
 class _free_cell:
@@ -311,6 +323,19 @@ class IndexingResult:
     detector: object = None        # the detector as refined (distance, tilt, twist), or as given
 
 
+def _assign(r, red, hkldev):
+    """Indices of reciprocal vectors r on the real basis rows red: (hkl, which spots index), one spot
+    per index (the fragments of a split reflection would be fitted twice)."""
+    p = r @ red.T
+    hkl = np.round(p)
+    dev = np.abs(p - hkl).max(axis=1)
+    good = (dev < hkldev) & np.any(hkl != 0, axis=1)
+    order = np.lexsort((dev, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
+    same = np.zeros(len(hkl), bool)
+    same[order[1:]] = np.all(hkl[order[1:]] == hkl[order[:-1]], axis=1)
+    return hkl, good & ~same
+
+
 def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15, refine_beam=True,
                 known_cell=None, known_symmetry=None, solution=None, refine_detector="auto"):
     """Index a spot list (pyflm.spots.SPOT_DTYPE).  Returns IndexingResult; raises ProcessingError."""
@@ -342,16 +367,27 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     basis, frac = choose_basis(r, cands, hkldev)
     red, _ = lattice.reduce_basis(basis)
     Astar = np.linalg.inv(red)                     # columns: reciprocal axes of the reduced cell
-    hkl = np.round(r @ red.T)
-    dev = np.abs(r @ red.T - hkl).max(axis=1)
-    good = (dev < hkldev) & np.any(hkl != 0, axis=1)
-    # one spot per index: the fragments of a split reflection would be fitted twice
-    order = np.lexsort((dev, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
-    same = np.zeros(len(hkl), bool)
-    same[order[1:]] = np.all(hkl[order[1:]] == hkl[order[:-1]], axis=1)
-    good &= ~same
-    fit = refine_orientation(Astar, hkl[good], ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good],
-                             beam.wavelength, detector, reverse=goniometer.reverse_phi, refine_beam=refine_beam)
+    hkl, good = _assign(r, red, hkldev)
+    xyz = (ok["x_mm"], ok["y_mm"], ok["phi"])
+    fit = refine_orientation(Astar, hkl[good], *(v[good] for v in xyz), beam.wavelength, detector,
+                             reverse=goniometer.reverse_phi, refine_beam=refine_beam)
+    # the DPS basis indexes the low-resolution spots; the refined one reaches further out, where
+    # the Ewald sphere's curvature separates the distance from the cell: index again with it (and
+    # the refined beam centre) while that adds spots, as DIALS's macro-cycles do
+    det_cur = detector
+    for _ in range(3):
+        det_try = copy.copy(detector)
+        det_try.beam_x, det_try.beam_y = fit.beam_x, fit.beam_y
+        r_try = spots_to_reciprocal(ok["x_mm"], ok["y_mm"], ok["phi"], beam.wavelength, det_try.frame(),
+                                    goniometer.reverse_phi)
+        hkl_try, good_try = _assign(r_try, np.linalg.inv(fit.A), hkldev)
+        if good_try.sum() < good.sum() + max(2, 0.05 * good.sum()):
+            break
+        fit_try = refine_orientation(fit.A, hkl_try[good_try], *(v[good_try] for v in xyz), beam.wavelength,
+                                     det_try, reverse=goniometer.reverse_phi, refine_beam=refine_beam)
+        if not np.isfinite(fit_try.rms_mm) or fit_try.rms_mm > 1.5 * fit.rms_mm:
+            break
+        hkl, good, fit, det_cur = hkl_try, good_try, fit_try, det_try
     red = np.linalg.inv(fit.A)
     sols = lattice.lattice_solutions(red)
     if known_cell is not None:
@@ -370,7 +406,7 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     # keep the conventional cell's own order but make its axes right-handed (det of conv > 0)
     hkl_c = np.round(hkl[good] @ chosen.transform.T)    # indices transform like the basis rows
     initial_cell = chosen.reg_cell
-    args = (A_conv, hkl_c, ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good], beam.wavelength, detector)
+    args = (A_conv, hkl_c, ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good], beam.wavelength, det_cur)
     kw = dict(reverse=goniometer.reverse_phi, refine_beam=refine_beam,
               cell_params=(chosen.lattice, chosen.reg_cell))
     if refine_detector == "auto":
@@ -378,10 +414,20 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
         # distance can be 1 % out (L-cysteine: 157.9 mm refined, 160 in the header), and the cell
         # scales with it.  With few spots the fit could wander: keep it only near the header's values.
         refine_detector = ("distance", "tilt", "twist") if good.sum() >= 15 else ()
+        if refine_detector and np.ptp(ok["phi"]) < 0.5:
+            # all spots at one phi (one thin image): a tilt of the detector is then nearly a shift
+            # of the beam with a turn of the crystal, and a fit of both walks the beam off by a
+            # millimetre (example_009: 1.1 mm, DIALS keeps it within 0.2); the distance alone
+            refine_detector = ("distance",)
     fit2 = refine_orientation(*args, **kw, refine_detector=refine_detector)
     d2 = fit2.detector
+    # one thin image fixes the distance only through the Ewald sphere's curvature (spots far out
+    # against spots near the beam): keep the refined detector only when its esd says it is known
+    # to a quarter of a percent (the cell scales with it), and near the header's values
+    esd_d = (fit2.esd or {}).get("distance", 0.0)
     if refine_detector and (abs(d2.distance / detector.distance - 1) > 0.03 or
-                            max(abs(d2.tilt - detector.tilt), abs(d2.twist - detector.twist)) > 3.0):
+                            max(abs(d2.tilt - detector.tilt), abs(d2.twist - detector.twist)) > 3.0 or
+                            not esd_d < 0.0025 * detector.distance):
         fit2 = refine_orientation(*args, **kw)
     cell = tuple(geometry.cell_from_a(fit2.A))
     B = geometry.b_matrix(cell)
@@ -394,8 +440,37 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     res = IndexingResult(sols, chosen, crystal, fit2.beam_x, fit2.beam_y,
                          (detector.beam_x, detector.beam_y), fit2.rms_mm, fit2.rms_phi, fit2.n_used,
                          len(ok), tuple(initial_cell), detector=fit2.detector)
+    res.detector_esd = fit2.esd or {}
     res.fraction_indexed = float(np.mean(good))
+    # what pre-refining the other solutions of the table needs (prerefine_solutions)
+    res.fit_data = (red, hkl[good], ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good], len(ok),
+                    beam.wavelength, fit2.detector, goniometer.reverse_phi, fit2.beam_x, fit2.beam_y)
     return res
+
+
+def prerefine_solutions(res, max_penalty=200.0):
+    """MOSFLM's pre-refinement: every solution better than max_penalty refined with its lattice's
+    constraints (orientation and cell, the detector and beam as refined for the chosen one), for the
+    table's "ref" cell, its sd in spot positions (SDCELL) and the fraction of spots it fits (FRACN)."""
+    import copy
+    data = getattr(res, "fit_data", None)
+    if data is None:
+        return
+    red, hkl, x, y, phi, n_spots, wavelength, det, reverse, bx, by = data
+    det = copy.copy(det)
+    det.beam_x, det.beam_y = bx, by
+    for s in res.solutions:
+        if s.penalty >= max_penalty:
+            continue
+        try:
+            A_conv = np.linalg.inv(s.transform @ red)
+            fit = refine_orientation(A_conv, np.round(hkl @ s.transform.T), x, y, phi, wavelength, det,
+                                     reverse=reverse, refine_beam=False, cell_params=(s.lattice, s.reg_cell))
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        if np.isfinite(fit.rms_mm):
+            s.ref_cell = tuple(geometry.cell_from_a(fit.A))
+            s.sd_mm, s.fraction = fit.rms_mm, fit.n_used / max(n_spots, 1)
 
 
 def _good(res, detector):
@@ -674,6 +749,7 @@ def run_autoindex(job, args):
                               "against the backstop shadow), a wrong distance or wavelength, too few spots, "
                               "ice rings or several lattices. Try BEAM, DISTANCE, THRESHOLD, more images "
                               "(AUTOINDEX IMAGE n), RESOLUTION EXCLUDE for ice.") from None
+    prerefine_solutions(res)
     for ln in format_result(res, beam.wavelength):
         log.line(ln)
     if job.crystal is not None and job.crystal.mosaic:
@@ -682,8 +758,10 @@ def run_autoindex(job, args):
     job.kw.setdefault("BEAM", {})["_args"] = [res.beam_x, res.beam_y]
     d = res.detector
     if d is not None and (d.distance != det.distance or d.tilt != det.tilt or d.twist != det.twist):
-        log.line(f" Detector refined with the crystal: distance {det.distance:8.3f} -> {d.distance:8.3f} mm,"
-                 f"  TILT {d.tilt * 100:5.0f}  TWIST {d.twist * 100:5.0f} (0.01 degrees; used from now on)")
+        esd = getattr(res, "detector_esd", {}) or {}
+        log.line(f" Detector refined with the crystal: distance {det.distance:8.3f} -> {d.distance:8.3f} mm"
+                 f" (esd {esd.get('distance', 0.0):5.2f}),  TILT {d.tilt * 100:5.0f}  TWIST {d.twist * 100:5.0f}"
+                 " (0.01 degrees; used from now on)")
         # carried to later lines through the keywords, as cell refinement carries its detector
         job.kw.setdefault("DISTANCE", {})["_args"] = [d.distance]
         dist = job.kw.setdefault("DISTORTION", {})
