@@ -81,6 +81,14 @@ def test_xia2_index_deck_prints_the_lines_xia2_parses(workdir):
     assert abs(float(beam[0]) - 89.66) < 0.1
     refining = [ln for ln in out if "Refining solution #" in ln][0]
     assert refining.split("(number")[1].split(")")[0].strip() == "16"
+    # the 44 lattice characters, highest penalty first, the suggested one pre-refined
+    head = [i for i, ln in enumerate(out) if ln.startswith(" No PENALTY SDCELL FRACN LATT")][:2]
+    rows = [ln.split() for ln in out[head[0] + 1:head[1]] if ln[:5].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(44, 0, -1))
+    n = int([ln for ln in out if "Suggested Solution:" in ln][0].split(":")[1].split()[0])
+    row = rows[44 - n]
+    assert row[2] != "unrefined" and row[4] == "oP" and float(row[2]) < 0.1 and float(row[3]) > 0.8
+    assert abs(float(row[5]) - 42.3) < 0.13 and abs(float(row[7]) - 78.6) < 0.24
     mos = [ln for ln in out if "The mosaicity has been estimated as" in ln]
     assert len(mos) == 2 and abs(float(mos[0].split(">")[1].split()[0]) - 0.3) < 0.09
     assert (workdir / "xiaindex.mat").exists()

@@ -44,12 +44,12 @@ P6M = DATA / "real-pilatus6m-singles"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("image,tolerance", [(4, 0.005), (9, 0.007)])
+@pytest.mark.parametrize("image,tolerance", [(4, 0.005), (9, 0.005)])
 def test_pilatus6m_single_image_indexes_hexagonal(workdir, image, tolerance):
     # one 0.1 degree image of a P3 crystal (two lattices: DIALS indexes two crystals on example_004).
-    # example_009 (72 spots used) reaches only 91.89 46.18 (+0.54 / +0.60 %): one image cannot tell
-    # its distance from its cell (the refinement stays at the header's 305 mm; DIALS refines 303.1,
-    # as example_004 gives here), so the 0.5 % is not met for it; 0.7 % is what holds
+    # The cell scales with the distance, which one image fixes only through the Ewald sphere's
+    # curvature: once the refined lattice indexes the outer spots, the distance is refined (example_004
+    # 303.2 mm, example_009 304.6 +/- 0.35; DIALS 303.8 on 009, the header 305)
     deck = f"TEMPLATE example_###.cbf\nDIRECTORY {P6M}\nAUTOINDEX DPS REFINE IMAGE {image}\nGO\n"
     r = run_ipmosflm(deck, cwd=workdir)
     assert r.returncode == 0, r.stdout[-3000:]
