@@ -609,33 +609,91 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
     kw = {} if settings is None else dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
                                           separation=settings.separation)
     ref = None
-    from .integrate import decode_once
-    segment_image, _ = decode_once(read_image)      # the segments' few images, for every cycle
-    for cycle in range(1, max_cycles + 1):
-        parts = np.concatenate([measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), segment_image,
-                                              **kw) for a, b in segments])
-        # reflections of different segments must not be grouped together
-        seg_of = np.zeros(len(parts), int)
-        for s, (a, b) in enumerate(segments):
-            seg_of[(parts["image"] >= a) & (parts["image"] <= b)] = s
-        parts["refl"] = parts["refl"] * len(segments) + seg_of
-        ref = refine_parameters(parts, cr, beam, det, goniometer, scan, opts, free_cell=cell_free)
-        shift = np.abs(np.array(ref.crystal.cell) - np.array(cr.cell))
-        cycles.append({"cell": ref.crystal.cell, "esd": ref.cell_esd, "rms_mm": ref.rms_mm,
-                       "per_image": ref.per_image_rms, "distance": ref.detector.distance,
-                       "yscale": ref.detector.yscale, "beam": direct_beam(ref.detector),
-                       "mosaic": ref.crystal.mosaic, "missets": ref.crystal.missets, "n": ref.n_pos,
-                       "wresid": ref.wresid,
-                       "n_frac": ref.n_frac})
-        cr, det = ref.crystal, ref.detector
-        if cycle > 1 and np.all(shift <= 2.5 * np.maximum(ref.cell_esd, 1e-6)):
-            break
+    measure = _SegmentMeasurer(segments, read_image, getattr(settings, "nproc", 1))
+    try:
+        for cycle in range(1, max_cycles + 1):
+            parts = np.concatenate(measure(cr, beam, det, goniometer, scan, kw))
+            ref, done = _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle)
+            cr, det = ref.crystal, ref.detector
+            if done:
+                break
+    finally:
+        measure.close()
     # missets folded into U, as MOSFLM's NEWMAT carries them
     U = geometry.misset_matrix(*cr.missets) @ cr.U
     uu, _, vv = np.linalg.svd(U)
     return {"start": cell0, "cell": tuple(cr.cell), "esd": cycles[-1]["esd"], "U": uu @ vv,
             "cycles": cycles, "n": ref.n_pos, "detector": det, "mosaic": cr.mosaic,
             "missets": cr.missets, "rms": ref.rms_mm}
+
+
+def _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle):
+    """One cycle of cell refinement on the segments' measured parts: (Refined, converged)."""
+    # reflections of different segments must not be grouped together
+    seg_of = np.zeros(len(parts), int)
+    for s, (a, b) in enumerate(segments):
+        seg_of[(parts["image"] >= a) & (parts["image"] <= b)] = s
+    parts["refl"] = parts["refl"] * len(segments) + seg_of
+    ref = refine_parameters(parts, cr, beam, det, goniometer, scan, opts, free_cell=cell_free)
+    shift = np.abs(np.array(ref.crystal.cell) - np.array(cr.cell))
+    cycles.append({"cell": ref.crystal.cell, "esd": ref.cell_esd, "rms_mm": ref.rms_mm,
+                   "per_image": ref.per_image_rms, "distance": ref.detector.distance,
+                   "yscale": ref.detector.yscale, "beam": direct_beam(ref.detector),
+                   "mosaic": ref.crystal.mosaic, "missets": ref.crystal.missets, "n": ref.n_pos,
+                   "wresid": ref.wresid,
+                   "n_frac": ref.n_frac})
+    return ref, cycle > 1 and np.all(shift <= 2.5 * np.maximum(ref.cell_esd, 1e-6))
+
+
+class _SegmentMeasurer:
+    """Each cycle's measurement of the segments' parts: in this process, or with NPROC > 1 each
+    segment in a worker process of its own (the same one every cycle, so it decodes its images once).
+    The segments are independent and their parts are put together in segment order: the same parts
+    whatever the number of processes."""
+
+    def __init__(self, segments, read_image, nproc=1):
+        self.segments = list(segments)
+        self.read_image = read_image
+        n = min(int(nproc or 1), len(self.segments))
+        self.pools = []
+        if n > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from .integrate import _ignore_signals
+            self.pools = [ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals) for _ in range(n)]
+        else:
+            from .integrate import decode_once
+            self.segment_image, _ = decode_once(read_image)    # the segments' few images, every cycle
+
+    def __call__(self, cr, beam, det, goniometer, scan, kw):
+        if not self.pools:
+            return [measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), self.segment_image, **kw)
+                    for a, b in self.segments]
+        futures = [self.pools[s % len(self.pools)].submit(_measure_segment, cr, beam, det, goniometer, scan,
+                                                          a, b, self.read_image, kw)
+                   for s, (a, b) in enumerate(self.segments)]
+        return [f.result() for f in futures]
+
+    def close(self):
+        for p in self.pools:
+            p.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER_READERS = {}
+
+
+def _measure_segment(cr, beam, det, goniometer, scan, a, b, read_image, kw):
+    """measure_parts in a segment's worker, its images decoded on the first cycle and kept."""
+    from .integrate import decode_once
+    key = (getattr(read_image, "func", read_image), getattr(read_image, "args", ()))
+    try:
+        reader = _WORKER_READERS.get(key)
+    except TypeError:            # an unhashable reader: no cache
+        key, reader = None, None
+    if reader is None:
+        reader, _ = decode_once(read_image)
+        if key is not None:
+            _WORKER_READERS[key] = reader
+    return measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), reader, **kw)
 
 
 def cycle_lines(result, scan):
@@ -692,8 +750,12 @@ def cell_refinement_segment(job, result, models, first, last):
     opts = options_from(job.kw)
     reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
     repeat = int((job.kw.get("POSTREF") or {}).get("REPEAT", 5))     # REPEAT m: at most m cycles
+    settings = settings_from_job(job, det)
+    if min(settings.nproc, len(segs)) > 1:
+        log.line(f" Cell refinement: the {len(segs)} segments are measured in {min(settings.nproc, len(segs))}"
+                 " processes")
     res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat,
-                      settings=settings_from_job(job, det))
+                      settings=settings)
     for ln in cycle_lines(res, scan) + format_tables(res):
         log.line(ln)
     log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")

@@ -47,6 +47,24 @@ def one_process(tmp_path_factory):
     return d / "one.mtz"
 
 
+def test_cell_refinement_on_two_processes_refines_the_same_cell(tmp_path):
+    """NPROC 2: each segment measured in a worker of its own every cycle; the same cycles, cell and matrix."""
+    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
+            "symmetry P212121\nnproc {n}\nnewmat refined.mat\npostref multi segments 2\n"
+            "process 1 3\ngo\nprocess 58 60\ngo\n")
+    logs = {}
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        r = run_ipmosflm(deck.format(n=n), "HKLOUT", "seg.mtz", cwd=tmp_path / str(n))
+        assert r.returncode == 0, r.stdout[-2000:]
+        lines = r.stdout.splitlines()
+        i = lines.index(" Cell refinement is complete")
+        logs[n] = (lines[i:i + 40], (tmp_path / str(n) / "refined.mat").read_text())
+        assert ("segments are measured in 2 processes" in r.stdout) == (n == 2)
+    assert "Cycle 2" in "\n".join(logs[1][0])
+    assert logs[2] == logs[1]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
