@@ -77,14 +77,15 @@ def simulated(name, cfg, n):
 
 def deck(sweep, n_images, last=None, nproc=1):
     """The user's deck: index from two images, estimate the mosaic spread, refine the cell on two
-    3-image segments, integrate images 1..last."""
+    3-image segments, integrate images 1..last; NPROC first, as a user who wants the cores for the
+    whole job gives it."""
     last = last or n_images
     second = min(n_images, 45)
-    return (f'template "sim_####.cbf"\ndirectory "{sweep}"\n'
+    return (f'template "sim_####.cbf"\ndirectory "{sweep}"\nnproc {nproc}\n'
             f"autoindex dps refine image 1 thresh 20\nautoindex dps refine image {second} thresh 20\n"
             "mosaic estimate 1\ngo\nsymmetry P212121\npostref multi segments 2\n"
             f"process 1 3\ngo\nprocess {n_images - 2} {n_images}\ngo\npostref nosegment\n"
-            f"nproc {nproc}\nprocess 1 {last}\ngo\n")
+            f"process 1 {last}\ngo\n")
 
 
 # ---- the pyflm child: run the deck in this process, timing (and optionally profiling) each stage ------
@@ -362,6 +363,12 @@ def report_main(args, sweep, n_images):
         base = runs[nprocs[0]]
         for p in nprocs[1:]:
             r = runs[p]
+            print(f"   nproc {p} vs {nprocs[0]}, speed-up per stage (seconds {nprocs[0]} -> {p}): " + ", ".join(
+                f"{s} {base['stages'][s]:.1f} -> {r['stages'][s]:.1f} = "
+                f"{base['stages'][s] / max(r['stages'][s], 1e-9):.2f}x" for s in STAGES)
+                + f"; other {base['total'] - sum(base['stages'].values()):.1f} -> "
+                f"{r['total'] - sum(r['stages'].values()):.1f}; total {base['total']:.1f} -> {r['total']:.1f} = "
+                f"{base['total'] / r['total']:.2f}x (goal >= 1.8: {'yes' if base['total'] / r['total'] >= 1.8 else 'no'})")
             ok, why = same_content(base["mtz"], r["mtz"])
             print(f"   nproc {p} vs {nprocs[0]}: integration {base['stages']['integrate']:.2f} s -> "
                   f"{r['stages']['integrate']:.2f} s = {base['stages']['integrate'] / r['stages']['integrate']:.2f}x,"
@@ -402,14 +409,15 @@ def report_memory(args):
     print(f"== peak memory against the number of images processed ({sweep}, {CONFIG_SMALL['nx']} x "
           f"{CONFIG_SMALL['ny']} pixels)")
     print(f"   {load()}")
-    rss, integ = {}, {}
+    rss, stage = {}, {s: {} for s in STAGES}
     for c in counts:
         r = run_pyflm(sweep, n, TMP / f"run-mem-{c}", last=c)
         rss[c] = r["peak_rss_mb"]
-        integ[c] = r["rss_after"]["integrate"]
-        print(f"   PROCESS 1 TO {c}: {r['total']:.1f} s, peak RSS {rss[c]:.1f} MB (of the integration "
-              f"stage {integ[c]:.1f} MB)", flush=True)
-    for what, v in (("peak RSS", rss), ("integration's peak RSS", integ)):
+        for s in STAGES:
+            stage[s][c] = r["rss_after"][s]
+        print(f"   PROCESS 1 TO {c}: {r['total']:.1f} s, peak RSS {rss[c]:.1f} MB; peak within each stage: "
+              + ", ".join(f"{s} {stage[s][c]:.1f}" for s in STAGES) + " MB", flush=True)
+    for what, v in [("peak RSS", rss)] + [(f"{s} stage's peak RSS", stage[s]) for s in STAGES]:
         lo, hi = v[counts[0]], v[counts[-1]]
         print(f"   {what} {counts[-1]} / {counts[0]} images = {hi / lo:.3f} ({100 * (hi - lo) / lo:+.1f} %;"
               f" goal < 20 %: {'yes' if abs(hi - lo) / lo < 0.2 else 'no'})")
