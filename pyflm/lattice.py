@@ -335,14 +335,6 @@ def lattice_solutions(basis, alt_tolerance=0.02):
     return out
 
 
-def best_per_lattice(solutions):
-    """The lowest-penalty solution of each Bravais lattice (the first in the table's order)."""
-    seen = {}
-    for s in solutions:
-        seen.setdefault(s.lattice, s)
-    return list(seen.values())
-
-
 def preferred(solutions, max_penalty=20.0):
     """The highest-symmetry solution within the low-penalty group (MOSFLM's choice)."""
     ok = [s for s in solutions if s.penalty <= max_penalty]

@@ -55,6 +55,18 @@ def test_sim_sweep_indexes_to_the_true_cell_and_orientation(sim_spots, truth, sh
     assert abs(res.beam_x - bx) < 0.1 and abs(res.beam_y - by) < 0.1
 
 
+def test_solution_n_selects_that_row_of_the_table(sim_spots, truth):
+    spots, (beam, det, gonio, scan) = sim_spots
+    first = indexing.index_spots(spots, beam, det, gonio, refine_detector=())
+    assert first.chosen.lattice == "oP" and len(first.solutions) == 44
+    mono = next(s for s in first.solutions if s.lattice == "mP")       # the best monoclinic row
+    res = indexing.index_spots(spots, beam, det, gonio, refine_detector=(), solution=mono.number)
+    assert res.chosen.number == mono.number and res.chosen.lattice == "mP"
+    cell = res.crystal.cell
+    assert abs(cell[3] - 90) < 1e-6 and abs(cell[5] - 90) < 1e-6 and abs(cell[4] - 90) < 0.2
+    assert np.allclose(sorted(cell[:3]), sorted(truth["cell"][:3]), rtol=0.003)
+
+
 def test_mosaic_estimate_is_near_the_truth(sim_spots, truth):
     from pyflm.matrix import read_matrix
     spots, (beam, det, gonio, scan) = sim_spots
