@@ -155,10 +155,15 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             continue
         p = pred[parts["index"][sel]]
         fulls = parts["n_parts"][sel] == 1
+        # the background planes also from the images either side in the block, their spots kept out
+        nb = [j for j in (img - 1, img + 1) if j in datas and not isinstance(datas[j], Exception)]
+        exclude = foreground(img)
+        for j in nb:
+            exclude = exclude | foreground(j)
         res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], raster=raster,
                               gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
                               strong_mask=fulls, profiles=profiles, mask=shadow, regions=regions[sel],
-                              bg_exclude=foreground(img))
+                              bg_exclude=exclude, bg_images=[datas[j] for j in nb])
         lp = p["lorentz"] * p["polar"]
         rec = np.zeros(len(sel), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]

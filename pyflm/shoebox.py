@@ -205,13 +205,14 @@ def fit_background_numpy(boxes, bg_mask, valid, gain=1.0, n_iter=3, cutoff=3.0):
     return plane, coef, use, rms
 
 
-def summation(boxes, plane, peak_mask, valid, bg_used, gain=1.0):
-    """Summation intensity and sigma; background-subtracted peak pixels."""
+def summation(boxes, plane, peak_mask, valid, bg_used, gain=1.0, n_bg_images=1):
+    """Summation intensity and sigma; background-subtracted peak pixels (the plane from bg_used's
+    pixels on each of n_bg_images images)."""
     pk = peak_mask[None] & valid
     net = np.where(pk, boxes - plane, 0.0)
     I = net.sum((1, 2))
     npk = pk.sum((1, 2))
-    nbg = np.maximum(bg_used.sum((1, 2)), 1)
+    nbg = np.maximum(bg_used.sum((1, 2)) * n_bg_images, 1)
     bg_mean = np.where(pk, plane, 0).sum((1, 2)) / np.maximum(npk, 1)
     var = gain * np.maximum(np.where(pk, boxes, 0).sum((1, 2)), 0) + npk ** 2 * gain * \
         np.maximum(bg_mean, 0.5) / nbg
@@ -438,11 +439,13 @@ def _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask,
 
 def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, profiles=None,
                     regions=None, strong_isig=10.0, strong_mask=None, bgratio=3.0, grid=3, mask=None,
-                    bg_exclude=None):
+                    bg_exclude=None, bg_images=()):
     """Measure reflections at predicted (fast, slow) pixel positions on one image.
 
     profiles: standard profiles from block_profiles (e.g. over a block of images); None forms them
     from this image's strong reflections (strong_mask, if given, says which may contribute: fulls).
+    bg_images: neighbouring images whose pixels at the same places join the background plane (then
+    bg_exclude should hold their spots' peaks too).
     Returns an SB_DTYPE array (and the profiles used as the attribute-free second value)."""
     n = len(fast)
     out = np.zeros(n, SB_DTYPE)
@@ -451,9 +454,19 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
     peak_mask, bg_mask = box_masks(raster)
     boxes, cs, cf, on = extract_boxes(data, fast, slow, raster)
     valid = _valid(boxes, nullpix, mask, fast, slow, raster)
-    plane, coef, used, rms = fit_background(boxes, bg_mask, _bg_valid(valid, bg_exclude, fast, slow, raster),
-                                            gain)
-    I, sig, net, npk = summation(boxes, plane, peak_mask, valid, used, gain)
+    bg_boxes, bg_valid = boxes, _bg_valid(valid, bg_exclude, fast, slow, raster)
+    if len(bg_images):
+        # a 3-D background, as DIALS's: the rim pixels of the neighbouring images too (the background
+        # hardly changes over a degree or two), fitted as their mean where every image has a
+        # measurement.  Three times the pixels: weak fulls at 1.4 A correlated with the truth at 0.57
+        # from one image against DIALS's 0.61
+        stack = [boxes] + [extract_boxes(d, fast, slow, raster)[0] for d in bg_images]
+        for b in stack[1:]:
+            bg_valid = bg_valid & (b > nullpix)
+        bg_boxes = np.mean(stack, 0)
+    k_bg = 1 + len(bg_images)
+    plane, coef, used, rms = fit_background(bg_boxes, bg_mask, bg_valid, gain / k_bg)
+    I, sig, net, npk = summation(boxes, plane, peak_mask, valid, used, gain, k_bg)
     regions = region_of(fast, slow, data.shape[1], data.shape[0], grid) if regions is None else regions
     bad_peak = (peak_mask[None] & ~valid).any((1, 2))
     over = (np.where(peak_mask[None], boxes, 0) >= overload).any((1, 2))
