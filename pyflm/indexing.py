@@ -459,18 +459,27 @@ def prerefine_solutions(res, max_penalty=200.0):
     red, hkl, x, y, phi, n_spots, wavelength, det, reverse, bx, by = data
     det = copy.copy(det)
     det.beam_x, det.beam_y = bx, by
+    # a table's figures, not the final fit: 150 spots spread over the list are plenty, and rows
+    # that are the same cell in the same lattice (several characters can give one) are fitted once
+    pick = np.linspace(0, len(hkl) - 1, min(len(hkl), 150)).round().astype(int)
+    frac_scale = len(hkl) / max(n_spots, 1) / len(pick)
+    done = {}
     for s in res.solutions:
         if s.penalty >= max_penalty:
             continue
-        try:
-            A_conv = np.linalg.inv(s.transform @ red)
-            fit = refine_orientation(A_conv, np.round(hkl @ s.transform.T), x, y, phi, wavelength, det,
-                                     reverse=reverse, refine_beam=False, cell_params=(s.lattice, s.reg_cell))
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        if np.isfinite(fit.rms_mm):
+        key = (s.lattice, tuple(np.round(s.reg_cell, 1)))
+        if key not in done:
+            try:
+                A_conv = np.linalg.inv(s.transform @ red)
+                done[key] = refine_orientation(A_conv, np.round(hkl[pick] @ s.transform.T), x[pick], y[pick],
+                                               phi[pick], wavelength, det, reverse=reverse, refine_beam=False,
+                                               cell_params=(s.lattice, s.reg_cell))
+            except (ValueError, np.linalg.LinAlgError):
+                done[key] = None
+        fit = done[key]
+        if fit is not None and np.isfinite(fit.rms_mm):
             s.ref_cell = tuple(geometry.cell_from_a(fit.A))
-            s.sd_mm, s.fraction = fit.rms_mm, fit.n_used / max(n_spots, 1)
+            s.sd_mm, s.fraction = fit.rms_mm, fit.n_used * frac_scale
 
 
 def _good(res, detector):
