@@ -114,7 +114,7 @@ def fit_background(const double[:, :, ::1] boxes, const unsigned char[:, ::1] bg
                         P[b, i, j] = pl
                         sg = sqrt((pl if pl > 1.0 else 1.0) * gain)
                         res = (boxes[b, i, j] - pl) / sg
-                        nw = bg_mask[i, j] & valid[b, i, j] & (fabs(res) <= cutoff)
+                        nw = bg_mask[i, j] & valid[b, i, j] & (fabs(res) <= cutoff + 1e-9)
                         if nw:
                             ss += res * res
                             nnew += 1

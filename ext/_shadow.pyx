@@ -6,19 +6,82 @@ copies of every image and two partitions; on a Pilatus 6M block this was most of
 The numpy twin is pyflm.shoebox.shadow_stats_numpy."""
 import numpy as np
 cimport numpy as cnp
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport malloc, free
 
 cnp.import_array()
+
+cdef extern from *:
+    """
+    /* SSE2's minsd and maxsd: no branch (gcc made the conditional expressions a branch) */
+    #include <emmintrin.h>
+    static inline double pyflm_min(double a, double b) {
+        return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+    static inline double pyflm_max(double a, double b) {
+        return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+    """
+    double pyflm_min(double a, double b) nogil
+    double pyflm_max(double a, double b) nogil
+
+cdef extern from *:
+    """
+    /* A block of five images (the default BLOCK): validity and median of each pixel in one vectorised
+       pass over the rows, the median of 5 from min/max alone (the larger of the pairs' minima and the
+       smaller of their maxima bracket it with the fifth value). */
+    #define PYFLM_MED5(NAME, T, LOAD2) \
+    static void NAME(Py_ssize_t n, const T *p0, const T *p1, const T *p2, const T *p3, const T *p4, \
+                     double nullpix, unsigned char *valid, double *med) { \
+        const __m128d zero = _mm_setzero_pd(), nul = _mm_set1_pd(nullpix), one = _mm_set1_pd(1.0); \
+        const __m128d three = _mm_set1_pd(3.0); \
+        Py_ssize_t k = 0; \
+        for (; k + 2 <= n; k += 2) { \
+            __m128d a = LOAD2(p0 + k), b = LOAD2(p1 + k), c = LOAD2(p2 + k), d = LOAD2(p3 + k); \
+            __m128d e = LOAD2(p4 + k); \
+            __m128d nv = _mm_add_pd(_mm_add_pd(_mm_and_pd(_mm_cmpgt_pd(a, nul), one), \
+                                               _mm_and_pd(_mm_cmpgt_pd(b, nul), one)), \
+                          _mm_add_pd(_mm_add_pd(_mm_and_pd(_mm_cmpgt_pd(c, nul), one), \
+                                                _mm_and_pd(_mm_cmpgt_pd(d, nul), one)), \
+                                     _mm_and_pd(_mm_cmpgt_pd(e, nul), one))); \
+            a = _mm_max_pd(a, zero); b = _mm_max_pd(b, zero); c = _mm_max_pd(c, zero); \
+            d = _mm_max_pd(d, zero); e = _mm_max_pd(e, zero); \
+            __m128d f = _mm_max_pd(_mm_min_pd(a, b), _mm_min_pd(c, d)); \
+            __m128d g = _mm_min_pd(_mm_max_pd(a, b), _mm_max_pd(c, d)); \
+            __m128d m = _mm_max_pd(_mm_min_pd(e, f), _mm_min_pd(_mm_max_pd(e, f), g)); \
+            __m128d ok = _mm_cmpge_pd(nv, three); \
+            _mm_storeu_pd(med + k, _mm_and_pd(m, ok)); \
+            int bits = _mm_movemask_pd(ok); \
+            valid[k] = bits & 1; \
+            valid[k + 1] = (bits >> 1) & 1; \
+        } \
+        for (; k < n; k++) { \
+            double v[5] = {p0[k], p1[k], p2[k], p3[k], p4[k]}; \
+            int nv = 0; \
+            for (int t = 0; t < 5; t++) { nv += v[t] > nullpix; v[t] = pyflm_max(v[t], 0.0); } \
+            double f = pyflm_max(pyflm_min(v[0], v[1]), pyflm_min(v[2], v[3])); \
+            double g = pyflm_min(pyflm_max(v[0], v[1]), pyflm_max(v[2], v[3])); \
+            double m = pyflm_max(pyflm_min(v[4], f), pyflm_min(pyflm_max(v[4], f), g)); \
+            valid[k] = nv >= 3; \
+            med[k] = nv >= 3 ? m : 0.0; \
+        } \
+    }
+    #define PYFLM_LOAD_I32(p) _mm_cvtepi32_pd(_mm_loadl_epi64((const __m128i *)(p)))
+    #define PYFLM_LOAD_F32(p) _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p))))
+    #define PYFLM_LOAD_F64(p) _mm_loadu_pd(p)
+    PYFLM_MED5(pyflm_med5_i32, int, PYFLM_LOAD_I32)
+    PYFLM_MED5(pyflm_med5_f32, float, PYFLM_LOAD_F32)
+    PYFLM_MED5(pyflm_med5_f64, double, PYFLM_LOAD_F64)
+    """
+    void pyflm_med5_i32(Py_ssize_t n, const int *p0, const int *p1, const int *p2, const int *p3,
+                        const int *p4, double nullpix, unsigned char *valid, double *med) nogil
+    void pyflm_med5_f32(Py_ssize_t n, const float *p0, const float *p1, const float *p2, const float *p3,
+                        const float *p4, double nullpix, unsigned char *valid, double *med) nogil
+    void pyflm_med5_f64(Py_ssize_t n, const double *p0, const double *p1, const double *p2,
+                        const double *p3, const double *p4, double nullpix, unsigned char *valid,
+                        double *med) nogil
 
 ctypedef fused pix_t:
     cnp.int32_t
     float
     double
-
-
-cdef int _cmp(const void *a, const void *b) noexcept nogil:
-    cdef double x = (<double *>a)[0], y = (<double *>b)[0]
-    return (x > y) - (x < y)
 
 
 cdef inline double _median_sorted(double *v, int n) noexcept nogil:
@@ -27,47 +90,129 @@ cdef inline double _median_sorted(double *v, int n) noexcept nogil:
     return (v[n // 2 - 1] + v[n // 2]) / 2.0
 
 
-cdef void _stats(pix_t[:, :, ::1] st, double nullpix, int bin_, unsigned char[:, ::1] V,
-                 double[:, ::1] M, double[:, ::1] C) noexcept nogil:
-    cdef Py_ssize_t k = st.shape[0], ns = st.shape[1], nf = st.shape[2]
-    cdef Py_ssize_t i, j, t, u, bi, bj, n
+DEF HIST = 256
+
+
+cdef double _select(double *v, int n, int k) noexcept nogil:
+    """The k-th smallest of v[0:n] (v is reordered): quickselect, exact as sorting."""
+    cdef int lo = 0, hi = n - 1, i, j
+    cdef double piv, t
+    while lo < hi:
+        piv = v[(lo + hi) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while v[i] < piv:
+                i += 1
+            while v[j] > piv:
+                j -= 1
+            if i <= j:
+                t = v[i]
+                v[i] = v[j]
+                v[j] = t
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return v[k]
+    return v[k]
+
+
+cdef double _median(double *v, int n) noexcept nogil:
+    cdef double hi = _select(v, n, n // 2), lo
+    cdef int t
+    if n % 2:
+        return hi
+    lo = v[0]                     # the largest of those below the upper middle
+    for t in range(1, n // 2):
+        if v[t] > lo:
+            lo = v[t]
+    return (lo + hi) / 2.0
+
+
+cdef void _stats(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double nullpix, int bin_,
+                 unsigned char[:, ::1] V, double[:, ::1] M, double[:, ::1] C) noexcept nogil:
+    cdef Py_ssize_t i, j, t, u, bi, bj, n, off
     cdef int nv
-    cdef double x
+    cdef double x, y
     cdef double *buf = <double *>malloc(k * sizeof(double))
     cdef double *bb = <double *>malloc(bin_ * bin_ * sizeof(double))
-    for i in range(ns):
+    if k == 5:
+        if pix_t is cnp.int32_t:
+            pyflm_med5_i32(ns * nf, <const int *>st[0], <const int *>st[1], <const int *>st[2],
+                           <const int *>st[3], <const int *>st[4], nullpix, &V[0, 0], &M[0, 0])
+        elif pix_t is float:
+            pyflm_med5_f32(ns * nf, st[0], st[1], st[2], st[3], st[4], nullpix, &V[0, 0], &M[0, 0])
+        else:
+            pyflm_med5_f64(ns * nf, st[0], st[1], st[2], st[3], st[4], nullpix, &V[0, 0], &M[0, 0])
+    for i in range(ns if k != 5 else 0):
         for j in range(nf):
+            off = i * nf + j
             nv = 0
             for t in range(k):
-                x = st[t, i, j]
-                if x > nullpix:
-                    nv += 1
-                x = x if x > 0 else 0.0
-                # insertion sort of the k values of this pixel
-                u = t
-                while u > 0 and buf[u - 1] > x:
-                    buf[u] = buf[u - 1]
-                    u -= 1
-                buf[u] = x
+                x = st[t][off]
+                nv += x > nullpix
+                buf[t] = x if x > 0 else 0.0
+            # odd-even transposition sort of the k values: branch-free compare-exchanges (the values'
+            # order is random, so an insertion sort's branches were mispredicted at every pixel)
+            for u in range(k):
+                for t in range(u % 2, k - 1, 2):
+                    x = buf[t]
+                    y = buf[t + 1]
+                    buf[t] = pyflm_min(x, y)
+                    buf[t + 1] = pyflm_max(x, y)
             if 2 * nv > k:
                 V[i, j] = 1
                 M[i, j] = _median_sorted(buf, <int>k)
             else:
                 V[i, j] = 0
                 M[i, j] = 0.0
+    cdef int hist[HIST]
+    cdef int small, top, h, cum, lo_rank, hi_rank
+    cdef double lo_v, hi_v
+    for h in range(HIST):
+        hist[h] = 0
     for bi in range(C.shape[0]):
         for bj in range(C.shape[1]):
             n = 0
+            small = 1
+            top = 0
             for i in range(bi * bin_, min((bi + 1) * bin_, ns)):
                 for j in range(bj * bin_, min((bj + 1) * bin_, nf)):
                     if V[i, j]:
-                        bb[n] = M[i, j]
+                        x = M[i, j]
+                        bb[n] = x
                         n += 1
+                        # medians of counts are mostly small whole numbers: counted, not sorted
+                        if small and x < HIST and x == <int>x:
+                            hist[<int>x] += 1
+                            if <int>x > top:
+                                top = <int>x
+                        else:
+                            small = 0
             if n == 0:
                 C[bi, bj] = 0.0
+            elif small:
+                # the values of rank (n-1)//2 and n//2 (0-based) from the counts: the sorted middle
+                lo_rank = (n - 1) // 2
+                hi_rank = n // 2
+                cum = 0
+                lo_v = hi_v = -1.0
+                for h in range(top + 1):
+                    cum += hist[h]
+                    if lo_v < 0 and cum > lo_rank:
+                        lo_v = h
+                    if cum > hi_rank:
+                        hi_v = h
+                        break
+                C[bi, bj] = (lo_v + hi_v) / 2.0 if n % 2 == 0 else hi_v
             else:
-                qsort(bb, n, sizeof(double), _cmp)
-                C[bi, bj] = _median_sorted(bb, <int>n)
+                C[bi, bj] = _median(bb, <int>n)
+            for h in range(top + 1):
+                hist[h] = 0
     free(buf)
     free(bb)
 
@@ -77,27 +222,108 @@ def block_stats(images, double nullpix=-1.0, int bin_=8):
     dt = images[0].dtype
     if dt not in (np.int32, np.float32, np.float64) or any(d.dtype != dt for d in images):
         dt = np.float64
-    st = np.ascontiguousarray(np.stack([np.asarray(d, dt) for d in images]))
-    ns, nf = st.shape[1], st.shape[2]
+    # each image as it is (no stacked copy of the block): pointers to their pixels
+    arrs = [np.ascontiguousarray(d, dt) for d in images]
+    cdef Py_ssize_t k = len(arrs), ns = arrs[0].shape[0], nf = arrs[0].shape[1], t
+    if any(a.shape != (ns, nf) for a in arrs):
+        raise ValueError("the images of a block differ in size")
     valid = np.empty((ns, nf), np.uint8)
     med = np.empty((ns, nf), np.float64)
-    coarse = np.empty((-(-ns // bin_), -(-nf // bin_)), np.float64)
+    coarse = np.empty(((ns + bin_ - 1) // bin_, (nf + bin_ - 1) // bin_), np.float64)
     cdef unsigned char[:, ::1] V = valid
     cdef double[:, ::1] M = med
     cdef double[:, ::1] C = coarse
-    cdef cnp.int32_t[:, :, ::1] si
-    cdef float[:, :, ::1] sf
-    cdef double[:, :, ::1] sd
-    if dt == np.int32:
-        si = st
-        with nogil:
-            _stats(si, nullpix, bin_, V, M, C)
-    elif dt == np.float32:
-        sf = st
-        with nogil:
-            _stats(sf, nullpix, bin_, V, M, C)
-    else:
-        sd = st
-        with nogil:
-            _stats(sd, nullpix, bin_, V, M, C)
+    cdef void **ptr = <void **>malloc(k * sizeof(void *))
+    cdef cnp.ndarray a
+    for t in range(k):
+        a = arrs[t]
+        ptr[t] = cnp.PyArray_DATA(a)
+    try:
+        if dt == np.int32:
+            with nogil:
+                _stats(<cnp.int32_t **>ptr, k, ns, nf, nullpix, bin_, V, M, C)
+        elif dt == np.float32:
+            with nogil:
+                _stats(<float **>ptr, k, ns, nf, nullpix, bin_, V, M, C)
+        else:
+            with nogil:
+                _stats(<double **>ptr, k, ns, nf, nullpix, bin_, V, M, C)
+    finally:
+        free(ptr)
     return valid.view(np.bool_), med, coarse
+
+
+cdef inline void _row_sums(const double[:, ::1] med, const unsigned char[:, ::1] valid, Py_ssize_t r,
+                           Py_ssize_t nf, double *rm, double *rv) noexcept nogil:
+    cdef Py_ssize_t j, jm, jp
+    cdef const double *m = &med[r, 0]
+    cdef const unsigned char *v = &valid[r, 0]
+    for j in range(nf):
+        jm = j - 1 if j > 0 else 0
+        jp = j + 1 if j + 1 < nf else nf - 1
+        rm[j] = (m[jm] + m[j]) + m[jp]
+        rv[j] = (<double>v[jm] + <double>v[j]) + <double>v[jp]
+
+
+def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, const double[:, ::1] level,
+                int bin_, double ratio, double min_level, int grow):
+    """The shadow from block_stats' results and the smoothed coarse level (pyflm.shoebox.shadow_mask's
+    twin shadow_test_numpy): valid pixels whose 3 x 3 mean of valid medians (image edges repeated) is
+    below ratio x level where level >= min_level, more than half of the 3 x 3 valid; grown by `grow`
+    pixels (a diamond: binary_dilation by a cross, `grow` times)."""
+    cdef Py_ssize_t ns = med.shape[0], nf = med.shape[1], i, j, a, b, ii, jj, n = 0, r, jb
+    cdef double lv, num, den
+    cdef const double *lrow
+    cdef double *m0
+    cdef double *m1
+    cdef double *m2
+    cdef double *v0
+    cdef double *v1
+    cdef double *v2
+    out = np.zeros((ns, nf), np.uint8)
+    cdef unsigned char[:, ::1] O = out
+    cdef Py_ssize_t *hits = <Py_ssize_t *>malloc(ns * nf * sizeof(Py_ssize_t))
+    # sums along rows of 3 (edges repeated) of the last three rows, kept in a ring: each row's are
+    # formed once and serve the three rows of output they touch
+    cdef double *RM = <double *>malloc(3 * nf * sizeof(double))
+    cdef double *RV = <double *>malloc(3 * nf * sizeof(double))
+    cdef Py_ssize_t *bincol = <Py_ssize_t *>malloc(nf * sizeof(Py_ssize_t))
+    for j in range(nf):
+        bincol[j] = j // bin_
+    with nogil:
+        for r in range(min(2, ns)):
+            _row_sums(med, valid, r, nf, RM + (r % 3) * nf, RV + (r % 3) * nf)
+        for i in range(ns):
+            if i + 1 < ns and i >= 1:
+                _row_sums(med, valid, i + 1, nf, RM + ((i + 1) % 3) * nf, RV + ((i + 1) % 3) * nf)
+            a = (i - 1 if i > 0 else 0) % 3
+            b = (i + 1 if i + 1 < ns else ns - 1) % 3
+            m0, m1, m2 = RM + a * nf, RM + (i % 3) * nf, RM + b * nf
+            v0, v1, v2 = RV + a * nf, RV + (i % 3) * nf, RV + b * nf
+            lrow = &level[i // bin_, 0]
+            for j in range(nf):
+                if not valid[i, j]:
+                    continue
+                lv = lrow[bincol[j]]
+                if not lv >= min_level:
+                    continue
+                # row sums, then the column of them: the twin's order of additions
+                den = (v0[j] + v1[j]) + v2[j]
+                if not den > 4.5:
+                    continue
+                num = (m0[j] + m1[j]) + m2[j]
+                if num / den < ratio * lv:
+                    hits[n] = i * nf + j
+                    n += 1
+        for a in range(n):
+            i = hits[a] // nf
+            j = hits[a] % nf
+            for ii in range(max(i - grow, 0), min(i + grow, ns - 1) + 1):
+                b = grow - (ii - i if ii > i else i - ii)
+                for jj in range(max(j - b, 0), min(j + b, nf - 1) + 1):
+                    O[ii, jj] = 1
+    free(hits)
+    free(RM)
+    free(RV)
+    free(bincol)
+    return out.view(np.bool_)

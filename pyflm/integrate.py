@@ -105,6 +105,9 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                            margin=settings.maxwidth)
     parts = predict.image_parts(pred, scan.phi_start, scan.osc, scan.first, scan.last,
                                 settings.min_fraction)
+    # only this block's images are measured here, and a part's flags depend only on the parts on its own
+    # image: the parts on the margin's images (up to MAXWIDTH either side) need no classifying or positions
+    parts = parts[np.isin(parts["image"], block_images)]
     sep = settings.separation
     flags = predict.classify(pred, parts, detector, separation=sep, maxwidth=settings.maxwidth,
                              osc=scan.osc, dmin=dmin, dmax=settings.dmax)
@@ -133,26 +136,31 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         return on_image[img]
     # shadows (the beamstop and its arm) found from the block's images: spots there are not measured
     shadow = shadow_mask([d for d in datas.values() if not isinstance(d, Exception)], detector.nullpix)
+    kw = dict(raster=raster, gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
+              mask=shadow)
+    # pass 2 of MOSFLM: the fulls and the larger parts of partials (measured at their own centroids, on
+    # their own image) make the block's profiles
+    measured = {}
     for img in block_images:
         if isinstance(datas[img], Exception):
             continue
-        # fulls and the larger parts of partials (measured at their own centroids) make the profiles
-        sel = np.flatnonzero((parts["image"] == img) & measurable & (parts["fraction"] >= 0.5))
-        sums = profile_sums(datas[img], part_fast[sel], part_slow[sel], raster=raster, gain=detector.gain,
-                            overload=detector.overload, nullpix=detector.nullpix, mask=shadow,
-                            regions=regions[sel], n_regions=n_regions, bg_exclude=foreground(img))
+        sel = np.flatnonzero((parts["image"] == img) & measurable)
+        big = sel[parts["fraction"][sel] >= 0.5]
+        sums = profile_sums(datas[img], part_fast[big], part_slow[big], regions=regions[big], n_regions=n_regions,
+                            bg_exclude=foreground(img), **kw)
+        measured[img] = sel
         acc = sums if acc is None else tuple(a + b for a, b in zip(acc, sums))
     profiles = block_profiles(*acc, raster) if acc is not None else None
     for img in block_images:
         t0 = time.time()
         st = ImageStats(img, scan.phi_range(img))
         st.refined = refined.get(img)
-        sel = np.flatnonzero((parts["image"] == img) & measurable)
         data = datas[img]
         if isinstance(data, Exception):
             st.error = str(data)
             out_stats.append(st)
             continue
+        sel = measured[img]
         p = pred[parts["index"][sel]]
         fulls = parts["n_parts"][sel] == 1
         # the background planes also from the images either side in the block, their spots kept out
@@ -160,10 +168,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         exclude = foreground(img)
         for j in nb:
             exclude = exclude | foreground(j)
-        res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], raster=raster,
-                              gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
-                              strong_mask=fulls, profiles=profiles, mask=shadow, regions=regions[sel],
-                              bg_exclude=exclude, bg_images=[datas[j] for j in nb])
+        res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], strong_mask=fulls, profiles=profiles,
+                              regions=regions[sel], bg_exclude=exclude, bg_images=[datas[j] for j in nb], **kw)
         lp = p["lorentz"] * p["polar"]
         rec = np.zeros(len(sel), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
@@ -301,11 +307,14 @@ def check_image(data, detector):
     if data.shape != (detector.n_slow, detector.n_fast):
         raise ProcessingError(f"it is {data.shape[1]} x {data.shape[0]} pixels, the sweep's images are "
                               f"{detector.n_fast} x {detector.n_slow}")
-    valid = data > detector.nullpix
-    if not valid.any() or float(np.max(data)) <= 0:
+    # one pass for the maximum decides most images (a boolean copy of every pixel cost as much as decoding)
+    top = float(np.max(data))
+    if top <= detector.nullpix or top <= 0:
         raise ProcessingError("it is blank (no pixel above zero)")
-    if np.mean(data[valid] >= detector.overload) > 0.5:
-        raise ProcessingError("most of its pixels are overloaded")
+    if top >= detector.overload:
+        valid = data > detector.nullpix
+        if np.count_nonzero(data >= detector.overload) > 0.5 * np.count_nonzero(valid):
+            raise ProcessingError("most of its pixels are overloaded")
     return data
 
 

@@ -29,6 +29,10 @@ try:        # the Cython kernel of shadow_mask's statistics (ext/_shadow.pyx); t
     from ._ext import _shadow as _shadow_ext
 except ImportError:
     _shadow_ext = None
+try:        # the integration kernel (ext/_integrate.pyx): measure, profile sums and profile fitting
+    from ._ext import _integrate as _int_ext
+except ImportError:
+    _int_ext = None
 
 SB_DTYPE = np.dtype([("I", "f8"), ("SIGI", "f8"), ("IPR", "f8"), ("SIGIPR", "f8"), ("bg", "f8"),
                      ("fast_obs", "f8"), ("slow_obs", "f8"), ("flag", "i4"), ("bgratio", "f8"),
@@ -80,11 +84,13 @@ def extract_boxes(data, fast, slow, raster):
     return data[ss, ff].astype(np.float64), cs, cf, on
 
 
-def foreground_mask(shape, fast, slow, raster):
+def foreground_mask(shape, fast, slow, raster, use_cython=True):
     """Pixels of an image inside the peak region of any of the given predicted spots: kept out of every
     other spot's background (a neighbour's peak in the rim would raise it)."""
     nxs, nys, nc, nrx, nry = raster
     ps, pf = nxs - 2 * nrx, nys - 2 * nry
+    if use_cython and _int_ext is not None:
+        return _int_ext.foreground_mask(tuple(shape), fast, slow, ps, pf)
     slow, fast = np.asarray(slow, float), np.asarray(fast, float)
     on = np.isfinite(slow) & np.isfinite(fast)        # rays that miss the detector plane have no pixel
     s0 = np.floor(slow[on]).astype(np.int64) - ps // 2
@@ -107,15 +113,35 @@ def shadow_mask(images, nullpix=-1.0, bin_=8, ratio=0.25, min_level=0.5, grow=2,
     from scipy import ndimage
     if not len(images):
         return None
-    if use_cython and _shadow_ext is not None:    # the kernel (ext/_shadow.pyx): the same three arrays
+    kernel = use_cython and _shadow_ext is not None
+    if kernel:    # the kernel (ext/_shadow.pyx): the same three arrays
         valid, mean, coarse = _shadow_ext.block_stats(list(images), float(nullpix), int(bin_))
     else:
         valid, mean, coarse = shadow_stats_numpy(images, nullpix, bin_)
-    num = ndimage.uniform_filter(mean, 3, mode="nearest")
-    den = ndimage.uniform_filter(valid.astype(float), 3, mode="nearest")
-    local = np.where(den > 0.5, num / np.maximum(den, 1e-9), np.inf)
-    ns, nf = mean.shape
     level = ndimage.median_filter(coarse, 5, mode="nearest")
+    if kernel:
+        return _shadow_ext.shadow_test(valid.view(np.uint8), mean, level, int(bin_), float(ratio),
+                                       float(min_level), int(grow))
+    return shadow_test_numpy(valid, mean, level, bin_, ratio, min_level, grow)
+
+
+def _sum3x3(a):
+    """Sums over 3 x 3 pixels, the image's edges repeated: rows first, then columns (the kernel adds
+    in the same order, so the two agree to the last bit)."""
+    p = np.pad(a, 1, mode="edge")
+    r = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
+    return r[:-2] + r[1:-1] + r[2:]
+
+
+def shadow_test_numpy(valid, mean, level, bin_, ratio, min_level, grow):
+    """shadow_mask's test on block_stats' results and the smoothed coarse level (the twin of
+    ext/_shadow.pyx's shadow_test): the mean of the valid pixels' medians over 3 x 3 pixels (where more
+    than half of them are valid) below ratio x the local level."""
+    from scipy import ndimage
+    num = _sum3x3(mean)
+    den = _sum3x3(valid.astype(float))
+    local = np.where(den > 4.5, num / np.maximum(den, 1e-9), np.inf)
+    ns, nf = mean.shape
     level = np.repeat(np.repeat(level, bin_, 0), bin_, 1)[:ns, :nf]
     shadow = valid & (level >= min_level) & (local < ratio * level)
     if grow and shadow.any():
@@ -195,7 +221,9 @@ def fit_background_numpy(boxes, bg_mask, valid, gain=1.0, n_iter=3, cutoff=3.0):
         plane = coef[:, 0, None, None] + coef[:, 1, None, None] * x + coef[:, 2, None, None] * y
         sig = np.sqrt(np.maximum(plane, 1.0) * gain)
         resid = (boxes - plane) / sig
-        new = bg_mask[None] & valid & (np.abs(resid) <= cutoff)
+        # a residual at the cutoff to rounding (a flat plane of integer counts) is kept, whatever the
+        # order the sums were taken in: the kernels then reject the same pixels as this twin
+        new = bg_mask[None] & valid & (np.abs(resid) <= cutoff + 1e-9)
         if np.array_equal(new, use):
             break
         use = new
@@ -203,6 +231,14 @@ def fit_background_numpy(boxes, bg_mask, valid, gain=1.0, n_iter=3, cutoff=3.0):
     nbg = np.maximum(w.sum((1, 2)), 1)
     rms = np.sqrt((w * resid ** 2).sum((1, 2)) / nbg)
     return plane, coef, use, rms
+
+
+def _plane_of(coef, raster):
+    """Background planes (n, nxs, nys) from their coefficients, as fit_background_numpy forms them."""
+    nxs, nys = raster[0], raster[1]
+    x = (np.arange(nxs) - (nxs - 1) / 2.0)[None, :, None] * np.ones((1, 1, nys))
+    y = (np.arange(nys) - (nys - 1) / 2.0)[None, None, :] * np.ones((1, nxs, 1))
+    return coef[:, 0, None, None] + coef[:, 1, None, None] * x + coef[:, 2, None, None] * y
 
 
 def summation(boxes, plane, peak_mask, valid, bg_used, gain=1.0, n_bg_images=1):
@@ -279,11 +315,60 @@ def fine_shape(raster, sub=SUB):
     return (2 * (raster[0] // 2 + 1) * sub + 1, 2 * (raster[1] // 2 + 1) * sub + 1)
 
 
+def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None, bg_exclude=None,
+            bg_images=(), use_cython=True):
+    """Everything of each reflection's measurement but the profile fit: background plane (coef, rms,
+    n_bg), summation I and SIGI, n_peak, centroid (slow_obs, fast_obs), box origins (cs, cf) and
+    whether the box is on the image (on), has invalid peak pixels (bad_peak) or overloads (over).
+    bg_images: neighbouring images (up to two) whose pixels join the background plane (integrate_image).
+    A dict of arrays; the kernel (ext/_integrate.pyx) when built, else measure_numpy (its twin)."""
+    if use_cython and _int_ext is not None and len(bg_images) <= 2:
+        peak_mask, bg_mask = box_masks(raster)
+        return _int_ext.measure(data, np.asarray(fast, float), np.asarray(slow, float), raster, peak_mask,
+                                bg_mask, mask, bg_exclude, float(gain), float(overload), float(nullpix),
+                                bg_images=list(bg_images))
+    return measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
+                         mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
+
+
+def measure_numpy(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None,
+                  bg_exclude=None, bg_images=()):
+    """measure's results with numpy over all boxes at once (plus the boxes, planes and valid pixels,
+    which the numpy profile fit reuses)."""
+    peak_mask, bg_mask = box_masks(raster)
+    boxes, cs, cf, on = extract_boxes(data, fast, slow, raster)
+    valid = _valid(boxes, nullpix, mask, fast, slow, raster)
+    bg_boxes, bg_valid = boxes, _bg_valid(valid, bg_exclude, fast, slow, raster)
+    if len(bg_images):
+        # a 3-D background, as DIALS's: the rim pixels of the neighbouring images too (the background
+        # hardly changes over a degree or two), fitted as their mean where every image has a
+        # measurement.  Three times the pixels: weak fulls at 1.4 A correlated with the truth at 0.57
+        # from one image against DIALS's 0.61
+        stack = [boxes] + [extract_boxes(d, fast, slow, raster)[0] for d in bg_images]
+        for b in stack[1:]:
+            bg_valid = bg_valid & (b > nullpix)
+        bg_boxes = np.mean(stack, 0)
+    k_bg = 1 + len(bg_images)
+    plane, coef, used, rms = fit_background_numpy(bg_boxes, bg_mask, bg_valid, gain / k_bg)
+    I, sig, net, npk = summation(boxes, plane, peak_mask, valid, used, gain, k_bg)
+    # centroid of the net peak, in continuous pixel coordinates
+    w = np.maximum(net, 0)
+    tot = np.maximum(w.sum((1, 2)), 1e-9)
+    ix = np.arange(raster[0])[None, :, None] + 0.5
+    iy = np.arange(raster[1])[None, None, :] + 0.5
+    return {"I": I, "SIGI": sig, "coef": coef, "rms": rms, "n_peak": npk, "n_bg": used.sum((1, 2)),
+            "slow_obs": cs + (w * ix).sum((1, 2)) / tot, "fast_obs": cf + (w * iy).sum((1, 2)) / tot,
+            "cs": cs, "cf": cf, "on": on, "bad_peak": (peak_mask[None] & ~valid).any((1, 2)),
+            "over": (np.where(peak_mask[None], boxes, 0) >= overload).any((1, 2)),
+            "_boxes": boxes, "_plane": plane, "_valid": valid, "_net": net}
+
+
 def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, strong_isig=10.0,
-                 strong_mask=None, grid=3, sub=SUB, mask=None, regions=None, n_regions=None, bg_exclude=None):
+                 strong_mask=None, grid=3, sub=SUB, mask=None, regions=None, n_regions=None, bg_exclude=None,
+                 measured=None, use_cython=True):
     """Sums over one image's strong spots of their net peaks (and of their intensities, the weights),
     sampled on the fine grid per detector region: (sums, weights, spot counts).  Added over a block of images they give the
-    block's standard profiles (block_profiles)."""
+    block's standard profiles (block_profiles).  measured: these spots' measure() results, if known."""
     peak_mask, bg_mask = box_masks(raster)
     nreg = n_regions or grid * grid
     shape = fine_shape(raster, sub)
@@ -292,26 +377,31 @@ def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1
     counts = np.zeros(nreg, int)
     if len(fast) == 0:
         return sums, weights, counts
-    boxes, cs, cf, on = extract_boxes(data, fast, slow, raster)
-    valid = _valid(boxes, nullpix, mask, fast, slow, raster)
-    plane, coef, used, rms = fit_background(boxes, bg_mask, _bg_valid(valid, bg_exclude, fast, slow, raster),
-                                            gain)
-    I, sig, net, npk = summation(boxes, plane, peak_mask, valid, used, gain)
-    bad_peak = (peak_mask[None] & ~valid).any((1, 2))
-    over = (np.where(peak_mask[None], boxes, 0) >= overload).any((1, 2))
-    strong = on & ~bad_peak & ~over & (I > strong_isig * sig) & (I > 0)
+    kernel = use_cython and _int_ext is not None
+    m = measured
+    if m is None or (not kernel and "_boxes" not in m):
+        m = measure(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix, mask=mask,
+                    bg_exclude=bg_exclude, use_cython=kernel)
+    I, sig = m["I"], m["SIGI"]
+    strong = m["on"] & ~m["bad_peak"] & ~m["over"] & (I > strong_isig * sig) & (I > 0)
     if strong_mask is not None:
         strong &= strong_mask
     if not strong.any():
         return sums, weights, counts
     if regions is None:
         regions = region_of(fast, slow, data.shape[1], data.shape[0], grid)
-    regions = np.asarray(regions)[strong]
+    regions = np.asarray(regions)
+    counts = np.bincount(regions[strong], minlength=nreg)
+    if kernel:
+        _int_ext.add_profile_sums(data, np.asarray(fast, float), np.asarray(slow, float), m["coef"], I, regions,
+                                  np.flatnonzero(strong), raster, peak_mask, sub, sums, weights)
+        return sums, weights, counts
+    regions = regions[strong]
     fast, slow = np.asarray(fast, float)[strong], np.asarray(slow, float)[strong]
     ts, tf = _fine_coords(fast, slow, raster, sub)
     # ratio of sums (net counts over intensities) rather than a mean of normalised spots: weaker spots
     # then count in proportion to their intensity, and their noisy totals do not bias the shape
-    vals = net[strong]
+    vals = m["_net"][strong]
     pm = np.broadcast_to(peak_mask[None], vals.shape)
     reg = np.broadcast_to(regions[:, None, None], vals.shape)[pm]
     tot = np.broadcast_to(I[strong][:, None, None], vals.shape)[pm]
@@ -325,7 +415,6 @@ def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1
             w = wa * wb
             np.add.at(flat_s, idx, w * vals)
             np.add.at(flat_w, idx, w * tot)
-    counts = np.bincount(regions, minlength=nreg)
     return sums, weights, counts
 
 
@@ -439,61 +528,66 @@ def _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask,
 
 def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, profiles=None,
                     regions=None, strong_isig=10.0, strong_mask=None, bgratio=3.0, grid=3, mask=None,
-                    bg_exclude=None, bg_images=()):
+                    bg_exclude=None, bg_images=(), measured=None, use_cython=True):
     """Measure reflections at predicted (fast, slow) pixel positions on one image.
 
     profiles: standard profiles from block_profiles (e.g. over a block of images); None forms them
     from this image's strong reflections (strong_mask, if given, says which may contribute: fulls).
     bg_images: neighbouring images whose pixels at the same places join the background plane (then
     bg_exclude should hold their spots' peaks too).
+    measured: these reflections' measure() results when already known (with the same bg_images).
+    use_cython=False: numpy all through (the twin).
     Returns an SB_DTYPE array (and the profiles used as the attribute-free second value)."""
     n = len(fast)
     out = np.zeros(n, SB_DTYPE)
     if n == 0:
         return out, profiles
+    kernel = use_cython and _int_ext is not None
     peak_mask, bg_mask = box_masks(raster)
-    boxes, cs, cf, on = extract_boxes(data, fast, slow, raster)
-    valid = _valid(boxes, nullpix, mask, fast, slow, raster)
-    bg_boxes, bg_valid = boxes, _bg_valid(valid, bg_exclude, fast, slow, raster)
-    if len(bg_images):
-        # a 3-D background, as DIALS's: the rim pixels of the neighbouring images too (the background
-        # hardly changes over a degree or two), fitted as their mean where every image has a
-        # measurement.  Three times the pixels: weak fulls at 1.4 A correlated with the truth at 0.57
-        # from one image against DIALS's 0.61
-        stack = [boxes] + [extract_boxes(d, fast, slow, raster)[0] for d in bg_images]
-        for b in stack[1:]:
-            bg_valid = bg_valid & (b > nullpix)
-        bg_boxes = np.mean(stack, 0)
-    k_bg = 1 + len(bg_images)
-    plane, coef, used, rms = fit_background(bg_boxes, bg_mask, bg_valid, gain / k_bg)
-    I, sig, net, npk = summation(boxes, plane, peak_mask, valid, used, gain, k_bg)
+    m = measured
+    if m is None or (not kernel and "_boxes" not in m):
+        m = measure(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix, mask=mask,
+                    bg_exclude=bg_exclude, bg_images=bg_images, use_cython=kernel)
+    I, sig = m["I"], m["SIGI"]
     regions = region_of(fast, slow, data.shape[1], data.shape[0], grid) if regions is None else regions
-    bad_peak = (peak_mask[None] & ~valid).any((1, 2))
-    over = (np.where(peak_mask[None], boxes, 0) >= overload).any((1, 2))
     if profiles is None:
         s_, w_, c_ = profile_sums(data, fast, slow, raster=raster, gain=gain, overload=overload,
                                   nullpix=nullpix, strong_isig=strong_isig, strong_mask=strong_mask, grid=grid,
-                                  mask=mask, bg_exclude=bg_exclude)
+                                  mask=mask, bg_exclude=bg_exclude, measured=None if len(bg_images) else m,
+                                  use_cython=kernel)   # profiles from the image alone, as always
         profiles = block_profiles(s_, w_, c_, raster)
-    prof_each = profiles_at(profiles, regions, fast, slow, peak_mask)
-    Ipr, sigpr = fit_profiles(boxes, plane, prof_each, peak_mask, valid, I, gain, overload=overload)
-    I, sig, bad_peak = _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask, prof_each, on)
-    # centroid of the net peak, in continuous pixel coordinates
-    w = np.maximum(net, 0)
-    tot = np.maximum(w.sum((1, 2)), 1e-9)
-    ix = np.arange(raster[0])[None, :, None] + 0.5
-    iy = np.arange(raster[1])[None, None, :] + 0.5
-    out["slow_obs"] = cs + (w * ix).sum((1, 2)) / tot
-    out["fast_obs"] = cf + (w * iy).sum((1, 2)) / tot
+    bad_peak, on = m["bad_peak"], m["on"]
+    if kernel:
+        Ipr, sigpr = _int_ext.fit_profiles(data, np.asarray(fast, float), np.asarray(slow, float), m["coef"], I,
+                                           np.asarray(regions), profiles["fine"], profiles["sub"], raster,
+                                           peak_mask, mask, float(gain), float(overload), float(nullpix))
+        # the few reflections with invalid peak pixels go through the twin's mending, boxes and all
+        idx = np.flatnonzero(bad_peak & on)
+        if len(idx):
+            I, sig, bad_peak = I.copy(), sig.copy(), bad_peak.copy()
+            f_, s_ = np.asarray(fast, float)[idx], np.asarray(slow, float)[idx]
+            boxes = extract_boxes(data, f_, s_, raster)[0]
+            I[idx], sig[idx], bad_peak[idx] = _mend_dead_pixels(
+                I[idx], sig[idx], bad_peak[idx], boxes, _plane_of(m["coef"][idx], raster), nullpix,
+                _valid(boxes, nullpix, mask, f_, s_, raster), peak_mask,
+                profiles_at(profiles, np.asarray(regions)[idx], f_, s_, peak_mask), on[idx])
+    else:
+        prof_each = profiles_at(profiles, regions, fast, slow, peak_mask)
+        Ipr, sigpr = fit_profiles(m["_boxes"], m["_plane"], prof_each, peak_mask, m["_valid"], I, gain,
+                                  overload=overload)
+        I, sig, bad_peak = _mend_dead_pixels(I, sig, bad_peak, m["_boxes"], m["_plane"], nullpix, m["_valid"],
+                                             peak_mask, prof_each, on)
+    coef, rms = m["coef"], m["rms"]
+    out["slow_obs"], out["fast_obs"] = m["slow_obs"], m["fast_obs"]
     out["I"], out["SIGI"], out["IPR"], out["SIGIPR"] = I, sig, Ipr, sigpr
     out["bg"] = coef[:, 0]
     out["bgratio"] = rms
     out["gradient"] = np.hypot(coef[:, 1], coef[:, 2]) / np.maximum(coef[:, 0], 1.0)
-    out["n_peak"] = npk
-    out["n_bg"] = used.sum((1, 2))
+    out["n_peak"] = m["n_peak"]
+    out["n_bg"] = m["n_bg"]
     flag = np.zeros(n, np.int32)
     flag |= np.where(~on | bad_peak | (out["n_bg"] < 6), F_EDGE, 0).astype(np.int32)
-    flag |= np.where(over, F_OVERLOAD, 0).astype(np.int32)
+    flag |= np.where(m["over"], F_OVERLOAD, 0).astype(np.int32)
     flag |= np.where(rms > bgratio, F_BGRATIO, 0).astype(np.int32)
     flag |= np.where(out["gradient"] > 0.5, F_GRADIENT, 0).astype(np.int32)
     flag |= np.where(I < -5 * sig, F_NEGATIVE, 0).astype(np.int32)
