@@ -71,24 +71,50 @@ cdef extern from *:
        instruction; the reductions are allowed to reorder by -fopenmp-simd): sums over the pixels in use
        (u = 1 or 0), and the rejection test (|c - plane| <= cut sigma, no division).  For counts every
        sum is exact in any order, so they equal the twin's to the last bit. */
+    #include <emmintrin.h>
+    static inline double pyflm_hsum(__m128d v) {
+        return _mm_cvtsd_f64(v) + _mm_cvtsd_f64(_mm_unpackhi_pd(v, v));
+    }
     static void pyflm_plane_sums(int n, const double *x, const double *y, const double *c,
                                  const double *u, double *s) {
-        double sw = 0, sx = 0, sy = 0, sxx = 0, sxy = 0, syy = 0, sc = 0, sxc = 0, syc = 0;
-        #pragma omp simd reduction(+:sw,sx,sy,sxx,sxy,syy,sc,sxc,syc)
-        for (int k = 0; k < n; k++) {
-            double w = u[k], xw = w * x[k], yw = w * y[k];
-            sw += w; sx += xw; sy += yw;
-            sxx += xw * x[k]; sxy += xw * y[k]; syy += yw * y[k];
-            sc += w * c[k]; sxc += xw * c[k]; syc += yw * c[k];
+        __m128d sw = _mm_setzero_pd(), sx = sw, sy = sw, sxx = sw, sxy = sw, syy = sw, sc = sw,
+                sxc = sw, syc = sw;
+        int k = 0;
+        for (; k + 2 <= n; k += 2) {
+            __m128d w = _mm_loadu_pd(u + k), X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k),
+                    C = _mm_loadu_pd(c + k);
+            __m128d xw = _mm_mul_pd(w, X), yw = _mm_mul_pd(w, Y);
+            sw = _mm_add_pd(sw, w); sx = _mm_add_pd(sx, xw); sy = _mm_add_pd(sy, yw);
+            sxx = _mm_add_pd(sxx, _mm_mul_pd(xw, X)); sxy = _mm_add_pd(sxy, _mm_mul_pd(xw, Y));
+            syy = _mm_add_pd(syy, _mm_mul_pd(yw, Y)); sc = _mm_add_pd(sc, _mm_mul_pd(w, C));
+            sxc = _mm_add_pd(sxc, _mm_mul_pd(xw, C)); syc = _mm_add_pd(syc, _mm_mul_pd(yw, C));
         }
-        s[0] = sw; s[1] = sx; s[2] = sy; s[3] = sxx; s[4] = sxy; s[5] = syy; s[6] = sc; s[7] = sxc;
-        s[8] = syc;
+        s[0] = pyflm_hsum(sw); s[1] = pyflm_hsum(sx); s[2] = pyflm_hsum(sy); s[3] = pyflm_hsum(sxx);
+        s[4] = pyflm_hsum(sxy); s[5] = pyflm_hsum(syy); s[6] = pyflm_hsum(sc); s[7] = pyflm_hsum(sxc);
+        s[8] = pyflm_hsum(syc);
+        for (; k < n; k++) {
+            double w = u[k], xw = w * x[k], yw = w * y[k];
+            s[0] += w; s[1] += xw; s[2] += yw; s[3] += xw * x[k]; s[4] += xw * y[k]; s[5] += yw * y[k];
+            s[6] += w * c[k]; s[7] += xw * c[k]; s[8] += yw * c[k];
+        }
     }
     static int pyflm_reject(int n, const double *x, const double *y, const double *c, double *u,
                             double c0, double c1, double c2, double gain, double cut2) {
-        int changed = 0;
-        #pragma omp simd reduction(|:changed)
-        for (int k = 0; k < n; k++) {
+        const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
+        const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
+        __m128d ch = _mm_setzero_pd();
+        int k = 0, changed;
+        for (; k + 2 <= n; k += 2) {
+            __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
+                                    _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
+            __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
+            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
+            __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
+            ch = _mm_or_pd(ch, _mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
+            _mm_storeu_pd(u + k, keep);
+        }
+        changed = _mm_movemask_pd(ch) != 0;
+        for (; k < n; k++) {
             double pl = c0 + c1 * x[k] + c2 * y[k];
             double d = c[k] - pl;
             double v = (pl > 1.0 ? pl : 1.0) * gain;
@@ -102,32 +128,54 @@ cdef extern from *:
     static double pyflm_rms_sum(int n, const double *x, const double *y, const double *c,
                                 const double *u, double c0, double c1, double c2, double gain,
                                 double *count) {
-        double ss = 0, nu = 0;
-        #pragma omp simd reduction(+:ss,nu)
-        for (int k = 0; k < n; k++) {
+        const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
+        const __m128d G = _mm_set1_pd(gain), ONE = _mm_set1_pd(1.0);
+        __m128d ss = _mm_setzero_pd(), nu = ss;
+        int k = 0;
+        for (; k + 2 <= n; k += 2) {
+            __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
+                                    _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
+            __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
+            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
+            __m128d w = _mm_loadu_pd(u + k);
+            ss = _mm_add_pd(ss, _mm_mul_pd(w, _mm_div_pd(_mm_mul_pd(d, d), v)));
+            nu = _mm_add_pd(nu, w);
+        }
+        double s = pyflm_hsum(ss), m = pyflm_hsum(nu);
+        for (; k < n; k++) {
             double pl = c0 + c1 * x[k] + c2 * y[k];
             double d = c[k] - pl;
             double v = (pl > 1.0 ? pl : 1.0) * gain;
-            ss += u[k] * (d * d / v);
-            nu += u[k];
+            s += u[k] * (d * d / v);
+            m += u[k];
         }
-        *count = nu;
-        return ss;
+        *count = m;
+        return s;
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
     static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
                                const double *U, double Iv, double gain, double *a, double *b) {
-        double sa = 0, sb = 0;
-        #pragma omp simd reduction(+:sa,sb)
-        for (int k = 0; k < n; k++) {
+        const __m128d IV = _mm_set1_pd(Iv), G = _mm_set1_pd(gain), HALF = _mm_set1_pd(0.5);
+        __m128d sa = _mm_setzero_pd(), sb = sa;
+        int k = 0;
+        for (; k + 2 <= n; k += 2) {
+            __m128d p = _mm_loadu_pd(P + k);
+            __m128d v = _mm_add_pd(_mm_loadu_pd(PL + k), _mm_mul_pd(IV, p));
+            v = _mm_mul_pd(G, _mm_max_pd(v, HALF));
+            __m128d w = _mm_div_pd(_mm_loadu_pd(U + k), v);
+            sa = _mm_add_pd(sa, _mm_mul_pd(_mm_mul_pd(p, p), w));
+            sb = _mm_add_pd(sb, _mm_mul_pd(_mm_mul_pd(p, _mm_loadu_pd(NET + k)), w));
+        }
+        double ra = pyflm_hsum(sa), rb = pyflm_hsum(sb);
+        for (; k < n; k++) {
             double v = PL[k] + Iv * P[k];
             v = gain * (v > 0.5 ? v : 0.5);
             double w = U[k] / v;
-            sa += P[k] * P[k] * w;
-            sb += P[k] * NET[k] * w;
+            ra += P[k] * P[k] * w;
+            rb += P[k] * NET[k] * w;
         }
-        *a = sa;
-        *b = sb;
+        *a = ra;
+        *b = rb;
     }
     """
     void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,

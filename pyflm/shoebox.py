@@ -324,9 +324,15 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     A dict of arrays; the kernel (ext/_integrate.pyx) when built, else measure_numpy (its twin)."""
     if use_cython and _int_ext is not None and len(bg_images) <= 2:
         peak_mask, bg_mask = box_masks(raster)
-        return _int_ext.measure(data, np.asarray(fast, float), np.asarray(slow, float), raster, peak_mask,
-                                bg_mask, mask, bg_exclude, float(gain), float(overload), float(nullpix),
-                                bg_images=list(bg_images))
+        # in the order of the image's rows: neighbouring boxes share the rows' cache lines and pages
+        fast, slow = np.asarray(fast, float), np.asarray(slow, float)
+        order = np.lexsort((fast, slow))
+        m = _int_ext.measure(data, fast[order], slow[order], raster, peak_mask, bg_mask, mask, bg_exclude,
+                             float(gain), float(overload), float(nullpix), bg_images=list(bg_images))
+        for k, v in m.items():
+            m[k] = np.empty_like(v)
+            m[k][order] = v
+        return m
     return measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
                          mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
 
@@ -558,19 +564,28 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
         profiles = block_profiles(s_, w_, c_, raster)
     bad_peak, on = m["bad_peak"], m["on"]
     if kernel:
-        Ipr, sigpr = _int_ext.fit_profiles(data, np.asarray(fast, float), np.asarray(slow, float), m["coef"], I,
-                                           np.asarray(regions), profiles["fine"], profiles["sub"], raster,
-                                           peak_mask, mask, float(gain), float(overload), float(nullpix))
-        # the few reflections with invalid peak pixels go through the twin's mending, boxes and all
+        f_, s_ = np.asarray(fast, float), np.asarray(slow, float)
+        o = np.lexsort((f_, s_))                   # the image's row order, as measure
+        Ipr, sigpr = np.empty(n), np.empty(n)
+        Ipr[o], sigpr[o] = _int_ext.fit_profiles(data, f_[o], s_[o], m["coef"][o], I[o], np.asarray(regions)[o],
+                                                 profiles["fine"], profiles["sub"], raster, peak_mask, mask,
+                                                 float(gain), float(overload), float(nullpix))
+        # the few reflections _mend_dead_pixels may mend (on the image, a few dead peak pixels and no
+        # shadowed ones) go through it, boxes and all; it leaves every other one as it is
         idx = np.flatnonzero(bad_peak & on)
         if len(idx):
-            I, sig, bad_peak = I.copy(), sig.copy(), bad_peak.copy()
             f_, s_ = np.asarray(fast, float)[idx], np.asarray(slow, float)[idx]
             boxes = extract_boxes(data, f_, s_, raster)[0]
+            valid = _valid(boxes, nullpix, mask, f_, s_, raster)
+            dead = peak_mask[None] & (boxes <= nullpix)
+            may = ~(peak_mask[None] & ~valid & ~dead).any((1, 2)) & \
+                (dead.sum((1, 2)) <= MAX_DEAD_PIXELS * peak_mask.sum())
+            idx, f_, s_, boxes, valid = idx[may], f_[may], s_[may], boxes[may], valid[may]
+        if len(idx):
+            I, sig, bad_peak = I.copy(), sig.copy(), bad_peak.copy()
             I[idx], sig[idx], bad_peak[idx] = _mend_dead_pixels(
-                I[idx], sig[idx], bad_peak[idx], boxes, _plane_of(m["coef"][idx], raster), nullpix,
-                _valid(boxes, nullpix, mask, f_, s_, raster), peak_mask,
-                profiles_at(profiles, np.asarray(regions)[idx], f_, s_, peak_mask), on[idx])
+                I[idx], sig[idx], bad_peak[idx], boxes, _plane_of(m["coef"][idx], raster), nullpix, valid,
+                peak_mask, profiles_at(profiles, np.asarray(regions)[idx], f_, s_, peak_mask), on[idx])
     else:
         prof_each = profiles_at(profiles, regions, fast, slow, peak_mask)
         Ipr, sigpr = fit_profiles(m["_boxes"], m["_plane"], prof_each, peak_mask, m["_valid"], I, gain,
