@@ -214,9 +214,11 @@ cdef inline void _prefetch(pix_t[:, ::1] data, const unsigned char[:, ::1] mask,
 
 
 cdef inline void _load(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int use_mask,
-                       const unsigned char[:, ::1] bgx, int use_bgx, long long cs, long long cf,
-                       int nxs, int nys, double *box, unsigned char *mb) noexcept nogil:
-    """A box's pixels (clipped to the image, as numpy's twin) and mask bits (1 mask, 2 bg_exclude)."""
+                       const unsigned char[:, ::1] bgx, int use_bgx, const unsigned char[:, ::1] sgx,
+                       int use_sgx, long long cs, long long cf, int nxs, int nys, double *box,
+                       unsigned char *mb) noexcept nogil:
+    """A box's pixels (clipped to the image, as numpy's twin) and mask bits (1 mask, 2 bg_exclude,
+    4 the single-image measurement's bg_exclude)."""
     cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j, si, fj
     cdef const pix_t *row
     cdef const unsigned char *mrow
@@ -241,6 +243,10 @@ cdef inline void _load(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int
                 mrow = &bgx[cs + i, cf]
                 for j in range(nys):
                     mout[j] |= mrow[j] << 1
+            if use_sgx:
+                mrow = &sgx[cs + i, cf]
+                for j in range(nys):
+                    mout[j] |= mrow[j] << 2
         return
     for i in range(nxs):
         si = _clip(<Py_ssize_t>(cs + i), ns - 1)
@@ -256,6 +262,10 @@ cdef inline void _load(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int
             for j in range(nys):
                 fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
                 mb[i * nys + j] |= bgx[si, fj] << 1
+        if use_sgx:
+            for j in range(nys):
+                fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
+                mb[i * nys + j] |= sgx[si, fj] << 2
 
 
 cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nxs, int nys,
@@ -274,24 +284,87 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
             box[i * nys + j] = <double>data[_clip(<Py_ssize_t>(cs + i), ns - 1), _clip(<Py_ssize_t>(cf + j), nf - 1)]
 
 
+cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
+                                double gain_bg, double cut2, int nc, int *pi, int *pj, double *pc,
+                                unsigned char *pv, double x0, double y0, double gain, double k_bg,
+                                double *cf3, double *res) noexcept nogil:
+    """Background plane over the candidates (least squares, rejecting those > cutoff sigma) and the
+    summation over the valid peak pixels: res = rms, n_bg, I, sigma, n_peak, and the centroid's
+    sums (total, along slow, along fast) of the positive net counts."""
+    cdef int it, nnew, npk = 0, k
+    cdef double[3][3] M
+    cdef double[3] rhs
+    cdef double[9] sums
+    cdef double ss, w, pl, d, I = 0.0, spl = 0.0, sc_pk = 0.0, tot = 0.0, wi = 0.0, wj = 0.0, nbg, var
+    for it in range(n_iter + 1):
+        pyflm_plane_sums(nb, bx, by, bc, bu, sums)
+        cf3[0] = cf3[1] = cf3[2] = 0.0
+        if sums[0] >= 6:
+            M[0][0] = sums[0]
+            M[0][1] = sums[1]
+            M[0][2] = sums[2]
+            M[1][0] = sums[1]
+            M[1][1] = sums[3] + 1e-3     # the twin's small ridge
+            M[1][2] = sums[4]
+            M[2][0] = sums[2]
+            M[2][1] = sums[4]
+            M[2][2] = sums[5] + 1e-3
+            rhs[0] = sums[6]
+            rhs[1] = sums[7]
+            rhs[2] = sums[8]
+            if not _solve3(M, rhs, cf3):
+                cf3[0] = cf3[1] = cf3[2] = 0.0
+        if not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2):
+            break
+    # the twin's rms is over the final mask with the last plane's residuals
+    ss = pyflm_rms_sum(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, &w)
+    nnew = <int>w
+    res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
+    res[1] = nnew
+    for k in range(nc):
+        if pv[k]:
+            pl = cf3[0] + cf3[1] * (pi[k] - x0) + cf3[2] * (pj[k] - y0)
+            d = pc[k] - pl
+            I += d
+            spl += pl
+            sc_pk += pc[k]
+            npk += 1
+            if d > 0:
+                tot += d
+                wi += d * (pi[k] + 0.5)
+                wj += d * (pj[k] + 0.5)
+    nbg = nnew * k_bg if nnew * k_bg > 1 else 1
+    var = gain * (sc_pk if sc_pk > 0 else 0.0)
+    d = spl / (npk if npk > 1 else 1)
+    var += <double>npk * npk * gain * (d if d > 0.5 else 0.5) / nbg
+    res[2] = I
+    res[3] = sqrt(var if var > 1e-12 else 1e-12)
+    res[4] = npk
+    res[5] = tot
+    res[6] = wi
+    res[7] = wj
+
+
 cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow,
                    int nxs, int nys, const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm,
                    const unsigned char[:, ::1] mask, int use_mask,
                    const unsigned char[:, ::1] bgx, int use_bgx, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1,
-                   int n_nb, double gain, double overload, double nullpix, int n_iter, double cutoff,
+                   int n_nb, const unsigned char[:, ::1] sgx, int use_sgx, const unsigned char[::1] single,
+                   double gain, double overload, double nullpix, int n_iter, double cutoff,
                    double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                    cnp.int32_t[::1] NP_o, cnp.int32_t[::1] NB_o, double[::1] SO_o, double[::1] FO_o,
-                   long long[::1] CS_o, long long[::1] CF_o, unsigned char[:, ::1] FL_o) noexcept nogil:
+                   long long[::1] CS_o, long long[::1] CF_o, unsigned char[:, ::1] FL_o,
+                   double[::1] I1_o, double[::1] S1_o, double[:, ::1] C1_o, cnp.int32_t[:, ::1] DS_o) noexcept nogil:
     cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1]
     cdef Py_ssize_t b, i, j, k, q
     cdef int npix = nxs * nys, nb, nc, it, changed, nnew, npk, badpk, over, n_pk_all = 0, n_bg_all = 0
+    cdef int ndead, nshad
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
     cdef double c, x, y, pl, d, r2, ss, cut2 = (cutoff + 1e-9) * (cutoff + 1e-9)
     cdef double sw, sx, sy, sxx, sxy, syy, sc, sxc, syc, I, spl, sc_pk, var, nbg, w, tot, wi, wj
-    cdef double[3][3] M
-    cdef double[3] rhs
     cdef double[3] cf3
+    cdef double[8] res
     cdef double *box = <double *>malloc(npix * sizeof(double))
     cdef double *box0 = <double *>malloc(npix * sizeof(double))
     cdef double *box1 = <double *>malloc(npix * sizeof(double))
@@ -308,7 +381,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef double *by = <double *>malloc(npix * sizeof(double))
     cdef double *bc = <double *>malloc(npix * sizeof(double))
     cdef double *bu = <double *>malloc(npix * sizeof(double))
-    cdef double[9] sums
     cdef int *pi = <int *>malloc(npix * sizeof(int))
     cdef int *pj = <int *>malloc(npix * sizeof(int))
     cdef double *pc = <double *>malloc(npix * sizeof(double))
@@ -329,12 +401,16 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         if b + PREFETCH_AHEAD < n:
             _prefetch(data, mask, use_mask, bgx, use_bgx, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD],
                       nxs, nys)
+            if n_nb >= 1:
+                _prefetch(nb0, mask, 0, bgx, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD], nxs, nys)
+            if n_nb >= 2:
+                _prefetch(nb1, mask, 0, bgx, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD], nxs, nys)
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
         CS_o[b] = cs
         CF_o[b] = cf
         FL_o[b, 0] = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
-        _load(data, mask, use_mask, bgx, use_bgx, cs, cf, nxs, nys, box, mb)
+        _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
         if n_nb >= 1:
             _load_px(nb0, cs, cf, nxs, nys, box0)
         if n_nb >= 2:
@@ -342,6 +418,8 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         nb = 0
         badpk = 0
         over = 0
+        ndead = 0
+        nshad = 0
         for q in range(n_pk_all):
             k = pk_k[q]
             c = box[k]
@@ -349,13 +427,17 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             pv[q] = (c > nullpix) and not (mb[k] & 1)
             if not pv[q]:
                 badpk = 1
+                if c > nullpix:
+                    nshad += 1
+                else:
+                    ndead += 1
             if c >= overload:
                 over = 1
         nc = n_pk_all
         for q in range(n_bg_all):
             k = bg_k[q]
             c = box[k]
-            if (c > nullpix) and not mb[k] and (n_nb < 1 or box0[k] > nullpix) and \
+            if (c > nullpix) and not (mb[k] & 3) and (n_nb < 1 or box0[k] > nullpix) and \
                     (n_nb < 2 or box1[k] > nullpix):
                 bx[nb] = bg_x[q]
                 by[nb] = bg_y[q]
@@ -367,66 +449,40 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             over = 1
         FL_o[b, 1] = badpk
         FL_o[b, 2] = over
-        # background plane: least squares over the pixels in use, then reject those > cutoff sigma
-        for it in range(n_iter + 1):
-            pyflm_plane_sums(nb, bx, by, bc, bu, sums)
-            cf3[0] = cf3[1] = cf3[2] = 0.0
-            if sums[0] >= 6:
-                M[0][0] = sums[0]
-                M[0][1] = sums[1]
-                M[0][2] = sums[2]
-                M[1][0] = sums[1]
-                M[1][1] = sums[3] + 1e-3     # the twin's small ridge
-                M[1][2] = sums[4]
-                M[2][0] = sums[2]
-                M[2][1] = sums[4]
-                M[2][2] = sums[5] + 1e-3
-                rhs[0] = sums[6]
-                rhs[1] = sums[7]
-                rhs[2] = sums[8]
-                if not _solve3(M, rhs, cf3):
-                    cf3[0] = cf3[1] = cf3[2] = 0.0
-            if not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2):
-                break
-        # the twin's rms is over the final mask with the last plane's residuals
-        ss = pyflm_rms_sum(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, &w)
-        nnew = <int>w
+        DS_o[b, 0] = ndead
+        DS_o[b, 1] = nshad
+        _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain_bg, cut2, nc, pi, pj, pc, pv, x0, y0, gain, k_bg,
+                       cf3, res)
         C_o[b, 0] = cf3[0]
         C_o[b, 1] = cf3[1]
         C_o[b, 2] = cf3[2]
-        R_o[b] = sqrt(ss / (nnew if nnew > 1 else 1))
-        NB_o[b] = nnew
-        # summation over the valid peak pixels, and the centroid of the positive net counts
-        I = 0.0
-        spl = 0.0
-        sc_pk = 0.0
-        npk = 0
-        tot = 0.0
-        wi = 0.0
-        wj = 0.0
-        for k in range(nc):
-            if pv[k]:
-                pl = cf3[0] + cf3[1] * (pi[k] - x0) + cf3[2] * (pj[k] - y0)
-                d = pc[k] - pl
-                I += d
-                spl += pl
-                sc_pk += pc[k]
-                npk += 1
-                if d > 0:
-                    tot += d
-                    wi += d * (pi[k] + 0.5)
-                    wj += d * (pj[k] + 0.5)
-        nbg = nnew * k_bg if nnew * k_bg > 1 else 1
-        var = gain * (sc_pk if sc_pk > 0 else 0.0)
-        d = spl / (npk if npk > 1 else 1)
-        var += <double>npk * npk * gain * (d if d > 0.5 else 0.5) / nbg
-        I_o[b] = I
-        S_o[b] = sqrt(var if var > 1e-12 else 1e-12)
-        NP_o[b] = npk
-        if tot < 1e-9:
-            tot = 1e-9
-        SO_o[b] = cs + wi / tot
-        FO_o[b] = cf + wj / tot
+        R_o[b] = res[0]
+        NB_o[b] = <int>res[1]
+        I_o[b] = res[2]
+        S_o[b] = res[3]
+        NP_o[b] = <int>res[4]
+        tot = res[5] if res[5] >= 1e-9 else 1e-9
+        SO_o[b] = cs + res[6] / tot
+        FO_o[b] = cf + res[7] / tot
+        if use_sgx and single[b]:
+            # the same box measured from this image alone, its own exclusions (the profiles' measurement)
+            nb = 0
+            for q in range(n_bg_all):
+                k = bg_k[q]
+                c = box[k]
+                if (c > nullpix) and not (mb[k] & 5):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = c
+                    bu[nb] = 1.0
+                    nb += 1
+            _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain, cut2, nc, pi, pj, pc, pv, x0, y0, gain, 1.0,
+                           cf3, res)
+            C1_o[b, 0] = cf3[0]
+            C1_o[b, 1] = cf3[1]
+            C1_o[b, 2] = cf3[2]
+            I1_o[b] = res[2]
+            S1_o[b] = res[3]
     free(box)
     free(box0)
     free(box1)
@@ -614,10 +670,13 @@ def _u8(m):
 
 
 def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None, double gain=1.0,
-            double overload=1e9, double nullpix=-1.0, int n_iter=3, double cutoff=3.0, bg_images=()):
+            double overload=1e9, double nullpix=-1.0, int n_iter=3, double cutoff=3.0, bg_images=(),
+            single_exclude=None, single=None):
     """Measure reflections at (fast, slow) on one image: a dict of arrays I, SIGI, coef (n, 3), rms,
     n_peak, n_bg, slow_obs, fast_obs, cs, cf (box origins), on, bad_peak, over (bool).  bg_images: up
-    to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy)."""
+    to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy).
+    single_exclude, single (bool per reflection): those reflections measured also from this image
+    alone with that bg_exclude, in the same pass (I1, SIGI1, coef1; NaN for the others)."""
     nbs = list(bg_images)
     if len(nbs) > 2:
         raise ValueError("at most two neighbouring images join a background")
@@ -644,6 +703,19 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
            "n_peak": np.empty(n, np.int32), "n_bg": np.empty(n, np.int32), "slow_obs": np.empty(n),
            "fast_obs": np.empty(n), "cs": np.empty(n, np.int64), "cf": np.empty(n, np.int64)}
     fl = np.zeros((n, 3), np.uint8)
+    g_, ug_ = _mask(single_exclude)
+    cdef const unsigned char[:, ::1] g = g_
+    cdef int ug = ug_
+    sg = np.zeros(n, np.uint8) if single is None else np.ascontiguousarray(single, bool).view(np.uint8)
+    if len(sg) != n:
+        raise ValueError("single needs one value per reflection")
+    cdef const unsigned char[::1] SG = sg
+    out["I1"], out["SIGI1"], out["coef1"] = np.full(n, np.nan), np.full(n, np.nan), np.full((n, 3), np.nan)
+    cdef double[::1] I1 = out["I1"], S1 = out["SIGI1"]
+    cdef double[:, ::1] C1 = out["coef1"]
+    # peak pixels dead (<= nullpix) and shadowed (masked): which reflections dead-pixel mending may mend
+    out["n_dead_shadowed"] = np.zeros((n, 2), np.int32)
+    cdef cnp.int32_t[:, ::1] DS = out["n_dead_shadowed"]
     cdef double[::1] I_o = out["I"], S_o = out["SIGI"], R_o = out["rms"], SO = out["slow_obs"]
     cdef double[::1] FO = out["fast_obs"]
     cdef double[:, ::1] C_o = out["coef"]
@@ -657,23 +729,27 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     if data.dtype == np.int32:
         di, di0, di1 = data, nbs[0], nbs[1]
         with nogil:
-            _measure(di, F, S, nxs, nys, pk, bg, m, um, x, ux, di0, di1, n_nb, gain, overload, nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL)
+            _measure(di, F, S, nxs, nys, pk, bg, m, um, x, ux, di0, di1, n_nb, g, ug, SG, gain, overload,
+                     nullpix, n_iter, cutoff,
+                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     elif data.dtype == np.uint16:
         du, du0, du1 = data, nbs[0], nbs[1]
         with nogil:
-            _measure(du, F, S, nxs, nys, pk, bg, m, um, x, ux, du0, du1, n_nb, gain, overload, nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL)
+            _measure(du, F, S, nxs, nys, pk, bg, m, um, x, ux, du0, du1, n_nb, g, ug, SG, gain, overload,
+                     nullpix, n_iter, cutoff,
+                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     elif data.dtype == np.float32:
         df, df0, df1 = data, nbs[0], nbs[1]
         with nogil:
-            _measure(df, F, S, nxs, nys, pk, bg, m, um, x, ux, df0, df1, n_nb, gain, overload, nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL)
+            _measure(df, F, S, nxs, nys, pk, bg, m, um, x, ux, df0, df1, n_nb, g, ug, SG, gain, overload,
+                     nullpix, n_iter, cutoff,
+                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     else:
         dd, dd0, dd1 = data, nbs[0], nbs[1]
         with nogil:
-            _measure(dd, F, S, nxs, nys, pk, bg, m, um, x, ux, dd0, dd1, n_nb, gain, overload, nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL)
+            _measure(dd, F, S, nxs, nys, pk, bg, m, um, x, ux, dd0, dd1, n_nb, g, ug, SG, gain, overload,
+                     nullpix, n_iter, cutoff,
+                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out
 

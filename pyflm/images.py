@@ -196,8 +196,12 @@ def _check_truncated(img, path, data):
         # fabio only logs a checksum mismatch; corrupt pixel data must not pass as an image
         import base64
         import hashlib
-        raw = _raw_bytes(path, -1)
-        start = raw.find(b"\x0c\x1a\x04\xd5")
+        cbs, at = getattr(img, "cbs", None), getattr(img, "start_binary", None)
+        if isinstance(cbs, bytes) and at is not None and cbs[at:at + 4] == b"\x0c\x1a\x04\xd5":
+            start, raw = at, cbs               # the binary section fabio has just read: not read again
+        else:
+            raw = _raw_bytes(path, -1)
+            start = raw.find(b"\x0c\x1a\x04\xd5")
         if start >= 0:
             blob = raw[start + 4:start + 4 + int(size)]
             if base64.b64encode(hashlib.md5(blob).digest()).decode() != md5.strip():

@@ -123,7 +123,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     regions, n_regions = _profile_regions(detector, part_fast, part_slow)
     out_records, out_stats, out_obs = [], [], []
     # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
-    from .shoebox import block_profiles, foreground_mask, profile_sums, shadow_mask
+    from .shoebox import block_profiles, foreground_mask, measure, profile_sums, shadow_mask, single_part
     acc = None
     # every predicted spot's peak on an image (measured or not) is kept out of its neighbours' background
     on_image = {}
@@ -145,16 +145,27 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     kw = dict(raster=raster, gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix,
               mask=shadow)
     # pass 2 of MOSFLM: the fulls and the larger parts of partials (measured at their own centroids, on
-    # their own image) make the block's profiles
+    # their own image) make the block's profiles.  Each image's reflections are measured once here: with
+    # the 3-D background for their intensities, and the larger parts also from the image alone for the
+    # profiles, in one pass over their boxes (the kernel), the profile fit waiting for the block's profiles
     measured = {}
     for img in block_images:
         if isinstance(datas[img], Exception):
             continue
         sel = np.flatnonzero((parts["image"] == img) & measurable)
-        big = sel[parts["fraction"][sel] >= 0.5]
-        sums = profile_sums(datas[img], part_fast[big], part_slow[big], regions=regions[big], n_regions=n_regions,
-                            bg_exclude=foreground(img), **kw)
-        measured[img] = sel
+        big = parts["fraction"][sel] >= 0.5
+        # the background planes also from the images either side in the block, their spots kept out;
+        # not from one whose background differs (a dim or bright image would pull this one's planes)
+        nb = [j for j in (img - 1, img + 1) if j in datas and not isinstance(datas[j], Exception)
+              and abs(bg_level(j) - bg_level(img)) <= 0.05 * bg_level(img) + 0.02]
+        exclude = foreground(img)
+        for j in nb:
+            exclude = exclude | foreground(j)
+        m = measure(datas[img], part_fast[sel], part_slow[sel], bg_exclude=exclude,
+                    bg_images=[datas[j] for j in nb], single_exclude=foreground(img), single=big, **kw)
+        sums = profile_sums(datas[img], part_fast[sel][big], part_slow[sel][big], regions=regions[sel][big],
+                            n_regions=n_regions, bg_exclude=foreground(img), measured=single_part(m, big), **kw)
+        measured[img] = (sel, nb, exclude, m)
         acc = sums if acc is None else tuple(a + b for a, b in zip(acc, sums))
     profiles = block_profiles(*acc, raster) if acc is not None else None
     for img in block_images:
@@ -166,18 +177,12 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             st.error = str(data)
             out_stats.append(st)
             continue
-        sel = measured[img]
+        sel, nb, exclude, m = measured[img]
         p = pred[parts["index"][sel]]
         fulls = parts["n_parts"][sel] == 1
-        # the background planes also from the images either side in the block, their spots kept out;
-        # not from one whose background differs (a dim or bright image would pull this one's planes)
-        nb = [j for j in (img - 1, img + 1) if j in datas and not isinstance(datas[j], Exception)
-              and abs(bg_level(j) - bg_level(img)) <= 0.05 * bg_level(img) + 0.02]
-        exclude = foreground(img)
-        for j in nb:
-            exclude = exclude | foreground(j)
         res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], strong_mask=fulls, profiles=profiles,
-                              regions=regions[sel], bg_exclude=exclude, bg_images=[datas[j] for j in nb], **kw)
+                              regions=regions[sel], bg_exclude=exclude, bg_images=[datas[j] for j in nb],
+                              measured=m, **kw)
         lp = p["lorentz"] * p["polar"]
         rec = np.zeros(len(sel), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]

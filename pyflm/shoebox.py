@@ -316,25 +316,45 @@ def fine_shape(raster, sub=SUB):
 
 
 def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None, bg_exclude=None,
-            bg_images=(), use_cython=True):
+            bg_images=(), single_exclude=None, single=None, use_cython=True):
     """Everything of each reflection's measurement but the profile fit: background plane (coef, rms,
     n_bg), summation I and SIGI, n_peak, centroid (slow_obs, fast_obs), box origins (cs, cf) and
     whether the box is on the image (on), has invalid peak pixels (bad_peak) or overloads (over).
     bg_images: neighbouring images (up to two) whose pixels join the background plane (integrate_image).
+    single (bool per reflection) with single_exclude: those also measured from this image alone with
+    that bg_exclude (profile_sums' measurement), as I1, SIGI1, coef1 (NaN for the others); the
+    kernel does it in the same pass over their boxes.
     A dict of arrays; the kernel (ext/_integrate.pyx) when built, else measure_numpy (its twin)."""
+    fast, slow = np.asarray(fast, float), np.asarray(slow, float)
     if use_cython and _int_ext is not None and len(bg_images) <= 2:
         peak_mask, bg_mask = box_masks(raster)
         # in the order of the image's rows: neighbouring boxes share the rows' cache lines and pages
-        fast, slow = np.asarray(fast, float), np.asarray(slow, float)
         order = np.lexsort((fast, slow))
         m = _int_ext.measure(data, fast[order], slow[order], raster, peak_mask, bg_mask, mask, bg_exclude,
-                             float(gain), float(overload), float(nullpix), bg_images=list(bg_images))
+                             float(gain), float(overload), float(nullpix), bg_images=list(bg_images),
+                             single_exclude=single_exclude,
+                             single=None if single is None else np.asarray(single, bool)[order])
         for k, v in m.items():
             m[k] = np.empty_like(v)
             m[k][order] = v
         return m
-    return measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
-                         mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
+    m = measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
+                      mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
+    n = len(fast)
+    m["I1"], m["SIGI1"], m["coef1"] = np.full(n, np.nan), np.full(n, np.nan), np.full((n, 3), np.nan)
+    if single is not None and single_exclude is not None and np.any(single):
+        w = np.flatnonzero(single)
+        m1 = measure_numpy(data, fast[w], slow[w], raster=raster, gain=gain, overload=overload,
+                           nullpix=nullpix, mask=mask, bg_exclude=single_exclude)
+        m["I1"][w], m["SIGI1"][w], m["coef1"][w] = m1["I"], m1["SIGI"], m1["coef"]
+    return m
+
+
+def single_part(m, which):
+    """measure()'s single-image results (I1, SIGI1, coef1) of reflections `which` as a measure() dict
+    of their own, for profile_sums (the peak's flags are the same for both measurements)."""
+    return {"I": m["I1"][which], "SIGI": m["SIGI1"][which], "coef": m["coef1"][which],
+            "on": m["on"][which], "bad_peak": m["bad_peak"][which], "over": m["over"][which]}
 
 
 def measure_numpy(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None,
@@ -572,16 +592,20 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
                                                  float(gain), float(overload), float(nullpix))
         # the few reflections _mend_dead_pixels may mend (on the image, a few dead peak pixels and no
         # shadowed ones) go through it, boxes and all; it leaves every other one as it is
-        idx = np.flatnonzero(bad_peak & on)
+        ds = m.get("n_dead_shadowed")
+        if ds is None:
+            idx = np.flatnonzero(bad_peak & on)
+            f_, s_ = np.asarray(fast, float)[idx], np.asarray(slow, float)[idx]
+            boxes = extract_boxes(data, f_, s_, raster)[0]
+            dead = peak_mask[None] & (boxes <= nullpix)
+            ds = np.zeros((n, 2), int)
+            ds[idx, 0] = dead.sum((1, 2))
+            ds[idx, 1] = (peak_mask[None] & ~_valid(boxes, nullpix, mask, f_, s_, raster) & ~dead).sum((1, 2))
+        idx = np.flatnonzero(bad_peak & on & (ds[:, 1] == 0) & (ds[:, 0] <= MAX_DEAD_PIXELS * peak_mask.sum()))
         if len(idx):
             f_, s_ = np.asarray(fast, float)[idx], np.asarray(slow, float)[idx]
             boxes = extract_boxes(data, f_, s_, raster)[0]
             valid = _valid(boxes, nullpix, mask, f_, s_, raster)
-            dead = peak_mask[None] & (boxes <= nullpix)
-            may = ~(peak_mask[None] & ~valid & ~dead).any((1, 2)) & \
-                (dead.sum((1, 2)) <= MAX_DEAD_PIXELS * peak_mask.sum())
-            idx, f_, s_, boxes, valid = idx[may], f_[may], s_[may], boxes[may], valid[may]
-        if len(idx):
             I, sig, bad_peak = I.copy(), sig.copy(), bad_peak.copy()
             I[idx], sig[idx], bad_peak[idx] = _mend_dead_pixels(
                 I[idx], sig[idx], bad_peak[idx], boxes, _plane_of(m["coef"][idx], raster), nullpix, valid,
