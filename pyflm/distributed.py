@@ -68,6 +68,25 @@ def executor(address):
     return DaskExecutor(address)
 
 
+def run_tasks(fn, tasks, nproc=1, scheduler=None):
+    """[fn(*t) for t in tasks], in order: on the Dask cluster when a scheduler is named, else on up to
+    nproc local worker processes (one task, or nproc 1: here).  fn must be a module-level function and
+    its arguments small (paths, not images): each worker reads its own data."""
+    tasks = list(tasks)
+    if len(tasks) < 2 or (nproc < 2 and not scheduler):
+        return [fn(*t) for t in tasks]
+    if scheduler:
+        ex = executor(scheduler)
+    else:
+        from .integrate import _ignore_signals
+        ex = cf.ProcessPoolExecutor(max_workers=min(nproc, len(tasks)), initializer=_ignore_signals)
+    try:
+        futures = [ex.submit(fn, *t) for t in tasks]
+        return [f.result() for f in futures]
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
 def n_workers(address):
     """Worker processes the scheduler has now (for the log line)."""
     try:

@@ -636,21 +636,22 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
         return None
     grid = np.arange(0.02, 2.01, 0.02) if grid is None else grid
     a, b = phi_range
-    tree = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1))
+    # predict.predict at each spread, with the search window (the image +/- 3 degrees) done once: only
+    # the rocking widths, and so which crossings reach the image, depend on the spread.  A crossing's
+    # nearest spot does not depend on the others, so each is looked up once too.
+    c = copy.copy(crystal)
+    dmin = max(float(dmin), 0.5 * beam.wavelength)
+    window = predict.predict_window_cython if predict._ext is not None else predict.predict_numpy
+    _, ph, s1u, x, y, _, _ = window(c.A, beam.wavelength, detector.frame(), -1 if goniometer.reverse_phi
+                                    else 1, a - 3.0, b + 3.0, dmin, None)
+    dist, near = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1)).query(
+        np.stack([x, y], 1), distance_upper_bound=3 * detector.pixel_fast)
+    found = np.isfinite(dist)
     fracs = []
     for eta in grid:
-        c = copy.copy(crystal)
-        c.mosaic = float(eta)
-        pred = predict.predict(c, beam, detector, goniometer, a, b, dmin, margin=3.0)
-        lo, hi = predict.phi_extent(pred)
-        on = (hi > a) & (lo < b)
-        if not on.any():
-            fracs.append(0.0)
-            continue
-        dist, _ = tree.query(np.stack([pred["x_mm"][on], pred["y_mm"][on]], 1), distance_upper_bound=
-                             3 * detector.pixel_fast)
-        matched = np.unique(_[np.isfinite(dist)])
-        fracs.append(len(matched) / len(ok))
+        width = predict.rocking_width_xds(s1u, goniometer.axis, float(eta), beam)
+        on = (ph + predict.EXTENT * width > a) & (ph - predict.EXTENT * width < b)
+        fracs.append(len(np.unique(near[on & found])) / len(ok) if on.any() else 0.0)
     fracs = np.array(fracs)
     plateau = fracs.max()
     if plateau < 0.3:
@@ -663,17 +664,28 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
 
 # ---- actions --------------------------------------------------------------------------------------
 
-def _spots_for(job, image, threshold, keep_weak=False):
+def _find_kwargs(job, image, keep_weak):
+    """(image path, detector, find_spots keywords) of one image's spot search for indexing."""
+    from .images import current_path
+    beam, det, gonio, scan = job.experiment(image)
+    a, b = scan.phi_range(image)
+    return current_path(job, image), det, dict(image=image, phi=0.5 * (a + b),
+                                               threshold=0.0 if keep_weak else 3.0,
+                                               min_pix=1 if keep_weak else None, wavelength=beam.wavelength)
+
+
+def _spots_for(job, image, threshold, keep_weak=False, found=None):
     """Spots of one image, logged as MOSFLM logs them.  keep_weak keeps every connected group of
     spot pixels (threshold 0, one pixel) for merging into 3D spots; the log still counts the spots
-    that pass on their own."""
-    from .images import current_path, read_image
+    that pass on their own.  `found`: the same search's result from a worker process, if there is one."""
+    from .images import read_image
     from .spotfinder import TOO_SMALL, find_spots, log_spot_search
     beam, det, gonio, scan = job.experiment(image)
-    data = read_image(current_path(job, image))[0]
     a, b = scan.phi_range(image)
-    spots = find_spots(data, det, image=image, phi=0.5 * (a + b), threshold=0.0 if keep_weak else 3.0,
-                       min_pix=1 if keep_weak else None, wavelength=beam.wavelength)
+    spots = found
+    if spots is None:
+        path, det_, kw = _find_kwargs(job, image, keep_weak)
+        spots = find_spots(read_image(path)[0], det_, **kw)
     shown = spots
     if keep_weak:
         shown = spots.copy()
@@ -723,8 +735,17 @@ def run_autoindex(job, args):
     all_spots, models = [], None
     scan0 = job.experiment(images[0])[3]
     merge = _thin_consecutive(images, scan0.osc)
+    found = {}
+    from .distributed import scheduler_from
+    from .integrate import nproc_from
+    nproc, sched = nproc_from(job.kw), scheduler_from(job.kw)
+    if len(images) > 1 and (nproc > 1 or sched):
+        # the images' searches are independent: one per worker process, each decoding its own image
+        from .spotfinder import find_spots_in_files
+        found = dict(zip(images, find_spots_in_files([_find_kwargs(job, i, merge) for i in images],
+                                                     nproc, sched)))
     for img in images:
-        sp, m = _spots_for(job, img, thresh, keep_weak=merge)
+        sp, m = _spots_for(job, img, thresh, keep_weak=merge, found=found.get(img))
         models = models or m
         all_spots.append(sp)
     beam, det, gonio, scan = models

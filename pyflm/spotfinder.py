@@ -135,6 +135,25 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
     return spots[order]
 
 
+def find_spots_in_file(path, detector, kwargs):
+    """find_spots on the image at `path` (decoded here: worker processes are given paths, not arrays).
+    None when the image cannot be read; the caller reads it again to report why."""
+    from .errors import PyflmError
+    from .images import read_image
+    try:
+        data = read_image(path)[0]
+    except PyflmError:
+        return None
+    return find_spots(data, detector, **kwargs)
+
+
+def find_spots_in_files(tasks, nproc=1, scheduler=None):
+    """Spot lists of several images, [(path, detector, find_spots keywords)] -> [spots or None], in
+    order: on worker processes when nproc > 1 (or on a Dask cluster), each the same as found here."""
+    from .distributed import run_tasks
+    return run_tasks(find_spots_in_file, tasks, nproc, scheduler)
+
+
 def chain_groups(lists, linked):
     """Spots of consecutive images joined into chains: `lists` holds one spot array per image, in
     image order; linked(a, b) gives the (ia, ib) pairs of a spot on one image continuing on the next.

@@ -1,0 +1,79 @@
+"""Indexing with NPROC 2: the images' spot searches on worker processes give the same spots, log and
+cell as one process; the mosaic estimate (one prediction window for every trial spread) gives what
+predicting at each spread gives."""
+import copy
+
+import numpy as np
+
+from conftest import SIM, run_ipmosflm
+from pyflm import geometry, indexing, predict
+from pyflm.job import JobState
+from pyflm.matrix import read_matrix
+from pyflm.spotfinder import find_spots_in_files
+
+DECK = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nnproc {{n}}\n'
+        "autoindex dps refine image 1 thresh 20\nautoindex dps refine image 45 thresh 20\n"
+        "mosaic estimate 1\ngo\n")
+
+
+def test_spots_found_on_two_worker_processes_are_those_found_here():
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    tasks = [indexing._find_kwargs(job, i, keep_weak) for i, keep_weak in ((1, False), (45, True))]
+    here = [indexing._spots_for(job, i, 20, keep_weak=k)[0] for i, k in ((1, False), (45, True))]
+    there = find_spots_in_files(tasks, nproc=2)
+    for a, b in zip(here, there):
+        assert len(a) > 100 and a.dtype == b.dtype and np.array_equal(a, b)
+    # an image that cannot be read comes back as None (the caller reads it again to say why)
+    assert find_spots_in_files([("/nonexistent/x_0001.cbf",) + tasks[0][1:]] * 2, nproc=2) == [None, None]
+
+
+def test_autoindex_on_two_processes_logs_what_one_process_logs(tmp_path):
+    logs = []
+    for n in (1, 2):
+        d = tmp_path / f"np{n}"
+        d.mkdir()
+        r = run_ipmosflm(DECK.format(n=n), cwd=d)
+        assert r.returncode == 0, r.stdout[-2000:]
+        logs.append([ln for ln in r.stdout.splitlines() if "nproc" not in ln.lower()])   # the deck's echo
+    assert any("Final cell (after refinement)" in ln for ln in logs[0])
+    assert any("The mosaicity has been estimated as" in ln for ln in logs[0])
+    assert logs[0] == logs[1]
+
+
+def _mosaic_by_predicting_each_spread(crystal, beam, det, gonio, spots, phi_range, dmin, grid):
+    """The estimate as it was written first: predict.predict at every spread of the grid."""
+    from scipy.spatial import cKDTree
+    ok = spots[spots["flag"] == 0]
+    a, b = phi_range
+    tree = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1))
+    fracs = []
+    for eta in grid:
+        c = copy.copy(crystal)
+        c.mosaic = float(eta)
+        pred = predict.predict(c, beam, det, gonio, a, b, dmin, margin=3.0)
+        lo, hi = predict.phi_extent(pred)
+        on = (hi > a) & (lo < b)
+        dist, j = tree.query(np.stack([pred["x_mm"][on], pred["y_mm"][on]], 1),
+                             distance_upper_bound=3 * det.pixel_fast)
+        fracs.append(len(np.unique(j[np.isfinite(dist)])) / len(ok))
+    fracs = np.array(fracs)
+    tol = max(1.0, 0.002 * len(ok)) / len(ok)
+    return float(grid[int(np.argmax(fracs >= fracs.max() - tol))])
+
+
+def test_mosaic_estimate_equals_predicting_at_each_spread():
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    crystal = read_matrix(str(SIM / "truth.mat"))
+    for image in (1, 45):
+        spots, (beam, det, gonio, scan) = indexing._spots_for(job, image, 20)
+        for grid in (np.arange(0.02, 2.01, 0.02), np.arange(0.01, 0.6, 0.01)):
+            # a slightly turned crystal too, so the plateau is not reached at once
+            for turn in (0.0, 0.15):
+                c = copy.copy(crystal)
+                c.U = geometry.rot_about(np.array([1.0, 0.0, 0.0]), turn) @ crystal.U
+                want = _mosaic_by_predicting_each_spread(c, beam, det, gonio, spots, scan.phi_range(image),
+                                                         1.27, grid)
+                got = indexing.estimate_mosaic(c, beam, det, gonio, spots, scan.phi_range(image), 1.27, grid)
+                assert got == want, (image, turn, got, want)
