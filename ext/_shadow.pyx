@@ -14,6 +14,7 @@ cdef extern from *:
     """
     /* SSE2's minsd and maxsd: no branch (gcc made the conditional expressions a branch) */
     #include <emmintrin.h>
+    #include <string.h>
     static inline double pyflm_min(double a, double b) {
         return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
     static inline double pyflm_max(double a, double b) {
@@ -253,16 +254,79 @@ def block_stats(images, double nullpix=-1.0, int bin_=8):
     return valid.view(np.bool_), med, coarse
 
 
+cdef extern from *:
+    """
+    /* One row of shadow_test: valid, level >= min_level, more than 4.5 of the 3 x 3 valid, and the
+       3 x 3 sum of medians over the valid count below ratio x level; 1 in hit[j] where all hold.  Two
+       pixels per SSE2 instruction; the level is constant along a bin's columns. */
+    /* the places of the row's hits, eight bytes at a time (hits are rare) */
+    static Py_ssize_t pyflm_collect(Py_ssize_t nf, const unsigned char *hit, Py_ssize_t base,
+                                    Py_ssize_t *hits, Py_ssize_t n) {
+        Py_ssize_t j = 0;
+        for (; j + 8 <= nf; j += 8) {
+            unsigned long long w;
+            memcpy(&w, hit + j, 8);
+            if (!w) continue;
+            for (Py_ssize_t t = j; t < j + 8; t++) if (hit[t]) hits[n++] = base + t;
+        }
+        for (; j < nf; j++) if (hit[j]) hits[n++] = base + j;
+        return n;
+    }
+    /* sums along a row of 3 (its ends repeated), of the medians and of the valid flags */
+    static void pyflm_row_sums(Py_ssize_t nf, const double *m, const unsigned char *v, double *rm, double *rv) {
+        if (nf == 1) { rm[0] = (m[0] + m[0]) + m[0]; rv[0] = ((double)v[0] + v[0]) + v[0]; return; }
+        rm[0] = (m[0] + m[0]) + m[1];
+        rv[0] = ((double)v[0] + (double)v[0]) + (double)v[1];
+        for (Py_ssize_t j = 1; j + 1 < nf; j++) {
+            rm[j] = (m[j - 1] + m[j]) + m[j + 1];
+            rv[j] = ((double)v[j - 1] + (double)v[j]) + (double)v[j + 1];
+        }
+        rm[nf - 1] = (m[nf - 2] + m[nf - 1]) + m[nf - 1];
+        rv[nf - 1] = ((double)v[nf - 2] + (double)v[nf - 1]) + (double)v[nf - 1];
+    }
+    static void pyflm_shadow_row(Py_ssize_t nf, int bin_, const unsigned char *valid, const double *lrow,
+                                 const double *m0, const double *m1, const double *m2,
+                                 const double *v0, const double *v1, const double *v2,
+                                 double ratio, double min_level, unsigned char *hit) {
+        const __m128d half9 = _mm_set1_pd(4.5);
+        for (Py_ssize_t j0 = 0; j0 < nf; j0 += bin_) {
+            Py_ssize_t j1 = j0 + bin_ < nf ? j0 + bin_ : nf, j = j0;
+            double lv = lrow[j0 / bin_];
+            if (!(lv >= min_level)) {
+                for (; j < j1; j++) hit[j] = 0;
+                continue;
+            }
+            const __m128d lim = _mm_set1_pd(ratio * lv);
+            for (; j + 2 <= j1; j += 2) {
+                __m128d den = _mm_add_pd(_mm_add_pd(_mm_loadu_pd(v0 + j), _mm_loadu_pd(v1 + j)),
+                                         _mm_loadu_pd(v2 + j));
+                __m128d num = _mm_add_pd(_mm_add_pd(_mm_loadu_pd(m0 + j), _mm_loadu_pd(m1 + j)),
+                                         _mm_loadu_pd(m2 + j));
+                __m128d ok = _mm_and_pd(_mm_cmpgt_pd(den, half9),
+                                        _mm_cmplt_pd(_mm_div_pd(num, den), lim));
+                int bits = _mm_movemask_pd(ok);
+                hit[j] = (bits & 1) && valid[j];
+                hit[j + 1] = ((bits >> 1) & 1) && valid[j + 1];
+            }
+            for (; j < j1; j++) {
+                double den = (v0[j] + v1[j]) + v2[j], num = (m0[j] + m1[j]) + m2[j];
+                hit[j] = valid[j] && den > 4.5 && num / den < ratio * lv;
+            }
+        }
+    }
+    """
+    Py_ssize_t pyflm_collect(Py_ssize_t nf, const unsigned char *hit, Py_ssize_t base, Py_ssize_t *hits,
+                             Py_ssize_t n) nogil
+    void pyflm_row_sums(Py_ssize_t nf, const double *m, const unsigned char *v, double *rm, double *rv) nogil
+    void pyflm_shadow_row(Py_ssize_t nf, int bin_, const unsigned char *valid, const double *lrow,
+                          const double *m0, const double *m1, const double *m2, const double *v0,
+                          const double *v1, const double *v2, double ratio, double min_level,
+                          unsigned char *hit) nogil
+
+
 cdef inline void _row_sums(const double[:, ::1] med, const unsigned char[:, ::1] valid, Py_ssize_t r,
                            Py_ssize_t nf, double *rm, double *rv) noexcept nogil:
-    cdef Py_ssize_t j, jm, jp
-    cdef const double *m = &med[r, 0]
-    cdef const unsigned char *v = &valid[r, 0]
-    for j in range(nf):
-        jm = j - 1 if j > 0 else 0
-        jp = j + 1 if j + 1 < nf else nf - 1
-        rm[j] = (m[jm] + m[j]) + m[jp]
-        rv[j] = (<double>v[jm] + <double>v[j]) + <double>v[jp]
+    pyflm_row_sums(nf, &med[r, 0], &valid[r, 0], rm, rv)
 
 
 def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, const double[:, ::1] level,
@@ -287,9 +351,7 @@ def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, con
     # formed once and serve the three rows of output they touch
     cdef double *RM = <double *>malloc(3 * nf * sizeof(double))
     cdef double *RV = <double *>malloc(3 * nf * sizeof(double))
-    cdef Py_ssize_t *bincol = <Py_ssize_t *>malloc(nf * sizeof(Py_ssize_t))
-    for j in range(nf):
-        bincol[j] = j // bin_
+    cdef unsigned char *hrow = <unsigned char *>malloc(nf)
     with nogil:
         for r in range(min(2, ns)):
             _row_sums(med, valid, r, nf, RM + (r % 3) * nf, RV + (r % 3) * nf)
@@ -301,20 +363,9 @@ def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, con
             m0, m1, m2 = RM + a * nf, RM + (i % 3) * nf, RM + b * nf
             v0, v1, v2 = RV + a * nf, RV + (i % 3) * nf, RV + b * nf
             lrow = &level[i // bin_, 0]
-            for j in range(nf):
-                if not valid[i, j]:
-                    continue
-                lv = lrow[bincol[j]]
-                if not lv >= min_level:
-                    continue
-                # row sums, then the column of them: the twin's order of additions
-                den = (v0[j] + v1[j]) + v2[j]
-                if not den > 4.5:
-                    continue
-                num = (m0[j] + m1[j]) + m2[j]
-                if num / den < ratio * lv:
-                    hits[n] = i * nf + j
-                    n += 1
+            # row sums, then the column of them: the twin's order of additions
+            pyflm_shadow_row(nf, bin_, &valid[i, 0], lrow, m0, m1, m2, v0, v1, v2, ratio, min_level, hrow)
+            n = pyflm_collect(nf, hrow, i * nf, hits, n)
         for a in range(n):
             i = hits[a] // nf
             j = hits[a] % nf
@@ -325,5 +376,29 @@ def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, con
     free(hits)
     free(RM)
     free(RV)
-    free(bincol)
+    free(hrow)
     return out.view(np.bool_)
+
+
+def median5(const double[:, ::1] coarse):
+    """scipy.ndimage.median_filter(coarse, 5, mode="nearest") (its twin in pyflm.shoebox.shadow_mask):
+    each bin's median over the 5 x 5 bins about it, the edges repeated; exact (a selection)."""
+    cdef Py_ssize_t nb = coarse.shape[0], nc = coarse.shape[1], i, j, a, b, ii, jj
+    cdef int k
+    cdef double buf[25]
+    out = np.empty((nb, nc), np.float64)
+    cdef double[:, ::1] O = out
+    with nogil:
+        for i in range(nb):
+            for j in range(nc):
+                k = 0
+                for a in range(-2, 3):
+                    ii = i + a
+                    ii = 0 if ii < 0 else (nb - 1 if ii >= nb else ii)
+                    for b in range(-2, 3):
+                        jj = j + b
+                        jj = 0 if jj < 0 else (nc - 1 if jj >= nc else jj)
+                        buf[k] = coarse[ii, jj]
+                        k += 1
+                O[i, j] = _select(buf, 25, 12)
+    return out

@@ -233,11 +233,40 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
 def background_level(data, nullpix=-1.0, step=4):
     """An image's background level: the mean of every step-th pixel's valid values below their 99th
     percentile (the spots left out).  To 1 % on the sim sweep's images, whose level is 2-5 counts."""
-    v = np.asarray(data[::step, ::step], float)
+    s = np.asarray(data[::step, ::step])
+    if s.dtype.kind in "iu":
+        level = _count_level(s[s > nullpix])
+        if level is not None:
+            return level
+    v = np.asarray(s, float)
     v = v[v > nullpix]
     if not len(v):
         return 0.0
     return float(np.mean(v[v <= np.percentile(v, 99)]))
+
+
+def _count_level(iv, cap=1 << 16):
+    """background_level of whole counts from their histogram (sorting 400 000 of a 6M image's pixels
+    for the percentile cost a fifth of its integration): the same 99th percentile (numpy's linear
+    interpolation between the two order statistics) and the same mean (their sum is exact), or None
+    when the counts do not suit (negative, or the percentile among the lumped largest)."""
+    n = len(iv)
+    if not n:
+        return 0.0
+    if iv.min() < 0:
+        return None
+    h = np.bincount(np.minimum(iv, cap).ravel())
+    c = np.cumsum(h)
+    idx = 0.99 * (n - 1)
+    lo = int(np.floor(idx))
+    hi = min(lo + 1, n - 1)
+    fr = idx - lo
+    a, b = int(np.searchsorted(c, lo + 1)), int(np.searchsorted(c, hi + 1))
+    if b >= cap:
+        return None
+    p = a + (b - a) * fr if fr < 0.5 else b - (b - a) * (1 - fr)
+    top = int(np.floor(p))
+    return float(int(np.dot(np.arange(top + 1, dtype=np.int64), h[:top + 1])) / int(c[top]))
 
 
 def _profile_regions(detector, fast, slow, n_rings=4, n_sectors=1):

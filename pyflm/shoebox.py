@@ -118,7 +118,7 @@ def shadow_mask(images, nullpix=-1.0, bin_=8, ratio=0.25, min_level=0.5, grow=2,
         valid, mean, coarse = _shadow_ext.block_stats(list(images), float(nullpix), int(bin_))
     else:
         valid, mean, coarse = shadow_stats_numpy(images, nullpix, bin_)
-    level = ndimage.median_filter(coarse, 5, mode="nearest")
+    level = _shadow_ext.median5(coarse) if kernel else ndimage.median_filter(coarse, 5, mode="nearest")
     if kernel:
         return _shadow_ext.shadow_test(valid.view(np.uint8), mean, level, int(bin_), float(ratio),
                                        float(min_level), int(grow))

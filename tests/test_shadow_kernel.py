@@ -45,3 +45,13 @@ def test_kernel_equals_numpy_twin_with_gaps_negatives_floats_and_empty_bins():
             for x, y in zip(a, b):
                 assert x.shape == y.shape and np.array_equal(x, y)
     assert (~a[0]).any() and (a[2] == 0).any()
+
+
+def test_kernel_median_of_5_x_5_bins_is_scipys():
+    from scipy import ndimage
+    rng = np.random.default_rng(8)
+    imgs = sim_images(31, 5)
+    coarse = shoebox._shadow_ext.block_stats(imgs, -1.0, 8)[2]
+    for c in (coarse, rng.poisson(2.0, (13, 7)) / 2.0, rng.normal(size=(3, 40)), rng.normal(size=(1, 1))):
+        c = np.ascontiguousarray(c, float)
+        assert np.array_equal(shoebox._shadow_ext.median5(c), ndimage.median_filter(c, 5, mode="nearest"))
