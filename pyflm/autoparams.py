@@ -51,25 +51,53 @@ class AutoParams:
     lines: list = field(default_factory=list)   # what was chosen and why, for the log
 
 
-def find_sweep_spots(read_image, detector, scan, images, known=None):
+def find_sweep_spots(read_image, detector, scan, images, known=None, nproc=1, scheduler=None):
     """Spots (pyflm.spots lists) on each image, found as FINDSPOTS does with a low threshold so that the
     tails of a reflection on its outer images are kept.  `known` ({image: spots}, what AUTOINDEX or
-    FINDSPOTS found already) saves searching those images again.  Unreadable images give an empty list."""
-    from .spotfinder import find_spots
-    from .spots import empty
+    FINDSPOTS found already) saves searching those images again.  Unreadable images give an empty list.
+    With nproc > 1 (or a scheduler) the images are searched on worker processes, or one image's search
+    is shared out in bands of rows (pyflm.spotfinder.find_spots_split); the spots are the same."""
+    import functools
+    from . import spotfinder
+    todo = [img for img in images if not (known and known.get(img) is not None)]
+    found = {}
+    if len(todo) > 1 and (nproc > 1 or scheduler):
+        from .distributed import run_tasks
+        found = dict(zip(todo, run_tasks(_search_image, [(read_image, detector, scan, img) for img in todo],
+                                         nproc, scheduler)))
+    elif len(todo) == 1 and (nproc > 1 or scheduler):
+        img = todo[0]
+        a, b = scan.phi_range(img)
+        try:
+            found[img] = spotfinder.find_spots_split(functools.partial(read_image, img), detector, nproc,
+                                                     scheduler, image=img, phi=0.5 * (a + b), threshold=2.0,
+                                                     min_pix=2)
+        except Exception:           # PROCESS reports bad images itself
+            found[img] = None
     out = []
     for img in images:
         if known and known.get(img) is not None:
             out.append(known[img])
             continue
-        try:
-            data = read_image(img)
-        except Exception:           # PROCESS reports bad images itself
-            out.append(empty())
-            continue
-        a, b = scan.phi_range(img)
-        out.append(find_spots(data, detector, image=img, phi=0.5 * (a + b), threshold=2.0, min_pix=2))
+        sp = found[img] if img in found else _search_image(read_image, detector, scan, img)
+        out.append(_empty() if sp is None else sp)
     return out
+
+
+def _empty():
+    from .spots import empty
+    return empty()
+
+
+def _search_image(read_image, detector, scan, img):
+    """One image's search for find_sweep_spots (None when the image cannot be read)."""
+    from .spotfinder import find_spots
+    try:
+        data = read_image(img)
+    except Exception:           # PROCESS reports bad images itself
+        return None
+    a, b = scan.phi_range(img)
+    return find_spots(data, detector, image=img, phi=0.5 * (a + b), threshold=2.0, min_pix=2)
 
 
 def link_spots(per_image, osc, radius=3.0):
@@ -248,8 +276,11 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     if crystal.mosaic or (job.kw.get("MOSAIC") or {}).get("_args"):
         given.add("MOSAIC")
     # one image says whether the sweep is sparse; only then are all its images searched
+    from .distributed import scheduler_from
+    from .integrate import nproc_from
+    nproc, sched = nproc_from(job.kw), scheduler_from(job.kw)
     mid = (first + last) // 2
-    probe = find_sweep_spots(read_image, detector, scan, [mid])[0]
+    probe = find_sweep_spots(read_image, detector, scan, [mid], nproc=nproc, scheduler=sched)[0]
     n_probe = _n_spots(probe)
     known = job.results.get("spots") or {}
     if known and not _same_spots(known.get(mid), probe):
@@ -260,7 +291,7 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     # consecutive images; searching every image of a long sweep would cost more than integrating it)
     a = max(first, (first + last + 1) // 2 - MAX_SEARCH // 2)
     b = min(last, a + MAX_SEARCH - 1)
-    per_image = find_sweep_spots(read_image, detector, scan, range(a, b + 1), known)
+    per_image = find_sweep_spots(read_image, detector, scan, range(a, b + 1), known, nproc, sched)
     ap = choose(per_image, beam, detector, goniometer, scan, a, b, given=given, crystal=crystal)
     if ap.mosaic is not None:
         crystal.mosaic = ap.mosaic

@@ -68,13 +68,15 @@ def executor(address):
     return DaskExecutor(address)
 
 
-def run_tasks(fn, tasks, nproc=1, scheduler=None):
+def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
     """[fn(*t) for t in tasks], in order: on the Dask cluster when a scheduler is named, else on up to
     nproc local worker processes (one task, or nproc 1: here).  fn must be a module-level function and
-    its arguments small (paths, not images): each worker reads its own data."""
+    its arguments small (paths, not images): each worker reads its own data.  With `meanwhile` (a
+    callable), it runs here while the tasks run, and (results, its result) is returned."""
     tasks = list(tasks)
     if len(tasks) < 2 or (nproc < 2 and not scheduler):
-        return [fn(*t) for t in tasks]
+        out = [fn(*t) for t in tasks]
+        return (out, meanwhile()) if meanwhile else out
     if scheduler:
         ex = executor(scheduler)
     else:
@@ -82,7 +84,9 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None):
         ex = cf.ProcessPoolExecutor(max_workers=min(nproc, len(tasks)), initializer=_ignore_signals)
     try:
         futures = [ex.submit(fn, *t) for t in tasks]
-        return [f.result() for f in futures]
+        here = meanwhile() if meanwhile else None
+        out = [f.result() for f in futures]
+        return (out, here) if meanwhile else out
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 

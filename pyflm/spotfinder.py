@@ -52,18 +52,22 @@ def dispersion_mask(data, valid, gain=1.0, kernel=7, sigma_b=6.0, sigma_s=3.0, m
 
 def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None, max_size_ratio=10.0,
                rmin=None, rmax=None, wavelength=None, ice_rings=False, separation=None, sigma_b=6.0,
-               kernel=7, mask=None):
+               kernel=7, mask=None, pixels=None):
     """Spots on one image -> spot list (pyflm.spots.SPOT_DTYPE), brightest first.
 
     threshold is the I/sigma a spot must reach to be kept (FINDSPOTS THRESHOLD); min_pix defaults to
-    MOSFLM's 6, or 3 for small pixels that see small spots."""
+    MOSFLM's 6, or 3 for small pixels that see small spots.  pixels: (spot-pixel mask, background
+    mean) when already found (find_spots_split)."""
     data = np.asarray(data)
     valid = data > detector.nullpix
     if mask is not None:
         valid &= ~mask
     over = data >= detector.overload
-    strong, bgmean = dispersion_mask(data, valid & ~over, detector.gain, kernel, sigma_b)
-    strong |= over & valid
+    if pixels is None:
+        strong, bgmean = dispersion_mask(data, valid & ~over, detector.gain, kernel, sigma_b)
+        strong |= over & valid
+    else:                      # found by find_spots_split's workers, band by band
+        strong, bgmean = pixels
     # close one-pixel holes so a spot is not split by a noisy pixel
     strong = ndimage.binary_closing(strong, structure=np.ones((2, 2))) & valid
     labels, n = ndimage.label(strong, structure=np.ones((3, 3)))
@@ -145,6 +149,47 @@ def find_spots_in_file(path, detector, kwargs):
     except PyflmError:
         return None
     return find_spots(data, detector, **kwargs)
+
+
+def _band_pixels(read, detector, r0, r1, kernel, sigma_b):
+    """Rows r0..r1 of find_spots' spot-pixel mask for the image read() gives, from a band of the image
+    with a margin: (mask rows, and the background mean at the pixels the 2 x 2 closing may reach, as
+    flat indices into the rows and their values).  The window sums run along the columns first, on
+    integer counts, so a band's sums are those of the whole image to the bit (test_parallel_index)."""
+    data = read()
+    ny = data.shape[0]
+    h = kernel // 2 + 2              # the window, and the closing's reach into the next band
+    lo, hi = max(0, r0 - h), min(ny, r1 + h)
+    sub = data[lo:hi]
+    valid = sub > detector.nullpix
+    over = sub >= detector.overload
+    strong, bgmean = dispersion_mask(sub, valid & ~over, detector.gain, kernel, sigma_b)
+    strong |= over & valid
+    a, b = max(0, r0 - 1), min(ny, r1 + 1)
+    near = ndimage.binary_dilation(strong[a - lo:b - lo], structure=np.ones((3, 3)))[r0 - a:r0 - a + r1 - r0]
+    idx = np.flatnonzero(near)
+    return strong[r0 - lo:r1 - lo], idx, bgmean[r0 - lo:r1 - lo].ravel()[idx]
+
+
+def find_spots_split(read, detector, nproc, scheduler=None, *, kernel=7, sigma_b=6.0, **kwargs):
+    """find_spots on one image with its spot-pixel search (most of the time) shared out in bands of
+    rows to nproc worker processes, each decoding the image itself from read() (a picklable callable:
+    a path's reader, not an array); the same spots as find_spots.  The rest is done here."""
+    from .distributed import run_tasks
+    ny, nx = detector.n_slow, detector.n_fast
+    if kwargs.get("mask") is not None or ny < 8 * kernel * nproc:
+        return find_spots(read(), detector, kernel=kernel, sigma_b=sigma_b, **kwargs)
+    edges = np.linspace(0, ny, nproc + 1).round().astype(int)
+    # this process decodes the image too (for the spots' sums) while the workers search their bands
+    bands, data = run_tasks(_band_pixels, [(read, detector, int(edges[i]), int(edges[i + 1]), kernel,
+                                            sigma_b) for i in range(nproc)], nproc, scheduler, meanwhile=read)
+    if data.shape != (ny, nx):       # not the header's size: the bands were not this image's
+        return find_spots(data, detector, kernel=kernel, sigma_b=sigma_b, **kwargs)
+    strong = np.concatenate([bd[0] for bd in bands])
+    bgmean = np.zeros(data.shape)
+    for r0, (_, idx, vals) in zip(edges, bands):
+        bgmean.ravel()[r0 * nx + idx] = vals
+    return find_spots(data, detector, kernel=kernel, sigma_b=sigma_b, pixels=(strong, bgmean), **kwargs)
 
 
 def find_spots_in_files(tasks, nproc=1, scheduler=None):

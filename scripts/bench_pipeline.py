@@ -187,6 +187,9 @@ def child(deck_path, workdir, profile):
         return fn
     job_mod.resolve_action = resolve
     sf.find_spots = st.wrap(sf.find_spots, "spots")
+    # with NPROC > 1 the searches run on worker processes: the wait for them is spot finding too
+    sf.find_spots_in_files = st.wrap(sf.find_spots_in_files, "spots")
+    sf.find_spots_split = st.wrap(sf.find_spots_split, "spots")
     real_write = mtz_mod.write_unmerged_mtz
     mtz_mod.write_unmerged_mtz = st.wrap(real_write, lambda *a: "mtz" if st.stack[-1][0] == "integrate"
                                          else st.stack[-1][0])

@@ -77,3 +77,55 @@ def test_mosaic_estimate_equals_predicting_at_each_spread():
                                                          1.27, grid)
                 got = indexing.estimate_mosaic(c, beam, det, gonio, spots, scan.phi_range(image), 1.27, grid)
                 assert got == want, (image, turn, got, want)
+
+
+def test_one_image_searched_in_bands_on_two_processes_gives_the_same_spots():
+    import functools
+    from pyflm import spotfinder
+    from pyflm.images import image_path, read_image
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    beam, det, gonio, scan = job.experiment(30)
+    path = image_path(job.template, job.directory, 30)
+    data = read_image(path)[0]
+    read = functools.partial(_data_of, path)
+    for kw in (dict(threshold=2.0, min_pix=2), dict(threshold=0.0, min_pix=1)):
+        want = spotfinder.find_spots(data, det, image=30, phi=1.0, **kw)
+        for n in (2, 3):
+            got = spotfinder.find_spots_split(read, det, n, image=30, phi=1.0, **kw)
+            assert len(want) > 100 and np.array_equal(want, got), n
+    # every band's pixel mask and background are those of the whole image, to the bit
+    strong, bg = spotfinder.dispersion_mask(data, (data > det.nullpix) & (data < det.overload), det.gain)
+    strong |= (data >= det.overload) & (data > det.nullpix)
+    r0, r1 = 100, 211
+    band, idx, vals = spotfinder._band_pixels(read, det, r0, r1, 7, 6.0)
+    assert np.array_equal(band, strong[r0:r1]) and np.array_equal(vals, bg[r0:r1].ravel()[idx])
+
+
+def _data_of(path):
+    from pyflm.images import read_image
+    return read_image(path)[0]
+
+
+def test_sparse_sweep_spots_on_two_processes_are_those_of_one(tmp_path):
+    """PROCESS's spot search of a sparse sweep (L-cysteine): image by image on worker processes, and
+    one image in bands, the same spot lists as on one process; an unreadable image an empty list."""
+    import functools
+    import shutil
+    from conftest import DATA
+    from pyflm import autoparams
+    from pyflm.integrate import read_image_data
+    lcys = DATA / "real-lcys-pilatus2m"
+    for i in range(1, 5):
+        shutil.copy(lcys / f"l-cyst_01_{i:05d}.cbf.gz", tmp_path)
+    (tmp_path / "l-cyst_01_00005.cbf").write_bytes(b"not an image")   # beside .gz ones: read first
+    job = JobState()
+    job.template, job.directory = "l-cyst_01_#####.cbf", str(tmp_path)
+    beam, det, gonio, scan = job.experiment(1)
+    read = functools.partial(read_image_data, job.template, job.directory, None)
+    one = autoparams.find_sweep_spots(read, det, scan, range(1, 6))
+    two = autoparams.find_sweep_spots(read, det, scan, range(1, 6), nproc=2)
+    assert [len(s) for s in one[:4]] == [len(s) for s in two[:4]] and min(len(s) for s in one[:4]) > 10
+    assert all(np.array_equal(a, b) for a, b in zip(one, two)) and len(two[4]) == 0
+    for img in (3, 5):
+        assert np.array_equal(autoparams.find_sweep_spots(read, det, scan, [img], nproc=2)[0], one[img - 1])
