@@ -69,7 +69,8 @@ def assert_close(a, b, rtol=1e-6):
     assert not bad.any(), f"{bad.sum()} of {len(a)} differ, e.g. {a[bad][:3]} vs {b[bad][:3]}"
 
 
-@pytest.mark.parametrize("variant", ["as recorded", "damaged", "float32", "3-D background", "one neighbour"])
+@pytest.mark.parametrize("variant", ["as recorded", "damaged", "float32", "uint16", "3-D background",
+                                     "one neighbour"])
 def test_kernel_measures_what_the_numpy_twin_measures_on_a_sim_image(scene, neighbours, variant):
     assert shoebox._int_ext is not None, "the Cython integration kernel is not built"
     data, fast, slow, shadow, fg, regions = scene
@@ -78,11 +79,15 @@ def test_kernel_measures_what_the_numpy_twin_measures_on_a_sim_image(scene, neig
         data = damaged(data)
     elif variant == "float32":
         data = damaged(data, 7).astype(np.float32) + np.float32(0.25)
+    elif variant == "uint16":                     # as SMV images are; neighbours of another type
+        data = np.clip(damaged(data, 3), 0, 65535).astype(np.uint16)
     kw = dict(raster=RASTER, gain=1.0, overload=1e6, nullpix=-1.0, mask=shadow, bg_exclude=fg)
     if variant == "3-D background":
         kw.update(bg_exclude=fg3, bg_images=[damaged(nbs[0], 9), nbs[1]], gain=1.3)
     elif variant == "one neighbour":
         kw.update(bg_exclude=fg3, bg_images=nbs[1:])
+    elif variant == "uint16":
+        kw.update(bg_exclude=fg3, bg_images=nbs[:1], overload=60000)
     mk = shoebox.measure(data, fast, slow, **kw)
     mn = shoebox.measure_numpy(data, fast, slow, **kw)
     for key in ("on", "bad_peak", "over", "n_peak", "n_bg", "cs", "cf"):
@@ -101,7 +106,7 @@ def test_kernel_measures_what_the_numpy_twin_measures_on_a_sim_image(scene, neig
         assert_close(m2["SIGI1"][some], one["SIGI"])
         assert_close(m2["coef1"][some].ravel(), one["coef"].ravel())
         assert np.isnan(m2["I1"][~some]).all() and np.array_equal(m2["I"], mk["I"])
-    if variant in ("damaged", "float32"):
+    if variant in ("damaged", "float32", "uint16"):
         assert mk["over"].any()
 
     big = np.arange(len(fast)) % 3 != 0          # as a block's fractions >= 0.5: a subset contributes
