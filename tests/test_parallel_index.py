@@ -129,3 +129,25 @@ def test_sparse_sweep_spots_on_two_processes_are_those_of_one(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(one, two)) and len(two[4]) == 0
     for img in (3, 5):
         assert np.array_equal(autoparams.find_sweep_spots(read, det, scan, [img], nproc=2)[0], one[img - 1])
+
+
+def test_on_a_dask_cluster_the_searches_give_the_same_spots():
+    import functools
+    import pytest
+    distributed = pytest.importorskip("distributed")
+    from pyflm import spotfinder
+    from pyflm.images import image_path
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    tasks = [indexing._find_kwargs(job, i, False) for i in (1, 45)]
+    here = find_spots_in_files(tasks)
+    det = tasks[0][1]
+    read = functools.partial(_data_of, image_path(job.template, job.directory, 30))
+    want = spotfinder.find_spots(read(), det, image=30, phi=1.0, threshold=2.0, min_pix=2)
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None) as c:
+        there = find_spots_in_files(tasks, scheduler=c.scheduler_address)
+        split = spotfinder.find_spots_split(read, det, 2, c.scheduler_address, image=30, phi=1.0,
+                                            threshold=2.0, min_pix=2)
+    assert all(np.array_equal(a, b) for a, b in zip(here, there))
+    assert np.array_equal(want, split)
