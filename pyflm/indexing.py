@@ -116,29 +116,35 @@ def candidate_vectors(r, max_cell, n_keep=30, step=2.0):
 
 def choose_basis(r, cands, hkldev=0.15):
     """Three non-coplanar candidates indexing the most spots (to 1 %), then of smallest cell volume."""
-    vecs = [c[0] for c in cands]
-    n = len(vecs)
-    trials = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            for k in range(j + 1, n):
-                B = np.array([vecs[i], vecs[j], vecs[k]])
-                vol = abs(np.linalg.det(B))
-                # nearly coplanar triples (any angle to the plane of the other two under ~6 degrees)
-                # have a volume that is mostly noise, and reduce to a nonsense cell
-                if vol < 0.1 * np.prod(np.linalg.norm(B, axis=1)):
-                    continue
-                p = r @ B.T
-                frac = float(np.mean(np.all(np.abs(p - np.round(p)) < hkldev, axis=1)))
-                trials.append((frac, vol, B))
-    if not trials:
+    from itertools import combinations
+    vecs = np.array([c[0] for c in cands], float).reshape(-1, 3)
+    triples = np.array(list(combinations(range(len(vecs)), 3)), int).reshape(-1, 3)
+    if not len(triples):
         raise ProcessingError("no three independent lattice vectors were found among the spots")
+    Bs = vecs[triples]                                            # (n_triples, 3, 3), rows the vectors
+    vol = np.abs(np.linalg.det(Bs))
+    L = np.linalg.norm(vecs, axis=1)[triples]
+    # nearly coplanar triples (any angle to the plane of the other two under ~6 degrees) have a
+    # volume that is mostly noise, and reduce to a nonsense cell
+    keep = ~(vol < 0.1 * (L[:, 0] * L[:, 1] * L[:, 2]))
+    if not keep.any():
+        raise ProcessingError("no three independent lattice vectors were found among the spots")
+    triples, vol, Bs = triples[keep], vol[keep], Bs[keep]
+    # which spots each candidate indexes, once; a triple indexes the spots all three of its vectors do
+    p = r @ vecs.T
+    ok = (np.abs(p - np.round(p)) < hkldev).astype(np.float64)
+    m = len(vecs)
+    counts = np.empty((m, m, m))                  # spots indexed by vectors i, j and k: exact integers
+    for i in range(m):
+        counts[i] = (ok * ok[:, i:i + 1]).T @ ok
+    frac = counts[triples[:, 0], triples[:, 1], triples[:, 2]] / max(len(r), 1)
     # every sum of lattice vectors is a lattice vector that indexes as well: among the triples that
     # index as many spots (to one spot in 30, or two spots when there are few) take the smallest cell
-    best = max(t[0] for t in trials)
+    best = frac.max()
     tol = max(0.034, 2.0 / max(len(r), 1))
-    frac, vol, B = min((t for t in trials if t[0] >= best - tol), key=lambda t: (t[1], -t[0]))
-    return B, frac
+    near = np.flatnonzero(frac >= best - tol)
+    i = near[np.lexsort((-frac[near], vol[near]))[0]]             # smallest volume, then most spots
+    return Bs[i], float(frac[i])
 
 
 # ---- refinement on spot positions ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Indexing with NPROC 2: the images' spot searches on worker processes give the same spots, log and
 cell as one process; the mosaic estimate (one prediction window for every trial spread) gives what
-predicting at each spread gives."""
+predicting at each spread gives; the basis chosen from all triples of DPS vectors at once is the one
+trying each triple in turn chose."""
 import copy
 
 import numpy as np
@@ -151,3 +152,37 @@ def test_on_a_dask_cluster_the_searches_give_the_same_spots():
                                             threshold=2.0, min_pix=2)
     assert all(np.array_equal(a, b) for a, b in zip(here, there))
     assert np.array_equal(want, split)
+
+
+def _basis_trying_each_triple(r, cands, hkldev=0.15):
+    """choose_basis as it was written first: one triple at a time."""
+    vecs, trials = [c[0] for c in cands], []
+    for i in range(len(vecs)):
+        for j in range(i + 1, len(vecs)):
+            for k in range(j + 1, len(vecs)):
+                B = np.array([vecs[i], vecs[j], vecs[k]])
+                vol = abs(np.linalg.det(B))
+                if vol < 0.1 * np.prod(np.linalg.norm(B, axis=1)):
+                    continue
+                p = r @ B.T
+                trials.append((float(np.mean(np.all(np.abs(p - np.round(p)) < hkldev, axis=1))), vol, B))
+    best = max(t[0] for t in trials)
+    tol = max(0.034, 2.0 / max(len(r), 1))
+    frac, vol, B = min((t for t in trials if t[0] >= best - tol), key=lambda t: (t[1], -t[0]))
+    return B, frac
+
+
+def test_basis_of_all_triples_at_once_is_the_one_of_each_in_turn():
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    (s1, (beam, det, gonio, scan)), (s2, _) = (indexing._spots_for(job, i, 20) for i in (1, 45))
+    spots = np.concatenate([s1, s2])
+    ok = spots[(spots["flag"] == 0) & (spots["intensity"] > 20 * spots["sigma"])]
+    for shift in (0.0, 0.5, 1.0, -1.0, 2.0):       # a wrong beam centre: fewer spots indexed, other triples
+        r = indexing.spots_to_reciprocal(ok["x_mm"], ok["y_mm"] + shift, ok["phi"], beam.wavelength,
+                                         det.frame(), gonio.reverse_phi)
+        cands = indexing.candidate_vectors(r, 150.0)
+        for hkldev in (0.15, 0.3):
+            want, wf = _basis_trying_each_triple(r, cands, hkldev)
+            got, gf = indexing.choose_basis(r, cands, hkldev)
+            assert np.array_equal(want, got) and wf == gf, (shift, hkldev)
