@@ -50,6 +50,14 @@ def dispersion_mask(data, valid, gain=1.0, kernel=7, sigma_b=6.0, sigma_s=3.0, m
     return strong, bgmean
 
 
+def _spot_pixels(data, valid, over, gain, kernel, sigma_b):
+    """The spot-pixel mask (dispersion test, overloads, one-pixel holes closed) and background mean."""
+    strong, bgmean = dispersion_mask(data, valid & ~over, gain, kernel, sigma_b)
+    strong |= over & valid
+    # close one-pixel holes so a spot is not split by a noisy pixel
+    return ndimage.binary_closing(strong, structure=np.ones((2, 2))) & valid, bgmean
+
+
 def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None, max_size_ratio=10.0,
                rmin=None, rmax=None, wavelength=None, ice_rings=False, separation=None, sigma_b=6.0,
                kernel=7, mask=None, pixels=None):
@@ -64,12 +72,9 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
         valid &= ~mask
     over = data >= detector.overload
     if pixels is None:
-        strong, bgmean = dispersion_mask(data, valid & ~over, detector.gain, kernel, sigma_b)
-        strong |= over & valid
+        strong, bgmean = _spot_pixels(data, valid, over, detector.gain, kernel, sigma_b)
     else:                      # found by find_spots_split's workers, band by band
         strong, bgmean = pixels
-    # close one-pixel holes so a spot is not split by a noisy pixel
-    strong = ndimage.binary_closing(strong, structure=np.ones((2, 2))) & valid
     labels, n = ndimage.label(strong, structure=np.ones((3, 3)))
     if n == 0:
         return np.zeros(0, SPOT_DTYPE)
@@ -153,22 +158,19 @@ def find_spots_in_file(path, detector, kwargs):
 
 def _band_pixels(read, detector, r0, r1, kernel, sigma_b):
     """Rows r0..r1 of find_spots' spot-pixel mask for the image read() gives, from a band of the image
-    with a margin: (mask rows, and the background mean at the pixels the 2 x 2 closing may reach, as
-    flat indices into the rows and their values).  The window sums run along the columns first, on
-    integer counts, so a band's sums are those of the whole image to the bit (test_parallel_index)."""
+    with a margin: (mask rows, and the background mean at the mask's pixels as flat indices into the
+    rows and their values).  The window sums run along the columns first, on integer counts, so a
+    band's are those of the whole image to the bit, and the mask with them (test_parallel_index)."""
     data = read()
     ny = data.shape[0]
-    h = kernel // 2 + 2              # the window, and the closing's reach into the next band
+    h = kernel // 2 + 4              # the window, and the 2 x 2 closing's reach (2 rows) with a row spare
     lo, hi = max(0, r0 - h), min(ny, r1 + h)
     sub = data[lo:hi]
-    valid = sub > detector.nullpix
-    over = sub >= detector.overload
-    strong, bgmean = dispersion_mask(sub, valid & ~over, detector.gain, kernel, sigma_b)
-    strong |= over & valid
-    a, b = max(0, r0 - 1), min(ny, r1 + 1)
-    near = ndimage.binary_dilation(strong[a - lo:b - lo], structure=np.ones((3, 3)))[r0 - a:r0 - a + r1 - r0]
-    idx = np.flatnonzero(near)
-    return strong[r0 - lo:r1 - lo], idx, bgmean[r0 - lo:r1 - lo].ravel()[idx]
+    strong, bgmean = _spot_pixels(sub, sub > detector.nullpix, sub >= detector.overload, detector.gain,
+                                  kernel, sigma_b)
+    band = strong[r0 - lo:r1 - lo]
+    idx = np.flatnonzero(band)
+    return band, idx, bgmean[r0 - lo:r1 - lo].ravel()[idx]
 
 
 def find_spots_split(read, detector, nproc, scheduler=None, *, kernel=7, sigma_b=6.0, **kwargs):
