@@ -77,15 +77,19 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
     if len(tasks) < 2 or (nproc < 2 and not scheduler):
         out = [fn(*t) for t in tasks]
         return (out, meanwhile()) if meanwhile else out
+    local = []
     if scheduler:
         ex = executor(scheduler)
     else:
+        # this process is one of the nproc: it does the first task itself (one worker fewer to start,
+        # one result less to send back) while nproc - 1 workers share the rest
         from .integrate import _ignore_signals
-        ex = cf.ProcessPoolExecutor(max_workers=min(nproc, len(tasks)), initializer=_ignore_signals)
+        local, tasks = tasks[:1], tasks[1:]
+        ex = cf.ProcessPoolExecutor(max_workers=max(1, min(nproc - 1, len(tasks))), initializer=_ignore_signals)
     try:
         futures = [ex.submit(fn, *t) for t in tasks]
         here = meanwhile() if meanwhile else None
-        out = [f.result() for f in futures]
+        out = [fn(*t) for t in local] + [f.result() for f in futures]
         return (out, here) if meanwhile else out
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
