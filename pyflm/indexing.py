@@ -454,10 +454,11 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     return res
 
 
-def prerefine_solutions(res, max_penalty=200.0):
+def prerefine_solutions(res, max_penalty=200.0, nproc=1, scheduler=None):
     """MOSFLM's pre-refinement: every solution better than max_penalty refined with its lattice's
     constraints (orientation and cell, the detector and beam as refined for the chosen one), for the
-    table's "ref" cell, its sd in spot positions (SDCELL) and the fraction of spots it fits (FRACN)."""
+    table's "ref" cell, its sd in spot positions (SDCELL) and the fraction of spots it fits (FRACN).
+    The solutions' fits are independent: with nproc > 1 they are shared out to worker processes."""
     import copy
     data = getattr(res, "fit_data", None)
     if data is None:
@@ -469,23 +470,31 @@ def prerefine_solutions(res, max_penalty=200.0):
     # that are the same cell in the same lattice (several characters can give one) are fitted once
     pick = np.linspace(0, len(hkl) - 1, min(len(hkl), 150)).round().astype(int)
     frac_scale = len(hkl) / max(n_spots, 1) / len(pick)
-    done = {}
+    todo = {}
+    for s in res.solutions:
+        key = (s.lattice, tuple(np.round(s.reg_cell, 1)))
+        if s.penalty < max_penalty and key not in todo:
+            todo[key] = (s.transform, red, hkl[pick], x[pick], y[pick], phi[pick], wavelength, det, reverse,
+                         s.lattice, s.reg_cell)
+    from .distributed import run_tasks
+    done = dict(zip(todo, run_tasks(_prerefine_one, list(todo.values()), nproc, scheduler)))
     for s in res.solutions:
         if s.penalty >= max_penalty:
             continue
-        key = (s.lattice, tuple(np.round(s.reg_cell, 1)))
-        if key not in done:
-            try:
-                A_conv = np.linalg.inv(s.transform @ red)
-                done[key] = refine_orientation(A_conv, np.round(hkl[pick] @ s.transform.T), x[pick], y[pick],
-                                               phi[pick], wavelength, det, reverse=reverse, refine_beam=False,
-                                               cell_params=(s.lattice, s.reg_cell))
-            except (ValueError, np.linalg.LinAlgError):
-                done[key] = None
-        fit = done[key]
+        fit = done[(s.lattice, tuple(np.round(s.reg_cell, 1)))]
         if fit is not None and np.isfinite(fit.rms_mm):
             s.ref_cell = tuple(geometry.cell_from_a(fit.A))
             s.sd_mm, s.fraction = fit.rms_mm, fit.n_used * frac_scale
+
+
+def _prerefine_one(transform, red, hkl, x, y, phi, wavelength, det, reverse, lat, reg_cell):
+    """One solution's constrained fit for prerefine_solutions (None when its cell cannot be fitted)."""
+    try:
+        A_conv = np.linalg.inv(transform @ red)
+        return refine_orientation(A_conv, np.round(hkl @ transform.T), x, y, phi, wavelength, det,
+                                  reverse=reverse, refine_beam=False, cell_params=(lat, reg_cell))
+    except (ValueError, np.linalg.LinAlgError):
+        return None
 
 
 def _good(res, detector):
@@ -785,7 +794,7 @@ def run_autoindex(job, args):
                               "against the backstop shadow), a wrong distance or wavelength, too few spots, "
                               "ice rings or several lattices. Try BEAM, DISTANCE, THRESHOLD, more images "
                               "(AUTOINDEX IMAGE n), RESOLUTION EXCLUDE for ice.") from None
-    prerefine_solutions(res)
+    prerefine_solutions(res, nproc=nproc, scheduler=sched)
     for ln in format_result(res, beam.wavelength):
         log.line(ln)
     if job.crystal is not None and job.crystal.mosaic:
