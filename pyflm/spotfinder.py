@@ -31,21 +31,34 @@ def dispersion_mask(data, valid, gain=1.0, kernel=7, sigma_b=6.0, sigma_s=3.0, m
     d = np.where(valid, data, 0).astype(np.float64)
     size = (kernel, kernel)
     k2 = kernel * kernel
-    n = ndimage.uniform_filter(valid.astype(np.float64), size, mode="constant") * k2
-    s1 = ndimage.uniform_filter(d, size, mode="constant") * k2
-    s2 = ndimage.uniform_filter(d * d, size, mode="constant") * k2
-    bgmean = s1 / np.maximum(n, 1)
+    # (in place where the arrays are the image's size: each pass over a 6M image is ~10 ms)
+    n = ndimage.uniform_filter(valid.astype(np.float64), size, mode="constant")
+    n *= k2
+    s1 = ndimage.uniform_filter(d, size, mode="constant")
+    s1 *= k2
+    bgmean = np.maximum(n, 1)
+    np.divide(s1, bgmean, out=bgmean)
     bgmean[n <= 1] = 0.0
     # the pixel test first (cheap, on the whole image), the window's dispersion where it passes
-    cand = np.sqrt(np.maximum(bgmean * gain, 1e-9))
+    cand = bgmean * gain if gain != 1.0 else bgmean.copy()
+    np.maximum(cand, 1e-9, out=cand)
+    np.sqrt(cand, out=cand)
     cand *= sigma_s
     cand += bgmean
-    cand = (d > cand) & valid & (d >= min_count) & (n >= k2 // 2) & (bgmean > 0)
-    ii = np.flatnonzero(cand)
+    test = d > cand
+    test &= valid
+    test &= d >= min_count
+    test &= n >= k2 // 2
+    test &= bgmean > 0
+    del cand
+    ii = np.flatnonzero(test)
+    sq = np.square(d, out=d)         # d is not needed after the test
+    s2 = ndimage.uniform_filter(sq, size, mode="constant")
+    s2 *= k2
     nn, a, b, mean = n.flat[ii], s1.flat[ii], s2.flat[ii], bgmean.flat[ii]
     var = (b - a * a / nn) / (nn - 1)
     bound = 1.0 + sigma_b * np.sqrt(2.0 / (nn - 1))
-    strong = np.zeros(d.shape, bool)
+    strong = np.zeros(valid.shape, bool)
     strong.flat[ii[var > bound * mean * gain]] = True
     return strong, bgmean
 

@@ -190,3 +190,33 @@ def test_basis_of_all_triples_at_once_is_the_one_of_each_in_turn():
             want, wf = _basis_trying_each_triple(r, cands, hkldev)
             got, gf = indexing.choose_basis(r, cands, hkldev)
             assert np.array_equal(want, got) and wf == gf, (shift, hkldev)
+
+
+def _dispersion_as_written_first(data, valid, gain, kernel=7, sigma_b=6.0, sigma_s=3.0, min_count=2):
+    from scipy import ndimage
+    d = np.where(valid, data, 0).astype(np.float64)
+    k2 = kernel * kernel
+    n = ndimage.uniform_filter(valid.astype(np.float64), kernel, mode="constant") * k2
+    s1 = ndimage.uniform_filter(d, kernel, mode="constant") * k2
+    s2 = ndimage.uniform_filter(d * d, kernel, mode="constant") * k2
+    bgmean = s1 / np.maximum(n, 1)
+    bgmean[n <= 1] = 0.0
+    cand = bgmean + sigma_s * np.sqrt(np.maximum(bgmean * gain, 1e-9))
+    ii = np.flatnonzero((d > cand) & valid & (d >= min_count) & (n >= k2 // 2) & (bgmean > 0))
+    nn, a, b, mean = n.flat[ii], s1.flat[ii], s2.flat[ii], bgmean.flat[ii]
+    var = (b - a * a / nn) / (nn - 1)
+    strong = np.zeros(d.shape, bool)
+    strong.flat[ii[var > (1.0 + sigma_b * np.sqrt(2.0 / (nn - 1))) * mean * gain]] = True
+    return strong, bgmean
+
+
+def test_dispersion_mask_in_place_is_the_mask_as_first_written():
+    from pyflm import spotfinder
+    from pyflm.images import read_image
+    data = read_image(SIM / "sim_0030.cbf")[0]
+    valid = data > -1
+    valid[:40, :60] = False                      # a masked corner: windows partly valid
+    for gain in (1.0, 1.7):
+        want = _dispersion_as_written_first(data, valid, gain)
+        got = spotfinder.dispersion_mask(data, valid, gain)
+        assert want[0].sum() > 1000 and np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
