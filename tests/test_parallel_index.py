@@ -220,3 +220,21 @@ def test_dispersion_mask_in_place_is_the_mask_as_first_written():
         want = _dispersion_as_written_first(data, valid, gain)
         got = spotfinder.dispersion_mask(data, valid, gain)
         assert want[0].sum() > 1000 and np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+
+
+def test_an_image_searched_band_by_band_gives_the_spots_of_the_whole(monkeypatch):
+    """Large images are searched in bands of rows (their arrays are then reused, not mapped afresh):
+    the sim image in bands of 60 rows (and a last one of a few rows) gives the whole image's spots."""
+    from pyflm import spotfinder
+    from pyflm.images import read_image
+    job = JobState()
+    job.template, job.directory = "sim_####.cbf", str(SIM)
+    beam, det, gonio, scan = job.experiment(30)
+    data = read_image(SIM / "sim_0030.cbf")[0]
+    monkeypatch.setattr(spotfinder, "BAND_PIXELS", data.size * 10)
+    whole = [spotfinder.find_spots(data, det, threshold=t, min_pix=m) for t, m in ((2.0, 2), (0.0, 1))]
+    monkeypatch.setattr(spotfinder, "BAND_PIXELS", 60 * data.shape[1])
+    assert data.shape[0] % 60 not in (0, 1)
+    for (t, m), want in zip(((2.0, 2), (0.0, 1)), whole):
+        got = spotfinder.find_spots(data, det, threshold=t, min_pix=m)
+        assert len(want) > 100 and np.array_equal(want, got)
