@@ -170,7 +170,9 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     first = subprocess.Popen([sys.executable, "-m", "pyflm.cli", "HKLOUT", "one.mtz", "SUMMARY", "one.sum"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=tmp_path)
-    first.stdin.write(DECK + "process 1 6\ngo\n")
+    # all 60 images: the first run must still be integrating when the second starts (six once took
+    # longer than a second run's start; with the integration kernel they take less)
+    first.stdin.write(DECK + "process 1 60\ngo\n")
     first.stdin.close()
     seen = []
     for line in first.stdout:        # the first run is integrating: it holds the directory
@@ -187,7 +189,7 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
                              "finish or run in another directory\n")
     assert (tmp_path / "mosflm.lp").read_text() == out1          # the first run's log, whole and alone
     assert not (tmp_path / "two.mtz").exists() and not (tmp_path / "two.sum").exists()
-    assert len(gemmi.read_mtz_file(str(tmp_path / "one.mtz")).batches) == 6
+    assert len(gemmi.read_mtz_file(str(tmp_path / "one.mtz")).batches) == 60
     assert not (tmp_path / ".mosflm.lock").exists()
     third = run_ipmosflm(PROCESS_1_2, "HKLOUT", "two.mtz", cwd=tmp_path)    # once it is done: free again
     assert third.returncode == 0 and (tmp_path / "two.mtz").exists()
