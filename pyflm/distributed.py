@@ -72,30 +72,32 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
     """[fn(*t) for t in tasks], in order: on the Dask cluster when a scheduler is named, else on up to
     nproc local worker processes (one task, or nproc 1: here).  fn must be a module-level function and
     its arguments small (paths, not images): each worker reads its own data.  With `meanwhile` (a
-    callable), it runs here while the tasks run, and (results, its result) is returned."""
+    callable), it runs here while the tasks run, and (results, its result) is returned.  fn should
+    return failures as values: pyflm's errors do not survive the trip back from a worker process."""
     tasks = list(tasks)
     if len(tasks) < 2 or (nproc < 2 and not scheduler):
         out = [fn(*t) for t in tasks]
         return (out, meanwhile()) if meanwhile else out
-    local = []
+    mine = set()
     if scheduler:
         ex = executor(scheduler)
     else:
-        # this process is one of the nproc: it does the first task itself (one result less to send
-        # back) while nproc - 1 workers share the rest
-        local, tasks = tasks[:1], tasks[1:]
+        # this process is one of the nproc: it does every nproc-th task itself (the first among them:
+        # one result less to send back) while nproc - 1 workers share the rest
+        mine = set(range(0, len(tasks), max(nproc, 1)))
         ex = _pool(nproc - 1)
-    futures = []
+    futures = {}
     try:
-        futures = [ex.submit(fn, *t) for t in tasks]
+        futures = {i: ex.submit(fn, *t) for i, t in enumerate(tasks) if i not in mine}
         here = meanwhile() if meanwhile else None
-        out = [fn(*t) for t in local] + [f.result() for f in futures]
+        done = {i: fn(*tasks[i]) for i in sorted(mine)}
+        out = [done[i] if i in mine else futures[i].result() for i in range(len(tasks))]
         return (out, here) if meanwhile else out
     except cf.process.BrokenProcessPool:
         _POOLS.pop(nproc - 1, None)
         raise
     finally:
-        for f in futures:
+        for f in futures.values():
             f.cancel()
         if scheduler:
             ex.shutdown(wait=True, cancel_futures=True)
@@ -109,7 +111,7 @@ def _pool(n):
     has its memory mapped already, and the next image's search reuses it (a fresh process faults its
     arrays in anew: a third of the time of a 6M half-image).  They end with the program."""
     ex = _POOLS.get(n)
-    if ex is None:
+    if ex is None or getattr(ex, "_broken", False):
         from .integrate import _ignore_signals
         ex = _POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, initializer=_ignore_signals)
     return ex

@@ -198,19 +198,21 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
 def find_spots_in_file(path, detector, kwargs):
     """find_spots on the image at `path` (decoded here: worker processes are given paths, not arrays).
     None when the image cannot be read; the caller reads it again to report why."""
-    from .errors import PyflmError
     from .images import read_image
     try:
         data = read_image(path)[0]
-    except PyflmError:
+    except Exception:            # pyflm's errors do not survive the trip back from a worker
         return None
     return find_spots(data, detector, **kwargs)
 
 
 def _band_pixels(read, detector, r0, r1, kernel, sigma_b):
     """Rows r0..r1 of find_spots' spot-pixel mask for the image read() gives (a worker's share of
-    find_spots_split): _rows_pixels of the rows with a margin."""
-    data = read()
+    find_spots_split): _rows_pixels of the rows with a margin; None when the image cannot be read."""
+    try:
+        data = read()
+    except Exception:                # said by the caller, which reads the image itself
+        return None
     h = kernel // 2 + 4
     lo, hi = max(0, r0 - h), min(data.shape[0], r1 + h)
     sub = data[lo:hi]
@@ -230,7 +232,7 @@ def find_spots_split(read, detector, nproc, scheduler=None, *, kernel=7, sigma_b
     # this process decodes the image too (for the spots' sums) while the workers search their bands
     bands, data = run_tasks(_band_pixels, [(read, detector, int(edges[i]), int(edges[i + 1]), kernel,
                                             sigma_b) for i in range(nproc)], nproc, scheduler, meanwhile=read)
-    if data.shape != (ny, nx):       # not the header's size: the bands were not this image's
+    if data.shape != (ny, nx) or any(bd is None for bd in bands):     # not the header's size, or unread
         return find_spots(data, detector, kernel=kernel, sigma_b=sigma_b, **kwargs)
     return find_spots(data, detector, kernel=kernel, sigma_b=sigma_b,
                       pixels=_assemble(data.shape, list(zip(edges, bands))), **kwargs)

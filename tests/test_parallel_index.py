@@ -132,7 +132,7 @@ def test_sparse_sweep_spots_on_two_processes_are_those_of_one(tmp_path):
     two = autoparams.find_sweep_spots(read, det, scan, range(1, 6), nproc=2)
     assert [len(s) for s in one[:4]] == [len(s) for s in two[:4]] and min(len(s) for s in one[:4]) > 10
     assert all(np.array_equal(a, b) for a, b in zip(one, two)) and len(two[4]) == 0
-    for img in (3, 5):
+    for img in (3, 5, 4):       # the workers kept for later searches still serve after a bad image
         assert np.array_equal(autoparams.find_sweep_spots(read, det, scan, [img], nproc=2)[0], one[img - 1])
 
 
