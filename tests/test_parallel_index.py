@@ -238,3 +238,13 @@ def test_an_image_searched_band_by_band_gives_the_spots_of_the_whole(monkeypatch
     for (t, m), want in zip(((2.0, 2), (0.0, 1)), whole):
         got = spotfinder.find_spots(data, det, threshold=t, min_pix=m)
         assert len(want) > 100 and np.array_equal(want, got)
+
+
+def test_closing_by_shifts_is_scipys_binary_closing():
+    from scipy import ndimage
+    from pyflm.spotfinder import close_2x2
+    rng = np.random.default_rng(7)
+    for shape in ((1, 1), (1, 9), (9, 1), (2, 2), (5, 7), (40, 33), (301, 257)):
+        for p in (0.0, 0.05, 0.3, 0.6, 0.9, 1.0):
+            x = rng.random(shape) < p
+            assert np.array_equal(close_2x2(x), ndimage.binary_closing(x, structure=np.ones((2, 2)))), (shape, p)
