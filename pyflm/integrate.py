@@ -435,6 +435,7 @@ class RecordSpill:
         import tempfile
         self.near = os.fspath(near)
         d = os.path.dirname(os.path.abspath(near))
+        self._clear_stale(d, os.path.basename(near))
         try:
             fd, self.path = tempfile.mkstemp(prefix="." + os.path.basename(near) + ".", suffix=".spill", dir=d)
         except OSError as e:
@@ -442,6 +443,19 @@ class RecordSpill:
             raise MtzError(self.near, f"cannot be written (no temporary file beside it for the finished "
                            f"blocks' reflections: {e.strerror or e})") from None
         self.f = os.fdopen(fd, "w+b")
+
+    @staticmethod
+    def _clear_stale(d, name):
+        """Spill files of this HKLOUT left by a run that was killed outright (SIGKILL: no clean-up ran).
+        Only in the working directory, which this run holds (fileio's run lock): no live run's spill
+        can be there."""
+        import contextlib
+        import glob
+        if os.path.realpath(d) != os.path.realpath(os.getcwd()):
+            return
+        for old in glob.glob(os.path.join(glob.escape(d), "." + glob.escape(name) + ".*.spill")):
+            with contextlib.suppress(OSError):
+                os.unlink(old)
 
     @classmethod
     def in_memory(cls):
