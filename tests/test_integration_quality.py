@@ -328,3 +328,43 @@ def test_a_dim_image_does_not_lend_its_background_to_its_neighbours(tmp_path):
     assert len(common) > 500
     diff = np.array([out["dim 3"][k] - out["as recorded"][k] for k in common])
     assert abs(np.median(diff)) < 1.0, np.median(diff)
+
+
+def test_spots_wider_than_any_strong_spot_are_fitted_with_a_widened_profile_without_bias():
+    # spots widen towards the detector's corners, where none is strong: regions 0 and 1 (sigma 1.0 and
+    # 1.25 pixels) have strong spots, region 2 (sigma 1.5) only weak ones of 300 counts.  With each
+    # region's spread (var = 0.5 + 1e-5 x spread: the sim sweep's point spread plus mosaic spread) its
+    # profile is region 1's widened to the width the other two regions imply, and its weak spots are
+    # fitted without bias; given region 1's profile as it is they come out several % low
+    rng = np.random.default_rng(8)
+    raster = (17, 17, 4, 5, 5)
+    n = 400
+    acc, images = None, []
+    for reg, sigma in enumerate((1.0, 1.25, 1.5)):
+        I_true = np.where(np.arange(n) % 4 == 0, 20000.0, 300.0)
+        img, fast, slow = gaussian_spots(rng, n, (520, 520), sigma, I_true, 5.0)
+        regions = np.full(n, reg)
+        strong_ok = np.full(n, reg < 2)          # region 2's strong spots only tell the fraction measured
+        s = shoebox.profile_sums(img, fast, slow, raster=raster, regions=regions, n_regions=3,
+                                 strong_mask=strong_ok)
+        acc = s if acc is None else tuple(a + b for a, b in zip(acc, s))
+        images.append((img, fast, slow, I_true, regions))
+    assert acc[2][2] == 0 and min(acc[2][:2]) >= 10
+    spread = (np.array([1.0, 1.25, 1.5]) ** 2 - 0.5) / 1e-5
+    widened = shoebox.block_profiles(*acc, raster, spread=spread)
+    assert shoebox.profile_variance(widened["fine"][2], raster) == pytest.approx(1.5 ** 2, rel=0.06)
+    pooled = shoebox.block_profiles(*acc, raster)        # the region next in (1) lends its profile
+    img, fast, slow, I_true, regions = images[2]
+    ratios = {}
+    for name, prof in (("widened", widened), ("pooled", pooled)):
+        res, _ = shoebox.integrate_image(img, fast, slow, raster=raster, profiles=prof, regions=regions)
+        ok = res["flag"] == 0
+        strong, weak = ok & (I_true > 1000), ok & (I_true < 1000)
+        k = np.median(res["I"][strong] / I_true[strong])     # what the 7 x 7 peak holds of a spot
+        ratios[name] = res["IPR"][weak].mean() / (k * 300.0)
+        ratios[name + " strong"] = np.median(res["IPR"][strong] / res["I"][strong])
+        se = res["SIGIPR"][weak].mean() / np.sqrt(weak.sum()) / (k * 300.0)
+    assert abs(ratios["widened"] - 1) < 0.02 + 2 * se, ratios
+    assert ratios["pooled"] < 0.96, ratios                             # 0.907; widened 0.983 +- 0.004
+    # and on the strong spots there profile fitting and summation agree (pooled: 0.993)
+    assert abs(ratios["widened strong"] - 1) < 0.003, ratios
