@@ -272,10 +272,10 @@ def _count_level(iv, cap=1 << 16):
 def _profile_regions(detector, fast, slow, n_rings=4, n_sectors=1):
     """Standard-profile region of each part: rings about the direct beam out to the farthest corner
     (weak spots far out were fitted 3-10 % low with profiles from a 3 x 3 grid of the detector, whose
-    regions mix radii; sectors bring nothing on the simulated sweep), and each region's spread (mean of
-    geometry.spot_spread's squares over its parts) for block_profiles' width model.  (Eight rings: profile-fitted and
-    summation intensities agree better at 1.6-1.5 A, but the outer rings' wider profiles lost 0.02-0.03
-    of cc_truth at 1.37-1.27 A on the sim sweep.)"""
+    regions mix radii; sectors bring nothing on the simulated sweep), and each region's spread (mean
+    square of geometry.spot_spread's tangential term over its parts) for block_profiles' width model.
+    (Eight rings: profile-fitted and summation intensities agree better at 1.6-1.5 A, but the outer
+    rings' wider profiles lost 0.01-0.03 of cc_truth at 1.37-1.27 A on the sim sweep.)"""
     from . import geometry
     from .shoebox import ring_regions
     x, y, _ = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], detector.frame())
@@ -287,8 +287,11 @@ def _profile_regions(detector, fast, slow, n_rings=4, n_sectors=1):
     regions = ring_regions(fast, slow, centre, r_max, n_rings, n_sectors)
     n = n_rings * n_sectors
     x, y = detector.pixel_to_mm(np.asarray(fast, float), np.asarray(slow, float))
-    wr, wt = geometry.spot_spread(x, y, detector.frame(), 0.5 * (detector.pixel_fast + detector.pixel_slow))
-    sq = 0.5 * (wr ** 2 + wt ** 2)
+    _, wt = geometry.spot_spread(x, y, detector.frame(), 0.5 * (detector.pixel_fast + detector.pixel_slow))
+    # the tangential term: the sim sweep's spot widths follow it (psf plus 0.108 deg of mosaic spread
+    # from 3.2 to 1.4 A) while radially they grow more slowly than the obliquity would say (0.065-0.08
+    # deg); the mean of both squares gave wider profiles and 0.5-3 % more noise at 1.4-1.27 A
+    sq = wt ** 2
     ok = np.isfinite(sq)
     cnt = np.bincount(regions[ok], minlength=n)
     spread = np.bincount(regions[ok], sq[ok], minlength=n) / np.maximum(cnt, 1)

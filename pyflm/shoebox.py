@@ -450,7 +450,7 @@ def block_profiles(sums, weights, counts, raster, min_spots=10, prior=1.0, sub=S
     average's weight, relative to the region's best-sampled point); a region with fewer than min_spots
     strong spots takes the average ("averaged" profiles).
 
-    spread (per region, pixel^2 per radian^2: geometry.spot_spread's mean square there) says how spots
+    spread (per region, pixel^2 per radian^2: a mean square of geometry.spot_spread there) says how spots
     widen across the detector; then a region with too few strong spots of its own takes the profile of
     the region nearest in spread that has them, widened by the difference (widen_profiles)."""
     w_all, s_all = weights.sum(0), sums.sum(0)
