@@ -824,3 +824,73 @@ def foreground_mask(shape, fast, slow, int ps, int pf):
                 for j in range(j0, j1):
                     O[i, j] = 1
     return out.view(np.bool_)
+
+
+cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow, int nxs, int nys,
+                 const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm, double nullpix,
+                 double[:, ::1] out) noexcept nogil:
+    cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1], b, i, j, si
+    cdef long long cs, cf
+    cdef double c, pk, npk, rim, nrim
+    cdef bint on
+    for b in range(n):
+        if b + PREFETCH_AHEAD < n:
+            _prefetch(data, peak, 0, peak, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD], nxs, nys)
+        cs = _corner(slow[b], nxs // 2)
+        cf = _corner(fast[b], nys // 2)
+        on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
+        pk = npk = rim = nrim = 0.0
+        for i in range(nxs):
+            si = cs + i if on else _clip(<Py_ssize_t>(cs + i), ns - 1)
+            for j in range(nys):
+                if on:
+                    c = <double>data[si, cf + j]
+                else:
+                    c = <double>data[si, _clip(<Py_ssize_t>(cf + j), nf - 1)]
+                if not c > nullpix:
+                    continue
+                if peak[i, j]:
+                    pk += c
+                    npk += 1
+                elif bgm[i, j]:
+                    rim += c
+                    nrim += 1
+        out[b, 0] = pk
+        out[b, 1] = npk
+        out[b, 2] = rim
+        out[b, 3] = nrim
+
+
+def quick_sums(data, fast, slow, raster, peak, bg_mask, double nullpix=-1.0):
+    """Per box (clipped to the image, as extract_boxes): the sums of the valid (> nullpix) peak pixels'
+    counts, their number, the valid rim pixels' counts and their number (n, 4): refinement's quick look
+    at which reflections are worth measuring (pyflm.shoebox.quick_sums_numpy is the twin)."""
+    data = _image(data)
+    cdef const double[::1] F = np.ascontiguousarray(fast, np.float64)
+    cdef const double[::1] S = np.ascontiguousarray(slow, np.float64)
+    cdef const unsigned char[:, ::1] pk = _u8(peak)
+    cdef const unsigned char[:, ::1] bg = _u8(bg_mask)
+    cdef int nxs = raster[0], nys = raster[1]
+    res = np.zeros((F.shape[0], 4))
+    cdef double[:, ::1] O = res
+    cdef cnp.int32_t[:, ::1] di
+    cdef cnp.uint16_t[:, ::1] du
+    cdef float[:, ::1] df
+    cdef double[:, ::1] dd
+    if data.dtype == np.int32:
+        di = data
+        with nogil:
+            _quick(di, F, S, nxs, nys, pk, bg, nullpix, O)
+    elif data.dtype == np.uint16:
+        du = data
+        with nogil:
+            _quick(du, F, S, nxs, nys, pk, bg, nullpix, O)
+    elif data.dtype == np.float32:
+        df = data
+        with nogil:
+            _quick(df, F, S, nxs, nys, pk, bg, nullpix, O)
+    else:
+        dd = data
+        with nogil:
+            _quick(dd, F, S, nxs, nys, pk, bg, nullpix, O)
+    return res

@@ -124,3 +124,52 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
     f = out_f[:n]
     return (hkl[:n].copy(), f[:, 0].copy(), f[:, 1:4].copy(), f[:, 4].copy(), f[:, 5].copy(),
             f[:, 6] > 0.5, f[:, 7].copy())
+
+
+def overlaps(const cnp.int64_t[::1] img, const double[::1] u, const double[::1] v, double r):
+    """Which points lie within r (r < 1; Chebyshev distance, in units of the separation) of another point
+    on the same image: pyflm.predict.classify's OVERLAP, as a KD-tree's query_pairs(r, p=inf) finds it
+    (predict._overlaps_numpy is the twin).  All coordinates finite.  The points are bucketed by image and
+    by strips one unit high along v (a counting sort), and each is compared with the rest of its strip and
+    with the next strip: about ten points per strip on a crystal's images."""
+    cdef Py_ssize_t n = u.shape[0], i, j, a, q, k, nb, b
+    out = np.zeros(n, np.uint8)
+    if n == 0:
+        return out.view(np.bool_)
+    cdef unsigned char[::1] O = out
+    cdef cnp.int64_t i0 = np.min(img), i1 = np.max(img)
+    cdef double v0 = np.min(v), v1 = np.max(v)
+    cdef Py_ssize_t nv = <Py_ssize_t>floor(v1 - v0) + 2, ni = i1 - i0 + 1
+    if ni * nv > 50_000_000:
+        raise ValueError("too many strips for the overlap search")
+    nb = ni * nv
+    start_a = np.zeros(nb + 1, np.int64)
+    order_a = np.empty(n, np.int64)
+    key_a = np.empty(n, np.int64)
+    cdef cnp.int64_t[::1] start = start_a, order = order_a, key = key_a
+    cdef double du, dv
+    with nogil:
+        for i in range(n):
+            key[i] = (img[i] - i0) * nv + <Py_ssize_t>floor(v[i] - v0)
+            start[key[i] + 1] += 1
+        for b in range(nb):
+            start[b + 1] += start[b]
+        for i in range(n):          # stable: a bucket's points in their input order
+            k = key[i]
+            order[start[k]] = i
+            start[k] += 1
+        for b in range(nb - 1, 0, -1):
+            start[b] = start[b - 1]
+        start[0] = 0
+        for b in range(nb):
+            for a in range(start[b], start[b + 1]):
+                i = order[a]
+                # the rest of this strip, then the next strip up (same image: nv - 1 is never filled)
+                for q in range(a + 1, start[b + 2] if b + 2 <= nb else start[b + 1]):
+                    j = order[q]
+                    du = u[i] - u[j]
+                    dv = v[i] - v[j]
+                    if (du if du >= 0 else -du) <= r and (dv if dv >= 0 else -dv) <= r:
+                        O[i] = 1
+                        O[j] = 1
+    return out.view(np.bool_)

@@ -301,20 +301,37 @@ def classify(pred, parts, detector, *, separation=None, maxwidth=5.0, osc=1.0, d
         excl |= mask_fn(p["x_mm"], p["y_mm"])
     flags = np.where(excl, flags | EXCLUDED, flags)
     if separation is not None and len(p):
-        from scipy.spatial import cKDTree
         sx, sy = separation
+        # rays scattered backwards (a RESOLUTION finer than the detector) meet no plane: no x, y
+        sel = np.flatnonzero(np.isfinite(p["x_mm"]) & np.isfinite(p["y_mm"]))
         ov = np.zeros(len(p), bool)
-        for img in np.unique(parts["image"]):
-            # rays scattered backwards (a RESOLUTION finer than the detector) meet no plane: no x, y
-            sel = np.flatnonzero((parts["image"] == img) & np.isfinite(p["x_mm"]) & np.isfinite(p["y_mm"]))
-            pts = np.stack([p["x_mm"][sel] / sx, p["y_mm"][sel] / sy], 1)
-            tree = cKDTree(pts)
-            pairs = tree.query_pairs(1.0 - 1e-9, p=np.inf, output_type="ndarray")
-            if len(pairs):
-                ov[sel[pairs[:, 0]]] = True
-                ov[sel[pairs[:, 1]]] = True
+        ov[sel] = overlaps(parts["image"][sel], p["x_mm"][sel] / sx, p["y_mm"][sel] / sy)
         flags = np.where(ov, flags | OVERLAP, flags)
     return flags.astype(np.int32)
+
+
+def overlaps(image, u, v, r=1.0 - 1e-9, use_cython=True):
+    """Which points (u, v: positions over the separation, all finite) have another on the same image
+    closer than r along both: the kernel (ext/_predict.pyx, a strip search) when built, else
+    _overlaps_numpy (its twin, a KD-tree per image)."""
+    image = np.ascontiguousarray(image, np.int64)
+    u, v = np.ascontiguousarray(u, float), np.ascontiguousarray(v, float)
+    # the strips cover the points' extent: rays that graze the detector plane land far out, the tree copes
+    if use_cython and _ext is not None and (not len(v) or np.ptp(v) < 1e6):
+        return _ext.overlaps(image, u, v, float(r))
+    return _overlaps_numpy(image, u, v, r)
+
+
+def _overlaps_numpy(image, u, v, r=1.0 - 1e-9):
+    from scipy.spatial import cKDTree
+    ov = np.zeros(len(u), bool)
+    for img in np.unique(image):
+        sel = np.flatnonzero(image == img)
+        pairs = cKDTree(np.stack([u[sel], v[sel]], 1)).query_pairs(r, p=np.inf, output_type="ndarray")
+        if len(pairs):
+            ov[sel[pairs[:, 0]]] = True
+            ov[sel[pairs[:, 1]]] = True
+    return ov
 
 
 def corner_resolution(detector, wavelength):

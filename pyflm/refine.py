@@ -181,7 +181,7 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     still measured.  Returns PART_OBS rows; `refl` numbers the reflections, `n_parts` counts the
     images each one touches inside the scan, `ok` marks parts measured cleanly (no edge, overload or
     bad pixel)."""
-    from .shoebox import box_masks, extract_boxes, fit_background, summation
+    from .shoebox import measure, quick_sums
     images = list(images)
     raster = raster or RASTER
     dmin = dmin or predict.corner_resolution(detector, beam.wavelength)
@@ -204,10 +204,8 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     out["refl"] = parts["index"]
     out["h"], out["k"], out["l"] = p["h"], p["k"], p["l"]
     out["image"], out["n_parts"], out["phi_pred"] = parts["image"], parts["n_parts"], p["phi"]
-    peak, bgm = box_masks(raster)
-    ix = np.arange(raster[0])[None, :, None] + 0.5
-    iy = np.arange(raster[1])[None, None, :] + 0.5
-    boxes_of, seen = {}, np.zeros(len(pred), bool)
+    kw = dict(raster=raster, gain=detector.gain, overload=detector.overload, nullpix=detector.nullpix)
+    seen, datas = np.zeros(len(pred), bool), {}
     for img in images:
         sel = np.flatnonzero(out["image"] == img)
         if len(sel) == 0:
@@ -218,30 +216,19 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
             continue
         if data.shape != (detector.n_slow, detector.n_fast):
             continue
-        boxes, cs, cf, on = extract_boxes(data, p["fast"][sel], p["slow"][sel], raster)
         # a quick look (peak sum against the rim's mean) finds the reflections worth measuring: only
         # strong ones are used, and fitting every weak box's background would cost most of the time
-        valid = boxes > detector.nullpix
-        rim_n = (bgm[None] & valid).sum((1, 2))
-        rim = np.where(bgm[None] & valid, boxes, 0).sum((1, 2)) / np.maximum(rim_n, 1)
-        pk = np.where(peak[None] & valid, boxes, 0).sum((1, 2))
-        quick = pk - rim * (peak[None] & valid).sum((1, 2))
+        pk, n_pk, rim, n_rim = quick_sums(data, p["fast"][sel], p["slow"][sel], raster, detector.nullpix).T
+        quick = pk - rim / np.maximum(n_rim, 1) * n_pk
         seen[out["refl"][sel][quick > 4.0 * np.sqrt(np.maximum(pk, 1.0))]] = True
-        boxes_of[img] = (sel, boxes, cs, cf, on)
-    for img, (sel, boxes, cs, cf, on) in boxes_of.items():
-        m = seen[out["refl"][sel]]
-        sel, boxes, cs, cf, on = sel[m], boxes[m], cs[m], cf[m], on[m]
-        valid = boxes > detector.nullpix
-        plane, coef, used, rms = fit_background(boxes, bgm, valid, detector.gain)
-        I, sig, net, npk = summation(boxes, plane, peak, valid, used, detector.gain)
-        over = (np.where(peak[None], boxes, 0) >= detector.overload).any((1, 2))
-        badpk = (peak[None] & ~valid).any((1, 2))
-        w = np.maximum(net, 0)
-        tot = w.sum((1, 2))
-        out["slow"][sel] = cs + (w * ix).sum((1, 2)) / np.maximum(tot, 1e-9)
-        out["fast"][sel] = cf + (w * iy).sum((1, 2)) / np.maximum(tot, 1e-9)
-        out["I"][sel], out["sigI"][sel] = I, sig
-        out["ok"][sel] = on & ~over & ~badpk & (used.sum((1, 2)) >= 6)
+        datas[img] = (sel, data)
+    for img, (sel, data) in datas.items():
+        sel = sel[seen[out["refl"][sel]]]
+        # the integration kernel's measurement from this image alone (background plane, summation, centroid)
+        m = measure(data, p["fast"][sel], p["slow"][sel], **kw)
+        out["slow"][sel], out["fast"][sel] = m["slow_obs"], m["fast_obs"]
+        out["I"][sel], out["sigI"][sel] = m["I"], m["SIGI"]
+        out["ok"][sel] = m["on"] & ~m["over"] & ~m["bad_peak"] & (m["n_bg"] >= 6)
     # reflections not worth measuring are left out whole, so every kept one keeps all its parts
     return out[seen[out["refl"]]]
 

@@ -350,6 +350,26 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     return m
 
 
+def quick_sums(data, fast, slow, raster, nullpix=-1.0, use_cython=True):
+    """Per box: the sum of its valid peak pixels' counts, their number, the sum of its valid rim pixels'
+    counts and their number, (n, 4): a look at which reflections stand above their background without
+    fitting any (refinement's choice of spots).  The kernel when built, else quick_sums_numpy (its twin)."""
+    peak, bgm = box_masks(raster)
+    if use_cython and _int_ext is not None:
+        return _int_ext.quick_sums(data, np.asarray(fast, float), np.asarray(slow, float), raster, peak, bgm,
+                                   float(nullpix))
+    return quick_sums_numpy(data, fast, slow, raster, nullpix)
+
+
+def quick_sums_numpy(data, fast, slow, raster, nullpix=-1.0):
+    peak, bgm = box_masks(raster)
+    boxes = extract_boxes(data, fast, slow, raster)[0]
+    valid = boxes > nullpix
+    pk, rim = peak[None] & valid, bgm[None] & valid
+    return np.stack([np.where(pk, boxes, 0).sum((1, 2)), pk.sum((1, 2)), np.where(rim, boxes, 0).sum((1, 2)),
+                     rim.sum((1, 2))], 1).astype(np.float64)
+
+
 def single_part(m, which):
     """measure()'s single-image results (I1, SIGI1, coef1) of reflections `which` as a measure() dict
     of their own, for profile_sums (the peak's flags are the same for both measurements)."""
