@@ -151,3 +151,23 @@ def test_foreground_kernel_marks_the_peaks_the_twin_marks_at_the_edges_and_for_m
             b = shoebox.foreground_mask(data.shape, f, s, raster, use_cython=False)
         assert np.array_equal(a, b) and a.sum() > 30000
     assert a[0, 0]                                   # a peak over the corner is cut to the image
+
+
+@pytest.mark.parametrize("variant", ["as recorded", "damaged", "float32"])
+def test_quick_look_kernel_sums_what_the_twin_sums_at_the_edges_too(scene, variant):
+    """Refinement's quick look (which reflections stand above their rim): the same sums from the kernel
+    as from the numpy boxes, boxes over the image's edges and module-gap pixels included."""
+    data, fast, slow, *_ = scene
+    data = damaged(data) if variant == "damaged" else data
+    data = data.astype(np.float32) + 0.25 if variant == "float32" else data
+    f = np.concatenate([fast, [-3.2, 2.0, data.shape[1] - 1.5]])
+    s = np.concatenate([slow, [4.0, -2.7, data.shape[0] + 2.2]])
+    for raster in ((15, 15, 3, 4, 4), RASTER):
+        a = shoebox.quick_sums(data, f, s, raster)
+        b = shoebox.quick_sums(data, f, s, raster, use_cython=False)
+        assert a.shape == (len(f), 4)
+        assert variant != "damaged" or a[:, 1].min() < a[:, 1].max()      # gaps take peak pixels
+        if variant == "float32":
+            assert np.allclose(a, b, rtol=1e-12, atol=1e-9)
+        else:
+            assert np.array_equal(a, b)

@@ -25,3 +25,19 @@ def test_cython_kernel_equals_numpy_twin(two_theta, sign):
     assert np.array_equal(hit, b[5][kb])
     for i in (3, 4):
         assert np.allclose(a[i][ka][hit], b[i][kb][hit], rtol=0, atol=1e-9)
+
+
+def test_overlap_kernel_finds_the_pairs_the_kd_tree_finds():
+    """classify's OVERLAP: the strip search marks exactly the points the per-image KD-tree marks, with
+    coincident points and pairs at the separation itself (multiples of 1/4) among random ones."""
+    rng = np.random.default_rng(0)
+    for n, n_img, span in ((30000, 12, 200.0), (2000, 1, 40.0), (5, 3, 1.0), (0, 1, 1.0)):
+        img = rng.integers(0, n_img, n) - 3
+        u, v = rng.uniform(-span, span, n), rng.uniform(-span, span, n)
+        u[:n // 5], v[:n // 5] = np.round(u[:n // 5] * 4) / 4, np.round(v[:n // 5] * 4) / 4
+        for r in (1.0 - 1e-9, 1.0, 0.3):
+            a = predict.overlaps(img, u, v, r)
+            b = predict.overlaps(img, u, v, r, use_cython=False)
+            assert np.array_equal(a, b)
+            assert n < 100 or 0 < a.sum() < n        # some overlap, not all
+
