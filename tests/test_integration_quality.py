@@ -92,13 +92,15 @@ def test_one_deck_from_autoindexing_to_mtz_scores_against_truth_and_dials(one_de
     assert overall["completeness"] >= DIALS_COMPLETENESS, overall
     assert round(overall["cc_truth"], 4) >= 0.9999 and round(overall["cc_half"], 4) >= 0.9999, overall
     # DIALS's figures are given to 4 decimals: compare at that precision.  Reached: both figures in
-    # shells 1-8 (10-1.37 A), cc_truth in 9 and 10.  Not reached: cc_half in shells 9 and 10, which
-    # are mostly the luck of score_mtz's one half-split.  With each MTZ's own errors (I - k.I_true - c)
-    # dealt out at random over its observations, 1000 times, shell 9's cc_half is 0.086 +- 0.077 here
-    # and 0.088 +- 0.079 for DIALS (the score split gives 0.10 and 0.154); shell 10 (35-39 pairs)
-    # 0.06 +- 0.25 and 0.04 +- 0.24; shell 8 0.351 +- 0.043 and 0.320 +- 0.043.  A single observation
-    # here correlates with the truth at least as well as one of DIALS's in every shell (below); on the
-    # reflections both measure, DIALS's fulls (one image) at 1.43-1.37 A are still better (0.61 vs 0.58).
+    # shells 1-8 (10-1.37 A), cc_truth in 9 and 10.  Not reached: cc_half in shells 9 and 10.  Over
+    # 500 random half-splits of the observations (score_mtz's split with seeds 0-499) shell 9's
+    # cc_half is 0.077 +- 0.048 here and 0.156 +- 0.049 for DIALS (the score split: 0.10 and 0.154),
+    # shell 10 0.35 +- 0.16 and 0.21 +- 0.14, shell 8 0.367 +- 0.034 and 0.342 +- 0.032: shell 9's gap is
+    # not the split's luck.  Nor is it accuracy: a single observation there correlates with the truth
+    # as well here as in DIALS (0.295 and 0.291; below), but DIALS's two observations of a reflection
+    # have errors (I - k.I_true) that correlate, +0.058 at 1.37-1.32 A and +0.03 at 1.50-1.37 A (here
+    # -0.02 to +0.01), and cc_half counts an error both halves share as agreement.  On the reflections
+    # both measure, DIALS's fulls (one image) at 1.43-1.37 A are still better (0.61 vs 0.58).
     for i in range(8):
         assert round(shells[i]["cc_truth"], 4) >= DIALS_CC_TRUTH[i], table
         assert round(shells[i]["cc_half"], 4) >= DIALS_CC_HALF[i], table
@@ -107,6 +109,53 @@ def test_one_deck_from_autoindexing_to_mtz_scores_against_truth_and_dials(one_de
     single = single_observation_cc(wd / "all.mtz")
     for i in range(10):
         assert round(single[i], 4) >= DIALS_CC_SINGLE[i], (single, DIALS_CC_SINGLE)
+
+
+def _records_against_truth(mtz):
+    """Each record of an MTZ with the truth of its part (predictions.csv: the counts I_true.L.P.scale
+    times the fraction recorded on its image), matched by image and position (within 2 pixels)."""
+    import csv
+    from scipy.spatial import cKDTree
+    scale = json.loads((SIM / "truth.json").read_text())["mean_counts_at_4A"] / 1000.0
+    rows = []
+    with open(SIM / "predictions.csv") as fh:
+        for x in csv.DictReader(fh):
+            if x["flags"]:
+                continue
+            fr = x["fractions"].split(";")
+            full = float(x["I_true"]) * float(x["lorentz"]) * float(x["polarisation"]) * scale
+            for j, f in enumerate(fr[1:]):
+                if float(f) > 0:
+                    rows.append((float(x["x_px"]), float(x["y_px"]), int(fr[0]) + j, float(x["d"]), full * float(f)))
+    t = np.array(rows)
+    m = gemmi.read_mtz_file(str(mtz))
+    lab = [c.label for c in m.columns]
+    a = np.array(m, copy=False)
+    col = lambda n: a[:, lab.index(n)]
+    # YDET is fast, XDET slow (pixels); images 1000 apart so only the same image's parts are near
+    dist, idx = cKDTree(np.c_[t[:, 0], t[:, 1], t[:, 2] * 1000.0]).query(
+        np.c_[col("YDET"), col("XDET"), col("BATCH") * 1000.0], distance_upper_bound=2.0)
+    ok = np.isfinite(dist) & (col("FLAG") == 0)
+    lp = col("LP")[ok]          # LP holds 1/(L.P): a record's I times L.P is its counts on the image
+    return {"d": t[idx[ok], 3], "true": t[idx[ok], 4], "sum": col("I")[ok] / lp, "fit": col("IPR")[ok] / lp}
+
+
+@pytest.mark.slow
+def test_one_deck_weak_far_spots_profile_fitted_as_summed_against_the_truth(one_deck_job):
+    # at 1.51-1.40 A no spot is strong enough to build a profile from; those regions' profiles are the
+    # inner ones widened by the width model (block_profiles' spread).  Against the truth, per record,
+    # the profile-fitted counts respond as the summation ones do (slope of a fit with intercept, which
+    # takes out the background's small additive bias).  With the next region in's narrower profile the
+    # slopes were 0.906 and 0.865 of summation's; now 1.016 and 0.991
+    wd, _ = one_deck_job
+    r = _records_against_truth(wd / "all.mtz")
+    assert len(r["d"]) > 100000
+    for lo, hi in ((1.45, 1.51), (1.40, 1.45)):
+        s = (r["d"] > lo) & (r["d"] <= hi)
+        A = np.c_[np.ones(s.sum()), r["true"][s]]
+        k_fit = np.linalg.lstsq(A, r["fit"][s], rcond=None)[0][1]
+        k_sum = np.linalg.lstsq(A, r["sum"][s], rcond=None)[0][1]
+        assert abs(k_fit / k_sum - 1) < 0.05, (lo, hi, k_fit, k_sum)
 
 
 @pytest.mark.slow
