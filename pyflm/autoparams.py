@@ -268,10 +268,13 @@ def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=()
     return ap
 
 
-def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last, read_image):
+def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last, read_image,
+                     probe_nproc=None, on_sparse=None):
     """The PROCESS hook: find the spots of images first..last, choose, set the mosaic spread of
     `crystal` if the deck left it unset, and return the AutoParams (update_settings puts the box and
-    separation into PROCESS's settings, summation_fallback the summation intensities into IPR)."""
+    separation into PROCESS's settings, summation_fallback the summation intensities into IPR).
+    probe_nproc: processes for the probe image (default NPROC; 1 while the workers are busy with blocks
+    started meanwhile); on_sparse() is called when the probe finds the sweep sparse, before its search."""
     given = {k for k in ("RASTER", "SEPARATION") if (job.kw.get(k) or {}).get("_args")}
     if crystal.mosaic or (job.kw.get("MOSAIC") or {}).get("_args"):
         given.add("MOSAIC")
@@ -280,13 +283,16 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     from .integrate import nproc_from
     nproc, sched = nproc_from(job.kw), scheduler_from(job.kw)
     mid = (first + last) // 2
-    probe = find_sweep_spots(read_image, detector, scan, [mid], nproc=nproc, scheduler=sched)[0]
+    probe = find_sweep_spots(read_image, detector, scan, [mid], nproc=probe_nproc or nproc,
+                             scheduler=None if probe_nproc == 1 else sched)[0]
     n_probe = _n_spots(probe)
     known = job.results.get("spots") or {}
     if known and not _same_spots(known.get(mid), probe):
         known = {}           # found on another sweep's images (TEMPLATE changed since): not these
     if n_probe == 0 or n_probe >= SPARSE_SPOTS:
         return AutoParams(spots_per_image=n_probe)
+    if on_sparse is not None:
+        on_sparse()
     # a long sweep is judged on a run of consecutive images in its middle (spots are followed through
     # consecutive images; searching every image of a long sweep would cost more than integrating it)
     a = max(first, (first + last + 1) // 2 - MAX_SEARCH // 2)

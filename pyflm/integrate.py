@@ -13,6 +13,7 @@ results are concatenated in image order.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -385,16 +386,49 @@ def check_image(data, detector):
     return data
 
 
+class Started:
+    """Block tasks already submitted (start_blocks), for integrate_images to take the results of; or
+    to cancel, when what they were started with turns out not to be what PROCESS integrates with."""
+
+    def __init__(self, executor, blocks, futures):
+        self.executor, self.blocks, self.futures = executor, blocks, futures
+
+    def cancel(self):
+        """Drop the tasks; a block already running ends on its worker, nobody waits for it."""
+        if self.executor is None:
+            return
+        for f in self.futures:
+            f.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = None
+
+
+def start_blocks(crystal, beam, detector, goniometer, scan, images, settings, read_image, integrate_fn):
+    """Submit the blocks of `images` to the worker processes (or the Dask cluster) now, a Started for
+    integrate_images: this process is then free for other work while they run (PROCESS's probe of the
+    sweep).  Even one block goes to a worker."""
+    blocks = _block_ranges(images, max(1, settings.block))
+    ex = _executor(settings)
+    try:
+        futures = [ex.submit(integrate_block, crystal, beam, detector, goniometer, scan, b, settings,
+                             read_image, integrate_fn) for b in blocks]
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    return Started(ex, blocks, futures)
+
+
 def integrate_images(crystal, beam, detector, goniometer, scan, images, settings, read_image,
-                     integrate_fn, on_image=None, spill=None):
+                     integrate_fn, on_image=None, spill=None, started=None):
     """Integrate `images` (image numbers) block by block, on settings.nproc processes.
 
     read_image(n) -> 2-D array [slow, fast]; integrate_fn as pyflm.shoebox.integrate_image.
     on_image(stats) is called as each image's result arrives, in image order.
     Returns Result(records in image order with MPART set, per-image stats).  With a RecordSpill the
     records of each finished block go to it instead (memory then holds a block, not the sweep):
-    Result.records is None and finished_records(spill) gives them, MPART set, in the same order."""
-    blocks = _block_ranges(images, max(1, settings.block))
+    Result.records is None and finished_records(spill) gives them, MPART set, in the same order.
+    `started` (start_blocks with these same arguments) holds the block tasks already submitted."""
+    blocks = _block_ranges(images, max(1, settings.block)) if started is None else started.blocks
     stats, observations = [], []
     kept = RecordSpill.in_memory() if spill is None else spill
     args = (crystal, beam, detector, goniometer, scan)
@@ -407,11 +441,12 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
         stats.extend(sts)
         for s in sts:
             on_image and on_image(s)
-    if (settings.nproc > 1 or settings.scheduler) and len(blocks) > 1:
-        ex = _executor(settings)
+    if started is not None or ((settings.nproc > 1 or settings.scheduler) and len(blocks) > 1):
+        futures = []
         try:
-            futures = [ex.submit(integrate_block, *args, b, settings, read_image, integrate_fn)
-                       for b in blocks]
+            if started is None:
+                started = start_blocks(*args, images, settings, read_image, integrate_fn)
+            futures = started.futures
             for b, f in zip(blocks, futures):
                 take(b, *f.result())
         except Interrupted as e:
@@ -419,7 +454,9 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
             for f in futures:
                 f.cancel()
         finally:
-            ex.shutdown(wait=interrupted is None, cancel_futures=True)
+            if started is not None and started.executor is not None:
+                started.executor.shutdown(wait=interrupted is None, cancel_futures=True)
+                started.executor = None
     else:
         try:
             for b in blocks:
@@ -641,14 +678,39 @@ def run_process(job, args):
     if scan.first > first or scan.last < last:
         raise ProcessingError(f"images {first} to {last} are not all on disk for {job.template} "
                               f"(found {scan.first} to {scan.last})")
-    # sparse sweeps (small molecules on thin slices): box, separation, spread and profiles from their spots
+    from .shoebox import integrate_image
+    # an absolute directory: worker processes (or other machines) may not share this working directory
+    reader = functools.partial(read_image_data, job.template, os.path.abspath(job.directory),
+                               job.extension)
+    # sparse sweeps (small molecules on thin slices): box, separation, spread and profiles from their spots.
+    # One probe image says whether the sweep is sparse; most are not, and then nothing changes.  So with
+    # worker processes the blocks start now, as for a dense sweep, while this process probes; they are
+    # kept only if the probe leaves the crystal and settings as they were started with.
     from . import autoparams
-    auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, functools.partial(
-        read_image_data, job.template, job.directory, job.extension))
-    if not crystal.mosaic:
-        crystal.mosaic = 0.3
-        job.log.line(" No MOSAIC given: a mosaic spread of 0.30 degrees is assumed (MOSAIC r sets it)")
-    settings = autoparams.update_settings(settings_from_job(job, det), auto)
+    plain = settings_from_job(job, det)
+    started = spec = None
+    if plain.nproc > 1 or plain.scheduler:
+        spec = copy.copy(crystal)
+        spec.mosaic = crystal.mosaic or 0.3
+        started = start_blocks(spec, beam, det, gonio, scan, range(first, last + 1), plain, reader,
+                               integrate_image)
+    try:
+        auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, functools.partial(
+            read_image_data, job.template, job.directory, job.extension),
+            probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)
+        if not crystal.mosaic:
+            crystal.mosaic = 0.3
+            job.log.line(" No MOSAIC given: a mosaic spread of 0.30 degrees is assumed (MOSAIC r sets it)")
+        settings = autoparams.update_settings(settings_from_job(job, det), auto)
+        if started is not None and (settings != plain or crystal.mosaic != spec.mosaic or auto.sparse
+                                    or not auto.profiles):
+            started.cancel()
+        if started is not None and started.executor is None:
+            started = None
+    except BaseException:
+        if started is not None:
+            started.cancel()
+        raise
     log = job.log
     log.line("")
     log.line(f" Integrating images {first} to {last} in blocks of {settings.block}"
@@ -709,23 +771,26 @@ def run_process(job, args):
                     mean_isigi_profile=st.isig_pr, mean_isigi_summation=st.isig_sum)
         log.flush()
 
-    from .shoebox import integrate_image
-    # an absolute directory: worker processes (or other machines) may not share this working directory
-    reader = functools.partial(read_image_data, job.template, os.path.abspath(job.directory),
-                               job.extension)
     hklout = job.files.get("HKLOUT", "hklout.mtz")
     # finished blocks' records wait on disk beside HKLOUT, not in memory, until the MTZ is written
-    spill = RecordSpill(hklout)
+    try:
+        spill = RecordSpill(hklout)
+    except BaseException:
+        if started is not None:
+            started.cancel()
+        raise
     try:
         return _process_spilled(job, spill, hklout, (crystal, beam, det, gonio, scan), first, last,
                                 settings, reader, integrate_image, on_image, reported, reporting, auto,
-                                tables)
+                                tables, started)
     finally:
+        if started is not None:        # not taken (an error before integration began)
+            started.cancel()
         spill.close()
 
 
 def _process_spilled(job, spill, hklout, models, first, last, settings, reader, integrate_image,
-                     on_image, reported, reporting, auto, tables):
+                     on_image, reported, reporting, auto, tables, started=None):
     """PROCESS's integration and outputs, the records kept in `spill` (run_process closes it)."""
     import signal
     from . import autoparams
@@ -742,7 +807,7 @@ def _process_spilled(job, spill, hklout, models, first, last, settings, reader, 
     old = {s_: signal.signal(s_, _stop) for s_ in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
-                                  reader, integrate_image, on_image=on_image, spill=spill)
+                                  reader, integrate_image, on_image=on_image, spill=spill, started=started)
         for s_ in result.stats:     # a signal can stop the reports part-way through a finished block
             if s_.image not in reported:
                 try:

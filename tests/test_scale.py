@@ -65,6 +65,23 @@ def test_cell_refinement_on_two_processes_refines_the_same_cell(tmp_path):
     assert logs[2] == logs[1]
 
 
+def test_a_sparse_sweep_on_two_processes_writes_the_same_mtz_as_one(tmp_path):
+    """With workers, PROCESS starts the blocks as for a dense sweep while it probes an image; L-cysteine's
+    sparse sweep changes the box and puts the summation intensities in IPR, so those blocks are dropped
+    and the sweep integrated with what its spots chose: the same MTZ as on one process."""
+    lcys = SIM.parent / "real-lcys-pilatus2m"
+    deck = (f"directory {lcys}\ntemplate l-cyst_01_#####.cbf\nnproc {{n}}\nautoindex dps refine image 1 to 15\n"
+            "go\nsymmetry P212121\nprocess 1 to 15\ngo\n")
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        r = run_ipmosflm(deck.format(n=n), "HKLOUT", "lcys.mtz", cwd=tmp_path / str(n))
+        assert r.returncode == 0, r.stdout[-2000:]
+        assert "profile fitting is not used" in r.stdout and "Few spots per image" in r.stdout
+    two = gemmi.read_mtz_file(str(tmp_path / "2" / "lcys.mtz"))
+    assert np.array_equal(two.column_with_label("IPR"), two.column_with_label("I"))
+    assert_same_content(tmp_path / "1" / "lcys.mtz", tmp_path / "2" / "lcys.mtz")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
