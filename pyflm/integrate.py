@@ -419,24 +419,25 @@ def start_blocks(crystal, beam, detector, goniometer, scan, images, settings, re
 
 
 def integrate_images(crystal, beam, detector, goniometer, scan, images, settings, read_image,
-                     integrate_fn, on_image=None, spill=None, started=None):
+                     integrate_fn, on_image=None, stream=None, started=None):
     """Integrate `images` (image numbers) block by block, on settings.nproc processes.
 
     read_image(n) -> 2-D array [slow, fast]; integrate_fn as pyflm.shoebox.integrate_image.
     on_image(stats) is called as each image's result arrives, in image order.
-    Returns Result(records in image order with MPART set, per-image stats).  With a RecordSpill the
+    Returns Result(records in image order with MPART set, per-image stats).  With a RecordStream the
     records of each finished block go to it instead (memory then holds a block, not the sweep):
-    Result.records is None and finished_records(spill) gives them, MPART set, in the same order.
+    Result.records is None and the stream hands them on, MPART set, in the same order.
     `started` (start_blocks with these same arguments) holds the block tasks already submitted."""
     blocks = _block_ranges(images, max(1, settings.block)) if started is None else started.blocks
     stats, observations = [], []
-    kept = RecordSpill.in_memory() if spill is None else spill
+    done = []
+    kept = RecordStream(done.append, detector.gain) if stream is None else stream
     args = (crystal, beam, detector, goniometer, scan)
     interrupted = None
 
     def take(block, recs, sts, obs_):
         kept.add(recs, block[-1])
-        if spill is None:             # what refinement would need of each part; not kept when spilling
+        if stream is None:            # what refinement would need of each part; not kept when streaming
             observations.extend(obs_)
         stats.extend(sts)
         for s in sts:
@@ -463,8 +464,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
                 take(b, *integrate_block(*args, b, settings, read_image, integrate_fn))
         except Interrupted as e:      # keep what is finished; the caller writes it
             interrupted = e
-    if spill is None:
-        done = list(finished_records(kept, detector.gain))
+    if stream is None:
+        kept.end()
         rec = np.concatenate(done) if done else np.zeros(0, RECORD_DTYPE)
     else:
         rec = None
@@ -474,94 +475,47 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     return result
 
 
-class RecordSpill:
-    """The records of finished blocks, in image order, in a temporary file beside HKLOUT (removed by
-    close) until the MTZ is written from them; or, for the plain API, in memory."""
+class RecordStream:
+    """Finished blocks' records on their way out, in image order: add(records of a block, its last
+    image) hands every record that is finished to sink(records), end() the rest.
 
-    def __init__(self, near=None):
-        self.blocks = []           # (last image of the block, number of records)
-        self.path, self.f, self._mem = None, None, None
-        if near is None:
-            self._mem = []
-            return
-        import tempfile
-        self.near = os.fspath(near)
-        d = os.path.dirname(os.path.abspath(near))
-        self._clear_stale(d, os.path.basename(near))
-        try:
-            fd, self.path = tempfile.mkstemp(prefix="." + os.path.basename(near) + ".", suffix=".spill", dir=d)
-        except OSError as e:
-            from .mtz import MtzError
-            raise MtzError(self.near, f"cannot be written (no temporary file beside it for the finished "
-                           f"blocks' reflections: {e.strerror or e})") from None
-        self.f = os.fdopen(fd, "w+b")
+    Finishing (MPART, weak partials combined over their images) is per reflection (records of the same
+    indices on consecutive images), so a reflection is finished once the block after its last image is
+    in: a few blocks' records are held, never the sweep's, and the records come out exactly as if the
+    whole sweep were at hand.  PROCESS's sink writes them into the MTZ as the blocks arrive."""
 
-    @staticmethod
-    def _clear_stale(d, name):
-        """Spill files of this HKLOUT left by a run that was killed outright (SIGKILL: no clean-up ran).
-        Only in the working directory, which this run holds (fileio's run lock): no live run's spill
-        can be there."""
-        import contextlib
-        import glob
-        if os.path.realpath(d) != os.path.realpath(os.getcwd()):
-            return
-        for old in glob.glob(os.path.join(glob.escape(d), "." + glob.escape(name) + ".*.spill")):
-            with contextlib.suppress(OSError):
-                os.unlink(old)
-
-    @classmethod
-    def in_memory(cls):
-        return cls(None)
+    def __init__(self, sink, gain=1.0):
+        self.sink, self.gain = sink, gain
+        self.held, self.done, self.last = np.zeros(0, RECORD_DTYPE), np.zeros(0, bool), None
 
     def add(self, records, last_image):
-        rec = np.concatenate(records) if len(records) else np.zeros(0, RECORD_DTYPE)
-        if self._mem is not None:
-            self._mem.append(rec)
-        else:
-            try:
-                self.f.write(rec.tobytes())
-            except OSError as e:      # the MTZ's first bytes, in effect: reported as its write failing
-                from .mtz import MtzError
-                raise MtzError(self.near, "cannot be written (the write failed part-way: is the disk full?); "
-                               f"the finished blocks' reflections could not be kept beside it "
-                               f"({e.strerror or e})") from None
-        self.blocks.append((last_image, len(rec)))
-
-    def chunks(self):
-        """(records of a block, its last image), block by block."""
-        if self._mem is not None:
-            yield from zip(self._mem, (b[0] for b in self.blocks))
-            return
-        self.f.flush()
-        self.f.seek(0)
-        for last, n in self.blocks:
-            buf = self.f.read(n * RECORD_DTYPE.itemsize)
-            yield np.frombuffer(buf, RECORD_DTYPE).copy(), last
-
-    def close(self):
-        if self.f is not None:
-            import contextlib
-            self.f.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            self.f = None
-
-
-def finished_records(spill, gain=1.0):
-    """The spill's records in their order with MPART set and weak partials combined, a block at a time.
-
-    Both are computed per reflection (records of the same indices on consecutive images), so a
-    reflection is finished once the block after its last image is in; records are handed on when every
-    reflection they belong to is finished, and come out exactly as if the whole sweep were at hand."""
-    held, done, last = np.zeros(0, RECORD_DTYPE), np.zeros(0, bool), None
-    for new, last in spill.chunks():
-        out, held, done = _finish(held, done, new, last, final=False, gain=gain)
+        new = np.concatenate(records) if len(records) else np.zeros(0, RECORD_DTYPE)
+        out, self.held, self.done = _finish(self.held, self.done, new, last_image, final=False, gain=self.gain)
+        self.last = last_image
         if len(out):
-            yield out
-    if last is not None:
-        out, _, _ = _finish(held, done, np.zeros(0, RECORD_DTYPE), last, final=True, gain=gain)
-        if len(out):
-            yield out
+            self.sink(out)
+
+    def end(self):
+        if self.last is not None:
+            out, self.held, self.done = _finish(self.held, self.done, np.zeros(0, RECORD_DTYPE), self.last,
+                                                final=True, gain=self.gain)
+            self.last = None
+            if len(out):
+                self.sink(out)
+
+
+def clear_stale_mtz(hklout):
+    """The unfinished MTZ of this HKLOUT left by a run that was killed outright (SIGKILL: no clean-up
+    ran; PROCESS writes the MTZ under a temporary name as the blocks finish).  Only in the working
+    directory, which this run holds (fileio's run lock): no live run's file can be there."""
+    import contextlib
+    import glob
+    d = os.path.dirname(os.path.abspath(hklout))
+    if os.path.realpath(d) != os.path.realpath(os.getcwd()):
+        return
+    for old in glob.glob(os.path.join(glob.escape(d), "." + glob.escape(os.path.basename(hklout)) + ".*.part")):
+        with contextlib.suppress(OSError):
+            os.unlink(old)
 
 
 def _finish(held, done, new, last_image, final, gain=1.0):
@@ -772,30 +726,34 @@ def run_process(job, args):
         log.flush()
 
     hklout = job.files.get("HKLOUT", "hklout.mtz")
-    # finished blocks' records wait on disk beside HKLOUT, not in memory, until the MTZ is written
+    # the MTZ is written as the blocks finish, under a temporary name (memory holds a few blocks, and
+    # what is left to do once the last block is in is its last records and the header)
+    from .mtz import UnmergedMtzWriter
     try:
-        spill = RecordSpill(hklout)
+        clear_stale_mtz(hklout)
+        writer = UnmergedMtzWriter(hklout, space_group=crystal.space_group, cell=crystal.cell)
     except BaseException:
         if started is not None:
             started.cancel()
         raise
     try:
-        return _process_spilled(job, spill, hklout, (crystal, beam, det, gonio, scan), first, last,
-                                settings, reader, integrate_image, on_image, reported, reporting, auto,
-                                tables, started)
+        stream = RecordStream(lambda c: writer.add(autoparams.summation_fallback(c, auto)), det.gain)
+        return _process_streamed(job, stream, writer, hklout, (crystal, beam, det, gonio, scan), first,
+                                 last, settings, reader, integrate_image, on_image, reported, reporting,
+                                 tables, started)
     finally:
         if started is not None:        # not taken (an error before integration began)
             started.cancel()
-        spill.close()
+        writer.abort()                 # an unfinished MTZ (nothing once it is in place)
 
 
-def _process_spilled(job, spill, hklout, models, first, last, settings, reader, integrate_image,
-                     on_image, reported, reporting, auto, tables, started=None):
-    """PROCESS's integration and outputs, the records kept in `spill` (run_process closes it)."""
+def _process_streamed(job, stream, writer, hklout, models, first, last, settings, reader, integrate_image,
+                      on_image, reported, reporting, tables, started=None):
+    """PROCESS's integration and outputs, the records streamed into `writer` (run_process aborts it if
+    it is not finished)."""
     import signal
-    from . import autoparams
     from . import summary as summ
-    from .mtz import BatchInfo, write_unmerged_mtz
+    from .mtz import BatchInfo
     crystal, beam, det, gonio, scan = models
     log = job.log
 
@@ -807,7 +765,7 @@ def _process_spilled(job, spill, hklout, models, first, last, settings, reader, 
     old = {s_: signal.signal(s_, _stop) for s_ in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
-                                  reader, integrate_image, on_image=on_image, spill=spill, started=started)
+                                  reader, integrate_image, on_image=on_image, stream=stream, started=started)
         for s_ in result.stats:     # a signal can stop the reports part-way through a finished block
             if s_.image not in reported:
                 try:
@@ -837,16 +795,12 @@ def _process_spilled(job, spill, hklout, models, first, last, settings, reader, 
         if result.interrupted is not None:
             raise result.interrupted
         raise ProcessingError("no image could be integrated")
-    numbers = [b.number for b in batches]
-    # the records stream from the spill into the MTZ, a block at a time, MPART set as they pass
-    records = (autoparams.summation_fallback(c, auto)[np.isin(c["batch"], numbers)]
-               for c in finished_records(spill, det.gain))
+    # the last records (a skipped image has none: every record's batch has a header), then the header
+    stream.end()
     kwn = lambda n, d: ((job.kw.get(n) or {}).get("_args") or [d])[0]
-    n = write_unmerged_mtz(hklout, records, space_group=crystal.space_group,
-                           cell=crystal.cell, wavelength=beam.wavelength, batches=batches,
-                           pname=kwn("PNAME", "PNAME"), xname=kwn("XNAME", "XNAME"),
-                           dname=kwn("DNAME", "DNAME"), title=kwn("TITLE", ""),
-                           history=[f"From pyflm, images {first} to {last}"])
+    n = writer.finish(wavelength=beam.wavelength, batches=batches, pname=kwn("PNAME", "PNAME"),
+                      xname=kwn("XNAME", "XNAME"), dname=kwn("DNAME", "DNAME"), title=kwn("TITLE", ""),
+                      history=[f"From pyflm, images {first} to {last}"])
     if "SUMMARY" in job.files:
         summ.write_summary(job.files["SUMMARY"], tables,
                            header=f" pyflm summary file: images {first} to {last}" +

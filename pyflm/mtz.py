@@ -47,8 +47,8 @@ import os
 import gemmi
 import numpy as np
 
-from .errors import InputError, PyflmError
-from .fileio import atomic_path
+from .errors import InputError, OutputError, PyflmError
+from .fileio import open_temp
 
 COLUMNS = (("H", "H"), ("K", "H"), ("L", "H"), ("M/ISYM", "Y"), ("BATCH", "B"),
            ("I", "J"), ("SIGI", "Q"), ("IPR", "J"), ("SIGIPR", "Q"), ("FRACTIONCALC", "R"),
@@ -343,9 +343,10 @@ def _metadata(space_group, cell, batches):
 
 
 def _rows(records, sg, batches, numbers):
-    """The float32 rows of the file for some records (checked as the writer checks them)."""
+    """The float32 rows of the file for some records (checked as the writer checks them; their batches
+    against `numbers` unless that is None)."""
     rec = as_records(records, batches)
-    unknown = np.setdiff1d(np.unique(rec["batch"]), numbers)
+    unknown = np.setdiff1d(np.unique(rec["batch"]), numbers) if numbers is not None else ()
     if len(unknown):
         raise InputError("MTZ records", given=f"batch {int(unknown[0])}",
                          expected=f"one of the {len(numbers)} batches given a header")
@@ -447,40 +448,109 @@ def write_unmerged_mtz(path, records, *, space_group, cell, wavelength, batches,
     header is gemmi's own: written for a few rows that carry the file's column minima and maxima and
     its lowest and highest resolution, with the reflection count put right.  The file is byte for byte
     the one gemmi writes from the whole table (tests/test_mtz.py)."""
-    sg, cell, batches, numbers = _metadata(space_group, cell, batches)
     chunks = [records] if isinstance(records, (np.ndarray, dict)) else records
-    meta = dict(space_group=sg, cell=cell, wavelength=wavelength, batches=batches, pname=pname,
-                xname=xname, dname=dname, title=title, history=history)
-    n = 0
+    w = UnmergedMtzWriter(path, space_group=space_group, cell=cell, batches=batches)
     try:
-        with atomic_path(path) as tmp:
-            ext = _Extremes(cell)
-            lo = hi = None
-            with open(tmp, "wb") as f:
-                f.write(bytes(80))                 # the preamble, written last (it points to the header)
-                for chunk in chunks:
-                    rows = _rows(chunk, sg, batches, numbers)
-                    if not len(rows):
-                        continue
-                    f.write(rows.tobytes())
-                    n += len(rows)
-                    lo = rows.min(0) if lo is None else np.minimum(lo, rows.min(0))
-                    hi = rows.max(0) if hi is None else np.maximum(hi, rows.max(0))
-                    ext.add(rows)
-                if not n:      # gemmi (and so the programs after us) cannot read an MTZ of no reflections
-                    raise MtzError(os.fspath(path), "no reflections to write (none was integrated: check "
-                                   "RESOLUTION, the images and the orientation)")
-                header = _gemmi_header(path, tmp, meta, ext.rows(), np.stack([lo, hi]), n)
-                f.write(header)
-                f.seek(0)
-                f.write(_preamble(len(COLUMNS), n))
-    except OSError:
-        raise MtzError(os.fspath(path), "cannot be written (the write failed part-way: is the disk full?)") \
-            from None
-    except RuntimeError:     # gemmi says only "Writing MTZ file failed: <temporary name>"
-        raise MtzError(os.fspath(path), "cannot be written (the write failed part-way: is the disk full?)") \
-            from None
-    return n
+        for chunk in chunks:
+            w.add(chunk)
+        return w.finish(wavelength=wavelength, batches=batches, pname=pname, xname=xname, dname=dname,
+                        title=title, history=history)
+    finally:
+        w.abort()
+
+
+class UnmergedMtzWriter:
+    """write_unmerged_mtz in steps, for records that come while later images are still being measured
+    (PROCESS): add(chunk) writes a chunk's rows at once, finish(...) the header (which needs every
+    batch) and puts the file under `path`; abort() removes an unfinished file.  The same bytes as
+    write_unmerged_mtz.  Without `batches` here, chunks must carry ROT (as_records fills a missing ROT
+    from them), and the check that every record's batch has a header waits for finish."""
+
+    def __init__(self, path, *, space_group, cell, batches=None):
+        self.path = os.fspath(path)
+        self.sg, self.cell = _space_group(space_group), _cell(cell)
+        self.batches = self.numbers = None
+        if batches is not None:
+            self.sg, self.cell, self.batches, self.numbers = _metadata(space_group, cell, batches)
+        self.n, self.lo, self.hi = 0, None, None
+        self.ext = _Extremes(self.cell)
+        self.seen = set()
+        self.f = None
+        try:
+            fd, self.tmp = open_temp(self.path)
+            self.f = os.fdopen(fd, "wb")
+            self.f.write(bytes(80))               # the preamble, written last (it points to the header)
+        except OSError as e:
+            self.abort()
+            raise self._failed(e) from None
+
+    def _failed(self, e):
+        if isinstance(e, OutputError):
+            return MtzError(self.path, f"cannot be written ({e.problem})")
+        return MtzError(self.path, "cannot be written (the write failed part-way: is the disk full?)")
+
+    def add(self, chunk):
+        rows = _rows(chunk, self.sg, self.batches, self.numbers)
+        if not len(rows):
+            return
+        if self.numbers is None:
+            self.seen.update(np.unique(rows[:, 4]).astype(int).tolist())
+        try:
+            self.f.write(rows.tobytes())
+        except OSError as e:
+            self.abort()
+            raise self._failed(e) from None
+        self.n += len(rows)
+        self.lo = rows.min(0) if self.lo is None else np.minimum(self.lo, rows.min(0))
+        self.hi = rows.max(0) if self.hi is None else np.maximum(self.hi, rows.max(0))
+        self.ext.add(rows)
+
+    def finish(self, *, wavelength, batches, pname="PNAME", xname="XNAME", dname="DNAME", title="",
+               history=()):
+        """Write the header and put the file in place; returns the number of records."""
+        try:
+            sg, cell, batches, numbers = _metadata(self.sg, self.cell, batches)
+            unknown = sorted(self.seen - set(numbers))
+            if unknown:
+                raise InputError("MTZ records", given=f"batch {unknown[0]}",
+                                 expected=f"one of the {len(numbers)} batches given a header")
+            if not self.n:   # gemmi (and so the programs after us) cannot read an MTZ of no reflections
+                raise MtzError(self.path, "no reflections to write (none was integrated: check "
+                               "RESOLUTION, the images and the orientation)")
+            meta = dict(space_group=sg, cell=cell, wavelength=wavelength, batches=batches, pname=pname,
+                        xname=xname, dname=dname, title=title, history=history)
+            header = _gemmi_header(self.path, self.tmp, meta, self.ext.rows(), np.stack([self.lo, self.hi]),
+                                   self.n)
+            self.f.write(header)
+            self.f.seek(0)
+            self.f.write(_preamble(len(COLUMNS), self.n))
+            self.f.close()
+            self.f = None
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+        except OSError as e:
+            self.abort()
+            raise self._failed(e) from None
+        except RuntimeError:     # gemmi says only "Writing MTZ file failed: <temporary name>"
+            self.abort()
+            raise MtzError(self.path, "cannot be written (the write failed part-way: is the disk full?)") \
+                from None
+        except BaseException:
+            self.abort()
+            raise
+        return self.n
+
+    def abort(self):
+        """Remove the unfinished file (nothing once finish has put it in place)."""
+        import contextlib
+        if self.f is not None:
+            with contextlib.suppress(OSError):
+                self.f.close()
+            self.f = None
+        if getattr(self, "tmp", None):
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
 
 
 def _preamble(n_columns, n_rows):

@@ -95,6 +95,7 @@ class Stages:
 
     def __init__(self, profile):
         self.t = {s: 0.0 for s in STAGES}
+        self.cpu = {s: 0.0 for s in STAGES}     # this (the main) process's CPU time in each stage
         self.rss = {s: 0.0 for s in STAGES}     # peak RSS (MB) within each stage (Linux VmHWM)
         self.stack = []
         self.prof = {}
@@ -112,23 +113,25 @@ class Stages:
             pass
 
     def push(self, name):
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if self.stack:
-            outer, t0 = self.stack[-1]
+            outer, t0, c0 = self.stack[-1]
             self._hwm(outer)
             self.t[outer] += now - t0
+            self.cpu[outer] += cpu - c0
             self._prof(outer).disable()
-        self.stack.append((name, time.perf_counter()))
+        self.stack.append((name, time.perf_counter(), time.process_time()))
         self._prof(name).enable()
 
     def pop(self):
-        name, t0 = self.stack.pop()
+        name, t0, c0 = self.stack.pop()
         self._prof(name).disable()
         self.t[name] += time.perf_counter() - t0
+        self.cpu[name] += time.process_time() - c0
         self._hwm(name)
         if self.stack:
-            outer, _ = self.stack[-1]
-            self.stack[-1] = (outer, time.perf_counter())
+            outer = self.stack[-1][0]
+            self.stack[-1] = (outer, time.perf_counter(), time.process_time())
             self._prof(outer).enable()
 
     def _prof(self, name):
@@ -190,9 +193,13 @@ def child(deck_path, workdir, profile):
     # with NPROC > 1 the searches run on worker processes: the wait for them is spot finding too
     sf.find_spots_in_files = st.wrap(sf.find_spots_in_files, "spots")
     sf.find_spots_split = st.wrap(sf.find_spots_split, "spots")
-    real_write = mtz_mod.write_unmerged_mtz
-    mtz_mod.write_unmerged_mtz = st.wrap(real_write, lambda *a: "mtz" if st.stack[-1][0] == "integrate"
-                                         else st.stack[-1][0])
+    # PROCESS writes the MTZ as the blocks come (finishing their records, writing their rows) and its
+    # header at the end: MTZ writing, unless in cell refinement's PROCESS segments (cell refinement)
+    import pyflm.integrate as integ_mod
+    mtz_or_outer = lambda *a: "mtz" if st.stack[-1][0] in ("integrate", "mtz") else st.stack[-1][0]
+    for cls, name in ((integ_mod.RecordStream, "add"), (integ_mod.RecordStream, "end"),
+                      (mtz_mod.UnmergedMtzWriter, "finish")):
+        setattr(cls, name, st.wrap(getattr(cls, name), mtz_or_outer))
     log = Log("mosflm.lp")
     job = JobState(log=log)
     job.files["HKLOUT"] = "pyflm.mtz"
@@ -200,7 +207,7 @@ def child(deck_path, workdir, profile):
     status = run_batch(pathlib.Path(deck_path).read_text().splitlines(), job)
     total = time.perf_counter() - t0
     log.close()
-    out = {"status": status, "total": total, "stages": st.t, "rss_after": st.rss,
+    out = {"status": status, "total": total, "stages": st.t, "cpu": st.cpu, "rss_after": st.rss,
            # the stages' peaks too: resetting VmHWM per stage resets ru_maxrss with it
            "maxrss_self_mb": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
                                  + list(st.rss.values())),
@@ -372,6 +379,9 @@ def report_main(args, sweep, n_images):
                 + f"; other {base['total'] - sum(base['stages'].values()):.1f} -> "
                 f"{r['total'] - sum(r['stages'].values()):.1f}; total {base['total']:.1f} -> {r['total']:.1f} = "
                 f"{base['total'] / r['total']:.2f}x (goal >= 1.8: {'yes' if base['total'] / r['total'] >= 1.8 else 'no'})")
+            # what the main process does itself: at nproc > 1 what is not shared out, less the waits
+            print(f"   main process CPU seconds per stage, nproc {nprocs[0]} -> {p}: " + ", ".join(
+                f"{s} {base['cpu'][s]:.2f} -> {r['cpu'][s]:.2f}" for s in STAGES))
             ok, why = same_content(base["mtz"], r["mtz"])
             print(f"   nproc {p} vs {nprocs[0]}: integration {base['stages']['integrate']:.2f} s -> "
                   f"{r['stages']['integrate']:.2f} s = {base['stages']['integrate'] / r['stages']['integrate']:.2f}x,"

@@ -352,9 +352,9 @@ def test_a_run_killed_outright_leaves_the_previous_results_and_no_stale_lock(tmp
     assert p.wait(timeout=60) == -signal.SIGKILL
     assert {n: (tmp_path / n).read_bytes() for n in before} == before
     assert [f.name for f in tmp_path.glob(".mosflm.lp.*.part")]      # its log was still being written
-    assert list(tmp_path.glob(".e.mtz.*.spill"))                     # and its finished blocks kept
+    assert list(tmp_path.glob(".e.mtz.*.part"))                      # and its MTZ, blocks written so far
     again = run_ipmosflm(PROCESS_1_2, "HKLOUT", "e.mtz", cwd=tmp_path)     # the lock died with it
     assert again.returncode == 0 and len(gemmi.read_mtz_file(str(tmp_path / "e.mtz")).batches) == 2
     assert not list(tmp_path.glob(".mosflm.lp.*.part"))        # the dead run's temporary log is cleared
-    assert not list(tmp_path.glob(".e.mtz.*.spill"))           # and its spill file
+    assert not list(tmp_path.glob(".e.mtz.*.part"))            # and its unfinished MTZ
     assert "Traceback" not in again.stdout + again.stderr + p.stderr.read()

@@ -323,11 +323,11 @@ def test_an_mtz_written_block_by_block_is_gemmis_file_byte_for_byte(tmp_path):
     assert not list(tmp_path.glob(".*.part"))
 
 
-def test_records_kept_on_disk_come_back_as_the_whole_sweep_would_give_them(tmp_path):
-    """PROCESS keeps finished blocks' records in a file beside HKLOUT and finishes each reflection (MPART,
+def test_records_streamed_block_by_block_come_out_as_the_whole_sweep_would_give_them(tmp_path):
+    """PROCESS hands each finished block's records on (into the MTZ) and finishes each reflection (MPART,
     weak partials fitted over their images) once the block after it is in: the same values, in the
     same order, as from the whole sweep, while holding no more than a few blocks at a time."""
-    from pyflm.integrate import RecordSpill, combine_weak_partials, finished_records
+    from pyflm.integrate import RecordStream, combine_weak_partials
     cols, meta = predicted_sweep()
     rec = as_records(cols, meta["batches"])
     # PROCESS measures no reflection wider than MAXWIDTH (5 images here), as the limit on what is held
@@ -337,15 +337,15 @@ def test_records_kept_on_disk_come_back_as_the_whole_sweep_would_give_them(tmp_p
                                    whole["fractioncalc"])
     combine_weak_partials(whole)
     assert np.count_nonzero(whole["ipr"] != rec["ipr"]) > 100      # weak partials were combined
-    spill = RecordSpill(tmp_path / "out.mtz")
-    assert os.path.dirname(spill.path) == str(tmp_path)
+    chunks, held = [], []
+    stream = RecordStream(chunks.append)
     for b in range(0, 60, 5):
         block = rec[(rec["batch"] > b) & (rec["batch"] <= b + 5)]
-        spill.add([block[block["batch"] <= b + 2], block[block["batch"] > b + 2]], b + 5)
-    chunks = list(finished_records(spill))
-    spill.close()
-    assert not list(tmp_path.iterdir())                            # the spill file is gone
+        stream.add([block[block["batch"] <= b + 2], block[block["batch"] > b + 2]], b + 5)
+        held.append(len(stream.held))
+    stream.end()
     got = np.concatenate(chunks)
     assert got.tobytes() == whole.tobytes()
     per_block = len(rec) / 12
     assert len(chunks) >= 10 and max(len(c) for c in chunks) < 2 * per_block
+    assert max(held) < 2 * per_block

@@ -42,7 +42,7 @@ def one_process(tmp_path_factory):
     assert "in blocks of 2 on 1 process" in r.stdout
     m = gemmi.read_mtz_file(str(d / "one.mtz"))
     assert len(m.batches) == 8 and m.nreflections > 10000
-    # the finished blocks' records waited in a file beside HKLOUT, removed once the MTZ is written
+    # the MTZ was written under a temporary name as the blocks finished, and put in place at the end
     assert sorted(p.name for p in d.iterdir()) == ["mosflm.lp", "one.mtz"]
     return d / "one.mtz"
 
