@@ -11,9 +11,10 @@ So, before PROCESS, on a sparse sweep (fewer than SPARSE_SPOTS spots per image),
 deck does not set itself:
   * RASTER from the median spot size (pyflm.shoebox.choose_raster, as MOSFLM after a spot search);
   * SEPARATION from the spot size: the smallest that keeps two spots' peak areas apart;
-  * MOSAIC, with an orientation, as the spread at which the predictions (out to EXTENT rocking widths
-    either side, pyflm.predict's width eta.sin(2theta)/zeta) reach every image each strong spot is seen
-    on; without one, from the rocking widths of the spots followed through consecutive images;
+  * MOSAIC as the spread whose rocking curves (pyflm.predict's Gaussian of FWHM eta.sin(2theta)/zeta)
+    best share each strong spot's intensity among the images, as it was found on them
+    (fit_rocking_widths), centred on the predictions when there is an orientation, else on the spots'
+    own phi;
   * profile fitting only when at least MIN_PROFILE_SPOTS strong spots are fully recorded on one image;
     otherwise the profile-fitted columns carry the summation intensities and a warning says so.
 
@@ -36,6 +37,8 @@ STRONG_ISIG = 10.0          # as pyflm.shoebox's profile spots
 LINK_DTYPE = np.dtype([("first", "i4"), ("last", "i4"), ("fast", "f8"), ("slow", "f8"), ("x_mm", "f8"),
                        ("y_mm", "f8"), ("phi", "f8"), ("phi_sd", "f8"), ("intensity", "f8"),
                        ("sigma", "f8"), ("size_fast", "f4"), ("size_slow", "f4")])
+# one image's share of a linked reflection (link_spots(..., parts=True)): index into the linked array
+PART_DTYPE = np.dtype([("spot", "i8"), ("image", "i4"), ("intensity", "f8")])
 
 
 @dataclass
@@ -100,16 +103,18 @@ def _search_image(read_image, detector, scan, img):
     return find_spots(data, detector, image=img, phi=0.5 * (a + b), threshold=2.0, min_pix=2)
 
 
-def link_spots(per_image, osc, radius=3.0):
+def link_spots(per_image, osc, radius=3.0, parts=False):
     """Spots on consecutive images within `radius` pixels joined into one reflection each: its first
     and last image, intensity-weighted centroid and phi, the spread of phi (degrees, the image width's
-    own spread osc^2/12 taken out), summed intensity and largest size.  LINK_DTYPE, brightest first."""
+    own spread osc^2/12 taken out), summed intensity and largest size.  LINK_DTYPE, brightest first.
+    parts=True returns (linked, PART_DTYPE array): each reflection's intensity on each of its images,
+    what the mosaic spread is fitted to."""
     from scipy.spatial import cKDTree
     from .spotfinder import TOO_BIG, OUTSIDE, BACKSTOP, chain_groups, chain_sums
     lists = [s[((s["flag"] & (TOO_BIG | OUTSIDE | BACKSTOP)) == 0) & (s["intensity"] > 0)]
              for s in per_image]
     if not lists or sum(len(s) for s in lists) == 0:
-        return np.zeros(0, LINK_DTYPE)
+        return (np.zeros(0, LINK_DTYPE), np.zeros(0, PART_DTYPE)) if parts else np.zeros(0, LINK_DTYPE)
 
     def linked(a, b):       # the nearest spot of the previous image within `radius`
         d, j = cKDTree(np.stack([a["fast"], a["slow"]], 1)).query(np.stack([b["fast"], b["slow"]], 1),
@@ -128,7 +133,14 @@ def link_spots(per_image, osc, radius=3.0):
         v = np.zeros(n, np.float32)
         np.maximum.at(v, group, allsp[col])
         out[col] = v
-    return out[np.argsort(-out["intensity"] / np.maximum(out["sigma"], 1e-9))]
+    order = np.argsort(-out["intensity"] / np.maximum(out["sigma"], 1e-9))
+    if not parts:
+        return out[order]
+    rank = np.empty(n, int)
+    rank[order] = np.arange(n)
+    pt = np.zeros(len(allsp), PART_DTYPE)
+    pt["spot"], pt["image"], pt["intensity"] = rank[group], allsp["image"], allsp["intensity"]
+    return out[order], pt
 
 
 def scan_phi(image, first_phi, osc, first):
@@ -136,36 +148,72 @@ def scan_phi(image, first_phi, osc, first):
     return first_phi + (np.asarray(image) - first) * osc
 
 
-def mosaic_from_widths(linked, beam, detector, goniometer, scan, first, last, min_isig=STRONG_ISIG,
-                       quantile=0.8):
-    """(mosaic spread, number of spots used): over strong spots that begin and end inside images
-    first..last, the spread whose rocking width (pyflm.predict.rocking_width_xds) lets prediction
-    reach every image the spot is seen on; the `quantile` of those (MOSFLM's estimate likewise
-    looks for the spread that accounts for nearly all spots).  None when fewer than 3 qualify."""
-    first_phi, osc = scan.phi_range(first)[0], scan.osc
-    ok = ((linked["first"] > first) & (linked["last"] < last) & (linked["last"] > linked["first"])
-          & (linked["intensity"] > min_isig * linked["sigma"]))
-    sp = linked[ok]
-    if len(sp) < 3:
-        return None, len(sp)
-    p = geometry.mm_to_lab(sp["x_mm"], sp["y_mm"], detector.frame())
-    s1u = p / np.linalg.norm(p, axis=1)[:, None]
-    cross = np.cross(geometry.BEAM_DIRECTION, s1u)
-    zeta = np.maximum(np.abs(cross @ goniometer.axis), 1e-6)
-    sin2t = np.maximum(np.linalg.norm(cross, axis=1), 1e-6)
-    disp = np.degrees(beam.dispersion * (1.0 - s1u[:, 0]))
-    # the width (FWHM) whose predicted extent, EXTENT widths either side of the centre, reaches the
-    # outer edges of the first and last images the spot is seen on: weak tails below the spot-search
-    # threshold make the intensity-weighted spread alone too narrow to integrate with
-    from .predict import EXTENT
-    phi_first = scan_phi(sp["first"], first_phi, osc, first)
-    phi_last = scan_phi(sp["last"] + 1, first_phi, osc, first)
-    reach = np.maximum(sp["phi"] - phi_first, phi_last - sp["phi"])
-    fwhm = np.maximum(2.3548 * sp["phi_sd"], reach / EXTENT)
-    angular = np.maximum(fwhm * zeta - disp, 0.0) / sin2t
-    div = float(np.hypot(*beam.divergence))
-    eta = np.sqrt(np.maximum(angular ** 2 - div ** 2, 0.0))
-    return float(np.quantile(eta, quantile)), len(sp)
+MOSAIC_GRID = np.arange(0.01, 2.0001, 0.005)    # full widths tried (degrees)
+STRAY = 1e-3            # share of a spot's light allowed on any image (noise, a neighbour's tail)
+
+
+def fit_rocking_widths(phi, s1u, observed, lo, hi, beam, goniometer, grid=MOSAIC_GRID):
+    """The mosaic spread (full width, pyflm.predict's convention) that best explains how each strong
+    reflection's intensity is shared among the images it could be on.
+
+    phi (n,): the reflections' centres; s1u (n, 3): their diffracted rays; observed (n, m): intensity
+    found on each of m images (0 where none was found); lo, hi (m,): the images' phi ranges.  At a
+    spread eta a reflection's rocking curve (Gaussian, FWHM rocking_width_xds) puts shares p_f on the
+    images, renormalised over them (what lies beyond the images is not seen); the observed shares are
+    w_f = I_f / sum I, and the fit maximises sum_f w_f log p_f, the likelihood of the recorded light
+    with one weight per reflection.  (DIALS fits its sigma_m to the frames each spot is found on, alike;
+    weighting the images by the light found on them keeps the faint tails the spot search follows, a
+    bright spot's further out than a weak one's, from widening the spread.)  Reflections
+    whose own best spread lies far above the others' (a spot the lattice does not explain, a
+    reflection so close to the rotation axis that the images only bound its width) are left out.
+    Returns (eta, per-reflection best eta, mask of those used); eta None when fewer than 3 are left."""
+    from . import predict
+    observed = np.asarray(observed, float)
+    w = observed / np.maximum(observed.sum(1, keepdims=True), 1e-300)
+    ll = np.empty((len(grid), len(phi)))
+    for k, eta in enumerate(grid):
+        width = predict.rocking_width_xds(s1u, goniometer.axis, float(eta), beam)
+        r = predict.fraction_inside(phi[:, None], width[:, None], lo[None, :], hi[None, :])
+        r = r / np.maximum(r.sum(1, keepdims=True), 1e-300)
+        ll[k] = np.sum(w * np.log((1.0 - STRAY) * r + STRAY / observed.shape[1]), axis=1)
+    own = grid[np.argmax(ll, axis=0)]
+    med = np.median(own)
+    mad = 1.4826 * np.median(np.abs(own - med))
+    use = own <= med + max(5.0 * mad, 0.5 * med)
+    if use.sum() < 3:
+        return None, own, use
+    return float(grid[int(np.argmax(ll[:, use].sum(1)))]), own, use
+
+
+def _shares(linked, parts, first, last):
+    """(n, m) intensity of each linked reflection on each image first..last (PART_DTYPE rows)."""
+    obs = np.zeros((len(linked), last - first + 1))
+    on = (parts["image"] >= first) & (parts["image"] <= last)
+    np.add.at(obs, (parts["spot"][on], parts["image"][on] - first), parts["intensity"][on])
+    return obs
+
+
+def _image_edges(scan, first, last):
+    lo = scan_phi(np.arange(first, last + 1), scan.phi_range(first)[0], scan.osc, first)
+    return lo, lo + scan.osc
+
+
+def mosaic_from_widths(linked, parts, beam, detector, goniometer, scan, first, last,
+                       min_isig=STRONG_ISIG):
+    """(mosaic spread, number of spots used) without an orientation: fit_rocking_widths on the strong
+    spots that begin and end inside images first..last, centred on their own intensity-weighted phi
+    (a spot cut by the first or last image has its centre pulled inwards).  None when fewer than 3."""
+    ok = np.flatnonzero((linked["first"] > first) & (linked["last"] < last)
+                        & (linked["intensity"] > min_isig * linked["sigma"]))
+    if len(ok) < 3:
+        return None, len(ok)
+    sel = np.isin(parts["spot"], ok)
+    pt = parts[sel].copy()
+    pt["spot"] = np.searchsorted(ok, pt["spot"])
+    lo, hi = _image_edges(scan, first, last)
+    eta, _, use = fit_rocking_widths(linked["phi"][ok], _s1u(linked[ok], detector),
+                                     _shares(linked[ok], pt, first, last), lo, hi, beam, goniometer)
+    return eta, int(use.sum())
 
 
 def _n_spots(spots):
@@ -173,20 +221,21 @@ def _n_spots(spots):
     return int(np.sum((spots["flag"] & TOO_SMALL) == 0)) if len(spots) else 0
 
 
-def mosaic_from_predictions(linked, crystal, beam, detector, goniometer, scan, first, last,
-                            min_isig=STRONG_ISIG, quantile=1.0, radius=3.0):
+def mosaic_from_predictions(linked, parts, crystal, beam, detector, goniometer, scan, first, last,
+                            min_isig=STRONG_ISIG, radius=3.0):
     """(mosaic spread, number of spots used) with an orientation: each strong spot is matched to the
-    predicted reflection nearest it on the detector, and needs the spread whose rocking width lets
-    that prediction, EXTENT widths either side of its phi, reach every image the spot is seen on.
-    Near the rotation axis a small error of orientation moves a reflection's phi a long way; the
-    spread then covers it, as MOSFLM's estimate (the spread at which the predictions account for the
-    spots) does.  The `quantile` of the spots' needs (1: all of them); None when fewer than 3 match."""
+    predicted reflection nearest it on the detector (within `radius` pixels), and fit_rocking_widths
+    is given the predicted centres, so that spots cut by the first or last image count too.
+    None when fewer than 3 match.  (Each spot is not asked to be reached in full by the predictions:
+    the faint tails the spot search follows, a bright spot's further than a weak one's, and a few
+    spots the lattice does not explain would then set the spread, 4-6 times the true one on
+    L-cysteine's 0.1 degree images.)"""
     import copy
     from scipy.spatial import cKDTree
     from . import predict
-    sp = linked[linked["intensity"] > min_isig * linked["sigma"]]
-    if len(sp) < 3:
-        return None, len(sp)
+    strong = np.flatnonzero(linked["intensity"] > min_isig * linked["sigma"])
+    if len(strong) < 3:
+        return None, len(strong)
     c = copy.copy(crystal)
     c.mosaic = 2.0                   # generous, to find every reflection that could be on the images
     a, b = scan.phi_range(first)[0], scan.phi_range(last)[1]
@@ -195,21 +244,19 @@ def mosaic_from_predictions(linked, crystal, beam, detector, goniometer, scan, f
     pred = pred[pred["on_detector"]]
     if len(pred) == 0:
         return None, 0
+    sp = linked[strong]
     d, j = cKDTree(np.stack([pred["fast"], pred["slow"]], 1)).query(np.stack([sp["fast"], sp["slow"]], 1),
                                                                       distance_upper_bound=radius)
     hit = np.isfinite(d)
     if hit.sum() < 3:
         return None, int(hit.sum())
-    sp, p = sp[hit], pred[j[hit]]
-    from .predict import EXTENT
-    phi_first = scan_phi(sp["first"], a, scan.osc, first)
-    phi_last = scan_phi(sp["last"] + 1, a, scan.osc, first)
-    reach = np.maximum(np.abs(p["phi"] - phi_first), np.abs(phi_last - p["phi"]))
-    # the width at this spread is linear in it (rocking_width_xds without divergence and dispersion)
-    w1 = predict.rocking_width_xds(_s1u(sp, detector), goniometer.axis, 1.0,
-                                   type(beam)(beam.wavelength, divergence=(0.0, 0.0), dispersion=0.0))
-    eta = reach / EXTENT / np.maximum(w1, 1e-9)
-    return float(np.quantile(eta, quantile)), len(sp)
+    ok = strong[hit]
+    pt = parts[np.isin(parts["spot"], ok)].copy()
+    pt["spot"] = np.searchsorted(ok, pt["spot"])
+    lo, hi = _image_edges(scan, first, last)
+    eta, _, use = fit_rocking_widths(pred["phi"][j[hit]], _s1u(linked[ok], detector),
+                                     _shares(linked[ok], pt, first, last), lo, hi, beam, goniometer)
+    return eta, int(use.sum())
 
 
 def _s1u(sp, detector):
@@ -229,7 +276,7 @@ def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=()
         return ap
     ap.lines.append(f" Few spots per image ({ap.spots_per_image:.0f}): integration parameters are chosen "
                     "from the spots found on the images to be integrated")
-    linked = link_spots(per_image, scan.osc)
+    linked, parts = link_spots(per_image, scan.osc, parts=True)
     strong = linked[linked["intensity"] > STRONG_ISIG * linked["sigma"]]
     use = strong if len(strong) >= 3 else linked
     if len(use) == 0:
@@ -246,17 +293,17 @@ def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=()
         ap.lines.append(f" Spot separation set to {ap.separation[0]:.2f} {ap.separation[1]:.2f} mm "
                         "(from the spot size)")
     if "MOSAIC" not in given and crystal is not None:
-        ap.mosaic, ap.n_mosaic_spots = mosaic_from_predictions(linked, crystal, beam, detector, goniometer,
-                                                               scan, first, last)
+        ap.mosaic, ap.n_mosaic_spots = mosaic_from_predictions(linked, parts, crystal, beam, detector,
+                                                               goniometer, scan, first, last)
         if ap.mosaic is not None:
-            ap.lines.append(f" Mosaic spread set to {ap.mosaic:.2f} degrees: the predictions then reach "
-                            f"every image each of {ap.n_mosaic_spots} strong spots is seen on")
+            ap.lines.append(f" Mosaic spread set to {ap.mosaic:.2f} degrees (full width) from how the "
+                            f"intensity of {ap.n_mosaic_spots} strong spots is shared among the images")
     if "MOSAIC" not in given and ap.mosaic is None:
-        ap.mosaic, ap.n_mosaic_spots = mosaic_from_widths(linked, beam, detector, goniometer, scan, first,
-                                                          last)
+        ap.mosaic, ap.n_mosaic_spots = mosaic_from_widths(linked, parts, beam, detector, goniometer, scan,
+                                                          first, last)
         if ap.mosaic is not None:
-            ap.lines.append(f" Mosaic spread set to {ap.mosaic:.2f} degrees from the rocking widths of "
-                            f"{ap.n_mosaic_spots} spots seen from start to end within the images")
+            ap.lines.append(f" Mosaic spread set to {ap.mosaic:.2f} degrees (full width) from the rocking "
+                            f"curves of {ap.n_mosaic_spots} spots seen from start to end within the images")
     # a spot is fully recorded on one image when all of it lies on that image
     ap.n_strong_fulls = int(np.sum(strong["first"] == strong["last"]))
     if ap.n_strong_fulls < MIN_PROFILE_SPOTS:
@@ -301,9 +348,25 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     ap = choose(per_image, beam, detector, goniometer, scan, a, b, given=given, crystal=crystal)
     if ap.mosaic is not None:
         crystal.mosaic = ap.mosaic
+        mw = (job.kw.get("MAXWIDTH") or {}).get("_args")
+        n, hkl = too_wide(crystal, beam, detector, goniometer, scan, first, last, float(mw[0]) if mw else 5.0)
+        ap.lines.append(f" {n:7d} Too wide in phi (predicted wider than MAXWIDTH {float(mw[0]) if mw else 5.0:.1f}"
+                        " degrees, near the rotation axis: not integrated" +
+                        (": " + " ".join("(%d %d %d)" % tuple(h) for h in hkl[:10]) if n else "") + ")")
     for ln in ap.lines:
         job.log.line(ln)
     return ap
+
+
+def too_wide(crystal, beam, detector, goniometer, scan, first, last, maxwidth):
+    """(number, indices) of the reflections on the detector predicted on images first..last at the
+    crystal's spread whose rocking width exceeds MAXWIDTH: PROCESS flags them TOO_WIDE and does not
+    integrate them, as MOSFLM ("Too wide in phi")."""
+    from . import predict
+    pred = predict.predict(crystal, beam, detector, goniometer, scan.phi_range(first)[0],
+                           scan.phi_range(last)[1], predict.corner_resolution(detector, beam.wavelength))
+    wide = pred[pred["on_detector"] & (pred["width"] > maxwidth)]
+    return len(wide), np.stack([wide["h"], wide["k"], wide["l"]], 1)
 
 
 def _same_spots(a, b, tol=1.5):
