@@ -198,7 +198,9 @@ def polarisation_angle(rotation_axis, electric=(1.0, 0.0, 0.0)):
     """Angle (degrees, about the beam from MOSFLM's Z towards Y) of a synchrotron beam's electric vector,
     which lies along the imgCIF lab's x (horizontal, in the orbit plane; DIALS's polarization normal is
     y), for a scan about rotation_axis: 0 when the axis is horizontal, 54.7 for I19's phi scan at chi
-    -54.7 (MOSFLM itself assumes 0)."""
+    -54.7, +-90 (the same) for a vertical goniometer (MOSFLM itself assumes 0).  Of the headers in
+    shared/data only miniCBF ones say where the axis is: imgCIF axes, or an Oscillation_axis line
+    ("X.CW +SLOW": vertical, example_004/009 and the thaumatin stills; "X.CW": horizontal)."""
     E = imgcif_to_mosflm_frame(rotation_axis) @ np.asarray(electric, float)
     return float(np.degrees(np.arctan2(E[1], E[2])))
 

@@ -297,6 +297,9 @@ def _parse(img, path):
     return h
 
 
+VERTICAL_AXIS = (0.0, 1.0, 0.0)      # a vertical goniometer's scan axis in the imgCIF lab (y up)
+
+
 def _parse_minicbf(img, path):
     text = img.header.get("_array_data.header_contents", "")
     h = ImageHeader(path, raw=dict(img.header))
@@ -330,6 +333,8 @@ def _parse_minicbf(img, path):
     # MOSFLM's DETECTOR OMEGA says it (0: fast along the axis).  Known mountings:
     if "SLOW" in lines.get("Oscillation_axis", "").upper():
         h.omega = 90.0                       # vertical goniometer, axis along the slow direction
+        # and the synchrotron's horizontal electric vector is then across the axis, not along it
+        h.polarisation_angle = geometry.polarisation_angle(VERTICAL_AXIS)
     # a full imgCIF header (I19's Pilatus 2M) says it exactly: scan axis, pixel axes and two-theta axis
     axes = _imgcif_axes(img.header)
     if axes is not None:
