@@ -659,8 +659,13 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
     window = predict.predict_window_cython if predict._ext is not None else predict.predict_numpy
     _, ph, s1u, x, y, _, _ = window(c.A, beam.wavelength, detector.frame(), -1 if goniometer.reverse_phi
                                     else 1, a - 3.0, b + 3.0, dmin, None)
-    dist, near = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1)).query(
-        np.stack([x, y], 1), distance_upper_bound=3 * detector.pixel_fast)
+    # a ray parallel to (or away from) a swung detector meets it nowhere: no position to look up
+    pos = np.stack([x, y], 1)
+    fin = np.all(np.isfinite(pos), axis=1)
+    dist, near = np.full(len(pos), np.inf), np.full(len(pos), len(ok))
+    if fin.any():
+        dist[fin], near[fin] = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1)).query(
+            pos[fin], distance_upper_bound=3 * detector.pixel_fast)
     found = np.isfinite(dist)
     fracs = []
     for eta in grid:

@@ -206,6 +206,20 @@ def test_maxwidth_rejects_the_reflection_near_the_rotation_axis(tmp_path):
     assert (1, 4, 11) not in our_reflections(tmp_path / "lcys.mtz")
 
 
+def test_mosaic_estimate_on_one_thin_image_with_the_detector_swung(tmp_path):
+    """MOSAIC ESTIMATE on one 0.1 degree image of sweep 1: the detector is swung 30 degrees, so some
+    predicted rays meet its plane nowhere (they stopped the estimate with an internal error); the
+    estimate from that image's spots is near DIALS's spread, or MOSFLM's message where too few."""
+    deck = (f"DIRECTORY {LCYS}\nTEMPLATE l-cyst_01_#####.cbf\nAUTOINDEX DPS REFINE IMAGE 1 TO 15\nGO\n"
+            "MOSAIC ESTIMATE 8\nGO\nMOSAIC ESTIMATE 1\nGO\nEXIT\n")
+    r = run_ipmosflm(deck, cwd=tmp_path)
+    assert r.returncode == 0 and "Internal error" not in r.stdout, r.stdout[-2000:]
+    est = [float(ln.split("--->")[1].split("<")[0]) for ln in r.stdout.splitlines()
+           if "The mosaicity has been estimated as" in ln]
+    assert len(est) == 1 and 0.5 * DIALS_MOSAIC_FWHM[1] < est[0] < 2 * DIALS_MOSAIC_FWHM[1]
+    assert "The mosaicity estimation has not worked" in r.stdout        # image 1: too few spots
+
+
 # ---- the automatic parameters on spot lists made here ------------------------------------------------
 
 def _detector():
