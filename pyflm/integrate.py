@@ -649,6 +649,9 @@ def run_process(job, args):
         started = start_blocks(spec, beam, det, gonio, scan, range(first, last + 1), plain, reader,
                                integrate_image)
     try:
+        if started is not None:    # a cell-refinement segment: its first measurement can start now too
+            from .refine import start_segment_measure
+            start_segment_measure(job, spec, (beam, det, gonio, scan), first, last, plain)
         auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, functools.partial(
             read_image_data, job.template, job.directory, job.extension),
             probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)

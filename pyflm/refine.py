@@ -45,6 +45,7 @@ sigmas), OFF (no post-refinement: missets, mosaic and cell held).
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -586,9 +587,10 @@ def table_rows(st, detector, crystal):
 # ---- cell refinement -------------------------------------------------------------------------------
 
 def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image, opts, max_cycles=5,
-                settings=None):
+                settings=None, started=None):
     """segments: [(first, last)].  Cycles of (measure, refine everything free) as MOSFLM's cell
-    refinement.  Returns a dict of the refinement's figures."""
+    refinement.  Returns a dict of the refinement's figures.  `started`: first-cycle measurements
+    already running ({segment index: StartedSegment}, start_segment_measure)."""
     cell_free = set(CELL_NAMES) - opts.cell_fixed if opts.postref else set()
     cycles = []
     cell0 = tuple(crystal.cell)
@@ -596,7 +598,7 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
     kw = {} if settings is None else dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
                                           separation=settings.separation)
     ref = None
-    measure = _SegmentMeasurer(segments, read_image, getattr(settings, "nproc", 1))
+    measure = _SegmentMeasurer(segments, read_image, getattr(settings, "nproc", 1), started)
     try:
         for cycle in range(1, max_cycles + 1):
             parts = np.concatenate(measure(cr, beam, det, goniometer, scan, kw))
@@ -611,7 +613,7 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
     uu, _, vv = np.linalg.svd(U)
     return {"start": cell0, "cell": tuple(cr.cell), "esd": cycles[-1]["esd"], "U": uu @ vv,
             "cycles": cycles, "n": ref.n_pos, "detector": det, "mosaic": cr.mosaic,
-            "missets": cr.missets, "rms": ref.rms_mm}
+            "missets": cr.missets, "rms": ref.rms_mm, "early": measure.taken}
 
 
 def _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle):
@@ -636,33 +638,88 @@ class _SegmentMeasurer:
     """Each cycle's measurement of the segments' parts: in this process, or with NPROC > 1 each
     segment in a worker process of its own (the same one every cycle, so it decodes its images once).
     The segments are independent and their parts are put together in segment order: the same parts
-    whatever the number of processes."""
+    whatever the number of processes.  A segment's first measurement may have been started while its
+    PROCESS ran (start_segment_measure): it is taken if it was started with exactly these arguments."""
 
-    def __init__(self, segments, read_image, nproc=1):
+    def __init__(self, segments, read_image, nproc=1, started=None):
         self.segments = list(segments)
         self.read_image = read_image
+        self.started = dict(started or {})
         n = min(int(nproc or 1), len(self.segments))
         self.pools = []
         if n > 1:
-            from concurrent.futures import ProcessPoolExecutor
             from .integrate import _ignore_signals
-            self.pools = [ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals) for _ in range(n)]
+            # a segment's worker started early has its images decoded already: it keeps the segment
+            self.pools = [self.started[s].pool if s in self.started else
+                          ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals) for s in range(n)]
         else:
             from .integrate import decode_once
             self.segment_image, _ = decode_once(read_image)    # the segments' few images, every cycle
+        self._extra = [st.pool for s, st in self.started.items() if not (s < len(self.pools))]
+        self.first = True
+        self.taken = 0             # first measurements taken from the early start
 
     def __call__(self, cr, beam, det, goniometer, scan, kw):
         if not self.pools:
             return [measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), self.segment_image, **kw)
                     for a, b in self.segments]
-        futures = [self.pools[s % len(self.pools)].submit(_measure_segment, cr, beam, det, goniometer, scan,
-                                                          a, b, self.read_image, kw)
-                   for s, (a, b) in enumerate(self.segments)]
+        futures = []
+        for s, (a, b) in enumerate(self.segments):
+            args = (cr, beam, det, goniometer, scan, a, b, self.read_image, kw)
+            early = self.started.get(s) if self.first else None
+            if early is not None and early.future is not None and early.key == _task_key(args):
+                futures.append(early.future)
+                self.taken += 1
+            else:
+                if early is not None and early.future is not None:
+                    early.future.cancel()
+                futures.append(self.pools[s % len(self.pools)].submit(_measure_segment, *args))
+        self.first = False
         return [f.result() for f in futures]
 
     def close(self):
-        for p in self.pools:
+        for p in self.pools + self._extra:
             p.shutdown(wait=True, cancel_futures=True)
+
+
+class StartedSegment:
+    """A segment's first cell-refinement measurement, started in a worker of its own while the segment's
+    PROCESS ran; `key` says what it was started with."""
+
+    def __init__(self, pool, future, key):
+        self.pool, self.future, self.key = pool, future, key
+
+
+def _task_key(args):
+    """The arguments of a measurement as bytes: equal bytes, equal arguments (so the same parts)."""
+    import pickle
+    try:
+        return pickle.dumps(args, protocol=4)
+    except Exception:          # not picklable: never taken for another
+        return object()
+
+
+def start_segment_measure(job, crystal, models, first, last, settings):
+    """At the start of a cell-refinement segment's PROCESS with NPROC > 1: its first-cycle measurement
+    (what refine_cell will ask of this segment, if nothing changes before it runs) starts now in the
+    worker that will measure this segment in every cycle, beside the segment's integration.
+    refine_cell takes it only if its own arguments are the same (_SegmentMeasurer)."""
+    import functools
+    postref = job.kw.get("POSTREF") or {}
+    if not (postref.get("MULTI") or postref.get("SEGMENTS")) or settings.nproc < 2 or settings.scheduler:
+        return
+    s = len(job.results.get("cellref_segments") or [])
+    need = int(postref.get("SEGMENTS", 2))
+    started = job.results.setdefault("cellref_started", {})
+    if s >= min(settings.nproc, need) or s in started:
+        return
+    from .integrate import _ignore_signals, read_image_data
+    beam, det, gonio, scan = models
+    reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
+    kw = dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster, separation=settings.separation)
+    args = (copy.copy(crystal), beam, copy.copy(det), gonio, scan, first, last, reader, kw)
+    pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
+    started[s] = StartedSegment(pool, pool.submit(_measure_segment, *args), _task_key(args))
 
 
 _WORKER_READERS = {}
@@ -742,7 +799,7 @@ def cell_refinement_segment(job, result, models, first, last):
         log.line(f" Cell refinement: the {len(segs)} segments are measured in {min(settings.nproc, len(segs))}"
                  " processes")
     res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat,
-                      settings=settings)
+                      settings=settings, started=job.results.pop("cellref_started", None))
     for ln in cycle_lines(res, scan) + format_tables(res):
         log.line(ln)
     log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")

@@ -82,6 +82,28 @@ def test_a_sparse_sweep_on_two_processes_writes_the_same_mtz_as_one(tmp_path):
     assert_same_content(tmp_path / "1" / "lcys.mtz", tmp_path / "2" / "lcys.mtz")
 
 
+@pytest.mark.parametrize("between", ["", "mosaic 0.35\n"])
+def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path, monkeypatch, between):
+    """NPROC 2: each segment's first measurement for the refinement starts with its PROCESS and is taken
+    when the refinement asks the same of it; a MOSAIC given between the segments changes what the first
+    segment would be measured with, so its early measurement is not taken.  The same cell either way."""
+    from pyflm.cli import run_batch
+    from pyflm.job import JobState
+    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
+            "symmetry P212121\nnproc {n}\npostref multi segments 2\nprocess 1 3\ngo\n" + between +
+            "process 58 60\ngo\n")
+    res = {}
+    for n in (1, 2):
+        monkeypatch.chdir(tmp_path)
+        job = JobState()
+        job.files["HKLOUT"] = f"seg{n}.mtz"
+        assert run_batch(deck.format(n=n).splitlines(), job) == 0
+        res[n] = job.results["cell_refinement"]
+    assert res[1]["early"] == 0 and res[2]["early"] == (1 if between else 2)
+    assert res[2]["cell"] == res[1]["cell"] and np.array_equal(res[2]["esd"], res[1]["esd"])
+    assert np.array_equal(res[2]["U"], res[1]["U"])
+
+
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
