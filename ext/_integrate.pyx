@@ -69,29 +69,40 @@ cdef extern from *:
             s[6] += w * c[k]; s[7] += xw * c[k]; s[8] += yw * c[k];
         }
     }
-    static int pyflm_reject(int n, const double *x, const double *y, const double *c, double *u,
-                            double c0, double c1, double c2, double gain, double cut2) {
+    /* The rejection test (|c - plane| <= cut sigma, no division), and the plane sums s (pyflm_plane_sums' nine) brought up to date by the pixels
+       whose use changed, instead of summing every pixel again: few change after the first fit.  For
+       counts the sums are exact whatever the order, so they equal a new sum to the bit. */
+    static void pyflm_flip(int k, double d, const double *x, const double *y, const double *c, double *s) {
+        double xw = d * x[k], yw = d * y[k];
+        s[0] += d; s[1] += xw; s[2] += yw; s[3] += xw * x[k]; s[4] += xw * y[k]; s[5] += yw * y[k];
+        s[6] += d * c[k]; s[7] += xw * c[k]; s[8] += yw * c[k];
+    }
+    static int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
+                                   double c0, double c1, double c2, double gain, double cut2, double *s) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
         const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
-        __m128d ch = _mm_setzero_pd();
-        int k = 0, changed;
+        int k = 0, changed = 0, mm;
         for (; k + 2 <= n; k += 2) {
             __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
                                     _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
             __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
             __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
             __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
-            ch = _mm_or_pd(ch, _mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
-            _mm_storeu_pd(u + k, keep);
+            mm = _mm_movemask_pd(_mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
+            if (mm) {
+                double kv[2];
+                _mm_storeu_pd(kv, keep);
+                if (mm & 1) { pyflm_flip(k, kv[0] - u[k], x, y, c, s); u[k] = kv[0]; }
+                if (mm & 2) { pyflm_flip(k + 1, kv[1] - u[k + 1], x, y, c, s); u[k + 1] = kv[1]; }
+                changed = 1;
+            }
         }
-        changed = _mm_movemask_pd(ch) != 0;
         for (; k < n; k++) {
             double pl = c0 + c1 * x[k] + c2 * y[k];
             double d = c[k] - pl;
             double v = (pl > 1.0 ? pl : 1.0) * gain;
             double keep = (d * d <= cut2 * v) ? 1.0 : 0.0;
-            changed |= (keep != u[k]);
-            u[k] = keep;
+            if (keep != u[k]) { pyflm_flip(k, keep - u[k], x, y, c, s); u[k] = keep; changed = 1; }
         }
         return changed;
     }
@@ -153,8 +164,8 @@ cdef extern from *:
                         double Iv, double gain, double *a, double *b) nogil
     void pyflm_plane_sums(int n, const double *x, const double *y, const double *c, const double *u,
                           double *s) nogil
-    int pyflm_reject(int n, const double *x, const double *y, const double *c, double *u, double c0,
-                     double c1, double c2, double gain, double cut2) nogil
+    int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
+                            double c0, double c1, double c2, double gain, double cut2, double *s) nogil
     double pyflm_rms_sum(int n, const double *x, const double *y, const double *c, const double *u,
                          double c0, double c1, double c2, double gain, double *count) nogil
 
@@ -267,8 +278,8 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
     cdef double[3] rhs
     cdef double[9] sums
     cdef double ss, w, pl, d, I = 0.0, spl = 0.0, sc_pk = 0.0, tot = 0.0, wi = 0.0, wj = 0.0, nbg, var
+    pyflm_plane_sums(nb, bx, by, bc, bu, sums)
     for it in range(n_iter + 1):
-        pyflm_plane_sums(nb, bx, by, bc, bu, sums)
         cf3[0] = cf3[1] = cf3[2] = 0.0
         if sums[0] >= 6:
             M[0][0] = sums[0]
@@ -285,7 +296,7 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             rhs[2] = sums[8]
             if not _solve3(M, rhs, cf3):
                 cf3[0] = cf3[1] = cf3[2] = 0.0
-        if not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2):
+        if not pyflm_reject_update(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums):
             break
     # the twin's rms is over the final mask with the last plane's residuals
     ss = pyflm_rms_sum(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, &w)
@@ -345,6 +356,12 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     # the box's peak and background pixels (offsets into the box)
     cdef int *pk_k = <int *>malloc(npix * sizeof(int))
     cdef int *bg_k = <int *>malloc(npix * sizeof(int))
+    # and the rim pixels' offsets in the image from the box's first pixel (rows nf apart)
+    cdef Py_ssize_t *bg_off = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
+    cdef const pix_t *r0 = NULL
+    cdef const pix_t *r1 = NULL
+    cdef double c0 = 0.0, c1 = 0.0
+    cdef bint on
     cdef double *bg_x = <double *>malloc(npix * sizeof(double))
     cdef double *bg_y = <double *>malloc(npix * sizeof(double))
     # per box: the candidate background pixels (x, y, counts, in use) and the peak pixels
@@ -365,6 +382,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 n_pk_all += 1
             elif bgm[i, j]:
                 bg_k[n_bg_all] = i * nys + j
+                bg_off[n_bg_all] = i * nf + j
                 bg_x[n_bg_all] = i - x0
                 bg_y[n_bg_all] = j - y0
                 n_bg_all += 1
@@ -382,10 +400,19 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         CF_o[b] = cf
         FL_o[b, 0] = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
         _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
-        if n_nb >= 1:
-            _load_px(nb0, cs, cf, nxs, nys, box0)
-        if n_nb >= 2:
-            _load_px(nb1, cs, cf, nxs, nys, box1)
+        # the neighbours' rim pixels: read straight from their rows when the box is on the image (the
+        # peak's are never used), through whole clipped boxes otherwise
+        on = FL_o[b, 0]
+        if on:
+            if n_nb >= 1:
+                r0 = &nb0[cs, cf]
+            if n_nb >= 2:
+                r1 = &nb1[cs, cf]
+        else:
+            if n_nb >= 1:
+                _load_px(nb0, cs, cf, nxs, nys, box0)
+            if n_nb >= 2:
+                _load_px(nb1, cs, cf, nxs, nys, box1)
         nb = 0
         badpk = 0
         over = 0
@@ -408,14 +435,22 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         for q in range(n_bg_all):
             k = bg_k[q]
             c = box[k]
-            if (c > nullpix) and not (mb[k] & 3) and (n_nb < 1 or box0[k] > nullpix) and \
-                    (n_nb < 2 or box1[k] > nullpix):
-                bx[nb] = bg_x[q]
-                by[nb] = bg_y[q]
-                # the twin's np.mean over the images: their sum in order, then divided
-                bc[nb] = c if n_nb == 0 else ((c + box0[k]) / 2.0 if n_nb == 1 else ((c + box0[k]) + box1[k]) / 3.0)
-                bu[nb] = 1.0
-                nb += 1
+            if not ((c > nullpix) and not (mb[k] & 3)):
+                continue
+            if n_nb >= 1:
+                c0 = <double>r0[bg_off[q]] if on else box0[k]
+                if not c0 > nullpix:
+                    continue
+            if n_nb >= 2:
+                c1 = <double>r1[bg_off[q]] if on else box1[k]
+                if not c1 > nullpix:
+                    continue
+            bx[nb] = bg_x[q]
+            by[nb] = bg_y[q]
+            # the twin's np.mean over the images: their sum in order, then divided
+            bc[nb] = c if n_nb == 0 else ((c + c0) / 2.0 if n_nb == 1 else ((c + c0) + c1) / 3.0)
+            bu[nb] = 1.0
+            nb += 1
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
         FL_o[b, 1] = badpk
@@ -460,6 +495,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(mb)
     free(pk_k)
     free(bg_k)
+    free(bg_off)
     free(bg_x)
     free(bg_y)
     free(bx)
