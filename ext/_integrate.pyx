@@ -46,30 +46,26 @@ cdef extern from *:
     static inline double pyflm_hsum(__m128d v) {
         return _mm_cvtsd_f64(v) + _mm_cvtsd_f64(_mm_unpackhi_pd(v, v));
     }
-    static void pyflm_plane_sums(int n, const double *x, const double *y, const double *c,
-                                 const double *u, double *s) {
-        __m128d sw = _mm_setzero_pd(), sx = sw, sy = sw, sxx = sw, sxy = sw, syy = sw, sc = sw,
-                sxc = sw, syc = sw;
+    /* The plane fit's sums of the counts (c, x.c, y.c) with every pixel in use (2 pixels per SSE2
+       instruction): the first fit's; its six sums of the coordinates alone come from the whole rim's
+       less the pixels left out (pyflm_moments), exact sums of whole or half-integer products. */
+    static void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) {
+        __m128d sc = _mm_setzero_pd(), sxc = sc, syc = sc;
         int k = 0;
         for (; k + 2 <= n; k += 2) {
-            __m128d w = _mm_loadu_pd(u + k), X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k),
-                    C = _mm_loadu_pd(c + k);
-            __m128d xw = _mm_mul_pd(w, X), yw = _mm_mul_pd(w, Y);
-            sw = _mm_add_pd(sw, w); sx = _mm_add_pd(sx, xw); sy = _mm_add_pd(sy, yw);
-            sxx = _mm_add_pd(sxx, _mm_mul_pd(xw, X)); sxy = _mm_add_pd(sxy, _mm_mul_pd(xw, Y));
-            syy = _mm_add_pd(syy, _mm_mul_pd(yw, Y)); sc = _mm_add_pd(sc, _mm_mul_pd(w, C));
-            sxc = _mm_add_pd(sxc, _mm_mul_pd(xw, C)); syc = _mm_add_pd(syc, _mm_mul_pd(yw, C));
+            __m128d X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k), C = _mm_loadu_pd(c + k);
+            sc = _mm_add_pd(sc, C); sxc = _mm_add_pd(sxc, _mm_mul_pd(X, C));
+            syc = _mm_add_pd(syc, _mm_mul_pd(Y, C));
         }
-        s[0] = pyflm_hsum(sw); s[1] = pyflm_hsum(sx); s[2] = pyflm_hsum(sy); s[3] = pyflm_hsum(sxx);
-        s[4] = pyflm_hsum(sxy); s[5] = pyflm_hsum(syy); s[6] = pyflm_hsum(sc); s[7] = pyflm_hsum(sxc);
-        s[8] = pyflm_hsum(syc);
+        s[6] = pyflm_hsum(sc); s[7] = pyflm_hsum(sxc); s[8] = pyflm_hsum(syc);
         for (; k < n; k++) {
-            double w = u[k], xw = w * x[k], yw = w * y[k];
-            s[0] += w; s[1] += xw; s[2] += yw; s[3] += xw * x[k]; s[4] += xw * y[k]; s[5] += yw * y[k];
-            s[6] += w * c[k]; s[7] += xw * c[k]; s[8] += yw * c[k];
+            s[6] += c[k]; s[7] += x[k] * c[k]; s[8] += y[k] * c[k];
         }
     }
-    /* The rejection test (|c - plane| <= cut sigma, no division), and the plane sums s (pyflm_plane_sums' nine) brought up to date by the pixels
+    static inline void pyflm_moments(double x, double y, double *g) {
+        g[0] += 1.0; g[1] += x; g[2] += y; g[3] += x * x; g[4] += x * y; g[5] += y * y;
+    }
+    /* The rejection test (|c - plane| <= cut sigma, no division), and the plane sums s (1, x, y, xx, xy, yy, c, xc, yc) brought up to date by the pixels
        whose use changed, instead of summing every pixel again: few change after the first fit.  For
        counts the sums are exact whatever the order, so they equal a new sum to the bit. */
     static void pyflm_flip(int k, double d, const double *x, const double *y, const double *c, double *s) {
@@ -162,8 +158,8 @@ cdef extern from *:
     """
     void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,
                         double Iv, double gain, double *a, double *b) nogil
-    void pyflm_plane_sums(int n, const double *x, const double *y, const double *c, const double *u,
-                          double *s) nogil
+    void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) nogil
+    void pyflm_moments(double x, double y, double *g) nogil
     int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
                             double c0, double c1, double c2, double gain, double cut2, double *s) nogil
     double pyflm_rms_sum(int n, const double *x, const double *y, const double *c, const double *u,
@@ -269,16 +265,18 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
                                 double gain_bg, double cut2, int nc, int *pi, int *pj, double *pc,
                                 unsigned char *pv, double x0, double y0, double gain, double k_bg,
-                                double *cf3, double *res) noexcept nogil:
+                                const double *first, double *cf3, double *res) noexcept nogil:
     """Background plane over the candidates (least squares, rejecting those > cutoff sigma) and the
     summation over the valid peak pixels: res = rms, n_bg, I, sigma, n_peak, and the centroid's
-    sums (total, along slow, along fast) of the positive net counts."""
+    sums (total, along slow, along fast) of the positive net counts.  first: the first fit's nine sums
+    (every candidate in use), which the caller has."""
     cdef int it, nnew, npk = 0, k
     cdef double[3][3] M
     cdef double[3] rhs
     cdef double[9] sums
     cdef double ss, w, pl, d, I = 0.0, spl = 0.0, sc_pk = 0.0, tot = 0.0, wi = 0.0, wj = 0.0, nbg, var
-    pyflm_plane_sums(nb, bx, by, bc, bu, sums)
+    for k in range(9):
+        sums[k] = first[k]
     for it in range(n_iter + 1):
         cf3[0] = cf3[1] = cf3[2] = 0.0
         if sums[0] >= 6:
@@ -362,6 +360,12 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef const pix_t *r1 = NULL
     cdef double c0 = 0.0, c1 = 0.0
     cdef bint on
+    # the coordinates' six sums over the whole rim, over a box's pixels left out, and a fit's first sums
+    cdef double[6] rim_g
+    cdef double[6] out_g
+    cdef double[9] first
+    for k in range(6):
+        rim_g[k] = 0.0
     cdef double *bg_x = <double *>malloc(npix * sizeof(double))
     cdef double *bg_y = <double *>malloc(npix * sizeof(double))
     # per box: the candidate background pixels (x, y, counts, in use) and the peak pixels
@@ -383,6 +387,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             elif bgm[i, j]:
                 bg_k[n_bg_all] = i * nys + j
                 bg_off[n_bg_all] = i * nf + j
+                pyflm_moments(i - x0, j - y0, rim_g)
                 bg_x[n_bg_all] = i - x0
                 bg_y[n_bg_all] = j - y0
                 n_bg_all += 1
@@ -432,18 +437,23 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             if c >= overload:
                 over = 1
         nc = n_pk_all
+        for k in range(6):
+            out_g[k] = 0.0
         for q in range(n_bg_all):
             k = bg_k[q]
             c = box[k]
             if not ((c > nullpix) and not (mb[k] & 3)):
+                pyflm_moments(bg_x[q], bg_y[q], out_g)
                 continue
             if n_nb >= 1:
                 c0 = <double>r0[bg_off[q]] if on else box0[k]
                 if not c0 > nullpix:
+                    pyflm_moments(bg_x[q], bg_y[q], out_g)
                     continue
             if n_nb >= 2:
                 c1 = <double>r1[bg_off[q]] if on else box1[k]
                 if not c1 > nullpix:
+                    pyflm_moments(bg_x[q], bg_y[q], out_g)
                     continue
             bx[nb] = bg_x[q]
             by[nb] = bg_y[q]
@@ -457,8 +467,11 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         FL_o[b, 2] = over
         DS_o[b, 0] = ndead
         DS_o[b, 1] = nshad
+        for k in range(6):
+            first[k] = rim_g[k] - out_g[k]
+        pyflm_data_sums(nb, bx, by, bc, first)
         _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain_bg, cut2, nc, pi, pj, pc, pv, x0, y0, gain, k_bg,
-                       cf3, res)
+                       first, cf3, res)
         C_o[b, 0] = cf3[0]
         C_o[b, 1] = cf3[1]
         C_o[b, 2] = cf3[2]
@@ -470,9 +483,12 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         tot = res[5] if res[5] >= 1e-9 else 1e-9
         SO_o[b] = cs + res[6] / tot
         FO_o[b] = cf + res[7] / tot
-        if use_sgx and single[b]:
-            # the same box measured from this image alone, its own exclusions (the profiles' measurement)
+        if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over:
+            # the same box measured from this image alone, its own exclusions (the profiles' measurement;
+            # a box off the image, with bad peak pixels or an overload never makes a profile: not measured)
             nb = 0
+            for k in range(6):
+                out_g[k] = 0.0
             for q in range(n_bg_all):
                 k = bg_k[q]
                 c = box[k]
@@ -482,8 +498,13 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     bc[nb] = c
                     bu[nb] = 1.0
                     nb += 1
+                else:
+                    pyflm_moments(bg_x[q], bg_y[q], out_g)
+            for k in range(6):
+                first[k] = rim_g[k] - out_g[k]
+            pyflm_data_sums(nb, bx, by, bc, first)
             _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain, cut2, nc, pi, pj, pc, pv, x0, y0, gain, 1.0,
-                           cf3, res)
+                           first, cf3, res)
             C1_o[b, 0] = cf3[0]
             C1_o[b, 1] = cf3[1]
             C1_o[b, 2] = cf3[2]
@@ -683,7 +704,8 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     n_peak, n_bg, slow_obs, fast_obs, cs, cf (box origins), on, bad_peak, over (bool).  bg_images: up
     to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy).
     single_exclude, single (bool per reflection): those reflections measured also from this image
-    alone with that bg_exclude, in the same pass (I1, SIGI1, coef1; NaN for the others)."""
+    alone with that bg_exclude, in the same pass (I1, SIGI1, coef1; NaN for the others and for those off
+    the image, with bad peak pixels or overloaded, which no profile takes)."""
     nbs = list(bg_images)
     if len(nbs) > 2:
         raise ValueError("at most two neighbouring images join a background")

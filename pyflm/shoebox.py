@@ -322,7 +322,8 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     whether the box is on the image (on), has invalid peak pixels (bad_peak) or overloads (over).
     bg_images: neighbouring images (up to two) whose pixels join the background plane (integrate_image).
     single (bool per reflection) with single_exclude: those also measured from this image alone with
-    that bg_exclude (profile_sums' measurement), as I1, SIGI1, coef1 (NaN for the others); the
+    that bg_exclude (profile_sums' measurement), as I1, SIGI1, coef1 (NaN for the others, and for those
+    off the image, with bad peak pixels or overloaded: no profile takes them); the
     kernel does it in the same pass over their boxes.
     A dict of arrays; the kernel (ext/_integrate.pyx) when built, else measure_numpy (its twin)."""
     fast, slow = np.asarray(fast, float), np.asarray(slow, float)
@@ -342,8 +343,11 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
                       mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
     n = len(fast)
     m["I1"], m["SIGI1"], m["coef1"] = np.full(n, np.nan), np.full(n, np.nan), np.full((n, 3), np.nan)
-    if single is not None and single_exclude is not None and np.any(single):
-        w = np.flatnonzero(single)
+    w = np.zeros(0, np.int64)
+    if single is not None and single_exclude is not None:
+        # not those no profile takes (off the image, bad peak pixels, overloaded), as the kernel
+        w = np.flatnonzero(np.asarray(single, bool) & m["on"] & ~m["bad_peak"] & ~m["over"])
+    if len(w):
         m1 = measure_numpy(data, fast[w], slow[w], raster=raster, gain=gain, overload=overload,
                            nullpix=nullpix, mask=mask, bg_exclude=single_exclude)
         m["I1"][w], m["SIGI1"][w], m["coef1"][w] = m1["I"], m1["SIGI"], m1["coef"]
