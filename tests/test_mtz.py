@@ -323,6 +323,28 @@ def test_an_mtz_written_block_by_block_is_gemmis_file_byte_for_byte(tmp_path):
     assert not list(tmp_path.glob(".*.part"))
 
 
+def test_an_mtz_begun_before_its_batches_are_known_is_the_same_file(tmp_path):
+    """PROCESS starts the MTZ with its first finished block and gives the batch headers at the end:
+    byte for byte gemmi's file; a record whose batch gets no header is refused then, and no file is left."""
+    from pyflm.mtz import UnmergedMtzWriter
+    cols, meta = predicted_sweep()
+    rec = as_records(cols, meta["batches"])
+    gemmi_file = tmp_path / "gemmi.mtz"
+    unmerged_mtz_object(rec, **meta).write_to_file(str(gemmi_file))
+    w = UnmergedMtzWriter(tmp_path / "late.mtz", space_group=meta["space_group"], cell=meta["cell"])
+    for b in range(0, 60, 5):
+        w.add(rec[(rec["batch"] > b) & (rec["batch"] <= b + 5)])
+    assert not (tmp_path / "late.mtz").exists()          # only once finished
+    rest = {k: v for k, v in meta.items() if k not in ("space_group", "cell")}
+    assert w.finish(**rest) == len(rec)
+    assert (tmp_path / "late.mtz").read_bytes() == gemmi_file.read_bytes()
+    w = UnmergedMtzWriter(tmp_path / "bad.mtz", space_group=meta["space_group"], cell=meta["cell"])
+    w.add(rec)
+    with pytest.raises(InputError, match="batch 60"):
+        w.finish(**dict(rest, batches=meta["batches"][:59]))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["gemmi.mtz", "late.mtz"]
+
+
 def test_records_streamed_block_by_block_come_out_as_the_whole_sweep_would_give_them(tmp_path):
     """PROCESS hands each finished block's records on (into the MTZ) and finishes each reflection (MPART,
     weak partials fitted over their images) once the block after it is in: the same values, in the
