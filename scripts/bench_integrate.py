@@ -8,7 +8,8 @@ machine (../shared/data/README.md); peak memory.  Everything printed is measured
 The line that matters for issue 11 is "integration per image": pass 2's time per image (integrate_block
 less its refine_block, the images' decoding included) over fabio's decode of the same images (fabio.open
 with its MD5 check, best of two passes over the files), both on one core in this run.  --quick stops
-there (no spot finding, no whole-command runs on 1 and 2 cores).
+there (no spot finding, no whole-command runs on 1 and 2 cores), after a line for pass 1 (refinement,
+its first call's imports of scipy included) and for both passes, which is what a user's PROCESS costs.
 
 Spot finding: pyflm.spotfinder.find_spots on every image (as dials.find_spots does).  Refinement and
 integration: PROCESS 1 TO n with the sweep's matrix file; refinement is pass 1 of each block
@@ -111,6 +112,9 @@ def main():
     print(f"integration per image: {c_int / n:.4f} s CPU ({t_int / n:.4f} wall), fabio decode {c_dec:.4f} s CPU "
           f"({t_dec:.4f} wall): ratio {c_int / n / c_dec:.1f} CPU, {t_int / n / t_dec:.1f} wall  "
           f"[{n} images, load average {load:.1f} on {os.cpu_count()} cores]")
+    # a user's PROCESS runs both passes: refinement's (its first call's imports of scipy included) too
+    print(f"refinement (pass 1) per image: {c_ref / n:.4f} s CPU: ratio {c_ref / n / c_dec:.1f} CPU; both "
+          f"passes {(c_ref + c_int) / n:.4f} s CPU: ratio {(c_ref + c_int) / n / c_dec:.1f} CPU")
     if a.quick:
         return
 
