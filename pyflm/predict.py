@@ -317,7 +317,8 @@ def overlaps(image, u, v, r=1.0 - 1e-9, use_cython=True):
     image = np.ascontiguousarray(image, np.int64)
     u, v = np.ascontiguousarray(u, float), np.ascontiguousarray(v, float)
     # the strips cover the points' extent: rays that graze the detector plane land far out, the tree copes
-    if use_cython and _ext is not None and (not len(v) or np.ptp(v) < 1e6):
+    # (a build older than the kernel has no overlaps: its twin then)
+    if use_cython and hasattr(_ext, "overlaps") and (not len(v) or np.ptp(v) < 1e6):
         return _ext.overlaps(image, u, v, float(r))
     return _overlaps_numpy(image, u, v, r)
 

@@ -359,7 +359,7 @@ def quick_sums(data, fast, slow, raster, nullpix=-1.0, use_cython=True):
     counts and their number, (n, 4): a look at which reflections stand above their background without
     fitting any (refinement's choice of spots).  The kernel when built, else quick_sums_numpy (its twin)."""
     peak, bgm = box_masks(raster)
-    if use_cython and _int_ext is not None:
+    if use_cython and hasattr(_int_ext, "quick_sums"):      # (not in a build older than the kernel)
         return _int_ext.quick_sums(data, np.asarray(fast, float), np.asarray(slow, float), raster, peak, bgm,
                                    float(nullpix))
     return quick_sums_numpy(data, fast, slow, raster, nullpix)
