@@ -354,12 +354,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     # the box's peak and background pixels (offsets into the box)
     cdef int *pk_k = <int *>malloc(npix * sizeof(int))
     cdef int *bg_k = <int *>malloc(npix * sizeof(int))
-    # and the rim pixels' offsets in the image from the box's first pixel (rows nf apart)
-    cdef Py_ssize_t *bg_off = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
-    cdef const pix_t *r0 = NULL
-    cdef const pix_t *r1 = NULL
     cdef double c0 = 0.0, c1 = 0.0
-    cdef bint on
     # the coordinates' six sums over the whole rim, over a box's pixels left out, and a fit's first sums
     cdef double[6] rim_g
     cdef double[6] out_g
@@ -386,7 +381,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 n_pk_all += 1
             elif bgm[i, j]:
                 bg_k[n_bg_all] = i * nys + j
-                bg_off[n_bg_all] = i * nf + j
                 pyflm_moments(i - x0, j - y0, rim_g)
                 bg_x[n_bg_all] = i - x0
                 bg_y[n_bg_all] = j - y0
@@ -405,19 +399,10 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         CF_o[b] = cf
         FL_o[b, 0] = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
         _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
-        # the neighbours' rim pixels: read straight from their rows when the box is on the image (the
-        # peak's are never used), through whole clipped boxes otherwise
-        on = FL_o[b, 0]
-        if on:
-            if n_nb >= 1:
-                r0 = &nb0[cs, cf]
-            if n_nb >= 2:
-                r1 = &nb1[cs, cf]
-        else:
-            if n_nb >= 1:
-                _load_px(nb0, cs, cf, nxs, nys, box0)
-            if n_nb >= 2:
-                _load_px(nb1, cs, cf, nxs, nys, box1)
+        if n_nb >= 1:
+            _load_px(nb0, cs, cf, nxs, nys, box0)
+        if n_nb >= 2:
+            _load_px(nb1, cs, cf, nxs, nys, box1)
         nb = 0
         badpk = 0
         over = 0
@@ -446,12 +431,12 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 pyflm_moments(bg_x[q], bg_y[q], out_g)
                 continue
             if n_nb >= 1:
-                c0 = <double>r0[bg_off[q]] if on else box0[k]
+                c0 = box0[k]
                 if not c0 > nullpix:
                     pyflm_moments(bg_x[q], bg_y[q], out_g)
                     continue
             if n_nb >= 2:
-                c1 = <double>r1[bg_off[q]] if on else box1[k]
+                c1 = box1[k]
                 if not c1 > nullpix:
                     pyflm_moments(bg_x[q], bg_y[q], out_g)
                     continue
@@ -516,7 +501,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(mb)
     free(pk_k)
     free(bg_k)
-    free(bg_off)
     free(bg_x)
     free(bg_y)
     free(bx)
