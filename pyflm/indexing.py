@@ -181,10 +181,13 @@ def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
 
 
 def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, reverse=False,
-                       refine_beam=True, cell_params=None, phi_weight=None, refine_detector=()):
+                       refine_beam=True, cell_params=None, phi_weight=None, refine_detector=(),
+                       phi_known=None):
     """Least-squares refinement of A (9 free elements, or orientation + constrained cell given by
     cell_params = (lattice, cell)) and the beam centre on spot positions (mm) and phi; refine_detector
-    names Detector attributes ('distance', 'omega', 'two_theta') refined as well (Fit.detector)."""
+    names Detector attributes ('distance', 'omega', 'two_theta') refined as well (Fit.detector).
+    phi_known (bool per spot, default all): spots whose phi centroid is an observation; the others
+    (cut off by the first or last image of a sweep) are fitted on their positions alone."""
     import copy
     det_names = tuple(refine_detector)
     det0 = np.array([float(getattr(detector, k)) for k in det_names])
@@ -193,6 +196,7 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
     beam0 = np.array([detector.beam_x, detector.beam_y])
     px = detector.pixel_fast
     phi_w = phi_weight or (px / np.radians(0.2) / detector.distance * 57.3 * 0.02)   # ~1 px per 0.2 deg
+    all_pw = phi_w * (np.ones(len(hkl)) if phi_known is None else np.asarray(phi_known, float))
     if cell_params is None:
         x0 = np.concatenate([A.ravel(), beam0 if refine_beam else []])
 
@@ -236,19 +240,19 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
         xp, yp, pp, ok = _predict_spots(Am, hkl, phi_obs, wavelength, det_of(x), b, reverse)
         rx = np.where(ok, xp - x_obs, 1.0)
         ry = np.where(ok, yp - y_obs, 1.0)
-        rp = np.where(ok, (pp - phi_obs) * phi_w, 1.0)
+        rp = np.where(ok, (pp - phi_obs) * pw, 1.0)
         return np.concatenate([rx, ry, rp])
 
     all_hkl, all_x, all_y, all_phi = hkl, x_obs, y_obs, phi_obs
     use = np.ones(len(all_hkl), bool)
     for cycle in range(3):
-        hkl, x_obs, y_obs, phi_obs = all_hkl[use], all_x[use], all_y[use], all_phi[use]
+        hkl, x_obs, y_obs, phi_obs, pw = all_hkl[use], all_x[use], all_y[use], all_phi[use], all_pw[use]
         res = least_squares(resid, x0, x_scale=scale, loss="soft_l1", f_scale=0.3, max_nfev=200)
         x0 = res.x
         Am, b = unpack(res.x[:n_main])
         detector = det_of(res.x)
         xp, yp, pp, ok = _predict_spots(Am, all_hkl, all_phi, wavelength, detector, b, reverse)
-        err = np.where(ok, np.sqrt((xp - all_x) ** 2 + (yp - all_y) ** 2 + ((pp - all_phi) * phi_w) ** 2),
+        err = np.where(ok, np.sqrt((xp - all_x) ** 2 + (yp - all_y) ** 2 + ((pp - all_phi) * all_pw) ** 2),
                        np.inf)
         # outliers (fragments of split spots, a second lattice, zingers) would bend a fit of a few
         # dozen spots: drop those far beyond the typical error (robust scale: the median) and refit
@@ -262,7 +266,8 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
     dxy = np.hypot(xp - x_obs, yp - y_obs)
     good = ok & use & (dxy < max(3 * np.median(dxy[ok & use]) if (ok & use).any() else 1.0, 0.05))
     rms = float(np.sqrt(np.mean(dxy[good] ** 2))) if good.any() else float("nan")
-    rphi = float(np.sqrt(np.mean((pp - phi_obs)[good] ** 2))) if good.any() else float("nan")
+    gp = good & (all_pw > 0)
+    rphi = float(np.sqrt(np.mean((pp - phi_obs)[gp] ** 2))) if gp.any() else float("nan")
     esd = {}
     if det_names:
         # from the Gauss-Newton normal matrix at the solution, scaled by the fit's own residual
@@ -375,8 +380,14 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     Astar = np.linalg.inv(red)                     # columns: reciprocal axes of the reduced cell
     hkl, good = _assign(r, red, hkldev)
     xyz = (ok["x_mm"], ok["y_mm"], ok["phi"])
+    # 3D spots cut off by the first or last image: fitted on their positions, not their phi, unless
+    # that would leave too few phi centroids to fix the turn about the axis
+    phi_known = ok["phi_cut"] == 0
+    if phi_known.sum() < 3:
+        phi_known[:] = True
     fit = refine_orientation(Astar, hkl[good], *(v[good] for v in xyz), beam.wavelength, detector,
-                             reverse=goniometer.reverse_phi, refine_beam=refine_beam)
+                             reverse=goniometer.reverse_phi, refine_beam=refine_beam,
+                             phi_known=phi_known[good])
     # the DPS basis indexes the low-resolution spots; the refined one reaches further out, where
     # the Ewald sphere's curvature separates the distance from the cell: index again with it (and
     # the refined beam centre) while that adds spots, as DIALS's macro-cycles do
@@ -390,7 +401,8 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
         if good_try.sum() < good.sum() + max(2, 0.05 * good.sum()):
             break
         fit_try = refine_orientation(fit.A, hkl_try[good_try], *(v[good_try] for v in xyz), beam.wavelength,
-                                     det_try, reverse=goniometer.reverse_phi, refine_beam=refine_beam)
+                                     det_try, reverse=goniometer.reverse_phi, refine_beam=refine_beam,
+                                     phi_known=phi_known[good_try])
         if not np.isfinite(fit_try.rms_mm) or fit_try.rms_mm > 1.5 * fit.rms_mm:
             break
         hkl, good, fit, det_cur = hkl_try, good_try, fit_try, det_try
@@ -414,7 +426,7 @@ def index_spots(spots, beam, detector, goniometer, *, max_cell=None, hkldev=0.15
     initial_cell = chosen.reg_cell
     args = (A_conv, hkl_c, ok["x_mm"][good], ok["y_mm"][good], ok["phi"][good], beam.wavelength, det_cur)
     kw = dict(reverse=goniometer.reverse_phi, refine_beam=refine_beam,
-              cell_params=(chosen.lattice, chosen.reg_cell))
+              cell_params=(chosen.lattice, chosen.reg_cell), phi_known=phi_known[good])
     if refine_detector == "auto":
         # the distance and the detector's tilts, as DIALS refines them while indexing: a header's
         # distance can be 1 % out (L-cysteine: 157.9 mm refined, 160 in the header), and the cell

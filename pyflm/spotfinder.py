@@ -346,6 +346,12 @@ def merge_3d(per_image, osc, *, radius=2.5, threshold=3.0, min_pix=3, max_images
     out["size_slow"] = np.maximum.reduceat(allsp["size_slow"][np.argsort(group)],
                                            np.searchsorted(np.sort(group), np.arange(n)))
     n_img = np.bincount(group, minlength=n)
+    # a reflection seen on the first or last image may go on beyond it: its phi centroid is pulled
+    # inwards (by up to half its width), so it says nothing sure about where it is centred in phi
+    ends = [i for i, s in enumerate(lists) if len(s)]
+    first_img, last_img = lists[ends[0]]["image"][0], lists[ends[-1]]["image"][0]
+    edge = (allsp["image"] == first_img) | (allsp["image"] == last_img)
+    out["phi_cut"] = np.bincount(group, edge, n) > 0
     flag = np.zeros(n, np.int32)
     flag[(out["npix"] < min_pix) | (out["intensity"] < threshold * out["sigma"])] |= TOO_SMALL
     if max_images is not None:

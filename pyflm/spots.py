@@ -19,6 +19,7 @@ SPOT_DTYPE = np.dtype([
     ("size_fast", "f4"),    # extent in pixels
     ("size_slow", "f4"),
     ("flag", "i4"),         # 0 ok; bit flags (see pyflm.spotfinder) for rejected spots
+    ("phi_cut", "i1"),      # 1: a 3D spot on the first or last image searched, its phi centroid cut
 ])
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, run_ipmosflm
-from dials_ref import read_integrated_csv
+from dials_ref import lp_factors, read_integrated_csv
 from pyflm import autoparams
 from pyflm.model import Beam, Detector, Goniometer, Scan
 from pyflm.shoebox import choose_raster
@@ -60,6 +60,19 @@ def our_reflections(mtz_path):
         a = out.setdefault((int(h), int(k), int(l)), [0.0, 0.0])
         a[0] += float(i)
         a[1] += float(s) ** 2
+    return out
+
+
+def our_columns(mtz_path, labels):
+    """{(h, k, l) as measured: the values of `labels` on its first part} (ROT, WIDTH and LP are a
+    reflection's, the same on all its parts)."""
+    mtz = gemmi.read_mtz_file(str(mtz_path))
+    mtz.switch_to_original_hkl()
+    d = np.array(mtz, copy=False)
+    col = {n: d[:, i] for i, n in enumerate(mtz.column_labels())}
+    out = {}
+    for j, hkl in enumerate(zip(col["H"].astype(int), col["K"].astype(int), col["L"].astype(int))):
+        out.setdefault(tuple(int(x) for x in hkl), [float(col[c][j]) for c in labels])
     return out
 
 
@@ -131,8 +144,11 @@ DIALS_MOSAIC_FWHM = {1: 2.3548 * 0.0726, 4: 2.3548 * 0.0712}
 # images in DIALS's model (above); a spread of the true width does not reach them (a spread of 0.65 and
 # 1.10 degrees, which the spots' faint tails once gave, reached some of them, and rejected (1 4 11) and
 # (4 1 7) as wider than MAXWIDTH).  Sweep 4 also loses three reflections DIALS puts at its first image
-# with partiality 0.001-0.53, all noise (I/sigma 0.8-2.9): pyflm's orientation from these 15 images
-# predicts them 0.2-0.35 degrees earlier than DIALS's scan-varying model, wholly before the scan.
+# with partiality 0.001-0.53, all noise (I/sigma 0.8-2.9): pyflm's orientation from these 15 images,
+# whose predictions lie within 0.01 degree of DIALS's observed centroids, puts (-3 -5 2) and
+# (-3 -2 5) 0.2 degrees earlier than DIALS's model of these images (its detector turned 8 degrees
+# from the header's), wholly before the scan.  Sweep 1 measured two more rows (DIALS partiality
+# 0.001 and 0.004, 0.2 and 0.6 degrees after the scan) while its predictions were 0.048 degrees early.
 # Floors keep these figures from getting worse unnoticed.
 ALL_ROWS_FLOOR = {1: 0.60, 4: 0.50}
 RECORDED_FLOOR = {1: 0.90, 4: 0.85}
@@ -191,6 +207,37 @@ def test_lcys_one_deck_against_dials(sweep, tmp_path):
     assert frac_p >= 0.90 and cc_p >= 0.95
     assert frac_all >= ALL_ROWS_FLOOR[sweep] and cc_all >= 0.95
     assert 0.5 < sig_ratio < 2.0
+    # where the spots are: our predicted phi against DIALS's observed phi centroids of the strong
+    # reflections it records whole, away from the scan's ends (centroids there are cut off).  The
+    # orientation from 3D spots once took the cut-off centroids of spots on images 1 and 15 at
+    # their word, which put every prediction 0.048 (sweep 1) and 0.042 degrees (sweep 4) early.
+    cols = our_columns(tmp_path / "lcys.mtz", ("ROT", "WIDTH", "LP"))
+    start = {1: -145.0, 4: 0.0}[sweep]
+    hkl = np.stack([ref["h"], ref["k"], ref["l"]], 1).astype(int)
+    dphi = []
+    for j, h in enumerate(hkl):
+        c = cols.get(tuple(int(x) for x in T @ h))
+        if (c is not None and ref["I_sum"][j] > 5 * np.sqrt(max(ref["var_sum"][j], 1e-12))
+                and ref["partiality"][j] > 0.99 and 2.0 < ref["z_obs_img"][j] < 13.0 and c[1] < 0.6):
+            dphi.append(c[0] - (start + 0.1 * ref["z_obs_img"][j]))
+    print(f"  predicted phi less DIALS's observed centroid, {len(dphi)} strong reflections inside the "
+          f"scan: median {np.median(dphi):+.3f} degrees")
+    assert len(dphi) >= 8 and abs(np.median(dphi)) < 0.02
+    # DIALS's LP column is from its refinement of these 15 images alone, whose detector turned
+    # 8 degrees about the beam from the header and from DIALS's model of all 6800 images (2.5 for
+    # sweep 1); our LP is that of the latter.  Near the rotation axis, where the Lorentz factor is
+    # steep, the two differ most: (1 4 11) of sweep 4, 2 degrees from the axis.  DIALS's summed
+    # intensities with the LP of its whole-data-set model:
+    whole = dict(ref, lp=lp_factors(LCYS / "ref" / "indexed.expt", sweep - 1, ref["x_cal_px"],
+                                    ref["y_cal_px"], 0.999))
+    cc_whole = compare_with_dials(ours, whole)[1]
+    print(f"  CC with DIALS's sums LP-corrected by its model of the whole data set: {cc_whole:.4f}")
+    assert cc_whole >= max(cc_all, 0.99)
+    if sweep == 4:
+        j = next(j for j, h in enumerate(hkl) if tuple(h) == (1, 4, 11))
+        lp_ours = cols[tuple(int(x) for x in T @ hkl[j])][2]
+        assert lp_ours == pytest.approx(whole["lp"][j], rel=0.05)
+        assert ref["lp"][j] > 4 * lp_ours          # DIALS's column: 0.167 against 0.037
 
 
 @pytest.mark.slow
@@ -430,3 +477,61 @@ def test_polarisation_follows_the_scan_axis_of_a_kappa_goniometer(sweep):
     ratio = 1.0 / (lor * pol) / lp_factors(LCYS / "ref" / "indexed.expt", sweep - 1, ref["x_cal_px"],
                                            ref["y_cal_px"], hdr.polarisation)
     assert np.all(np.abs(ratio - 1) < 0.05), np.percentile(ratio, [0, 50, 100])
+
+
+def test_dials_lp_column_comes_from_its_model_of_the_fifteen_images():
+    """DIALS's LP column of sweep 4 is that of its refinement of these 15 images alone (within 5 %),
+    whose detector turned 8 degrees about the beam from the header's and from DIALS's model of all
+    four sweeps' 6800 images; at (1 4 11), 2 degrees from the rotation axis, that puts its LP 4.5
+    times the whole data set's (0.167 against 0.037, the LP pyflm writes)."""
+    from dials_ref import load_expt
+    from pyflm.images import read_header
+    ref = read_integrated_csv(LCYS / "ref" / "dials312_sweep4_integrated.csv")
+    x, y = ref["x_cal_px"], ref["y_cal_px"]
+    own = lp_factors(LCYS / "ref" / "dials312_sweep4_refined.expt", 0, x, y, 0.999)
+    assert np.all(np.abs(own / ref["lp"] - 1) < 0.05)
+    whole = lp_factors(LCYS / "ref" / "indexed.expt", 3, x, y, 0.999)
+    j = next(j for j in range(len(x)) if (ref["h"][j], ref["k"][j], ref["l"][j]) == (1, 4, 11))
+    assert ref["lp"][j] / whole[j] > 4
+    omega = read_header(LCYS / "l-cyst_04_00001.cbf.gz").omega
+    assert abs(load_expt(LCYS / "ref" / "indexed.expt", 3)[1]["OMEGA"] - omega) < 0.5
+    assert abs(load_expt(LCYS / "ref" / "dials312_sweep4_refined.expt")[1]["OMEGA"] - omega) > 7
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_orientation_from_a_thin_sweep_is_not_pulled_by_spots_cut_at_its_ends(seed):
+    """Spots shared among 15 images of 0.1 degree by a 0.3 degree spread, merged in 3D and indexed:
+    most of them run on beyond the first or last image, so their phi centroids are pulled inwards.
+    Fitted on their positions only (their phi marked as cut), the predictions' phi is that of the
+    crystal the spots were made with; taken at their word, as pyflm did, 0.04-0.1 degree off."""
+    from scipy.spatial import cKDTree
+    from pyflm import geometry, indexing, predict
+    from pyflm.model import Crystal
+    from pyflm.spotfinder import merge_3d
+    rng = np.random.default_rng(seed)
+    U = geometry.rot_x(rng.uniform(0, 360)) @ geometry.rot_y(rng.uniform(0, 360)) @ \
+        geometry.rot_z(rng.uniform(0, 360))
+    crystal = Crystal((5.42, 8.14, 12.03, 90, 90, 90), "P212121", U, mosaic=0.3)
+    det, beam = _detector(), Beam(0.6889)
+    det.two_theta = 30.0
+    lists, truth = _rocking_spot_lists(crystal, det, beam, Scan("x_#####.cbf", ".", 1, 15, -145.0, 0.1),
+                                       rng)
+    spots = merge_3d(lists, 0.1)
+    spots = spots[spots["flag"] == 0]
+    first, last = spots["phi"].min(), spots["phi"].max()
+    assert 0.3 * len(spots) < spots["phi_cut"].sum() < len(spots)
+    assert np.all(spots["phi_cut"][spots["phi"] < first + 0.01] == 1)
+
+    def phi_error(sp):
+        c = indexing.index_spots(sp, beam, det, Goniometer(), refine_detector=()).crystal
+        c.mosaic = 0.3
+        p = predict.predict(c, beam, det, Goniometer(), -145.0, -143.5, 0.7)
+        dist, near = cKDTree(np.stack([truth["fast"], truth["slow"]], 1)).query(
+            np.stack([p["fast"], p["slow"]], 1))
+        assert np.sum(dist < 1.0) >= 20
+        return abs(np.median(p["phi"][dist < 1.0] - truth["phi"][near[dist < 1.0]]))
+
+    assert phi_error(spots) < 0.005
+    taken = spots.copy()
+    taken["phi_cut"] = 0
+    assert phi_error(taken) > 0.03
