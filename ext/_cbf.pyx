@@ -29,7 +29,7 @@ def dec_cbf32(const unsigned char[::1] stream, Py_ssize_t size):
     """The `size` int32 pixels of a byte-offset stream, or None where fabio's result could differ from
     a plain reading of the stream (a stream with fewer pixels, an escape running past its end, a 64-bit
     delta): the caller then asks fabio.  A longer stream's extra pixels are left, as fabio leaves them."""
-    out = np.zeros(size, np.int32)
+    out = np.empty(size, np.int32)           # every pixel is written (a short stream returns None)
     cdef int32_t[::1] O = out
     cdef Py_ssize_t n = stream.shape[0], i = 0, j = 0, k
     cdef uint32_t last = 0           # int32 arithmetic that wraps, as fabio's C int does in practice
