@@ -163,6 +163,21 @@ class Fit:
     esd: dict = None           # standard uncertainties of the refined detector parameters
 
 
+_FRAMES = {}
+
+
+def _frame(*key):
+    """geometry.detector_frame, kept for the parameters seen: a fit's finite-difference steps move one
+    parameter at a time, so most of its evaluations have the detector of the one before (the same
+    arrays, not recomputed: the same numbers)."""
+    f = _FRAMES.get(key)
+    if f is None:
+        if len(_FRAMES) > 256:
+            _FRAMES.clear()
+        f = _FRAMES[key] = geometry.detector_frame(*key)
+    return f
+
+
 def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
     """Predicted (x mm, y mm, phi) of indexed spots: the crossing nearer the observed phi."""
     p1, p2, ok = predict.crossings(A, hkl, wavelength, reverse)
@@ -174,8 +189,8 @@ def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse):
     rot = geometry.rot_z_many(sign * phi)
     r = np.einsum("nij,nj->ni", rot, hkl @ A.T)
     s1 = r + geometry.BEAM_DIRECTION / wavelength
-    frame = geometry.detector_frame(detector.distance, beam_xy[0], beam_xy[1], detector.two_theta,
-                                    detector.tilt, detector.twist, detector.omega)
+    frame = _frame(float(detector.distance), float(beam_xy[0]), float(beam_xy[1]), float(detector.two_theta),
+                   float(detector.tilt), float(detector.twist), float(detector.omega))
     x, y, hit = geometry.lab_to_mm(s1, frame)
     return x, y, phi, ok & hit
 
