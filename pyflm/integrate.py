@@ -419,7 +419,7 @@ def start_blocks(crystal, beam, detector, goniometer, scan, images, settings, re
 
 
 def integrate_images(crystal, beam, detector, goniometer, scan, images, settings, read_image,
-                     integrate_fn, on_image=None, stream=None, started=None):
+                     integrate_fn, on_image=None, stream=None, started=None, meanwhile=None):
     """Integrate `images` (image numbers) block by block, on settings.nproc processes.
 
     read_image(n) -> 2-D array [slow, fast]; integrate_fn as pyflm.shoebox.integrate_image.
@@ -427,7 +427,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     Returns Result(records in image order with MPART set, per-image stats).  With a RecordStream the
     records of each finished block go to it instead (memory then holds a block, not the sweep):
     Result.records is None and the stream hands them on, MPART set, in the same order.
-    `started` (start_blocks with these same arguments) holds the block tasks already submitted."""
+    `started` (start_blocks with these same arguments) holds the block tasks already submitted;
+    `meanwhile()` is run here once they are all submitted, before their results are awaited."""
     blocks = _block_ranges(images, max(1, settings.block)) if started is None else started.blocks
     stats, observations = [], []
     done = []
@@ -448,6 +449,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
             if started is None:
                 started = start_blocks(*args, images, settings, read_image, integrate_fn)
             futures = started.futures
+            if meanwhile is not None:
+                meanwhile()
             for b, f in zip(blocks, futures):
                 take(b, *f.result())
         except Interrupted as e:
@@ -459,6 +462,8 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
                 started.executor.shutdown(wait=interrupted is None, cancel_futures=True)
                 started.executor = None
     else:
+        if meanwhile is not None:
+            meanwhile()
         try:
             for b in blocks:
                 take(b, *integrate_block(*args, b, settings, read_image, integrate_fn))
@@ -750,6 +755,18 @@ def run_process(job, args):
         writer.abort()                 # an unfinished MTZ (nothing once it is in place)
 
 
+def _last_segment_early(job, crystal, models, first, last, settings, started):
+    """For the last segment of a cell refinement whose blocks run on workers: its first cycle, computed
+    here while they run (pyflm.refine.first_cycle_early); None otherwise."""
+    postref = job.kw.get("POSTREF") or {}
+    segs = list(job.results.get("cellref_segments") or []) + [(first, last)]
+    if started is None or not (postref.get("MULTI") or postref.get("SEGMENTS")) or \
+            len(segs) != int(postref.get("SEGMENTS", 2)):
+        return None
+    from .refine import first_cycle_early
+    return lambda: first_cycle_early(job, crystal, models[1:], segs, settings)
+
+
 def _process_streamed(job, stream, writer, hklout, models, first, last, settings, reader, integrate_image,
                       on_image, reported, reporting, tables, started=None):
     """PROCESS's integration and outputs, the records streamed into `writer` (run_process aborts it if
@@ -768,7 +785,9 @@ def _process_streamed(job, stream, writer, hklout, models, first, last, settings
     old = {s_: signal.signal(s_, _stop) for s_ in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
-                                  reader, integrate_image, on_image=on_image, stream=stream, started=started)
+                                  reader, integrate_image, on_image=on_image, stream=stream, started=started,
+                                  meanwhile=_last_segment_early(job, crystal, models, first, last, settings,
+                                                                started))
         for s_ in result.stats:     # a signal can stop the reports part-way through a finished block
             if s_.image not in reported:
                 try:

@@ -589,22 +589,30 @@ def table_rows(st, detector, crystal):
 # ---- cell refinement -------------------------------------------------------------------------------
 
 def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image, opts, max_cycles=5,
-                settings=None, started=None):
+                settings=None, started=None, first_cycle=None):
     """segments: [(first, last)].  Cycles of (measure, refine everything free) as MOSFLM's cell
     refinement.  Returns a dict of the refinement's figures.  `started`: first-cycle measurements
-    already running ({segment index: StartedSegment}, start_segment_measure)."""
+    already running ({segment index: StartedSegment}, start_segment_measure); `first_cycle`: the
+    first cycle already refined (first_cycle_early), taken if it was refined from the same."""
     cell_free = set(CELL_NAMES) - opts.cell_fixed if opts.postref else set()
     cycles = []
     cell0 = tuple(crystal.cell)
     cr, det = copy.copy(crystal), copy.copy(detector)
     kw = {} if settings is None else dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
                                           separation=settings.separation)
-    ref = None
+    ref, first_taken = None, False
     measure = _SegmentMeasurer(segments, read_image, getattr(settings, "nproc", 1), started)
     try:
         for cycle in range(1, max_cycles + 1):
             parts = np.concatenate(measure(cr, beam, det, goniometer, scan, kw))
-            ref, done = _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle)
+            if cycle == 1 and first_cycle is not None and first_cycle[0] == _cycle_key(
+                    parts, segments, cr, beam, det, goniometer, scan, opts, cell_free):
+                ref, done = first_cycle[1], first_cycle[2]
+                cycles.append(first_cycle[3])
+                first_taken = True
+            else:
+                ref, done = _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles,
+                                   cycle)
             cr, det = ref.crystal, ref.detector
             if done:
                 break
@@ -615,7 +623,35 @@ def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image,
     uu, _, vv = np.linalg.svd(U)
     return {"start": cell0, "cell": tuple(cr.cell), "esd": cycles[-1]["esd"], "U": uu @ vv,
             "cycles": cycles, "n": ref.n_pos, "detector": det, "mosaic": cr.mosaic,
-            "missets": cr.missets, "rms": ref.rms_mm, "early": measure.taken}
+            "missets": cr.missets, "rms": ref.rms_mm, "early": measure.taken,
+            "first_cycle_early": first_taken}
+
+
+def _cycle_key(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free):
+    return _task_key((parts.tobytes(), parts.dtype.descr, list(segments), cr, beam, det, goniometer, scan,
+                      opts, sorted(cell_free)))
+
+
+def first_cycle_early(job, crystal, models, segments, settings):
+    """While the last segment's PROCESS waits for its integration, the refinement's first cycle from the
+    segments' first measurements (started with their PROCESS): what refine_cell's first cycle would
+    compute, if asked the same (it checks: _cycle_key).  Kept in job.results; nothing if the
+    measurements were not all started early or the cycle fails (refine_cell then does it, and reports)."""
+    started = job.results.get("cellref_started") or {}
+    if any(s not in started for s in range(len(segments))):
+        return
+    try:
+        parts = np.concatenate([started[s].future.result() for s in range(len(segments))])
+        beam, det, gonio, scan = models
+        opts = options_from(job.kw)
+        cell_free = set(CELL_NAMES) - opts.cell_fixed if opts.postref else set()
+        cr, det = copy.copy(crystal), copy.copy(det)
+        key = _cycle_key(parts, segments, cr, beam, det, gonio, scan, opts, cell_free)
+        cycles = []
+        ref, done = _cycle(parts, list(segments), cr, beam, det, gonio, scan, opts, cell_free, cycles, 1)
+    except Exception:          # refine_cell meets it again, and says what it is
+        return
+    job.results["cellref_first_cycle"] = (key, ref, done, cycles[0])
 
 
 def _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle):
@@ -801,7 +837,8 @@ def cell_refinement_segment(job, result, models, first, last):
         log.line(f" Cell refinement: the {len(segs)} segments are measured in {min(settings.nproc, len(segs))}"
                  " processes")
     res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat,
-                      settings=settings, started=job.results.pop("cellref_started", None))
+                      settings=settings, started=job.results.pop("cellref_started", None),
+                      first_cycle=job.results.pop("cellref_first_cycle", None))
     for ln in cycle_lines(res, scan) + format_tables(res):
         log.line(ln)
     log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")

@@ -1,4 +1,5 @@
 """Scale: the same MTZ on one process, on two, and on a Dask cluster; many sweeps with `pyflm batch`."""
+import pickle
 import subprocess
 import sys
 
@@ -85,8 +86,9 @@ def test_a_sparse_sweep_on_two_processes_writes_the_same_mtz_as_one(tmp_path):
 @pytest.mark.parametrize("between", ["", "mosaic 0.35\n"])
 def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path, monkeypatch, between):
     """NPROC 2: each segment's first measurement for the refinement starts with its PROCESS and is taken
-    when the refinement asks the same of it; a MOSAIC given between the segments changes what the first
-    segment would be measured with, so its early measurement is not taken.  The same cell either way."""
+    when the refinement asks the same of it, and the first cycle is refined from them while the last
+    segment integrates; a MOSAIC given between the segments changes what the first segment would be
+    measured with, so neither is taken.  The same cell either way."""
     from pyflm.cli import run_batch
     from pyflm.job import JobState
     deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
@@ -100,6 +102,9 @@ def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path
         assert run_batch(deck.format(n=n).splitlines(), job) == 0
         res[n] = job.results["cell_refinement"]
     assert res[1]["early"] == 0 and res[2]["early"] == (1 if between else 2)
+    # and the first cycle refined while the last segment's integration ran, from those measurements
+    assert not res[1]["first_cycle_early"] and res[2]["first_cycle_early"] == (not between)
+    assert pickle.dumps(res[2]["cycles"]) == pickle.dumps(res[1]["cycles"])     # every cycle's figures
     assert res[2]["cell"] == res[1]["cell"] and np.array_equal(res[2]["esd"], res[1]["esd"])
     assert np.array_equal(res[2]["U"], res[1]["U"])
 
