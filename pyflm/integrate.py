@@ -14,6 +14,7 @@ results are concatenated in image order.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -576,6 +577,13 @@ def read_image_data(template, directory, extension, number):
     return read_image(image_path(template, directory, number, extension))[0]
 
 
+def job_image_reader(job):
+    """read_image(n) for the job's images, as every stage hands it to worker processes.  The directory
+    is absolute: workers (or other machines) may not share this working directory.  One way of making
+    it, so that equal jobs give equal readers (early-started work is matched by its arguments' bytes)."""
+    return functools.partial(read_image_data, job.template, os.path.abspath(job.directory), job.extension)
+
+
 def settings_from_job(job, detector):
     kw = job.kw
     s = Settings()
@@ -620,7 +628,6 @@ def _image_range(job, args):
 def run_process(job, args):
     """PROCESS a TO b [START phi ANGLE dphi]: integrate images a..b into HKLOUT and SUMMARY."""
     from . import summary as summ
-    import functools
     first, last = _image_range(job, args)
     if last < first:
         raise ProcessingError(f"PROCESS {first} TO {last}: the last image comes before the first")
@@ -638,9 +645,7 @@ def run_process(job, args):
         raise ProcessingError(f"images {first} to {last} are not all on disk for {job.template} "
                               f"(found {scan.first} to {scan.last})")
     from .shoebox import integrate_image
-    # an absolute directory: worker processes (or other machines) may not share this working directory
-    reader = functools.partial(read_image_data, job.template, os.path.abspath(job.directory),
-                               job.extension)
+    reader = job_image_reader(job)
     # sparse sweeps (small molecules on thin slices): box, separation, spread and profiles from their spots.
     # One probe image says whether the sweep is sparse; most are not, and then nothing changes.  So with
     # worker processes the blocks start now, as for a dense sweep, while this process probes; they are
@@ -657,9 +662,8 @@ def run_process(job, args):
         if started is not None:    # a cell-refinement segment: its first measurement can start now too
             from .refine import start_segment_measure
             start_segment_measure(job, spec, (beam, det, gonio, scan), first, last, plain)
-        auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, functools.partial(
-            read_image_data, job.template, job.directory, job.extension),
-            probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)
+        auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, reader,
+                                           probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)
         if not crystal.mosaic:
             crystal.mosaic = 0.3
             job.log.line(" No MOSAIC given: a mosaic spread of 0.30 degrees is assumed (MOSAIC r sets it)")

@@ -742,7 +742,6 @@ def start_segment_measure(job, crystal, models, first, last, settings):
     (what refine_cell will ask of this segment, if nothing changes before it runs) starts now in the
     worker that will measure this segment in every cycle, beside the segment's integration.
     refine_cell takes it only if its own arguments are the same (_SegmentMeasurer)."""
-    import functools
     postref = job.kw.get("POSTREF") or {}
     if not (postref.get("MULTI") or postref.get("SEGMENTS")) or settings.nproc < 2 or settings.scheduler:
         return
@@ -751,9 +750,9 @@ def start_segment_measure(job, crystal, models, first, last, settings):
     started = job.results.setdefault("cellref_started", {})
     if s >= min(settings.nproc, need) or s in started:
         return
-    from .integrate import _ignore_signals, read_image_data
+    from .integrate import _ignore_signals, job_image_reader
     beam, det, gonio, scan = models
-    reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
+    reader = job_image_reader(job)
     kw = dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster, separation=settings.separation)
     args = (copy.copy(crystal), beam, copy.copy(det), gonio, scan, first, last, reader, kw)
     pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
@@ -827,10 +826,9 @@ def cell_refinement_segment(job, result, models, first, last):
         log.line(f" Cell refinement: segment {len(segs)} of {need} (images {first} to {last}) stored")
         return
     job.results["cellref_segments"] = []
-    import functools
-    from .integrate import read_image_data, settings_from_job
+    from .integrate import job_image_reader, settings_from_job
     opts = options_from(job.kw)
-    reader = functools.partial(read_image_data, job.template, job.directory, job.extension)
+    reader = job_image_reader(job)
     repeat = int((job.kw.get("POSTREF") or {}).get("REPEAT", 5))     # REPEAT m: at most m cycles
     settings = settings_from_job(job, det)
     if min(settings.nproc, len(segs)) > 1:
