@@ -479,10 +479,10 @@ def block_profiles(sums, weights, counts, raster, min_spots=10, prior=1.0, sub=S
     the region nearest in spread that has them, widened by the difference (widen_profiles)."""
     w_all, s_all = weights.sum(0), sums.sum(0)
     overall = np.where(w_all > 0, s_all / np.maximum(w_all, 1e-30), 0.0)
-    prof = np.empty_like(sums)
-    nreg = len(sums)
     if spread is not None:
         return widen_profiles(sums, weights, counts, raster, overall, spread, min_spots, prior, sub)
+    prof = np.empty_like(sums)
+    nreg = len(sums)
     for r in range(nreg):
         # a region with few strong spots pools its nearest regions by index (rings: the next ring in,
         # then out), whose spots are more like its own than the average of all
