@@ -298,6 +298,10 @@ class _Model:
                 "t": ("A", "C"), "h": ("A", "C")}.get(k, ("A",))[j]
 
     def unpack(self, x):
+        return self.unpack_detector(x), self.unpack_crystal(x)
+
+    def unpack_detector(self, x):
+        """The detector at x: it depends on XCEN YCEN DISTANCE TILT TWIST only."""
         v = dict(zip(self.names, x))
         det = copy.copy(self.d0)
         det.distance = v.get("DISTANCE", det.distance)
@@ -305,6 +309,11 @@ class _Model:
         det.twist = v.get("TWIST", det.twist)
         bx, by = v.get("XCEN", self.beam0[0]), v.get("YCEN", self.beam0[1])
         set_direct_beam(det, bx, by)
+        return det
+
+    def unpack_crystal(self, x):
+        """The crystal at x: missets, mosaic and cell."""
+        v = dict(zip(self.names, x))
         cr = copy.copy(self.c0)
         cr.missets = tuple(v.get(n, cr.missets[i]) for i, n in enumerate(MISSETS))
         cr.mosaic = max(v.get("MOSAIC", cr.mosaic or 0.3), 1e-3)
@@ -313,11 +322,19 @@ class _Model:
             for j in self.cell_idx:
                 cx[j] = v[f"CELL{j}"]
             cr.cell = tuple(float(c) for c in self.cellfun(cx))
-        return det, cr
+        return cr
 
     def calc(self, x, hkl, phi_ref):
-        """Predicted (x mm, y mm, phi, width) of reflections at the crossing nearer phi_ref."""
+        """Predicted (x mm, y mm, phi, width) of reflections at the crossing nearer phi_ref (what
+        _Predictions computes, piece by piece)."""
         det, cr = self.unpack(x)
+        phi, s1u, ok = self.rotated(cr, hkl, phi_ref)
+        xm, ym, hit = geometry.lab_to_mm(s1u, det.frame())
+        width = predict.rocking_width_xds(s1u, self.gonio.axis, cr.mosaic, self.beam)
+        return xm, ym, phi, width, ok & hit
+
+    def rotated(self, cr, hkl, phi_ref):
+        """Crossing nearer phi_ref, the unit diffracted beam there, and whether h crosses at all."""
         A = cr.A
         reverse = self.gonio.reverse_phi
         p1, p2, ok = predict.crossings(A, hkl, self.beam.wavelength, reverse)
@@ -328,9 +345,85 @@ class _Model:
         sign = -1 if reverse else 1
         r = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), hkl @ A.T)
         s1u = (r + geometry.BEAM_DIRECTION / self.beam.wavelength) * self.beam.wavelength
-        xm, ym, hit = geometry.lab_to_mm(s1u, det.frame())
-        width = predict.rocking_width_xds(s1u, self.gonio.axis, cr.mosaic, self.beam)
+        return phi, s1u, ok
+
+
+class _Predictions:
+    """model.calc(x) for a fixed list of reflections, each piece computed once per value of the
+    parameters it depends on (the detector frame on the detector's, the crossings on the missets' and
+    the cell's, the widths on those and the mosaic's, the positions on both).  A finite-difference step
+    moves one parameter, so most of a Jacobian's evaluations find all but one piece here; the pieces
+    are the same functions of the same numbers, so the results are calc's to the bit."""
+
+    KEEP = 4                  # values kept per piece: the point stepped from, the step, a trial or two
+
+    def __init__(self, model, hkl, phi_ref):
+        self.model, self.hkl, self.phi_ref = model, hkl, phi_ref
+        names = model.names
+        self.det_idx = [i for i, n in enumerate(names) if n in DETECTOR_PARAMS]
+        self.cry_idx = [i for i, n in enumerate(names) if n in MISSETS or n.startswith("CELL")]
+        self.mos_idx = [i for i, n in enumerate(names) if n == "MOSAIC"]
+        self._memo = {}
+
+    def memo(self, piece, key, make):
+        d = self._memo.setdefault(piece, {})
+        if key in d:
+            d[key] = d.pop(key)          # most recently used last
+            return d[key]
+        if len(d) >= self.KEEP:
+            del d[next(iter(d))]
+        d[key] = v = make()
+        return v
+
+    def keys(self, x):
+        x = np.asarray(x, float)
+        return x[self.det_idx].tobytes(), x[self.cry_idx].tobytes(), x[self.mos_idx].tobytes()
+
+    def __call__(self, x):
+        m = self.model
+        kd, kc, km = self.keys(x)
+        frame = self.memo("frame", kd, lambda: m.unpack_detector(x).frame())
+        phi, s1u, ok = self.memo("rotated", kc, lambda: m.rotated(m.unpack_crystal(x), self.hkl, self.phi_ref))
+        xm, ym, hit = self.memo("positions", kd + kc, lambda: geometry.lab_to_mm(s1u, frame))
+        width = self.memo("width", kc + km, lambda: predict.rocking_width_xds(
+            s1u, m.gonio.axis, m.unpack_crystal(x).mosaic, m.beam))
         return xm, ym, phi, width, ok & hit
+
+
+DIFF_STEP = 1e-4              # relative finite-difference step of the Jacobian
+
+
+def _forward_differences(fun, x, f0, lb, ub, rel_step):
+    """The Jacobian of fun at x by forward differences, as scipy's least_squares computes it with
+    jac='2-point', diff_step=rel_step and bounds (lb, ub) (scipy.optimize._numdiff: the same steps, the
+    same arithmetic, the same memory layout), so the fit takes the same path to the bit
+    (tests/test_refinement.py checks it against scipy's).  Computed here so that fun may be a
+    _Predictions-backed residual that reuses the pieces a step does not change."""
+    x = np.asarray(x, float)
+    sign = (x >= 0).astype(float) * 2 - 1
+    h = rel_step * sign * np.abs(x)
+    dx = (x + h) - x
+    h = np.where(dx == 0, np.finfo(np.float64).eps ** 0.5 * sign * np.maximum(1.0, np.abs(x)), h)
+    if not np.all((lb == -np.inf) & (ub == np.inf)):
+        # a step out of bounds is taken the other way, or as far as the bound allows
+        lower, upper = x - lb, ub - x
+        violated = ((x + h) < lb) | ((x + h) > ub)
+        fitting = np.abs(h) <= np.maximum(lower, upper)
+        h = h.copy()
+        h[violated & fitting] *= -1
+        forward = (upper >= lower) & ~fitting
+        h[forward] = upper[forward]
+        backward = (upper < lower) & ~fitting
+        h[backward] = -lower[backward]
+    f0 = np.atleast_1d(f0)
+    JT = np.empty((len(x), f0.size))
+    for i in range(len(x)):
+        x1 = np.copy(x)
+        x1[i] = x[i] + h[i]
+        JT[i] = (np.atleast_1d(fun(x1)) - f0) / ((x[i] + h[i]) - x[i])
+    if f0.size == 1:
+        JT = np.ravel(JT)
+    return JT.T
 
 
 @dataclass
@@ -392,7 +485,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     postref = opts.postref and any(n in model.names for n in MISSETS + ("MOSAIC",)) or bool(model.cell_idx)
     # fully recorded and complete by the starting model's fractions: parts were measured with a
     # generous width, so the image count alone does not say it (nor at the ends of the sweep)
-    _, _, phi0, width0, _ = model.calc(model.x0, hkl_all, phi_ref)
+    calc = _Predictions(model, hkl_all, phi_ref)
+    _, _, phi0, width0, _ = calc(model.x0)
     a_all = scan.phi_start + (parts["image"] - scan.first) * scan.osc
     f0 = predict.fraction_inside(phi0[g["inv"]], width0[g["inv"]], a_all, a_all + scan.osc)
     fsum = np.bincount(g["inv"], f0, minlength=len(hkl_all))
@@ -417,31 +511,38 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     use_pos = pos_sel.copy()
     use_frac = np.ones(len(prow), bool)
 
+    def fractions(phi, width):
+        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+        tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
+        return f / np.maximum(tot, 1e-9)
+
     def resid(x):
-        xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
+        xm, ym, phi, width, ok = calc(x)
         rx = np.where(ok[use_pos], (xm[use_pos] - xo[use_pos]) / pos_sig[use_pos], 10.0)
         ry = np.where(ok[use_pos], (ym[use_pos] - yo[use_pos]) / pos_sig[use_pos], 10.0)
         out = [rx, ry]
         if len(prow) and postref:
-            f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
-            tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
-            pc = f / np.maximum(tot, 1e-9)
+            # the fractions depend on the crystal only: a step of a detector parameter reuses them
+            _, kc, km = calc.keys(x)
+            pc = calc.memo("fractions", kc + km, lambda: fractions(phi, width))
             out.append(np.where(use_frac, (pc - p_obs) / p_sig, 0.0))
         return np.concatenate(out)
 
+    def jac(x):
+        return _forward_differences(resid, x, resid(x), lb, ub, DIFF_STEP)
+
     res = None
     x = model.x0.copy()
+    lb, ub = np.full(len(x), -np.inf), np.full(len(x), np.inf)
+    if "MOSAIC" in model.names:
+        lb[model.names.index("MOSAIC")] = 0.01
     if len(x):
-        lb = np.full(len(x), -np.inf)
-        if "MOSAIC" in model.names:
-            lb[model.names.index("MOSAIC")] = 0.01
         for rnd in range(3):
-            res = least_squares(resid, x, x_scale=model.scale, loss="soft_l1", f_scale=3.0,
-                                bounds=(lb, np.full(len(x), np.inf)), max_nfev=100, diff_step=1e-4,
-                                tr_solver="lsmr")
+            res = least_squares(resid, x, jac=jac, x_scale=model.scale, loss="soft_l1", f_scale=3.0,
+                                bounds=(lb, ub), max_nfev=100, tr_solver="lsmr")
             x = res.x
             # reject outliers (REFINEMENT RESIDUAL, POSTREF MAXRESIDUAL) and fit again
-            xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
+            xm, ym, phi, width, ok = calc(x)
             dd = np.hypot(xm - xo, ym - yo)
             wr = dd / pos_sig
             # beyond RESIDUAL, a spot far off the others (a neighbour in its box, a gap) is rejected too
@@ -459,7 +560,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
                 break
             use_pos, use_frac = new_pos, new_frac
     det, cr = model.unpack(x)
-    xm, ym, phi, width, ok = model.calc(x, hkl_all, phi_ref)
+    xm, ym, phi, width, ok = calc(x)
     d = np.hypot(xm - xo, ym - yo)
     used = use_pos & ok
     rms = float(np.sqrt(np.mean(d[used] ** 2))) if used.any() else float("nan")

@@ -248,3 +248,69 @@ def test_options_after_a_fix_list_on_the_same_line_still_count():
     assert o.detector_free == {"XCEN", "YCEN", "TWIST"}
     assert o.residual == 3.0 and o.include_partials
     assert not o.mosaic_free and o.maxresidual == 2.5 and o.sdfac == 1.5
+
+
+# ---- the refinement's Jacobian and its cached predictions --------------------------------------------
+
+@pytest.fixture(scope="module")
+def block_problem():
+    """Images 1-5 of the sim sweep measured from a start off the truth (missets, mosaic, distance, beam),
+    as a PROCESS block's pass 1 measures them."""
+    from pyflm import images, refine
+    from pyflm.model import Beam, Crystal, Detector, Goniometer, Scan
+    t = json.load(open(SIM / "truth.json"))
+    crystal = Crystal(tuple(t["cell"]), "P212121", np.array(t["U_mosflm"]), (0.03, -0.02, 0.04), 0.4)
+    beam = Beam(t["wavelength_A"], divergence=(0.02, 0.02), dispersion=t["dispersion_rel_sigma"],
+                polarisation=t["polarisation_fraction"])
+    x, y = t["mosflm_beam_mm"]
+    det = Detector(t["distance_mm"] + 0.3, x + 0.05, y - 0.04, t["pixel_mm"], t["pixel_mm"],
+                   *t["image_size_px"])
+    gonio, scan = Goniometer(), Scan("sim_####.cbf", str(SIM), 1, 60, 0.0, 1.0)
+    read = lambda i: images.read_image(str(SIM / f"sim_{i:04d}.cbf"))[0]
+    parts = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read)
+    return parts, crystal, beam, det, gonio, scan
+
+
+def test_the_fit_is_scipys_finite_difference_fit_to_the_bit(block_problem, monkeypatch):
+    """refine_parameters hands least_squares its own Jacobian (reusing what a step leaves unchanged):
+    at every fit's start it equals scipy's 2-point Jacobian to the bit, and the whole fit ends where
+    scipy's own finite differences take it, to the bit."""
+    import scipy.optimize
+    from scipy.optimize._numdiff import approx_derivative
+    from pyflm import refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    original, fits = scipy.optimize.least_squares, []
+
+    def both(fun, x0, jac, bounds, **kw):
+        J = jac(x0)
+        J_scipy = approx_derivative(fun, x0, method="2-point", rel_step=refine.DIFF_STEP, f0=fun(x0),
+                                    bounds=bounds)
+        assert np.array_equal(J, J_scipy) and J.strides == J_scipy.strides
+        ours = original(fun, x0, jac=jac, bounds=bounds, **kw)
+        theirs = original(fun, x0, jac="2-point", diff_step=refine.DIFF_STEP, bounds=bounds, **kw)
+        assert np.array_equal(ours.x, theirs.x) and ours.nfev == theirs.nfev
+        assert np.array_equal(ours.jac, theirs.jac) and np.array_equal(ours.fun, theirs.fun)
+        fits.append(ours.nfev)
+        return ours
+    monkeypatch.setattr(scipy.optimize, "least_squares", both)
+    ref = refine.refine_parameters(parts, crystal, beam, det, gonio, scan, refine.Options())
+    assert fits and ref.n_pos > 100 and ref.n_frac > 50
+    # and the fit found the truth again (the block refines what it should)
+    assert abs(ref.detector.distance - 120.0) < 0.1 and abs(ref.crystal.mosaic - 0.3) < 0.1
+
+
+def test_cached_predictions_are_calc_to_the_bit(block_problem):
+    """_Predictions gives model.calc's numbers for steps of each parameter alone and of all together."""
+    from pyflm import refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    model = refine._Model(crystal, beam, det, gonio, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), True,
+                          {"A", "B", "C"})
+    first = np.unique(parts["refl"], return_index=True)[1]
+    hkl = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
+    phi_ref = parts["phi_pred"][first]
+    calc = refine._Predictions(model, hkl, phi_ref)
+    rng = np.random.default_rng(1)
+    steps = [np.eye(len(model.x0))[i] for i in range(len(model.x0))] + [rng.normal(size=len(model.x0))]
+    for x in [model.x0] + [model.x0 + 0.01 * model.scale * s for s in steps] + [model.x0]:
+        for a, b in zip(calc(x), model.calc(x, hkl, phi_ref)):
+            assert np.array_equal(a, b, equal_nan=True)
