@@ -85,7 +85,7 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
         # this process is one of the nproc: it does every nproc-th task itself (the first among them:
         # one result less to send back) while nproc - 1 workers share the rest
         mine = set(range(0, len(tasks), max(nproc, 1)))
-        ex = _pool(nproc - 1)
+        ex = local_pool(nproc)
     futures = {}
     try:
         futures = {i: ex.submit(fn, *t) for i, t in enumerate(tasks) if i not in mine}
@@ -94,7 +94,7 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
         out = [done[i] if i in mine else futures[i].result() for i in range(len(tasks))]
         return (out, here) if meanwhile else out
     except cf.process.BrokenProcessPool:
-        _POOLS.pop(nproc - 1, None)
+        drop_pool(ex)
         raise
     finally:
         for f in futures.values():
@@ -106,15 +106,24 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
 _POOLS = {}
 
 
-def _pool(n):
-    """n local worker processes, kept for the job's later searches: a worker that has searched an image
-    has its memory mapped already, and the next image's search reuses it (a fresh process faults its
-    arrays in anew: a third of the time of a 6M half-image).  They end with the program."""
+def local_pool(n):
+    """The job's n local worker processes, one pool for every stage (spot searches, indexing's fits,
+    PROCESS's blocks), kept from one action to the next: forking a pool per PROCESS cost each new
+    worker its start and its first block's page faults (a third slower than the blocks after it on
+    the 6M sweep).  A broken pool (a worker died) is replaced.  They end with the program."""
     ex = _POOLS.get(n)
     if ex is None or getattr(ex, "_broken", False):
         from .integrate import _ignore_signals
         ex = _POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, initializer=_ignore_signals)
     return ex
+
+
+def drop_pool(ex, wait=False):
+    """Stop a pool of local_pool's (its queued tasks cancelled) and forget it: the next asks for a new one."""
+    for n, p in list(_POOLS.items()):
+        if p is ex:
+            del _POOLS[n]
+    ex.shutdown(wait=wait, cancel_futures=True)
 
 
 def n_workers(address):

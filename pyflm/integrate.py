@@ -17,7 +17,6 @@ import copy
 import functools
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -400,7 +399,7 @@ class Started:
             return
         for f in self.futures:
             f.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        _release(self.executor)
         self.executor = None
 
 
@@ -460,7 +459,7 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
                 f.cancel()
         finally:
             if started is not None and started.executor is not None:
-                started.executor.shutdown(wait=interrupted is None, cancel_futures=True)
+                _release(started.executor, stop=interrupted is not None)
                 started.executor = None
     else:
         if meanwhile is not None:
@@ -559,7 +558,19 @@ def _executor(settings):
     if settings.scheduler:
         from .distributed import executor
         return executor(settings.scheduler)
-    return ProcessPoolExecutor(max_workers=settings.nproc, initializer=_ignore_signals)
+    from .distributed import local_pool
+    return local_pool(settings.nproc)
+
+
+def _release(ex, stop=False):
+    """Done with an executor of _executor's: the job's local pool is kept for the next action (its
+    cancelled tasks dropped; a block already running ends on its worker), unless the run is stopping
+    (a signal: the workers go now); a Dask executor's tasks end, its client stays."""
+    from .distributed import DaskExecutor, drop_pool
+    if isinstance(ex, DaskExecutor):
+        ex.shutdown(wait=not stop, cancel_futures=True)
+    elif stop:
+        drop_pool(ex)
 
 
 def _ignore_signals():

@@ -178,3 +178,29 @@ def test_pyflm_batch_on_local_processes_and_bad_arguments(tmp_path):
         r = subprocess.run([sys.executable, "-m", "pyflm.cli", "batch", *args], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode == 1 and said in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_every_process_of_a_job_uses_the_same_worker_processes(one_process, tmp_path, monkeypatch):
+    """NPROC 2: the job's two workers are started once and kept for each PROCESS (a new pool per PROCESS
+    cost every worker its start and a slow first block); the second PROCESS's MTZ is still the one
+    a single process writes."""
+    from pyflm import distributed, integrate, job as job_mod
+    from pyflm.cli import run_batch
+    monkeypatch.chdir(tmp_path)
+    workers, real = [], integrate.run_process
+
+    def run_process(job, args):
+        real(job, args)
+        workers.append(sorted(distributed.local_pool(2)._processes))
+    monkeypatch.setattr(integrate, "run_process", run_process)
+    monkeypatch.setattr(job_mod, "resolve_action",
+                        lambda name, r=job_mod.resolve_action: run_process if name == "PROCESS" else r(name))
+    job = job_mod.JobState()
+    job.files["HKLOUT"] = "two.mtz"
+    deck = DECK.format(extra="nproc 2\n", first=5, last=8) + "process 1 8\ngo\n"
+    try:
+        assert run_batch(deck.splitlines(), job) == 0
+    finally:
+        distributed.drop_pool(distributed.local_pool(2), wait=True)
+    assert len(workers) == 2 and len(workers[0]) == 2 and workers[0] == workers[1]
+    assert_same_content(one_process, tmp_path / "two.mtz")
