@@ -210,13 +210,24 @@ def rocking_width_xds(s1u, axis, mosaic, beam):
     moves it by zeta = |e.(s0^ x s1^)| per radian.  So the width is eta sin(2theta)/zeta (= eta for a
     reflection in the equatorial plane, growing without limit near the axis), plus the dispersion's
     (dlambda/lambda)(1 - cos 2theta)/zeta (tan(theta) dlambda/lambda on the equator)."""
+    return width_from_terms(rocking_width_terms(s1u, axis, beam), mosaic)
+
+
+def rocking_width_terms(s1u, axis, beam):
+    """What rocking_width_xds's widths need besides the mosaic spread (refinement steps the mosaic
+    alone and keeps these): (sin 2theta, dispersion term, zeta, beam divergence)."""
     cross = np.cross(geometry.BEAM_DIRECTION, s1u)
     zeta = np.maximum(np.abs(cross @ np.asarray(axis, float)), 1e-6)
     sin2t = np.linalg.norm(cross, axis=1)
     cos2t = s1u[:, 0]
     div = float(np.hypot(*beam.divergence))
-    angular = np.sqrt(mosaic ** 2 + div ** 2) * sin2t
     disp = np.degrees(beam.dispersion * (1.0 - cos2t))
+    return sin2t, disp, zeta, div
+
+
+def width_from_terms(terms, mosaic):
+    sin2t, disp, zeta, div = terms
+    angular = np.sqrt(mosaic ** 2 + div ** 2) * sin2t
     return (angular + disp) / zeta
 
 

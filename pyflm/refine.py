@@ -355,7 +355,7 @@ class _Predictions:
     moves one parameter, so most of a Jacobian's evaluations find all but one piece here; the pieces
     are the same functions of the same numbers, so the results are calc's to the bit."""
 
-    KEEP = 4                  # values kept per piece: the point stepped from, the step, a trial or two
+    KEEP = 16                 # values kept per piece: more than a Jacobian's steps (at most 15 parameters)
 
     def __init__(self, model, hkl, phi_ref):
         self.model, self.hkl, self.phi_ref = model, hkl, phi_ref
@@ -385,8 +385,8 @@ class _Predictions:
         frame = self.memo("frame", kd, lambda: m.unpack_detector(x).frame())
         phi, s1u, ok = self.memo("rotated", kc, lambda: m.rotated(m.unpack_crystal(x), self.hkl, self.phi_ref))
         xm, ym, hit = self.memo("positions", kd + kc, lambda: geometry.lab_to_mm(s1u, frame))
-        width = self.memo("width", kc + km, lambda: predict.rocking_width_xds(
-            s1u, m.gonio.axis, m.unpack_crystal(x).mosaic, m.beam))
+        terms = self.memo("width_terms", kc, lambda: predict.rocking_width_terms(s1u, m.gonio.axis, m.beam))
+        width = self.memo("width", kc + km, lambda: predict.width_from_terms(terms, m.unpack_crystal(x).mosaic))
         return xm, ym, phi, width, ok & hit
 
 
@@ -516,16 +516,27 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
         return f / np.maximum(tot, 1e-9)
 
+    sel = {}
+
+    def select(use_pos, use_frac):
+        """The spots and fractions the residuals are of (each round of rejection chooses anew)."""
+        i = np.flatnonzero(use_pos)
+        sel.update(round=sel.get("round", -1) + 1, i=i, xo=xo[i], yo=yo[i], sig=pos_sig[i], frac=use_frac)
+
+    def positional(xm, ym, ok):
+        i = sel["i"]
+        return (np.where(ok[i], (xm[i] - sel["xo"]) / sel["sig"], 10.0),
+                np.where(ok[i], (ym[i] - sel["yo"]) / sel["sig"], 10.0))
+
     def resid(x):
         xm, ym, phi, width, ok = calc(x)
-        rx = np.where(ok[use_pos], (xm[use_pos] - xo[use_pos]) / pos_sig[use_pos], 10.0)
-        ry = np.where(ok[use_pos], (ym[use_pos] - yo[use_pos]) / pos_sig[use_pos], 10.0)
-        out = [rx, ry]
+        kd, kc, km = calc.keys(x)
+        # each piece on what it depends on: a step of a detector parameter keeps the fractions', a step
+        # of the mosaic the positions'
+        out = list(calc.memo("pos_resid", (sel["round"], kd + kc), lambda: positional(xm, ym, ok)))
         if len(prow) and postref:
-            # the fractions depend on the crystal only: a step of a detector parameter reuses them
-            _, kc, km = calc.keys(x)
-            pc = calc.memo("fractions", kc + km, lambda: fractions(phi, width))
-            out.append(np.where(use_frac, (pc - p_obs) / p_sig, 0.0))
+            out.append(calc.memo("frac_resid", (sel["round"], kc + km), lambda: np.where(
+                sel["frac"], (fractions(phi, width) - p_obs) / p_sig, 0.0)))
         return np.concatenate(out)
 
     def jac(x):
@@ -538,6 +549,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         lb[model.names.index("MOSAIC")] = 0.01
     if len(x):
         for rnd in range(3):
+            select(use_pos, use_frac)
             res = least_squares(resid, x, jac=jac, x_scale=model.scale, loss="soft_l1", f_scale=3.0,
                                 bounds=(lb, ub), max_nfev=100, tr_solver="lsmr")
             x = res.x
