@@ -192,6 +192,12 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     parts = predict.image_parts(pred, scan.phi_start, scan.osc, scan.first, scan.last, 0.005)
     if separation is None:
         separation = (4 * detector.pixel_slow, 4 * detector.pixel_fast)
+    # only the reflections with a part on the block's images are measured, and a part's flags depend on
+    # the parts on its own image alone: classify every part on the images those reflections touch (the
+    # margin's other images need none)
+    on_block = np.zeros(len(pred), bool)
+    on_block[parts["index"][np.isin(parts["image"], images)]] = True
+    parts = parts[np.isin(parts["image"], np.unique(parts["image"][on_block[parts["index"]]]))]
     flags = predict.classify(pred, parts, detector, separation=separation, maxwidth=5.0, osc=scan.osc,
                              dmin=dmin, dmax=dmax)
     bad = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) != 0
@@ -268,8 +274,11 @@ class _Model:
                  free_cell):
         self.c0, self.beam, self.d0, self.gonio = crystal, beam, detector, goniometer
         self.lat = lattice_of(crystal.space_group)
-        from .indexing import _free_cell
-        self.cellfun = _free_cell(self.lat, crystal.cell)
+        self.cellfun = None
+        if free_cell:
+            # only for a free cell: a PROCESS with the cell held need not import indexing (~50 ms)
+            from .indexing import _free_cell
+            self.cellfun = _free_cell(self.lat, crystal.cell)
         self.names, x0, scale = [], [], []
         self.beam0 = direct_beam(detector)
         base = {"XCEN": self.beam0[0], "YCEN": self.beam0[1], "DISTANCE": detector.distance,
