@@ -157,13 +157,15 @@ def hkl_limits(A, dmin):
     return np.floor(np.linalg.norm(real, axis=0) / dmin).astype(int)
 
 
-def predict_window_cython(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None):
-    """The Cython kernel with predict_numpy's signature and results (in another order)."""
+def predict_window_cython(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None, prune=True):
+    """The Cython kernel with predict_numpy's signature and results (in another order).  prune=False
+    turns off its quick rejection of reflections crossing outside the window (for the test that it
+    changes nothing)."""
     lim = hkl_limits(A, dmin)
     origin, ex, ey, n = (np.ascontiguousarray(v, float) for v in frame)
     return _ext.predict_window(np.ascontiguousarray(A, float), float(wavelength), origin, ex, ey, n,
                                int(axis_sign), float(phi_lo), float(phi_hi), float(dmin),
-                               float(dmax or 0.0), int(lim[0]), int(lim[1]), int(lim[2]))
+                               float(dmax or 0.0), int(lim[0]), int(lim[1]), int(lim[2]), bool(prune))
 
 
 def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=None, *, mosaic=None,

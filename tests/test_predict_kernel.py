@@ -41,3 +41,26 @@ def test_overlap_kernel_finds_the_pairs_the_kd_tree_finds():
             assert np.array_equal(a, b)
             assert n < 100 or 0 < a.sum() < n        # some overlap, not all
 
+
+
+def test_quick_rejection_outside_the_window_drops_no_reflection():
+    """The kernel's quick test of a narrow window (no crossing between its ends) gives the same reflections
+    to the bit as the full test of every one, also for windows whose ends fall on a crossing itself."""
+    c = read_matrix(str(SIM / "truth.mat"))
+    frame = geometry.detector_frame(120.0, 89.66, 84.73, 0.0)
+    wide = predict.predict_window_cython(c.A, 0.9795, frame, 1, 0.0, 360.0, 1.3)
+    rng = np.random.default_rng(1)
+    ends = list(rng.choice(wide[1], 6)) + [-7.25, 181.0]
+    n_cut = 0
+    for sign in (1, -1):
+        for lo in ends:
+            for width in (0.1, 1.0, 15.0, 100.0):
+                args = (c.A, 0.9795, frame, sign, lo, lo + width, 1.3)
+                a = predict.predict_window_cython(*args)
+                b = predict.predict_window_cython(*args, prune=False)
+                assert len(a[1]) > 0
+                for x, y in zip(a, b):
+                    assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
+                # windows that start on a crossing: the reflection there is kept (phi_lo is inside)
+                n_cut += int(np.any(a[1] == lo))
+    assert n_cut >= 6
