@@ -618,11 +618,13 @@ def _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask,
     lost = np.zeros(len(I))
     if cand.any():
         total = prof_each[cand].sum((1, 2))
-        lost_prof = (prof_each[cand] * dead[cand]).sum((1, 2)) / np.where(total > 0, total, 1.0)
-        fill, core = _dead_pixel_estimates((boxes - plane)[cand], (pk & valid)[cand], dead[cand])
-        own = np.maximum(I[cand], 0.0) + fill
-        lost_own = np.where(core, 1.0, np.where(own > 0, fill / np.where(own > 0, own, 1.0), 0.0))
-        lost[cand] = np.where(total > 0, lost_prof, lost_own)
+        lost[cand] = (prof_each[cand] * dead[cand]).sum((1, 2)) / np.where(total > 0, total, 1.0)
+        # the reflection's own counts only where there is no profile (each box is estimated on its own)
+        own_c = np.flatnonzero(cand)[total <= 0]
+        if len(own_c):
+            fill, core = _dead_pixel_estimates((boxes - plane)[own_c], (pk & valid)[own_c], dead[own_c])
+            own = np.maximum(I[own_c], 0.0) + fill
+            lost[own_c] = np.where(core, 1.0, np.where(own > 0, fill / np.where(own > 0, own, 1.0), 0.0))
     mend = cand & (lost <= MAX_DEAD_FRACTION)
     scale = np.where(mend, 1.0 / (1.0 - np.where(mend, lost, 0.0)), 1.0)
     return I * scale, sig * scale, bad_peak & ~mend
