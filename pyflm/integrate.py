@@ -118,7 +118,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     # 21 gain no more and lose edge reflections)
     raster = settings.raster or (17, 17, 4, 5, 5)
     # each part is measured where its own share of the rocking curve diffracts (matters near the axis)
-    part_fast, part_slow = predict.positions_at(crystal, beam, detector, goniometer, pred[parts["index"]],
+    part_fast, part_slow = predict.positions_at(crystal, beam, detector, goniometer,
+                                                predict.fields(pred, parts["index"], ("h", "k", "l")),
                                                 predict.part_phi(pred, parts, scan.phi_start, scan.osc,
                                                                  scan.first))
     regions, n_regions, spread = _profile_regions(detector, part_fast, part_slow)
@@ -179,7 +180,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             out_stats.append(st)
             continue
         sel, nb, exclude, m = measured[img]
-        p = pred[parts["index"][sel]]
+        p = predict.fields(pred, parts["index"][sel], ("h", "k", "l", "lorentz", "polar", "phi", "width", "d"))
         fulls = parts["n_parts"][sel] == 1
         res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], strong_mask=fulls, profiles=profiles,
                               regions=regions[sel], bg_exclude=exclude, bg_images=[datas[j] for j in nb],

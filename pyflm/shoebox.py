@@ -338,6 +338,7 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
         for k, v in m.items():
             m[k] = np.empty_like(v)
             m[k][order] = v
+        m["_row_order"] = order          # integrate_image's profile fit takes them in the same order
         return m
     m = measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
                       mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
@@ -663,7 +664,9 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
     bad_peak, on = m["bad_peak"], m["on"]
     if kernel:
         f_, s_ = np.asarray(fast, float), np.asarray(slow, float)
-        o = np.lexsort((f_, s_))                   # the image's row order, as measure
+        o = m.get("_row_order")                    # the image's row order, as measure
+        if o is None or len(o) != n:
+            o = np.lexsort((f_, s_))
         Ipr, sigpr = np.empty(n), np.empty(n)
         Ipr[o], sigpr[o] = _int_ext.fit_profiles(data, f_[o], s_[o], m["coef"][o], I[o], np.asarray(regions)[o],
                                                  profiles["fine"], profiles["sub"], raster, peak_mask, mask,
