@@ -330,8 +330,10 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     from .integrate import nproc_from
     nproc, sched = nproc_from(job.kw), scheduler_from(job.kw)
     mid = (first + last) // 2
-    probe = find_sweep_spots(read_image, detector, scan, [mid], nproc=probe_nproc or nproc,
-                             scheduler=None if probe_nproc == 1 else sched)[0]
+    probe = take_early_probe(job, read_image, detector, mid)
+    if probe is None:
+        probe = _probe_view(find_sweep_spots(read_image, detector, scan, [mid], nproc=probe_nproc or nproc,
+                                             scheduler=None if probe_nproc == 1 else sched)[0])
     n_probe = _n_spots(probe)
     known = job.results.get("spots") or {}
     if known and not _same_spots(known.get(mid), probe):
@@ -356,6 +358,122 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     for ln in ap.lines:
         job.log.line(ln)
     return ap
+
+
+# ---- the probes of the deck's PROCESS actions, searched early ------------------------------------
+#
+# What PROCESS's probe decides with is the number of spots that are not too small and where they are
+# (fast, slow): both from the pixels alone (the image, gain, null and overload values), not from the
+# detector's position, which refinement moves between the deck's PROCESS actions.  So with worker
+# processes the probes of every PROCESS the deck will run are searched while indexing keeps this process
+# busy on its own, one at a time (a worker is always left for indexing's own tasks and the first blocks),
+# and PROCESS takes the one whose image and pixel values are its own.
+
+PROBE_DTYPE = np.dtype([("fast", "f8"), ("slow", "f8"), ("flag", "i4")])
+
+
+def _probe_view(spots):
+    """The columns of a probe's spots that the probe decides with (fast, slow, flag): nothing the
+    detector's position sets."""
+    from .spotfinder import TOO_SMALL
+    out = np.zeros(len(spots), PROBE_DTYPE)
+    out["fast"], out["slow"] = spots["fast"], spots["slow"]
+    out["flag"] = spots["flag"] & TOO_SMALL      # the other flags are the detector position's
+    return out
+
+
+def _probe_key(read_image, detector, img):
+    import pickle
+    try:
+        return pickle.dumps((read_image, int(img), float(detector.nullpix), float(detector.overload),
+                             float(detector.gain), int(detector.n_fast), int(detector.n_slow)), protocol=4)
+    except Exception:            # an unpicklable reader: never matched
+        return None
+
+
+def _probe_task(read_image, detector, scan, img):
+    """A probe's search on a worker: _probe_view of the spots PROCESS's probe would find."""
+    sp = _search_image(read_image, detector, scan, img)
+    return _probe_view(_empty() if sp is None else sp)
+
+
+class EarlyProbes:
+    """Probe searches submitted one after another to the job's worker pool by a thread of this process
+    (which only waits); take(key) gives a probe's result (waiting for it if it is running), or None
+    when it was not started: it is then not started at all, and the caller searches itself."""
+
+    def __init__(self, pool, tasks):
+        import threading
+        self.pool, self.lock = pool, threading.Lock()
+        self.tasks = [(k, a) for k, a in tasks if k is not None]
+        self.futures, self.dropped = {}, set()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="pyflm-early-probes")
+        self.thread.start()
+
+    def _run(self):
+        for key, args in self.tasks:
+            with self.lock:
+                if key in self.dropped or key in self.futures:
+                    continue
+                try:
+                    f = self.futures[key] = self.pool.submit(_probe_task, *args)
+                except Exception:        # the pool was stopped (a signal, a broken worker): no more
+                    return
+            try:
+                f.result()
+            except BaseException:
+                return
+
+    def take(self, key):
+        with self.lock:
+            f = self.futures.get(key)
+            if f is None:
+                self.dropped.add(key)
+                return None
+        try:
+            return f.result()
+        except Exception:               # a broken worker: the caller searches itself
+            return None
+
+
+def start_early_probes(job, detector, scan):
+    """With NPROC > 1 (local workers), the probes of the PROCESS actions still to come in the deck
+    (job.upcoming), searched on the workers now (EarlyProbes, kept in job.results['early_probes'])."""
+    import functools
+    import os
+    from .distributed import local_pool, scheduler_from
+    from .integrate import _image_range, nproc_from, read_image_data
+    nproc = nproc_from(job.kw)
+    if nproc < 2 or scheduler_from(job.kw) or not job.upcoming:
+        return
+    tasks, seen = [], set()
+    for name, args, template, directory, extension in job.upcoming:
+        if name != "PROCESS" or template is None:
+            continue
+        try:
+            first, last = _image_range(job, args)
+        except Exception:            # PROCESS says what is wrong with it when it runs
+            continue
+        reader = functools.partial(read_image_data, template, os.path.abspath(directory), extension)
+        mid = (first + last) // 2
+        key = _probe_key(reader, detector, mid)
+        if key is not None and key not in seen:
+            seen.add(key)
+            tasks.append((key, (reader, detector, scan, mid)))
+    if tasks:
+        try:
+            job.results["early_probes"] = EarlyProbes(local_pool(nproc), tasks)
+        except Exception:           # early work only: PROCESS searches its probe itself
+            pass
+
+
+def take_early_probe(job, read_image, detector, img):
+    """The probe of image img searched early (start_early_probes) with these pixel values, or None."""
+    early = job.results.get("early_probes")
+    if early is None:
+        return None
+    key = _probe_key(read_image, detector, img)
+    return None if key is None else early.take(key)
 
 
 def too_wide(crystal, beam, detector, goniometer, scan, first, last, maxwidth):

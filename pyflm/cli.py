@@ -107,16 +107,29 @@ def show_help(job, topic):
 
 def run_batch(lines, job):
     """Run a whole deck; returns the exit status."""
+    try:
+        return _run_batch(lines, job)
+    finally:
+        if job.results.get("early_blocks") is not None:    # started for a PROCESS that did not come
+            from .integrate import cancel_early_blocks
+            cancel_early_blocks(job)
+
+
+def _run_batch(lines, job):
     from .parser import parse_lines
     statements, errors = parse_lines(lines)
     # values that parse but cannot be used (unknown space group, bad matrix file) are found by a dry run
     dry = JobState()
     dry.files = dict(job.files)
+    upcoming = []        # the actions GO will run, in order (several AUTOINDEX lines make one, as here)
     for st in statements:
         try:
-            if apply_statement(dry, st) == "stop":
+            act = apply_statement(dry, st)
+            if act == "stop":
                 break
-            dry.queue.clear()
+            if act == "go":
+                upcoming += [(q[0], dict(q[1]), dry.template, dry.directory, dry.extension) for q in dry.queue]
+                dry.queue.clear()
         except InputError as e:
             errors.append(e)
     if errors:
@@ -124,6 +137,7 @@ def run_batch(lines, job):
             job.log.line(f" Error: {e.line()}")
         job.log.line(f" {len(errors)} error(s) in the input: nothing has been processed.")
         return 1
+    job.upcoming = upcoming
     for st in statements:
         job.log.echo(st.text)
         action = apply_statement(job, st)

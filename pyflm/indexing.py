@@ -847,6 +847,10 @@ def run_autoindex(job, args):
         models = models or m
         all_spots.append(sp)
     beam, det, gonio, scan = models
+    # the rest of indexing keeps this process busy on its own: the workers search the probe images of
+    # the deck's PROCESS actions meanwhile
+    from .autoparams import start_early_probes
+    start_early_probes(job, det, scan)
     if merge:
         from .spotfinder import merge_3d
         spots = merge_3d(all_spots, scan.osc)

@@ -668,12 +668,13 @@ def run_process(job, args):
     if plain.nproc > 1 or plain.scheduler:
         spec = copy.copy(crystal)
         spec.mosaic = crystal.mosaic or 0.3
-        started = start_blocks(spec, beam, det, gonio, scan, range(first, last + 1), plain, reader,
-                               integrate_image)
+        block_args = (spec, beam, det, gonio, scan, range(first, last + 1), plain, reader, integrate_image)
+        started = take_early_blocks(job, block_args) or start_blocks(*block_args)
     try:
         if started is not None:    # a cell-refinement segment: its first measurement can start now too
             from .refine import start_segment_measure
             start_segment_measure(job, spec, (beam, det, gonio, scan), first, last, plain)
+            _start_next_segment(job, spec, first, last)
         auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, reader,
                                            probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)
         if not crystal.mosaic:
@@ -769,6 +770,66 @@ def run_process(job, args):
         if started is not None:        # not taken (an error before integration began)
             started.cancel()
         writer.abort()                 # an unfinished MTZ (nothing once it is in place)
+
+
+def _blocks_key(block_args):
+    from .refine import _task_key
+    crystal, beam, det, gonio, scan, images, settings, reader, fn = block_args
+    return _task_key((crystal, beam, det, gonio, scan, list(images), settings, reader, fn))
+
+
+def _start_next_segment(job, spec, first, last):
+    """A cell refinement's segment that is not the last: the next segment's PROCESS (the deck's next
+    action) gets its blocks started now, on the worker this segment's few blocks leave free (a segment
+    is one block: the segments' blocks otherwise run one after the other, each on one worker).  They
+    are started with what that PROCESS will be given if nothing changes before it: the crystal, the
+    settings, its images' geometry; it takes them only if it starts the very same (take_early_blocks)."""
+    from .distributed import scheduler_from
+    postref = job.kw.get("POSTREF") or {}
+    done = len(job.results.get("cellref_segments") or [])
+    if not (postref.get("MULTI") or postref.get("SEGMENTS")) or done + 1 >= int(postref.get("SEGMENTS", 2)) \
+            or nproc_from(job.kw) < 2 or scheduler_from(job.kw) or not job.upcoming:
+        return
+    name, args, template, directory, extension = job.upcoming[0]
+    if name != "PROCESS" or "START" in args or (template, directory, extension) != \
+            (job.template, job.directory, job.extension):
+        return
+    try:
+        a, b = _image_range(job, args)
+        beam, det, gonio, scan = job.experiment(a)
+    except Exception:          # that PROCESS says what is wrong when it runs
+        return
+    if b < a or scan.first > a or scan.last < b or (a, b) == (first, last):
+        return
+    from .shoebox import integrate_image
+    cancel_early_blocks(job)
+    try:
+        block_args = (copy.copy(spec), beam, det, gonio, scan, range(a, b + 1), settings_from_job(job, det),
+                      job_image_reader(job), integrate_image)
+        job.results["early_blocks"] = (_blocks_key(block_args), start_blocks(*block_args))
+    except Exception:          # early work only: that PROCESS starts its own blocks
+        pass
+
+
+def take_early_blocks(job, block_args):
+    """The blocks started early for this PROCESS (_start_next_segment) if they were started with exactly
+    these arguments (their pickled bytes), else None (and they are dropped)."""
+    early = job.results.pop("early_blocks", None)
+    if early is None:
+        return None
+    key, started = early
+    if started.executor is not None and key == _blocks_key(block_args):
+        job.results["early_blocks_taken"] = job.results.get("early_blocks_taken", 0) + 1
+        return started
+    started.cancel()
+    return None
+
+
+def cancel_early_blocks(job):
+    """Drop blocks started early that no PROCESS took (the job ends, or another early start replaces them)."""
+    early = job.results.pop("early_blocks", None)
+    if early is not None:
+        early[1].cancel()
 
 
 def _last_segment_early(job, crystal, models, first, last, settings, started):

@@ -50,6 +50,9 @@ class JobState:
     crystal: Optional[Crystal] = None
     queue: list = field(default_factory=list)       # [(NAME, args, line_no)]
     results: dict = field(default_factory=dict)     # what stages leave for later stages (spots, solutions...)
+    upcoming: list = field(default_factory=list)    # the deck's actions, in order, as a batch run found
+    #                                                 them: (NAME, args, template, directory, extension),
+    #                                                 for work that can start early (PROCESS's probes)
     batch: bool = True                              # False at the interactive prompt
     failed: bool = False
 
@@ -61,6 +64,8 @@ class JobState:
         """Run the queued actions in order; an action's error is reported as one line and ends the queue."""
         queue, self.queue = self.queue, []
         for name, args, line_no in queue:
+            if self.upcoming and self.upcoming[0][0] == name:    # what is still to come, from the next on
+                self.upcoming.pop(0)
             fn = resolve_action(name)
             if fn is None:
                 self.log.line(f" {name} is recognised but not implemented yet (input line {line_no}).")

@@ -248,3 +248,29 @@ def test_closing_by_shifts_is_scipys_binary_closing():
         for p in (0.0, 0.05, 0.3, 0.6, 0.9, 1.0):
             x = rng.random(shape) < p
             assert np.array_equal(close_2x2(x), ndimage.binary_closing(x, structure=np.ones((2, 2)))), (shape, p)
+
+
+def test_process_probes_searched_during_indexing_are_the_ones_process_would_search(tmp_path, monkeypatch):
+    """NPROC 2: while indexing keeps the main process busy, the workers search the probe image of each
+    PROCESS the deck has still to run; PROCESS takes it rather than searching again.  What the probe
+    decides with (spots not too small, their positions) is the pixels', so the probe searched before
+    refinement moved the detector is the one PROCESS would find with the refined detector."""
+    from pyflm import autoparams
+    from pyflm.cli import run_batch
+    from pyflm.integrate import job_image_reader
+    calls = []
+    real = autoparams.find_sweep_spots
+    monkeypatch.setattr(autoparams, "find_sweep_spots", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    job = JobState()
+    job.files["HKLOUT"] = "p.mtz"
+    deck = DECK.format(n=2).replace("mosaic estimate 1\n", "") + "symmetry P212121\nprocess 1 4\ngo\n"
+    assert run_batch(deck.splitlines(), job) == 0
+    assert calls == []                                   # PROCESS did not search its probe image itself
+    beam, det, gonio, scan = job.experiment(2)
+    assert "DISTANCE" in job.kw and "BEAM" in job.kw     # indexing moved the detector after the probe
+    reader = job_image_reader(job)
+    early = autoparams.take_early_probe(job, reader, det, 2)
+    here = autoparams._probe_view(real(reader, det, scan, [2])[0])
+    assert len(here) > 100 and np.array_equal(early, here)
+    assert autoparams.take_early_probe(job, reader, det, 3) is None      # not a probe PROCESS asked for

@@ -88,7 +88,9 @@ def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path
     """NPROC 2: each segment's first measurement for the refinement starts with its PROCESS and is taken
     when the refinement asks the same of it, and the first cycle is refined from them while the last
     segment integrates; a MOSAIC given between the segments changes what the first segment would be
-    measured with, so neither is taken.  The same cell either way."""
+    measured with, so neither is taken.  The second segment's blocks start with the first segment's
+    PROCESS (on the worker its one block leaves free) and are taken unless that MOSAIC changed the
+    crystal they were started with.  The same cell and MTZ either way."""
     from pyflm.cli import run_batch
     from pyflm.job import JobState
     deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
@@ -101,7 +103,11 @@ def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path
         job.files["HKLOUT"] = f"seg{n}.mtz"
         assert run_batch(deck.format(n=n).splitlines(), job) == 0
         res[n] = job.results["cell_refinement"]
+        res[n]["early_blocks"] = job.results.get("early_blocks_taken", 0)
+        assert "early_blocks" not in job.results          # nothing started early is left running
     assert res[1]["early"] == 0 and res[2]["early"] == (1 if between else 2)
+    assert res[1]["early_blocks"] == 0 and res[2]["early_blocks"] == (0 if between else 1)
+    assert_same_content(tmp_path / "seg1.mtz", tmp_path / "seg2.mtz")     # the second segment's MTZ
     # and the first cycle refined while the last segment's integration ran, from those measurements
     assert not res[1]["first_cycle_early"] and res[2]["first_cycle_early"] == (not between)
     assert pickle.dumps(res[2]["cycles"]) == pickle.dumps(res[1]["cycles"])     # every cycle's figures
