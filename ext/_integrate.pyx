@@ -49,7 +49,7 @@ cdef extern from *:
     /* The plane fit's sums of the counts (c, x.c, y.c) with every pixel in use (2 pixels per SSE2
        instruction): the first fit's; its six sums of the coordinates alone come from the whole rim's
        less the pixels left out (pyflm_moments), exact sums of whole or half-integer products. */
-    static void pyflm_data_sums_sse2(int n, const double *x, const double *y, const double *c, double *s) {
+    static void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) {
         __m128d sc = _mm_setzero_pd(), sxc = sc, syc = sc;
         int k = 0;
         for (; k + 2 <= n; k += 2) {
@@ -73,9 +73,8 @@ cdef extern from *:
         s[0] += d; s[1] += xw; s[2] += yw; s[3] += xw * x[k]; s[4] += xw * y[k]; s[5] += yw * y[k];
         s[6] += d * c[k]; s[7] += xw * c[k]; s[8] += yw * c[k];
     }
-    static int pyflm_reject_update_sse2(int n, const double *x, const double *y, const double *c,
-                                        double *u, double c0, double c1, double c2, double gain, double cut2,
-                                        double *s) {
+    static int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
+                                   double c0, double c1, double c2, double gain, double cut2, double *s) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
         const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
         int k = 0, changed = 0, mm;
@@ -104,11 +103,13 @@ cdef extern from *:
         return changed;
     }
     /* sum of squared residuals in sigma units over the pixels in use, and their number */
-    static double pyflm_rms_sum_sse2(int n, const double *x, const double *y, const double *c,
-                                     const double *u, double c0, double c1, double c2, double gain,
-                                     double *count, int k, __m128d ss, __m128d nu) {
+    static double pyflm_rms_sum(int n, const double *x, const double *y, const double *c,
+                                const double *u, double c0, double c1, double c2, double gain,
+                                double *count) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
         const __m128d G = _mm_set1_pd(gain), ONE = _mm_set1_pd(1.0);
+        __m128d ss = _mm_setzero_pd(), nu = ss;
+        int k = 0;
         for (; k + 2 <= n; k += 2) {
             __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
                                     _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
@@ -130,10 +131,11 @@ cdef extern from *:
         return s;
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
-    static void pyflm_fit_sums_sse2(int n, const double *P, const double *PL, const double *NET,
-                                    const double *U, double Iv, double gain, double *a, double *b, int k,
-                                    __m128d sa, __m128d sb) {
+    static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
+                               const double *U, double Iv, double gain, double *a, double *b) {
         const __m128d IV = _mm_set1_pd(Iv), G = _mm_set1_pd(gain), HALF = _mm_set1_pd(0.5);
+        __m128d sa = _mm_setzero_pd(), sb = sa;
+        int k = 0;
         for (; k + 2 <= n; k += 2) {
             __m128d p = _mm_loadu_pd(P + k);
             __m128d v = _mm_add_pd(_mm_loadu_pd(PL + k), _mm_mul_pd(IV, p));
@@ -153,128 +155,7 @@ cdef extern from *:
         *a = ra;
         *b = rb;
     }
-    /* The same four loops 4 pixels per AVX2 instruction where the CPU has it (chosen at run time, so
-       the module still runs on any x86-64).  Each sum takes a quad's two halves one after the other,
-       as the SSE2 loop takes its pairs, and the rejection pass flips its pixels in the same order, so
-       both give the same bits (test_integrate_kernel checks).  Only "avx2": no FMA, which would round
-       a product and a sum once instead of twice. */
-    #include <immintrin.h>
-    #define PYFLM_AVX2 __attribute__((target("avx2")))
-    PYFLM_AVX2 static inline __m128d pyflm_add_quad(__m128d acc, __m256d v) {
-        acc = _mm_add_pd(acc, _mm256_castpd256_pd128(v));
-        return _mm_add_pd(acc, _mm256_extractf128_pd(v, 1));
-    }
-    PYFLM_AVX2 static void pyflm_data_sums_avx2(int n, const double *x, const double *y, const double *c,
-                                                double *s) {
-        __m128d sc = _mm_setzero_pd(), sxc = sc, syc = sc;
-        int k = 0;
-        for (; k + 4 <= n; k += 4) {
-            __m256d X = _mm256_loadu_pd(x + k), Y = _mm256_loadu_pd(y + k), C = _mm256_loadu_pd(c + k);
-            sc = pyflm_add_quad(sc, C);
-            sxc = pyflm_add_quad(sxc, _mm256_mul_pd(X, C));
-            syc = pyflm_add_quad(syc, _mm256_mul_pd(Y, C));
-        }
-        for (; k + 2 <= n; k += 2) {
-            __m128d X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k), C = _mm_loadu_pd(c + k);
-            sc = _mm_add_pd(sc, C); sxc = _mm_add_pd(sxc, _mm_mul_pd(X, C));
-            syc = _mm_add_pd(syc, _mm_mul_pd(Y, C));
-        }
-        s[6] = pyflm_hsum(sc); s[7] = pyflm_hsum(sxc); s[8] = pyflm_hsum(syc);
-        for (; k < n; k++) {
-            s[6] += c[k]; s[7] += x[k] * c[k]; s[8] += y[k] * c[k];
-        }
-    }
-    PYFLM_AVX2 static int pyflm_reject_update_avx2(int n, const double *x, const double *y, const double *c,
-                                                   double *u, double c0, double c1, double c2, double gain,
-                                                   double cut2, double *s) {
-        const __m256d C0 = _mm256_set1_pd(c0), C1 = _mm256_set1_pd(c1), C2 = _mm256_set1_pd(c2);
-        const __m256d G = _mm256_set1_pd(gain), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
-        int k = 0, changed = 0, mm, i;
-        for (; k + 4 <= n; k += 4) {
-            __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, _mm256_loadu_pd(x + k))),
-                                       _mm256_mul_pd(C2, _mm256_loadu_pd(y + k)));
-            __m256d d = _mm256_sub_pd(_mm256_loadu_pd(c + k), pl);
-            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, ONE), G);
-            __m256d keep = _mm256_and_pd(_mm256_cmp_pd(_mm256_mul_pd(d, d), _mm256_mul_pd(K, v), _CMP_LE_OS),
-                                         ONE);
-            mm = _mm256_movemask_pd(_mm256_cmp_pd(keep, _mm256_loadu_pd(u + k), _CMP_NEQ_UQ));
-            if (mm) {
-                double kv[4];
-                _mm256_storeu_pd(kv, keep);
-                for (i = 0; i < 4; i++)
-                    if (mm & (1 << i)) { pyflm_flip(k + i, kv[i] - u[k + i], x, y, c, s); u[k + i] = kv[i]; }
-                changed = 1;
-            }
-        }
-        /* the rest as the SSE2 loop takes them */
-        return pyflm_reject_update_sse2(n - k, x + k, y + k, c + k, u + k, c0, c1, c2, gain, cut2, s)
-               | changed;
-    }
-    PYFLM_AVX2 static double pyflm_rms_sum_avx2(int n, const double *x, const double *y, const double *c,
-                                                const double *u, double c0, double c1, double c2,
-                                                double gain, double *count) {
-        const __m256d C0 = _mm256_set1_pd(c0), C1 = _mm256_set1_pd(c1), C2 = _mm256_set1_pd(c2);
-        const __m256d G = _mm256_set1_pd(gain), ONE = _mm256_set1_pd(1.0);
-        __m128d ss = _mm_setzero_pd(), nu = ss;
-        int k = 0;
-        for (; k + 4 <= n; k += 4) {
-            __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, _mm256_loadu_pd(x + k))),
-                                       _mm256_mul_pd(C2, _mm256_loadu_pd(y + k)));
-            __m256d d = _mm256_sub_pd(_mm256_loadu_pd(c + k), pl);
-            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, ONE), G);
-            __m256d w = _mm256_loadu_pd(u + k);
-            ss = pyflm_add_quad(ss, _mm256_mul_pd(w, _mm256_div_pd(_mm256_mul_pd(d, d), v)));
-            nu = pyflm_add_quad(nu, w);
-        }
-        return pyflm_rms_sum_sse2(n, x, y, c, u, c0, c1, c2, gain, count, k, ss, nu);
-    }
-    PYFLM_AVX2 static void pyflm_fit_sums_avx2(int n, const double *P, const double *PL, const double *NET,
-                                               const double *U, double Iv, double gain, double *a, double *b) {
-        const __m256d IV = _mm256_set1_pd(Iv), G = _mm256_set1_pd(gain), HALF = _mm256_set1_pd(0.5);
-        __m128d sa = _mm_setzero_pd(), sb = sa;
-        int k = 0;
-        for (; k + 4 <= n; k += 4) {
-            __m256d p = _mm256_loadu_pd(P + k);
-            __m256d v = _mm256_add_pd(_mm256_loadu_pd(PL + k), _mm256_mul_pd(IV, p));
-            v = _mm256_mul_pd(G, _mm256_max_pd(v, HALF));
-            __m256d w = _mm256_div_pd(_mm256_loadu_pd(U + k), v);
-            sa = pyflm_add_quad(sa, _mm256_mul_pd(_mm256_mul_pd(p, p), w));
-            sb = pyflm_add_quad(sb, _mm256_mul_pd(_mm256_mul_pd(p, _mm256_loadu_pd(NET + k)), w));
-        }
-        pyflm_fit_sums_sse2(n, P, PL, NET, U, Iv, gain, a, b, k, sa, sb);
-    }
-    static int pyflm_avx2 = -1;
-    static int pyflm_set_avx2(int on) {      /* on < 0: as the CPU has it; returns the choice */
-        if (on < 0) {
-            __builtin_cpu_init();
-            on = __builtin_cpu_supports("avx2") ? 1 : 0;
-        }
-        pyflm_avx2 = on;
-        return on;
-    }
-    static inline int pyflm_use_avx2(void) {
-        return pyflm_avx2 < 0 ? pyflm_set_avx2(-1) : pyflm_avx2;
-    }
-    static void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) {
-        if (pyflm_use_avx2()) pyflm_data_sums_avx2(n, x, y, c, s); else pyflm_data_sums_sse2(n, x, y, c, s);
-    }
-    static int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
-                                   double c0, double c1, double c2, double gain, double cut2, double *s) {
-        if (pyflm_use_avx2()) return pyflm_reject_update_avx2(n, x, y, c, u, c0, c1, c2, gain, cut2, s);
-        return pyflm_reject_update_sse2(n, x, y, c, u, c0, c1, c2, gain, cut2, s);
-    }
-    static double pyflm_rms_sum(int n, const double *x, const double *y, const double *c, const double *u,
-                                double c0, double c1, double c2, double gain, double *count) {
-        if (pyflm_use_avx2()) return pyflm_rms_sum_avx2(n, x, y, c, u, c0, c1, c2, gain, count);
-        return pyflm_rms_sum_sse2(n, x, y, c, u, c0, c1, c2, gain, count, 0, _mm_setzero_pd(), _mm_setzero_pd());
-    }
-    static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,
-                               double Iv, double gain, double *a, double *b) {
-        if (pyflm_use_avx2()) pyflm_fit_sums_avx2(n, P, PL, NET, U, Iv, gain, a, b);
-        else pyflm_fit_sums_sse2(n, P, PL, NET, U, Iv, gain, a, b, 0, _mm_setzero_pd(), _mm_setzero_pd());
-    }
     """
-    int pyflm_set_avx2(int on) nogil
     void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,
                         double Iv, double gain, double *a, double *b) nogil
     void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) nogil
@@ -319,6 +200,8 @@ cdef inline void _load(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int
     cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j, si, fj
     cdef const pix_t *row
     cdef const unsigned char *mrow
+    cdef const unsigned char *xrow
+    cdef const unsigned char *grow
     cdef double *out
     cdef unsigned char *mout
     if cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf:
@@ -329,6 +212,13 @@ cdef inline void _load(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int
             for j in range(nys):
                 out[j] = <double>row[j]
             mout = mb + i * nys
+            if use_mask and use_bgx and use_sgx:
+                mrow = &mask[cs + i, cf]
+                xrow = &bgx[cs + i, cf]
+                grow = &sgx[cs + i, cf]
+                for j in range(nys):
+                    mout[j] = mrow[j] | (xrow[j] << 1) | (grow[j] << 2)
+                continue
             if use_mask:
                 mrow = &mask[cs + i, cf]
                 for j in range(nys):
@@ -370,11 +260,13 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
     """A box's pixels only (a neighbouring image's, for the 3-D background)."""
     cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j
     cdef const pix_t *row
+    cdef double *out
     if cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf:
         for i in range(nxs):
             row = &data[cs + i, cf]
+            out = box + i * nys
             for j in range(nys):
-                box[i * nys + j] = <double>row[j]
+                out[j] = <double>row[j]
         return
     for i in range(nxs):
         for j in range(nys):
@@ -382,7 +274,7 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
 
 
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
-                                double gain_bg, double cut2, int nc, int *pi, int *pj, double *pc,
+                                double gain_bg, double cut2, int nc, double *pi, double *pj, double *pc,
                                 unsigned char *pv, double x0, double y0, double gain, double k_bg,
                                 const double *first, double *cf3, double *res) noexcept nogil:
     """Background plane over the candidates (least squares, rejecting those > cutoff sigma) and the
@@ -422,7 +314,7 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
     res[1] = nnew
     for k in range(nc):
         if pv[k]:
-            pl = cf3[0] + cf3[1] * (pi[k] - x0) + cf3[2] * (pj[k] - y0)
+            pl = cf3[0] + cf3[1] * pi[k] + cf3[2] * pj[k]
             d = pc[k] - pl
             I += d
             spl += pl
@@ -430,8 +322,8 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             npk += 1
             if d > 0:
                 tot += d
-                wi += d * (pi[k] + 0.5)
-                wj += d * (pj[k] + 0.5)
+                wi += d * (pi[k] + (x0 + 0.5))      # (i - x0) + (x0 + 0.5): i + 0.5 exactly
+                wj += d * (pj[k] + (y0 + 0.5))
     nbg = nnew * k_bg if nnew * k_bg > 1 else 1
     var = gain * (sc_pk if sc_pk > 0 else 0.0)
     d = spl / (npk if npk > 1 else 1)
@@ -487,16 +379,16 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef double *by = <double *>malloc(npix * sizeof(double))
     cdef double *bc = <double *>malloc(npix * sizeof(double))
     cdef double *bu = <double *>malloc(npix * sizeof(double))
-    cdef int *pi = <int *>malloc(npix * sizeof(int))
-    cdef int *pj = <int *>malloc(npix * sizeof(int))
+    cdef double *pi = <double *>malloc(npix * sizeof(double))
+    cdef double *pj = <double *>malloc(npix * sizeof(double))
     cdef double *pc = <double *>malloc(npix * sizeof(double))
     cdef unsigned char *pv = <unsigned char *>malloc(npix)
     for i in range(nxs):
         for j in range(nys):
             if peak[i, j]:
                 pk_k[n_pk_all] = i * nys + j
-                pi[n_pk_all] = i
-                pj[n_pk_all] = j
+                pi[n_pk_all] = i - x0
+                pj[n_pk_all] = j - y0
                 n_pk_all += 1
             elif bgm[i, j]:
                 bg_k[n_bg_all] = i * nys + j
@@ -543,28 +435,35 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         nc = n_pk_all
         for k in range(6):
             out_g[k] = 0.0
-        for q in range(n_bg_all):
-            k = bg_k[q]
-            c = box[k]
-            if not ((c > nullpix) and not (mb[k] & 3)):
-                pyflm_moments(bg_x[q], bg_y[q], out_g)
-                continue
-            if n_nb >= 1:
+        # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
+        # (no early exits: each was a branch per pixel)
+        if n_nb == 2:
+            for q in range(n_bg_all):
+                k = bg_k[q]
+                c = box[k]
                 c0 = box0[k]
-                if not c0 > nullpix:
-                    pyflm_moments(bg_x[q], bg_y[q], out_g)
-                    continue
-            if n_nb >= 2:
                 c1 = box1[k]
-                if not c1 > nullpix:
+                if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mb[k] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
+                    bu[nb] = 1.0
+                    nb += 1
+                else:
                     pyflm_moments(bg_x[q], bg_y[q], out_g)
-                    continue
-            bx[nb] = bg_x[q]
-            by[nb] = bg_y[q]
-            # the twin's np.mean over the images: their sum in order, then divided
-            bc[nb] = c if n_nb == 0 else ((c + c0) / 2.0 if n_nb == 1 else ((c + c0) + c1) / 3.0)
-            bu[nb] = 1.0
-            nb += 1
+        else:
+            for q in range(n_bg_all):
+                k = bg_k[q]
+                c = box[k]
+                c0 = box0[k] if n_nb == 1 else c
+                if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = c if n_nb == 0 else (c + c0) / 2.0
+                    bu[nb] = 1.0
+                    nb += 1
+                else:
+                    pyflm_moments(bg_x[q], bg_y[q], out_g)
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
         FL_o[b, 1] = badpk
@@ -596,7 +495,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             for q in range(n_bg_all):
                 k = bg_k[q]
                 c = box[k]
-                if (c > nullpix) and not (mb[k] & 5):
+                if (c > nullpix) & ((mb[k] & 5) == 0):
                     bx[nb] = bg_x[q]
                     by[nb] = bg_y[q]
                     bc[nb] = c
@@ -780,13 +679,6 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     free(F0)
     free(WS)
     free(WF)
-
-
-def simd(avx2=None):
-    """The plane and profile fits' loops: 4 pixels an instruction (AVX2) if avx2 is true and 2 (SSE2) if
-    false, as the CPU allows when None (the default, chosen on first use).  Returns whether AVX2 is
-    used; the two give the same bits (test_integrate_kernel)."""
-    return bool(pyflm_set_avx2(-1 if avx2 is None else (1 if avx2 else 0)))
 
 
 _ONE = np.zeros((1, 1), np.uint8)

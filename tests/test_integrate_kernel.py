@@ -173,32 +173,3 @@ def test_quick_look_kernel_sums_what_the_twin_sums_at_the_edges_too(scene, varia
             assert np.array_equal(a, b)
 
 
-def test_kernel_gives_the_same_bits_with_avx2_as_with_sse2(scene, neighbours):
-    """The plane and profile fits run 4 pixels an instruction where the CPU has AVX2, else 2 (SSE2):
-    whichever the machine takes, the measurements and profile-fitted intensities are the same to the bit."""
-    from pyflm._ext import _integrate
-    data, fast, slow, shadow, fg, regions = scene
-    nbs, fg3 = neighbours
-    kw = dict(raster=RASTER, gain=1.3, overload=1e6, nullpix=-1.0, mask=shadow, bg_exclude=fg3,
-              bg_images=[damaged(nbs[0], 9), nbs[1]], single_exclude=fg, single=np.arange(len(fast)) % 3 != 0)
-    has = _integrate.simd()
-    if not has:
-        pytest.skip("this CPU has no AVX2")
-    got = {}
-    try:
-        for avx2 in (False, True):
-            _integrate.simd(avx2)
-            m = shoebox.measure(damaged(data), fast, slow, **kw)
-            sk = shoebox.profile_sums(data, fast, slow, raster=RASTER, mask=shadow, bg_exclude=fg,
-                                      regions=regions, n_regions=4, strong_mask=kw["single"])
-            ik, _ = shoebox.integrate_image(data, fast, slow, raster=RASTER, mask=shadow, bg_exclude=fg,
-                                            profiles=shoebox.block_profiles(*sk, RASTER), regions=regions)
-            got[avx2] = (m, ik)
-    finally:
-        _integrate.simd(None)
-    (m0, i0), (m1, i1) = got[False], got[True]
-    for key in m0:
-        assert np.array_equal(m0[key], m1[key], equal_nan=m0[key].dtype.kind == "f"), key
-    for key in ("I", "SIGI", "IPR", "SIGIPR", "flag"):
-        assert np.array_equal(i0[key], i1[key]), key
-    assert np.isfinite(i1["IPR"]).sum() > 1000 and m1["bad_peak"].any()
