@@ -59,7 +59,11 @@ def generate_hkl(A, dmin, dmax=None):
 
 def crossings(A, hkl, wavelength, reverse=False):
     """Both phi (degrees) at which h crosses the Ewald sphere, and whether it does."""
-    r0 = np.asarray(hkl, float) @ np.asarray(A, float).T
+    return crossings_of(np.asarray(hkl, float) @ np.asarray(A, float).T, wavelength, reverse)
+
+
+def crossings_of(r0, wavelength, reverse=False):
+    """crossings for the reciprocal lattice vectors r0 = A.h (n, 3) at phi 0, for a caller that has them."""
     x, y = r0[:, 0], r0[:, 1]
     rho = np.hypot(x, y)
     r2 = np.einsum("ij,ij->i", r0, r0)

@@ -344,15 +344,15 @@ class _Model:
 
     def rotated(self, cr, hkl, phi_ref):
         """Crossing nearer phi_ref, the unit diffracted beam there, and whether h crosses at all."""
-        A = cr.A
         reverse = self.gonio.reverse_phi
-        p1, p2, ok = predict.crossings(A, hkl, self.beam.wavelength, reverse)
+        r0 = hkl @ cr.A.T
+        p1, p2, ok = predict.crossings_of(r0, self.beam.wavelength, reverse)
         d1 = np.abs((p1 - phi_ref + 180) % 360 - 180)
         d2 = np.abs((p2 - phi_ref + 180) % 360 - 180)
         phi = np.where(d1 <= d2, p1, p2)
         phi = phi_ref + ((phi - phi_ref + 180) % 360 - 180)
         sign = -1 if reverse else 1
-        r = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), hkl @ A.T)
+        r = geometry.rotate_z_many(sign * phi, r0)
         s1u = (r + geometry.BEAM_DIRECTION / self.beam.wavelength) * self.beam.wavelength
         return phi, s1u, ok
 

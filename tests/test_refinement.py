@@ -314,3 +314,16 @@ def test_cached_predictions_are_calc_to_the_bit(block_problem):
     for x in [model.x0] + [model.x0 + 0.01 * model.scale * s for s in steps] + [model.x0]:
         for a, b in zip(calc(x), model.calc(x, hkl, phi_ref)):
             assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_rotate_z_many_is_the_matrices_product_to_the_bit():
+    """The refinement turns its reflections with geometry.rotate_z_many: the numbers of rot_z_many's
+    matrices applied by einsum, to the bit (a zero's sign aside: angles over several turns, zero components)."""
+    from pyflm import geometry
+    rng = np.random.default_rng(0)
+    phi = np.concatenate([rng.uniform(-400, 400, 20000), [0.0, 90, 180, -90, 270, 360, 45, 1e-300]])
+    v = np.concatenate([rng.normal(size=(20000, 3)) * 0.3, rng.normal(size=(8, 3))])
+    v[:50, 1], v[50:100, 0], v[100:150, 2] = 0.0, -0.0, 0.0
+    for sign in (1, -1):
+        ref = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), v)
+        assert np.array_equal(geometry.rotate_z_many(sign * phi, v) + 0.0, ref + 0.0)
