@@ -424,6 +424,13 @@ class EarlyProbes:
             except BaseException:
                 return
 
+    def cancel(self):
+        """No more probes (the job is ending): those not started are not, a queued one is dropped."""
+        with self.lock:
+            self.dropped.update(k for k, _ in self.tasks)
+            for f in self.futures.values():
+                f.cancel()
+
     def take(self, key):
         with self.lock:
             f = self.futures.get(key)

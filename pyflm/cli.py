@@ -109,10 +109,12 @@ def run_batch(lines, job):
     """Run a whole deck; returns the exit status."""
     try:
         return _run_batch(lines, job)
-    finally:
-        if job.results.get("early_blocks") is not None:    # started for a PROCESS that did not come
+    finally:       # work started early for a PROCESS that did not come (an error, EXIT) is dropped
+        if job.results.get("early_blocks") is not None:
             from .integrate import cancel_early_blocks
             cancel_early_blocks(job)
+        if job.results.get("early_probes") is not None:
+            job.results["early_probes"].cancel()
 
 
 def _run_batch(lines, job):
