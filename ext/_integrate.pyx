@@ -890,12 +890,32 @@ cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] s
                  const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm, double nullpix,
                  const cnp.int64_t[::1] order, double[:, ::1] out) noexcept nogil:
     """The boxes in `order` (the image's rows: neighbouring boxes share cache lines and pages; the
-    predictions come in any order)."""
-    cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1], b, i, j, si, q, bn
+    predictions come in any order).  A box on the image is read as runs of peak or rim pixels along
+    its rows (no mask per pixel); each sum still takes its pixels in the order of the rows."""
+    cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1], b, i, j, si, q, bn, r
     cdef long long cs, cf
     cdef double c, pk, rim
-    cdef int npk, nrim
+    cdef int npk, nrim, nrun = 0, kind
     cdef bint on
+    cdef const pix_t *row
+    # the runs: row, first and one-past-last column, 1 peak / 2 rim
+    cdef int *ri = <int *>malloc(nxs * nys * sizeof(int))
+    cdef int *r0 = <int *>malloc(nxs * nys * sizeof(int))
+    cdef int *r1 = <int *>malloc(nxs * nys * sizeof(int))
+    cdef int *rk = <int *>malloc(nxs * nys * sizeof(int))
+    for i in range(nxs):
+        j = 0
+        while j < nys:
+            kind = 1 if peak[i, j] else (2 if bgm[i, j] else 0)
+            si = j
+            while j < nys and (1 if peak[i, j] else (2 if bgm[i, j] else 0)) == kind:
+                j += 1
+            if kind:
+                ri[nrun] = i
+                r0[nrun] = si
+                r1[nrun] = j
+                rk[nrun] = kind
+                nrun += 1
     for q in range(n):
         b = order[q]
         if q + PREFETCH_AHEAD < n:
@@ -906,25 +926,42 @@ cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] s
         on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
         pk = rim = 0.0
         npk = nrim = 0
-        for i in range(nxs):
-            si = cs + i if on else _clip(<Py_ssize_t>(cs + i), ns - 1)
-            for j in range(nys):
-                if on:
-                    c = <double>data[si, cf + j]
+        if on:
+            for r in range(nrun):
+                row = &data[cs + ri[r], cf]
+                if rk[r] == 1:
+                    for j in range(r0[r], r1[r]):
+                        c = <double>row[j]
+                        if c > nullpix:
+                            pk += c
+                            npk += 1
                 else:
+                    for j in range(r0[r], r1[r]):
+                        c = <double>row[j]
+                        if c > nullpix:
+                            rim += c
+                            nrim += 1
+        else:
+            for i in range(nxs):
+                si = _clip(<Py_ssize_t>(cs + i), ns - 1)
+                for j in range(nys):
                     c = <double>data[si, _clip(<Py_ssize_t>(cf + j), nf - 1)]
-                if not c > nullpix:
-                    continue
-                if peak[i, j]:
-                    pk += c
-                    npk += 1
-                elif bgm[i, j]:
-                    rim += c
-                    nrim += 1
+                    if not c > nullpix:
+                        continue
+                    if peak[i, j]:
+                        pk += c
+                        npk += 1
+                    elif bgm[i, j]:
+                        rim += c
+                        nrim += 1
         out[b, 0] = pk
         out[b, 1] = npk
         out[b, 2] = rim
         out[b, 3] = nrim
+    free(ri)
+    free(r0)
+    free(r1)
+    free(rk)
 
 
 def quick_sums(data, fast, slow, raster, peak, bg_mask, double nullpix=-1.0):
