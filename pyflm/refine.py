@@ -176,7 +176,8 @@ RASTER = (15, 15, 3, 4, 4)
 
 def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image, *, dmin=None, dmax=None,
                   raster=None, separation=None):
-    """Summation intensity and centroid of every measurable part on `images` (a contiguous list).
+    """Summation intensity and centroid of every measurable part of the reflections recorded wholly on
+    `images` (a contiguous list): those refinement can use.
 
     Predicted with a generous mosaic so a part the current model would miss (mosaic too small) is
     still measured.  Returns PART_OBS rows; `refl` numbers the reflections, `n_parts` counts the
@@ -192,20 +193,20 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     parts = predict.image_parts(pred, scan.phi_start, scan.osc, scan.first, scan.last, 0.005)
     if separation is None:
         separation = (4 * detector.pixel_slow, 4 * detector.pixel_fast)
-    # only the reflections with a part on the block's images are measured, and a part's flags depend on
-    # the parts on its own image alone: classify every part on the images those reflections touch (the
-    # margin's other images need none)
-    on_block = np.zeros(len(pred), bool)
-    on_block[parts["index"][np.isin(parts["image"], images)]] = True
-    parts = parts[np.isin(parts["image"], np.unique(parts["image"][on_block[parts["index"]]]))]
+    # refinement uses only reflections recorded wholly on these images (complete: _reflections), so the
+    # others are not measured; their parts here still count as neighbours.  A part's flags depend on the
+    # parts on its own image alone: those on other images need no classifying
+    here = np.isin(parts["image"], images)
+    elsewhere = np.zeros(len(pred), bool)
+    elsewhere[parts["index"][~here]] = True
+    parts = parts[here]
     flags = predict.classify(pred, parts, detector, separation=separation, maxwidth=5.0, osc=scan.osc,
                              dmin=dmin, dmax=dmax)
     bad = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) != 0
     # a reflection with any unusable part cannot give fractions; drop it whole
-    bad_refl = np.zeros(len(pred), bool)
+    bad_refl = elsewhere.copy()
     bad_refl[parts["index"][bad]] = True
-    keep = ~bad_refl[parts["index"]] & np.isin(parts["image"], images)
-    parts = parts[keep]
+    parts = parts[~bad_refl[parts["index"]]]
     out = np.zeros(len(parts), PART_OBS)
     p = pred[parts["index"]]
     out["refl"] = parts["index"]

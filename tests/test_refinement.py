@@ -327,3 +327,24 @@ def test_rotate_z_many_is_the_matrices_product_to_the_bit():
     for sign in (1, -1):
         ref = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), v)
         assert np.array_equal(geometry.rotate_z_many(sign * phi, v) + 0.0, ref + 0.0)
+
+
+
+def test_refinement_measures_only_reflections_recorded_wholly_on_the_block(block_problem):
+    """measure_parts leaves out the reflections with a part on another image: refinement could not use
+    them (their fractions are not all there).  Every reflection it returns has all its parts; given
+    some incomplete ones as well, refinement refines exactly the same."""
+    from pyflm import refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    count = np.bincount(parts["refl"])
+    assert np.all(count[parts["refl"]] == parts["n_parts"]) and set(parts["image"]) == set(range(1, 6))
+    # the strongest reflections, made to look as if they had a part on image 6 too
+    strong = np.argsort(-parts["I"])[:200]
+    extra = parts[np.isin(parts["refl"], parts["refl"][strong])].copy()
+    extra["refl"] += parts["refl"].max() + 1
+    extra["n_parts"] += 1
+    a = refine.refine_parameters(parts, crystal, beam, det, gonio, scan, refine.Options())
+    b = refine.refine_parameters(np.concatenate([parts, extra]), crystal, beam, det, gonio, scan,
+                                 refine.Options())
+    assert a.n_pos == b.n_pos and a.n_frac == b.n_frac and a.crystal.missets == b.crystal.missets
+    assert a.detector.distance == b.detector.distance and a.esd == b.esd
