@@ -18,7 +18,6 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from . import geometry, lattice, predict
 from .errors import ProcessingError
@@ -308,6 +307,9 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
         rp = np.where(ok, (pp - phi_obs) * pw, 1.0)
         return np.concatenate([rx, ry, rp])
 
+    # imported here, not with the module: with NPROC > 1 run_autoindex imports it while a worker
+    # searches an image (a sixth of a second, on the path to the first result otherwise)
+    from scipy.optimize import least_squares
     all_hkl, all_x, all_y, all_phi = hkl, x_obs, y_obs, phi_obs
     use = np.ones(len(all_hkl), bool)
     for cycle in range(3):
@@ -814,6 +816,11 @@ def _default_images(job):
     return [first] if second == first else [first, second]
 
 
+def _import_fitting():
+    """What indexing's fits import (scipy.optimize), loaded while the workers search the images."""
+    import scipy.optimize  # noqa: F401
+
+
 def run_autoindex(job, args):
     """AUTOINDEX [DPS] [REFINE] [IMAGE n ...] [THRESH r] [MAXCELL r] [SOLU n]."""
     specs = args.get("IMAGES") or []
@@ -840,8 +847,9 @@ def run_autoindex(job, args):
     if len(images) > 1 and (nproc > 1 or sched):
         # the images' searches are independent: one per worker process, each decoding its own image
         from .spotfinder import find_spots_in_files
-        found = dict(zip(images, find_spots_in_files([_find_kwargs(job, i, merge) for i in images],
-                                                     nproc, sched)))
+        lists, _ = find_spots_in_files([_find_kwargs(job, i, merge) for i in images], nproc, sched,
+                                       meanwhile=_import_fitting)
+        found = dict(zip(images, lists))
     for img in images:
         sp, m = _spots_for(job, img, thresh, keep_weak=merge, found=found.get(img))
         models = models or m

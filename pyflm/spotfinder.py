@@ -256,11 +256,12 @@ def find_spots_split(read, detector, nproc, scheduler=None, *, kernel=7, sigma_b
                       pixels=_assemble(data.shape, list(zip(edges, bands))), **kwargs)
 
 
-def find_spots_in_files(tasks, nproc=1, scheduler=None):
+def find_spots_in_files(tasks, nproc=1, scheduler=None, meanwhile=None):
     """Spot lists of several images, [(path, detector, find_spots keywords)] -> [spots or None], in
-    order: on worker processes when nproc > 1 (or on a Dask cluster), each the same as found here."""
+    order: on worker processes when nproc > 1 (or on a Dask cluster), each the same as found here.
+    With `meanwhile` (a callable run here while the workers search): (lists, its result)."""
     from .distributed import run_tasks
-    return run_tasks(find_spots_in_file, tasks, nproc, scheduler)
+    return run_tasks(find_spots_in_file, tasks, nproc, scheduler, meanwhile=meanwhile)
 
 
 def chain_groups(lists, linked):

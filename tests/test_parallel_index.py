@@ -25,6 +25,9 @@ def test_spots_found_on_two_worker_processes_are_those_found_here():
     there = find_spots_in_files(tasks, nproc=2)
     for a, b in zip(here, there):
         assert len(a) > 100 and a.dtype == b.dtype and np.array_equal(a, b)
+    # and with work for this process meanwhile (AUTOINDEX imports its fitting there): its result beside
+    lists, meanwhile = find_spots_in_files(tasks, nproc=2, meanwhile=lambda: "imported")
+    assert meanwhile == "imported" and all(np.array_equal(a, b) for a, b in zip(here, lists))
     # an image that cannot be read comes back as None (the caller reads it again to say why)
     assert find_spots_in_files([("/nonexistent/x_0001.cbf",) + tasks[0][1:]] * 2, nproc=2) == [None, None]
 
