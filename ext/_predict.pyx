@@ -3,7 +3,7 @@
 phi window, with its detector position.  The numpy twin is pyflm.predict.predict_numpy."""
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport sqrt, atan2, acos, cos, sin, floor, fabs, M_PI
+from libc.math cimport sqrt, atan2, acos, cos, sin, floor, ceil, fabs, M_PI, NAN, INFINITY
 
 cnp.import_array()
 
@@ -17,10 +17,14 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
     prune=False: without the quick rejection of reflections that cross outside a narrow window (the
     same results, tested)."""
     cdef Py_ssize_t cap = 1024, n = 0
+    # an array per quantity, grown by doubling: whole-array copies (rows of a 2-D array were copied one
+    # call at a time, and so were the strided columns handed back: 15 % of the kernel)
     hkl = np.empty((cap, 3), np.int32)
-    out_f = np.empty((cap, 8), np.float64)      # phi, s1x, s1y, s1z, x, y, hit, d
+    out_f = np.empty((5, cap), np.float64)      # phi, x, y, hit, d
+    out_s = np.empty((cap, 3), np.float64)      # s1
     cdef int[:, ::1] H = hkl
     cdef double[:, ::1] F = out_f
+    cdef double[:, ::1] S1 = out_s
     cdef int h, k, l, sol
     cdef double rx, ry, rz, r2, rho, K, ca, sa, sq, sg, phi, c, s, qx, qy, sx, sy, sz, norm, dn, t, px, py, pz
     cdef double inv_lam = 1.0 / wavelength
@@ -40,6 +44,15 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
     cdef double hlam = 0.5 * wavelength, f0, f1, q0, q1
     # f and (R r)_y are of order |r| <= 1/dmin: rounding leaves them ~1e-16 of that
     cdef double TINY = 1e-12 * (1.0 / dmin)
+    # the sphere at the window's middle rotation (centre -R(-theta_m) s0) and the shell about it that
+    # holds every point crossing during the window: delta = the most its centre moves, (2/lambda) sin(W/4)
+    cdef double th_m = 0.5 * (th_lo + th_hi)
+    cdef double cmx = -inv_lam * cos(th_m), cmy = inv_lam * sin(th_m)
+    cdef double delta = 2.0 * inv_lam * sin(0.25 * (th_hi - th_lo)) * (1.0 + 1e-6) + 1e-9 * inv_lam
+    cdef double ro2 = (inv_lam + delta) * (inv_lam + delta)
+    cdef double ri2 = (inv_lam - delta) * (inv_lam - delta) if inv_lam > delta else 0.0
+    cdef double pc, pp
+    cdef int la0, lb0, la1, lb1, la, lb, seg
     for h in range(-hmax, hmax + 1):
         for k in range(-kmax, kmax + 1):
             # only the l inside the resolution sphere: |b + l c*|^2 <= rmax2, a quadratic in l
@@ -59,90 +72,134 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
                 l0 = -lmax
             if l1 > lmax:
                 l1 = lmax
-            for l in range(l0, l1 + 1):
-                rx = bx + a02 * l
-                ry = by + a12 * l
-                rz = bz + a22 * l
-                r2 = rx * rx + ry * ry + rz * rz
-                if r2 > rmax2 or r2 <= 0 or r2 < rmin2:
+            # with a narrow window only the l whose point lies within delta of the sphere of the window's
+            # middle rotation can cross it during the window (the sphere's centre moves less than delta
+            # over it): along the line b + l c* that shell is at most two runs of l; the rest of the
+            # column is not visited.  Bounds widened (delta by 1e-6, a whole l each way): a skipped l is one the
+            # tests below would reject
+            la0 = l0
+            lb0 = l1
+            la1 = 1
+            lb1 = 0
+            if narrow and prune:
+                px = bx - cmx
+                py = by - cmy
+                pc = px * a02 + py * a12 + bz * a22
+                pp = px * px + py * py + bz * bz
+                disc = pc * pc - c2 * (pp - ro2)
+                if disc < 0:
                     continue
-                if narrow and prune:
-                    # f(theta) = (R r)_x + lambda r^2 / 2 is zero where r meets the sphere, and its slope is
-                    # -(R r)_y.  Of the window's ends, f of the same sign at both and (R r)_y too (no turn
-                    # of f inside a window under 180 degrees): no crossing in the window, found without a
-                    # square root or division.  Only decided well clear of zero (TINY: far above the
-                    # rounding of these sums, far below any f of a crossing outside): anything nearer
-                    # takes the exact test below, so the same reflections come out as without this.
-                    f0 = rx * clo - ry * slo + hlam * r2
-                    f1 = rx * chi - ry * shi + hlam * r2
-                    q0 = rx * slo + ry * clo
-                    q1 = rx * shi + ry * chi
-                    if ((f0 > TINY and f1 > TINY) or (f0 < -TINY and f1 < -TINY)) and \
-                            ((q0 > TINY and q1 > TINY) or (q0 < -TINY and q1 < -TINY)):
+                disc = sqrt(disc)
+                lo_l = floor((-pc - disc) / c2) - 1
+                hi_l = ceil((-pc + disc) / c2) + 1
+                if lo_l > la0:
+                    la0 = <int>lo_l
+                if hi_l < lb0:
+                    lb0 = <int>hi_l
+                disc = pc * pc - c2 * (pp - ri2)
+                if disc > 0:             # the line passes inside the inner sphere: two runs
+                    disc = sqrt(disc)
+                    lo_l = ceil((-pc - disc) / c2) + 1      # the gap's first and last l, shrunk by one
+                    hi_l = floor((-pc + disc) / c2) - 1
+                    if lo_l <= hi_l and lo_l > la0 and hi_l < lb0:
+                        la1 = <int>hi_l + 1
+                        lb1 = lb0
+                        lb0 = <int>lo_l - 1
+            for seg in range(2):
+                la = la0 if seg == 0 else la1
+                lb = lb0 if seg == 0 else lb1
+                for l in range(la, lb + 1):
+                    rx = bx + a02 * l
+                    ry = by + a12 * l
+                    rz = bz + a22 * l
+                    r2 = rx * rx + ry * ry + rz * rz
+                    if r2 > rmax2 or r2 <= 0 or r2 < rmin2:
                         continue
-                rho = sqrt(rx * rx + ry * ry)
-                if rho <= 0:
-                    continue
-                K = -wavelength * r2 / (2.0 * rho)
-                if K < -1.0 or K > 1.0:
-                    continue
-                # cos(phi + alpha) = K with cos(alpha) = rx/rho, sin(alpha) = ry/rho: the two solutions'
-                # cos and sin follow algebraically, so only one atan2 per solution is needed
-                sq = sqrt(1.0 - K * K)
-                for sol in range(2):
-                    sg = 1.0 if sol == 0 else -1.0
-                    # rho * cos and rho * sin: the sign tests need no division
-                    c = K * rx + sg * sq * ry
-                    s = sg * sq * rx - K * ry
-                    if narrow:
-                        # inside the window iff sin(theta - theta_lo) >= 0 and sin(theta_hi - theta) > 0:
-                        # no trigonometry for the many reflections that cross elsewhere
-                        if s * clo - c * slo < 0 or shi * c - chi * s <= 0:
+                    if narrow and prune:
+                        # f(theta) = (R r)_x + lambda r^2 / 2 is zero where r meets the sphere, and its slope is
+                        # -(R r)_y.  Of the window's ends, f of the same sign at both and (R r)_y too (no turn
+                        # of f inside a window under 180 degrees): no crossing in the window, found without a
+                        # square root or division.  Only decided well clear of zero (TINY: far above the
+                        # rounding of these sums, far below any f of a crossing outside): anything nearer
+                        # takes the exact test below, so the same reflections come out as without this.
+                        f0 = rx * clo - ry * slo + hlam * r2
+                        f1 = rx * chi - ry * shi + hlam * r2
+                        q0 = rx * slo + ry * clo
+                        q1 = rx * shi + ry * chi
+                        if ((f0 > TINY and f1 > TINY) or (f0 < -TINY and f1 < -TINY)) and \
+                                ((q0 > TINY and q1 > TINY) or (q0 < -TINY and q1 < -TINY)):
                             continue
-                    c = c / rho
-                    s = s / rho
-                    phi = atan2(s, c) / rad
-                    if axis_sign < 0:
-                        phi = -phi
-                    phi = phi_lo + (phi - phi_lo) - 360.0 * floor((phi - phi_lo) / 360.0)
-                    if phi >= phi_hi:
+                    rho = sqrt(rx * rx + ry * ry)
+                    if rho <= 0:
                         continue
-                    # (c, s) are the cosine and sine of the rotation R_z that brings r onto the sphere
-                    qx = c * rx - s * ry
-                    qy = s * rx + c * ry
-                    sx = (qx + inv_lam) * wavelength
-                    sy = qy * wavelength
-                    sz = rz * wavelength
-                    if n == cap:
-                        cap *= 2
-                        hkl = np.resize(hkl, (cap, 3))
-                        out_f = np.resize(out_f, (cap, 8))
-                        H = hkl
-                        F = out_f
-                    H[n, 0] = h
-                    H[n, 1] = k
-                    H[n, 2] = l
-                    F[n, 0] = phi
-                    F[n, 1] = sx
-                    F[n, 2] = sy
-                    F[n, 3] = sz
-                    dn = sx * nrm[0] + sy * nrm[1] + sz * nrm[2]
-                    if dn > 1e-12:
-                        t = on / dn
-                        px = sx * t - origin[0]
-                        py = sy * t - origin[1]
-                        pz = sz * t - origin[2]
-                        F[n, 4] = px * ex[0] + py * ex[1] + pz * ex[2]
-                        F[n, 5] = px * ey[0] + py * ey[1] + pz * ey[2]
-                        F[n, 6] = 1.0
-                    else:
-                        F[n, 4] = F[n, 5] = np.nan
-                        F[n, 6] = 0.0
-                    F[n, 7] = 1.0 / sqrt(r2)
-                    n += 1
-    f = out_f[:n]
-    return (hkl[:n].copy(), f[:, 0].copy(), f[:, 1:4].copy(), f[:, 4].copy(), f[:, 5].copy(),
-            f[:, 6] > 0.5, f[:, 7].copy())
+                    K = -wavelength * r2 / (2.0 * rho)
+                    if K < -1.0 or K > 1.0:
+                        continue
+                    # cos(phi + alpha) = K with cos(alpha) = rx/rho, sin(alpha) = ry/rho: the two solutions'
+                    # cos and sin follow algebraically, so only one atan2 per solution is needed
+                    sq = sqrt(1.0 - K * K)
+                    for sol in range(2):
+                        sg = 1.0 if sol == 0 else -1.0
+                        # rho * cos and rho * sin: the sign tests need no division
+                        c = K * rx + sg * sq * ry
+                        s = sg * sq * rx - K * ry
+                        if narrow:
+                            # inside the window iff sin(theta - theta_lo) >= 0 and sin(theta_hi - theta) > 0:
+                            # no trigonometry for the many reflections that cross elsewhere
+                            if s * clo - c * slo < 0 or shi * c - chi * s <= 0:
+                                continue
+                        c = c / rho
+                        s = s / rho
+                        phi = atan2(s, c) / rad
+                        if axis_sign < 0:
+                            phi = -phi
+                        phi = phi_lo + (phi - phi_lo) - 360.0 * floor((phi - phi_lo) / 360.0)
+                        if phi >= phi_hi:
+                            continue
+                        # (c, s) are the cosine and sine of the rotation R_z that brings r onto the sphere
+                        qx = c * rx - s * ry
+                        qy = s * rx + c * ry
+                        sx = (qx + inv_lam) * wavelength
+                        sy = qy * wavelength
+                        sz = rz * wavelength
+                        if n == cap:
+                            cap *= 2
+                            grown = np.empty((cap, 3), np.int32)
+                            grown[:n] = hkl
+                            hkl = grown
+                            grown = np.empty((5, cap), np.float64)
+                            grown[:, :n] = out_f
+                            out_f = grown
+                            grown = np.empty((cap, 3), np.float64)
+                            grown[:n] = out_s
+                            out_s = grown
+                            H = hkl
+                            F = out_f
+                            S1 = out_s
+                        H[n, 0] = h
+                        H[n, 1] = k
+                        H[n, 2] = l
+                        F[0, n] = phi
+                        S1[n, 0] = sx
+                        S1[n, 1] = sy
+                        S1[n, 2] = sz
+                        dn = sx * nrm[0] + sy * nrm[1] + sz * nrm[2]
+                        if dn > 1e-12:
+                            t = on / dn
+                            px = sx * t - origin[0]
+                            py = sy * t - origin[1]
+                            pz = sz * t - origin[2]
+                            F[1, n] = px * ex[0] + py * ex[1] + pz * ex[2]
+                            F[2, n] = px * ey[0] + py * ey[1] + pz * ey[2]
+                            F[3, n] = 1.0
+                        else:
+                            F[1, n] = NAN
+                            F[2, n] = NAN
+                            F[3, n] = 0.0
+                        F[4, n] = 1.0 / sqrt(r2)
+                        n += 1
+    return (hkl[:n].copy(), out_f[0, :n].copy(), out_s[:n].copy(), out_f[1, :n].copy(), out_f[2, :n].copy(),
+            out_f[3, :n] > 0.5, out_f[4, :n].copy())
 
 
 def overlaps(const cnp.int64_t[::1] img, const double[::1] u, const double[::1] v, double r):
