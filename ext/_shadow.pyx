@@ -141,42 +141,49 @@ cdef void _stats(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double 
     cdef double x, y
     cdef double *buf = <double *>malloc(k * sizeof(double))
     cdef double *bb = <double *>malloc(bin_ * bin_ * sizeof(double))
-    if k == 5:
-        if pix_t is cnp.int32_t:
-            pyflm_med5_i32(ns * nf, <const int *>st[0], <const int *>st[1], <const int *>st[2],
-                           <const int *>st[3], <const int *>st[4], nullpix, &V[0, 0], &M[0, 0])
-        elif pix_t is float:
-            pyflm_med5_f32(ns * nf, st[0], st[1], st[2], st[3], st[4], nullpix, &V[0, 0], &M[0, 0])
-        else:
-            pyflm_med5_f64(ns * nf, st[0], st[1], st[2], st[3], st[4], nullpix, &V[0, 0], &M[0, 0])
-    for i in range(ns if k != 5 else 0):
-        for j in range(nf):
-            off = i * nf + j
-            nv = 0
-            for t in range(k):
-                x = st[t][off]
-                nv += x > nullpix
-                buf[t] = x if x > 0 else 0.0
-            # odd-even transposition sort of the k values: branch-free compare-exchanges (the values'
-            # order is random, so an insertion sort's branches were mispredicted at every pixel)
-            for u in range(k):
-                for t in range(u % 2, k - 1, 2):
-                    x = buf[t]
-                    y = buf[t + 1]
-                    buf[t] = pyflm_min(x, y)
-                    buf[t + 1] = pyflm_max(x, y)
-            if 2 * nv > k:
-                V[i, j] = 1
-                M[i, j] = _median_sorted(buf, <int>k)
-            else:
-                V[i, j] = 0
-                M[i, j] = 0.0
+    cdef Py_ssize_t r0, r1
     cdef int hist[HIST]
     cdef int small, top, h, cum, lo_rank, hi_rank
     cdef double lo_v, hi_v
     for h in range(HIST):
         hist[h] = 0
     for bi in range(C.shape[0]):
+        # the pixels of this row of bins first, while they are in the cache for their bins' medians
+        r0 = bi * bin_
+        r1 = min(r0 + bin_, ns)
+        if k == 5:
+            if pix_t is cnp.int32_t:
+                pyflm_med5_i32((r1 - r0) * nf, <const int *>st[0] + r0 * nf, <const int *>st[1] + r0 * nf,
+                               <const int *>st[2] + r0 * nf, <const int *>st[3] + r0 * nf,
+                               <const int *>st[4] + r0 * nf, nullpix, &V[r0, 0], &M[r0, 0])
+            elif pix_t is float:
+                pyflm_med5_f32((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
+                               st[3] + r0 * nf, st[4] + r0 * nf, nullpix, &V[r0, 0], &M[r0, 0])
+            else:
+                pyflm_med5_f64((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
+                               st[3] + r0 * nf, st[4] + r0 * nf, nullpix, &V[r0, 0], &M[r0, 0])
+        for i in range(r0 if k != 5 else r1, r1):
+            for j in range(nf):
+                off = i * nf + j
+                nv = 0
+                for t in range(k):
+                    x = st[t][off]
+                    nv += x > nullpix
+                    buf[t] = x if x > 0 else 0.0
+                # odd-even transposition sort of the k values: branch-free compare-exchanges (the
+                # values' order is random, so an insertion sort's branches were mispredicted at every pixel)
+                for u in range(k):
+                    for t in range(u % 2, k - 1, 2):
+                        x = buf[t]
+                        y = buf[t + 1]
+                        buf[t] = pyflm_min(x, y)
+                        buf[t + 1] = pyflm_max(x, y)
+                if 2 * nv > k:
+                    V[i, j] = 1
+                    M[i, j] = _median_sorted(buf, <int>k)
+                else:
+                    V[i, j] = 0
+                    M[i, j] = 0.0
         for bj in range(C.shape[1]):
             n = 0
             small = 1
