@@ -451,15 +451,27 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     nb += 1
                 else:
                     pyflm_moments(bg_x[q], bg_y[q], out_g)
+        elif n_nb == 1:
+            for q in range(n_bg_all):
+                k = bg_k[q]
+                c = box[k]
+                c0 = box0[k]
+                if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = (c + c0) / 2.0
+                    bu[nb] = 1.0
+                    nb += 1
+                else:
+                    pyflm_moments(bg_x[q], bg_y[q], out_g)
         else:
             for q in range(n_bg_all):
                 k = bg_k[q]
                 c = box[k]
-                c0 = box0[k] if n_nb == 1 else c
-                if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
+                if (c > nullpix) & ((mb[k] & 3) == 0):
                     bx[nb] = bg_x[q]
                     by[nb] = bg_y[q]
-                    bc[nb] = c if n_nb == 0 else (c + c0) / 2.0
+                    bc[nb] = c
                     bu[nb] = 1.0
                     nb += 1
                 else:
