@@ -365,9 +365,9 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
 # What PROCESS's probe decides with is the number of spots that are not too small and where they are
 # (fast, slow): both from the pixels alone (the image, gain, null and overload values), not from the
 # detector's position, which refinement moves between the deck's PROCESS actions.  So with worker
-# processes the probes of every PROCESS the deck will run are searched while indexing keeps this process
-# busy on its own, one at a time (a worker is always left for indexing's own tasks and the first blocks),
-# and PROCESS takes the one whose image and pixel values are its own.
+# processes the probes of every PROCESS the deck will run are searched by a worker of their own while
+# indexing keeps this process busy on its own; PROCESS takes the one whose image and pixel values are
+# its own.
 
 PROBE_DTYPE = np.dtype([("fast", "f8"), ("slow", "f8"), ("flag", "i4")])
 
@@ -398,45 +398,29 @@ def _probe_task(read_image, detector, scan, img):
 
 
 class EarlyProbes:
-    """Probe searches submitted one after another to the job's worker pool by a thread of this process
-    (which only waits); take(key) gives a probe's result (waiting for it if it is running), or None
-    when it was not started: it is then not started at all, and the caller searches itself."""
+    """Probe searches run one after another by a worker process of their own (not the job's pool,
+    where they would hold up the blocks PROCESS queues behind them).  take(key) gives a probe's result,
+    waiting for it if it is being searched, else None (one not started is then not started at all;
+    the caller searches itself, as it would without)."""
 
-    def __init__(self, pool, tasks):
-        import threading
-        self.pool, self.lock = pool, threading.Lock()
-        self.tasks = [(k, a) for k, a in tasks if k is not None]
-        self.futures, self.dropped = {}, set()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="pyflm-early-probes")
-        self.thread.start()
-
-    def _run(self):
-        for key, args in self.tasks:
-            with self.lock:
-                if key in self.dropped or key in self.futures:
-                    continue
-                try:
-                    f = self.futures[key] = self.pool.submit(_probe_task, *args)
-                except Exception:        # the pool was stopped (a signal, a broken worker): no more
-                    return
-            try:
-                f.result()
-            except BaseException:
-                return
+    def __init__(self, tasks):
+        from concurrent.futures import ProcessPoolExecutor
+        from .integrate import _ignore_signals
+        pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
+        try:
+            self.futures = {k: pool.submit(_probe_task, *a) for k, a in tasks if k is not None}
+        finally:
+            pool.shutdown(wait=False)        # its worker ends once the probes are searched
 
     def cancel(self):
-        """No more probes (the job is ending): those not started are not, a queued one is dropped."""
-        with self.lock:
-            self.dropped.update(k for k, _ in self.tasks)
-            for f in self.futures.values():
-                f.cancel()
+        """No more probes (the job is ending): those not started are not."""
+        for f in self.futures.values():
+            f.cancel()
 
     def take(self, key):
-        with self.lock:
-            f = self.futures.get(key)
-            if f is None:
-                self.dropped.add(key)
-                return None
+        f = self.futures.get(key)
+        if f is None or f.cancel():
+            return None
         try:
             return f.result()
         except Exception:               # a broken worker: the caller searches itself
@@ -448,7 +432,7 @@ def start_early_probes(job, detector, scan):
     (job.upcoming), searched on the workers now (EarlyProbes, kept in job.results['early_probes'])."""
     import functools
     import os
-    from .distributed import local_pool, scheduler_from
+    from .distributed import scheduler_from
     from .integrate import _image_range, nproc_from, read_image_data
     nproc = nproc_from(job.kw)
     if nproc < 2 or scheduler_from(job.kw) or not job.upcoming:
@@ -469,7 +453,7 @@ def start_early_probes(job, detector, scan):
             tasks.append((key, (reader, detector, scan, mid)))
     if tasks:
         try:
-            job.results["early_probes"] = EarlyProbes(local_pool(nproc), tasks)
+            job.results["early_probes"] = EarlyProbes(tasks)
         except Exception:           # early work only: PROCESS searches its probe itself
             pass
 

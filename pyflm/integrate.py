@@ -801,13 +801,18 @@ def _start_next_segment(job, spec, first, last):
         return
     if b < a or scan.first > a or scan.last < b or (a, b) == (first, last):
         return
+    from .refine import start_segment_measure
     from .shoebox import integrate_image
     cancel_early_blocks(job)
     try:
-        block_args = (copy.copy(spec), beam, det, gonio, scan, range(a, b + 1), settings_from_job(job, det),
-                      job_image_reader(job), integrate_image)
+        settings = settings_from_job(job, det)
+        block_args = (copy.copy(spec), beam, det, gonio, scan, range(a, b + 1), settings, job_image_reader(job),
+                      integrate_image)
         job.results["early_blocks"] = (_blocks_key(block_args), start_blocks(*block_args))
-    except Exception:          # early work only: that PROCESS starts its own blocks
+        # and its first measurement for the refinement, as that PROCESS would start it (else the
+        # refinement's first cycle waits for it once that PROCESS has begun)
+        start_segment_measure(job, spec, (beam, det, gonio, scan), a, b, settings, index=done + 1)
+    except Exception:          # early work only: that PROCESS starts its own
         pass
 
 

@@ -860,26 +860,33 @@ def _task_key(args):
         return object()
 
 
-def start_segment_measure(job, crystal, models, first, last, settings):
+def start_segment_measure(job, crystal, models, first, last, settings, index=None):
     """At the start of a cell-refinement segment's PROCESS with NPROC > 1: its first-cycle measurement
     (what refine_cell will ask of this segment, if nothing changes before it runs) starts now in the
     worker that will measure this segment in every cycle, beside the segment's integration.
-    refine_cell takes it only if its own arguments are the same (_SegmentMeasurer)."""
+    refine_cell takes it only if its own arguments are the same (_SegmentMeasurer).  `index`: the
+    segment's number when it is not the PROCESS now running (the next segment, started early by
+    pyflm.integrate); one started early with other arguments than its PROCESS's is replaced."""
     postref = job.kw.get("POSTREF") or {}
     if not (postref.get("MULTI") or postref.get("SEGMENTS")) or settings.nproc < 2 or settings.scheduler:
         return
-    s = len(job.results.get("cellref_segments") or [])
+    s = len(job.results.get("cellref_segments") or []) if index is None else index
     need = int(postref.get("SEGMENTS", 2))
     started = job.results.setdefault("cellref_started", {})
-    if s >= min(settings.nproc, need) or s in started:
+    if s >= min(settings.nproc, need):
         return
     from .integrate import _ignore_signals, job_image_reader
     beam, det, gonio, scan = models
     reader = job_image_reader(job)
     kw = dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster, separation=settings.separation)
     args = (copy.copy(crystal), beam, copy.copy(det), gonio, scan, first, last, reader, kw)
+    key = _task_key(args)
+    if s in started:
+        if started[s].key == key:
+            return
+        started.pop(s).pool.shutdown(wait=False, cancel_futures=True)
     pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
-    started[s] = StartedSegment(pool, pool.submit(_measure_segment, *args), _task_key(args))
+    started[s] = StartedSegment(pool, pool.submit(_measure_segment, *args), key)
 
 
 _WORKER_READERS = {}
