@@ -19,6 +19,8 @@ pixels holding more than MAX_DEAD_FRACTION of its intensity; fewer are masked, _
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:        # the Cython kernel of fit_background (ext/_background.pyx); fit_background_numpy is its twin
@@ -59,7 +61,13 @@ def choose_raster(spot_x, spot_y):
 
 
 def box_masks(raster):
-    """Boolean (peak, background) masks of shape (nxs, nys) = (slow, fast) for a RASTER."""
+    """Boolean (peak, background) masks of shape (nxs, nys) = (slow, fast) for a RASTER (read-only:
+    the same two arrays for every call with that RASTER, several a measured image)."""
+    return _box_masks(tuple(int(r) for r in raster))
+
+
+@functools.lru_cache(maxsize=16)
+def _box_masks(raster):
     nxs, nys, nc, nrx, nry = raster
     ix = np.arange(nxs)[:, None]
     iy = np.arange(nys)[None, :]
@@ -67,7 +75,10 @@ def box_masks(raster):
     dy = np.minimum(iy, nys - 1 - iy)
     inside = (dx + dy) >= nc
     peak = (dx >= nrx) & (dy >= nry)
-    return peak & inside, (~peak) & inside
+    masks = peak & inside, (~peak) & inside
+    for m in masks:
+        m.flags.writeable = False
+    return masks
 
 
 def extract_boxes(data, fast, slow, raster):
