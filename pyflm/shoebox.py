@@ -346,9 +346,10 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
                              float(gain), float(overload), float(nullpix), bg_images=list(bg_images),
                              single_exclude=single_exclude,
                              single=None if single is None else np.asarray(single, bool)[order])
+        back = np.empty_like(order)          # each reflection's place in the kernel's order
+        back[order] = np.arange(len(order))
         for k, v in m.items():
-            m[k] = np.empty_like(v)
-            m[k][order] = v
+            m[k] = v.take(back, axis=0)
         m["_row_order"] = order          # integrate_image's profile fit takes them in the same order
         return m
     m = measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
