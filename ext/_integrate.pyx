@@ -336,6 +336,28 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
     res[7] = wj
 
 
+cdef inline int _gather_one(int n_bg_all, const int *bg_k, const double *bg_x, const double *bg_y,
+                            const double *box, const unsigned char *mb, unsigned char bits, double nullpix,
+                            double *bx, double *by, double *bc, double *bu, double *out_g) noexcept nogil:
+    """The background candidates of one image's box that are in use (mask bits `bits` clear, counts
+    above nullpix), gathered for the plane fit; the coordinate moments of those left out go to out_g.
+    Returns their number."""
+    cdef int q, k, nb = 0
+    cdef double c
+    for q in range(n_bg_all):
+        k = bg_k[q]
+        c = box[k]
+        if (c > nullpix) & ((mb[k] & bits) == 0):
+            bx[nb] = bg_x[q]
+            by[nb] = bg_y[q]
+            bc[nb] = c
+            bu[nb] = 1.0
+            nb += 1
+        else:
+            pyflm_moments(bg_x[q], bg_y[q], out_g)
+    return nb
+
+
 cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow,
                    int nxs, int nys, const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm,
                    const unsigned char[:, ::1] mask, int use_mask,
@@ -465,17 +487,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 else:
                     pyflm_moments(bg_x[q], bg_y[q], out_g)
         else:
-            for q in range(n_bg_all):
-                k = bg_k[q]
-                c = box[k]
-                if (c > nullpix) & ((mb[k] & 3) == 0):
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = c
-                    bu[nb] = 1.0
-                    nb += 1
-                else:
-                    pyflm_moments(bg_x[q], bg_y[q], out_g)
+            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 3, nullpix, bx, by, bc, bu, out_g)
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
         FL_o[b, 1] = badpk
@@ -501,20 +513,9 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over:
             # the same box measured from this image alone, its own exclusions (the profiles' measurement;
             # a box off the image, with bad peak pixels or an overload never makes a profile: not measured)
-            nb = 0
             for k in range(6):
                 out_g[k] = 0.0
-            for q in range(n_bg_all):
-                k = bg_k[q]
-                c = box[k]
-                if (c > nullpix) & ((mb[k] & 5) == 0):
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = c
-                    bu[nb] = 1.0
-                    nb += 1
-                else:
-                    pyflm_moments(bg_x[q], bg_y[q], out_g)
+            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 5, nullpix, bx, by, bc, bu, out_g)
             for k in range(6):
                 first[k] = rim_g[k] - out_g[k]
             pyflm_data_sums(nb, bx, by, bc, first)
