@@ -529,17 +529,18 @@ def _finish(held, done, new, last_image, final, gain=1.0):
     seq = np.concatenate([held, new])
     fin = np.concatenate([done, np.zeros(len(new), bool)])
     work = np.flatnonzero(~fin)
-    w = seq[work]
-    # reflections (same indices, consecutive images) among the unfinished records
-    order = np.lexsort((w["batch"], w["l"], w["k"], w["h"]))
-    ws = w[order]
-    start = np.ones(len(ws), bool)
-    start[1:] = ~((ws["h"][1:] == ws["h"][:-1]) & (ws["k"][1:] == ws["k"][:-1]) &
-                  (ws["l"][1:] == ws["l"][:-1]) & (ws["batch"][1:] == ws["batch"][:-1] + 1))
-    gid = np.empty(len(w), np.int64)
+    # reflections (same indices, consecutive images) among the unfinished records; by fields, not
+    # whole records (a gather of RECORD_DTYPE rows is several times slower)
+    wb, wh, wk, wl = (seq[f][work] for f in ("batch", "h", "k", "l"))
+    order = np.lexsort((wb, wl, wk, wh))
+    bs, hs, ks, ls = wb[order], wh[order], wk[order], wl[order]
+    start = np.ones(len(order), bool)
+    start[1:] = ~((hs[1:] == hs[:-1]) & (ks[1:] == ks[:-1]) & (ls[1:] == ls[:-1]) & (bs[1:] == bs[:-1] + 1))
+    gid = np.empty(len(order), np.int64)
     gid[order] = np.cumsum(start) - 1
-    last = np.full(int(gid.max()) + 1 if len(w) else 0, -2 ** 31, np.int64)
-    np.maximum.at(last, gid, w["batch"])
+    # a reflection's last image: its records are in batch order, so its last record's
+    ends = np.append(np.flatnonzero(start)[1:] - 1, len(order) - 1) if len(order) else np.zeros(0, np.int64)
+    last = bs[ends].astype(np.int64)
     still_open = (last[gid] >= last_image) & (not final)       # may go on onto the next block's images
     closing = work[~still_open]
     if len(closing):
@@ -549,7 +550,7 @@ def _finish(held, done, new, last_image, final, gain=1.0):
         combine_weak_partials(sub, gain=gain)
         seq[closing] = sub
         fin[closing] = True
-    first_open = int(w["batch"][still_open].min()) if still_open.any() else None
+    first_open = int(wb[still_open].min()) if still_open.any() else None
     emit = np.ones(len(seq), bool) if first_open is None else seq["batch"] < first_open
     return seq[emit], seq[~emit], fin[~emit]
 
