@@ -697,6 +697,46 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
 _ONE = np.zeros((1, 1), np.uint8)
 
 
+# The kernels on an image of any pixel type: each wrapper's fused `data` argument makes Cython pick the
+# kernel's specialisation from the array's dtype at run time (one dispatch, not a branch per type).
+
+def _run_measure(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, const double[::1] F,
+                 const double[::1] S, int nxs, int nys, const unsigned char[:, ::1] pk,
+                 const unsigned char[:, ::1] bg, const unsigned char[:, ::1] m, int um,
+                 const unsigned char[:, ::1] x, int ux, int n_nb, const unsigned char[:, ::1] g, int ug,
+                 const unsigned char[::1] SG, double gain, double overload, double nullpix, int n_iter,
+                 double cutoff, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
+                 cnp.int32_t[::1] NP, cnp.int32_t[::1] NB, double[::1] SO, double[::1] FO,
+                 long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, double[::1] I1,
+                 double[::1] S1, double[:, ::1] C1, cnp.int32_t[:, ::1] DS):
+    with nogil:
+        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, nb0, nb1, n_nb, g, ug, SG, gain, overload,
+                 nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
+
+
+def _run_profile_sums(pix_t[:, ::1] data, const double[::1] F, const double[::1] S,
+                      const double[:, ::1] C, const double[::1] T, const cnp.int64_t[::1] R,
+                      const cnp.int64_t[::1] W, int nxs, int nys, const unsigned char[:, ::1] pk, int sub,
+                      double[:, :, ::1] SU, double[:, :, ::1] WE):
+    with nogil:
+        _profile_sums(data, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
+
+
+def _run_fit(pix_t[:, ::1] data, const double[::1] F, const double[::1] S, const double[:, ::1] C,
+             const double[::1] T, const cnp.int64_t[::1] R, const double[:, :, ::1] FI, int sub, int nxs,
+             int nys, const unsigned char[:, ::1] pk, const unsigned char[:, ::1] m, int um, double gain,
+             double overload, double nullpix, int n_iter, double[::1] I_o, double[::1] S_o):
+    with nogil:
+        _fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
+
+
+def _run_quick(pix_t[:, ::1] data, const double[::1] F, const double[::1] S, int nxs, int nys,
+               const unsigned char[:, ::1] pk, const unsigned char[:, ::1] bg, double nullpix,
+               const cnp.int64_t[::1] od, double[:, ::1] O):
+    with nogil:
+        _quick(data, F, S, nxs, nys, pk, bg, nullpix, od, O)
+
+
 def _image(data):
     """The image as one of the kernel's pixel types (C-contiguous)."""
     if data.dtype not in (np.int32, np.uint16, np.float32, np.float64):
@@ -766,34 +806,8 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef cnp.int32_t[::1] NP = out["n_peak"], NB = out["n_bg"]
     cdef long long[::1] CS = out["cs"], CF = out["cf"]
     cdef unsigned char[:, ::1] FL = fl
-    cdef cnp.int32_t[:, ::1] di, di0, di1
-    cdef cnp.uint16_t[:, ::1] du, du0, du1
-    cdef float[:, ::1] df, df0, df1
-    cdef double[:, ::1] dd, dd0, dd1
-    if data.dtype == np.int32:
-        di, di0, di1 = data, nbs[0], nbs[1]
-        with nogil:
-            _measure(di, F, S, nxs, nys, pk, bg, m, um, x, ux, di0, di1, n_nb, g, ug, SG, gain, overload,
-                     nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
-    elif data.dtype == np.uint16:
-        du, du0, du1 = data, nbs[0], nbs[1]
-        with nogil:
-            _measure(du, F, S, nxs, nys, pk, bg, m, um, x, ux, du0, du1, n_nb, g, ug, SG, gain, overload,
-                     nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
-    elif data.dtype == np.float32:
-        df, df0, df1 = data, nbs[0], nbs[1]
-        with nogil:
-            _measure(df, F, S, nxs, nys, pk, bg, m, um, x, ux, df0, df1, n_nb, g, ug, SG, gain, overload,
-                     nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
-    else:
-        dd, dd0, dd1 = data, nbs[0], nbs[1]
-        with nogil:
-            _measure(dd, F, S, nxs, nys, pk, bg, m, um, x, ux, dd0, dd1, n_nb, g, ug, SG, gain, overload,
-                     nullpix, n_iter, cutoff,
-                     I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
+    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, n_nb, g, ug, SG, gain, overload,
+                 nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out
 
@@ -812,27 +826,7 @@ def add_profile_sums(data, fast, slow, coef, I, regions, which, raster, peak, in
     cdef double[:, :, ::1] SU = sums
     cdef double[:, :, ::1] WE = weights
     cdef int nxs = raster[0], nys = raster[1]
-    cdef cnp.int32_t[:, ::1] di
-    cdef cnp.uint16_t[:, ::1] du
-    cdef float[:, ::1] df
-    cdef double[:, ::1] dd
-    if data.dtype == np.int32:
-        di = data
-        with nogil:
-            _profile_sums(di, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
-    elif data.dtype == np.uint16:
-        du = data
-        with nogil:
-            _profile_sums(du, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
-    elif data.dtype == np.float32:
-        df = data
-        with nogil:
-            _profile_sums(df, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
-    else:
-        dd = data
-        with nogil:
-            _profile_sums(dd, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
-
+    _run_profile_sums(data, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
 
 def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster, peak, mask=None,
                  double gain=1.0, double overload=1e9, double nullpix=-1.0, int n_iter=3):
@@ -851,26 +845,7 @@ def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster
     cdef int nxs = raster[0], nys = raster[1]
     Ia, Sa = np.empty(F.shape[0]), np.empty(F.shape[0])
     cdef double[::1] I_o = Ia, S_o = Sa
-    cdef cnp.int32_t[:, ::1] di
-    cdef cnp.uint16_t[:, ::1] du
-    cdef float[:, ::1] df
-    cdef double[:, ::1] dd
-    if data.dtype == np.int32:
-        di = data
-        with nogil:
-            _fit(di, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
-    elif data.dtype == np.uint16:
-        du = data
-        with nogil:
-            _fit(du, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
-    elif data.dtype == np.float32:
-        df = data
-        with nogil:
-            _fit(df, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
-    else:
-        dd = data
-        with nogil:
-            _fit(dd, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
+    _run_fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
     return Ia, Sa
 
 
@@ -990,24 +965,5 @@ def quick_sums(data, fast, slow, raster, peak, bg_mask, double nullpix=-1.0):
     res = np.zeros((F.shape[0], 4))
     cdef double[:, ::1] O = res
     cdef const cnp.int64_t[::1] od = np.lexsort((F, S))
-    cdef cnp.int32_t[:, ::1] di
-    cdef cnp.uint16_t[:, ::1] du
-    cdef float[:, ::1] df
-    cdef double[:, ::1] dd
-    if data.dtype == np.int32:
-        di = data
-        with nogil:
-            _quick(di, F, S, nxs, nys, pk, bg, nullpix, od, O)
-    elif data.dtype == np.uint16:
-        du = data
-        with nogil:
-            _quick(du, F, S, nxs, nys, pk, bg, nullpix, od, O)
-    elif data.dtype == np.float32:
-        df = data
-        with nogil:
-            _quick(df, F, S, nxs, nys, pk, bg, nullpix, od, O)
-    else:
-        dd = data
-        with nogil:
-            _quick(dd, F, S, nxs, nys, pk, bg, nullpix, od, O)
+    _run_quick(data, F, S, nxs, nys, pk, bg, nullpix, od, O)
     return res
