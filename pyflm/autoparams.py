@@ -430,10 +430,8 @@ class EarlyProbes:
 def start_early_probes(job, detector, scan):
     """With NPROC > 1 (local workers), the probes of the PROCESS actions still to come in the deck
     (job.upcoming), searched on the workers now (EarlyProbes, kept in job.results['early_probes'])."""
-    import functools
-    import os
     from .distributed import scheduler_from
-    from .integrate import _image_range, nproc_from, read_image_data
+    from .integrate import _image_range, image_reader, nproc_from
     nproc = nproc_from(job.kw)
     if nproc < 2 or scheduler_from(job.kw) or not job.upcoming:
         return
@@ -445,7 +443,7 @@ def start_early_probes(job, detector, scan):
             first, last = _image_range(job, args)
         except Exception:            # PROCESS says what is wrong with it when it runs
             continue
-        reader = functools.partial(read_image_data, template, os.path.abspath(directory), extension)
+        reader = image_reader(template, directory, extension)
         mid = (first + last) // 2
         key = _probe_key(reader, detector, mid)
         if key is not None and key not in seen:

@@ -591,10 +591,15 @@ def read_image_data(template, directory, extension, number):
 
 
 def job_image_reader(job):
-    """read_image(n) for the job's images, as every stage hands it to worker processes.  The directory
-    is absolute: workers (or other machines) may not share this working directory.  One way of making
-    it, so that equal jobs give equal readers (early-started work is matched by its arguments' bytes)."""
-    return functools.partial(read_image_data, job.template, os.path.abspath(job.directory), job.extension)
+    """read_image(n) for the job's images, as every stage hands it to worker processes."""
+    return image_reader(job.template, job.directory, job.extension)
+
+
+def image_reader(template, directory, extension):
+    """read_image(n) for the images of a template.  The directory is absolute: workers (or other
+    machines) may not share this working directory.  One way of making it, so that equal jobs give
+    equal readers (early-started work is matched by its arguments' bytes)."""
+    return functools.partial(read_image_data, template, os.path.abspath(directory), extension)
 
 
 def settings_from_job(job, detector):
