@@ -215,6 +215,11 @@ def parse_statement(line_no, text):
             raise InputError("unknown or misplaced sub-keyword", line_no, name, tok, expected)
         pos += 1
         spec = kw.subs[sub]
+        # a second IMAGE on one AUTOINDEX line used to replace the first without a word
+        if sub in values and "*" not in spec:
+            raise InputError(f"{sub} given twice on one line", line_no, name, tok,
+                             f"one {sub} per line (several {name} lines add images)" if name == "AUTOINDEX"
+                             else f"one {sub} per line")
         if spec in ("", None):
             values[sub] = True
             continue
@@ -223,6 +228,8 @@ def parse_statement(line_no, text):
             values[sub] = True
         elif len(got) == 1 and "*" not in spec:
             values[sub] = got[0]
+        elif "*" in spec and isinstance(values.get(sub), list):
+            values[sub] = values[sub] + list(got)     # RESOLUTION EXCLUDE a b EXCLUDE c d: both shells
         else:
             values[sub] = got
     if kw.args and not kw.subs:

@@ -210,6 +210,7 @@ MALFORMED = [
     ("process 1 to x", "'x'"),
     ("autoindex dps image x", "'x'"),
     ("autoindex wrongsub", "WRONGSUB"),
+    ("autoindex dps image 1 image 45", "IMAGE given twice"),
     ("findspots threshold -3", "out of range"),
     ("postref segments 0", "out of range"),
     ("polarisation synchrotron 1.5", "out of range"),
