@@ -210,11 +210,16 @@ class RockingCentroids:
     that is most of the spots' phi information, which fitting cut spots on x, y alone threw away.
     lo, hi: the images' phi ranges (scan degrees).
     AUTOINDEX does not use it yet: on L-cysteine it brings the cells of sweeps 1 and 4 within 0.1 %
-    of each other and of DIALS's (0.6 % apart before) and fits the spot positions 20 % better, but
-    sweep 4's strongest near-axis spots, (0 3 7) and (1 -7 -5), then lie 0.7-1.2 degrees beyond the
-    last image, their light on the images far more than the Gaussian of their predicted width puts
-    there: integration records only its tail, and loses (1 -7 -5).  The rocking width near the axis
-    must be understood first."""
+    of each other and of DIALS's (0.6 % apart before) and fits the spot positions 20 % better, and
+    puts sweep 4's (-1 -7 -3), the one strong near-axis reflection whose whole rocking curve is on
+    the images (peak on image 9, light centre 0.895 degrees from the scan's start in a 13 x 13 box
+    that holds the spot as it runs 5 pixels across the detector), at 0.891-0.896 (1.132 without it).
+    (0 3 7) and (1 -7 -5) still brighten at image 15, so the images do not fix their centres (a
+    fit of fixed width puts them at the scan's end); it moves (1 -7 -5) from 2.22 to 2.69 degrees,
+    where the Gaussian of its width leaves under 1 % a part on the images and integration loses it.
+    Their light rises more slowly than that Gaussian's flank: near the axis the widths are those of a
+    spread of 0.22-0.28 degrees, near the equator 0.10-0.12 (with tails beyond a Gaussian's), which
+    is the beam's divergence along the axis (rocking_width_xds; 0.15 degrees on both sweeps)."""
 
     def __init__(self, lo, hi, eta, beam, axis):
         self.lo, self.hi = np.asarray(lo, float), np.asarray(hi, float)

@@ -8,9 +8,10 @@ rotation axis e (= Z) and perpendicular to it, the diffracting condition |s0 + r
 detector at the predicted position.
 
 Rocking width (full width, degrees): the angular spread of the lattice point (mosaic spread with the
-beam divergence, plus 2 tan(theta) dlambda/lambda from the dispersion) divided by
-zeta = |e . (s1^ x s0^)|, the rate at which rotation carries it through the sphere (1/zeta is the
-Lorentz factor), so widths grow without limit near the rotation axis (MAXWIDTH rejects those).
+beam divergence along the rotation axis, plus 2 tan(theta) dlambda/lambda from the dispersion) divided
+by zeta = |e . (s1^ x s0^)|, the rate at which rotation carries it through the sphere (1/zeta is the
+Lorentz factor), so widths grow without limit near the rotation axis (MAXWIDTH rejects those); the
+divergence normal to the axis adds a width of its own (rocking_width_xds).
 Partiality on an image [phi1, phi2]: the fraction of the rocking curve, a Gaussian of FWHM `width`
 centred on the crossing, inside the image's range.
 
@@ -211,30 +212,39 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
 def rocking_width_xds(s1u, axis, mosaic, beam):
     """Full rocking width in phi (degrees).
 
-    A mosaic block (or the beam) turned by a small angle eta about a random axis moves the lattice point
-    off the sphere by at most eta |s0^ x s1^| (sin 2theta, in units of 1/lambda); rotation about the axis
-    moves it by zeta = |e.(s0^ x s1^)| per radian.  So the width is eta sin(2theta)/zeta (= eta for a
-    reflection in the equatorial plane, growing without limit near the axis), plus the dispersion's
-    (dlambda/lambda)(1 - cos 2theta)/zeta (tan(theta) dlambda/lambda on the equator)."""
+    A mosaic block (or the beam) turned by a small angle about a unit axis u moves the lattice point
+    off the sphere by that angle times u . (s0^ x s1^) (in units of 1/lambda); rotation about the
+    scan axis e moves it by zeta = |e . (s0^ x s1^)| per radian.  A mosaic spread eta about random
+    axes: eta sin(2theta) / zeta (= eta on the equator, growing without limit near the axis).  The
+    beam's divergence is not about random axes (Greenhough & Helliwell 1982): s0^ x s1^ lies in the
+    plane normal to the beam, along e (component zeta) and along e x s0^ (component w), so the
+    divergence in the plane normal to e (MOSFLM's vertical, the beam turned about e) shifts every
+    crossing by its own angle (a width dv, the same for all reflections), while the divergence
+    along e (horizontal, the beam turned about e x s0^) gives dh w / zeta, which near the axis
+    (w ~ sin 2theta) grows as the mosaic term does and on the equator (w = 0) vanishes.  Plus the
+    dispersion's (dlambda/lambda)(1 - cos 2theta)/zeta (tan(theta) dlambda/lambda on the equator)."""
     return width_from_terms(rocking_width_terms(s1u, axis, beam), mosaic)
 
 
 def rocking_width_terms(s1u, axis, beam):
     """What rocking_width_xds's widths need besides the mosaic spread (refinement steps the mosaic
-    alone and keeps these): (sin 2theta, dispersion term, zeta, beam divergence)."""
+    alone and keeps these): (sin 2theta, dispersion term, zeta, squared divergence term)."""
+    axis = np.asarray(axis, float)
     cross = np.cross(geometry.BEAM_DIRECTION, s1u)
-    zeta = np.maximum(np.abs(cross @ np.asarray(axis, float)), 1e-6)
+    zeta = np.maximum(np.abs(cross @ axis), 1e-6)
     sin2t = np.linalg.norm(cross, axis=1)
     cos2t = s1u[:, 0]
-    div = float(np.hypot(*beam.divergence))
+    dh, dv = (float(v) for v in beam.divergence)
+    u = np.cross(axis, geometry.BEAM_DIRECTION)          # e x s0^: the horizontal tilt's axis
+    w = cross @ (u / max(np.linalg.norm(u), 1e-12))
+    div2 = (dv * zeta) ** 2 + (dh * w) ** 2
     disp = np.degrees(beam.dispersion * (1.0 - cos2t))
-    return sin2t, disp, zeta, div
+    return sin2t, disp, zeta, div2
 
 
 def width_from_terms(terms, mosaic):
-    sin2t, disp, zeta, div = terms
-    angular = np.sqrt(mosaic ** 2 + div ** 2) * sin2t
-    return (angular + disp) / zeta
+    sin2t, disp, zeta, div2 = terms
+    return (np.sqrt((mosaic * sin2t) ** 2 + div2) + disp) / zeta
 
 
 def fields(pred, index, names):

@@ -135,3 +135,42 @@ def test_two_theta_detector_round_trip():
     lab = geometry.mm_to_lab(x, y, frame)
     x2, y2, ok = geometry.lab_to_mm(lab / np.linalg.norm(lab, axis=1)[:, None], frame)
     assert ok.all() and np.allclose(x, x2) and np.allclose(y, y2)
+
+
+def test_divergence_widens_the_rocking_curve_by_how_far_it_turns_each_crossing(sim_models):
+    """The beam turned by a small angle d about a unit axis u moves a crossing by d.(dphi/d) in phi;
+    the rocking width's divergence terms are those shifts: turned about the rotation axis (MOSFLM's
+    vertical divergence) every crossing moves by d itself, turned about e x s0 (horizontal, along the
+    axis) by d w/zeta, nothing on the equator and as much as the mosaic term near the axis.  (The
+    beam turned by d is the crystal at its crossing turned by -d about the same lab axis.)"""
+    crystal, beam, _, gonio = sim_models
+    hkl = predict.generate_hkl(crystal.A, 2.0)[:4000]
+    phi, _, ok = predict.crossings(crystal.A, hkl, beam.wavelength)
+    hkl, phi = hkl[ok], phi[ok]
+    s1 = np.einsum("nij,nj->ni", geometry.rot_z_many(phi), hkl @ crystal.A.T) \
+        + geometry.BEAM_DIRECTION / beam.wavelength
+    s1u = s1 / np.linalg.norm(s1, axis=1)[:, None]
+    d = 1e-3                                                   # degrees
+    r0 = hkl @ crystal.A.T
+    shift = {}
+    for name, u in (("vertical", [0.0, 0.0, 1.0]), ("horizontal", [0.0, 1.0, 0.0])):
+        # the lab's axis u at the crossing is R_z(-phi) u in the crystal's frame at phi 0
+        uc = np.einsum("nij,j->ni", geometry.rot_z_many(-phi), np.array(u))
+        turned = np.array([geometry.rot_about(a, -d) @ v for a, v in zip(uc, r0)])
+        p, _, _ = predict.crossings_of(turned, beam.wavelength)
+        shift[name] = np.abs((p - phi + 180) % 360 - 180) / d
+    terms = predict.rocking_width_terms(s1u, gonio.axis, Beam(beam.wavelength, divergence=(0.0, 0.3),
+                                                              dispersion=0.0))
+    assert np.allclose(predict.width_from_terms(terms, 0.0), 0.3 * shift["vertical"], rtol=1e-3)
+    assert np.allclose(shift["vertical"], 1.0, rtol=1e-3)
+    terms = predict.rocking_width_terms(s1u, gonio.axis, Beam(beam.wavelength, divergence=(0.3, 0.0),
+                                                              dispersion=0.0))
+    wide = predict.width_from_terms(terms, 0.0)
+    lin = terms[2] > 0.03               # closer to the axis a finite turn is no longer a small one
+    assert np.allclose(wide[lin], 0.3 * shift["horizontal"][lin], rtol=1e-3, atol=1e-4)
+    # near the axis (zeta small) the horizontal term is the mosaic term's size; on the equator nothing
+    mosaic_only = predict.width_from_terms(terms[:3] + (0.0,), 0.3)
+    near = terms[2] < 0.15 * terms[0]
+    assert near.sum() > 10 and np.allclose(wide[near], mosaic_only[near], rtol=0.012)
+    # w is the diffracted ray's component along the axis: none on the equator
+    assert np.allclose(wide * terms[2], 0.3 * np.abs(s1u[:, 2]))
