@@ -46,24 +46,26 @@ cdef extern from *:
     static inline double pyflm_hsum(__m128d v) {
         return _mm_cvtsd_f64(v) + _mm_cvtsd_f64(_mm_unpackhi_pd(v, v));
     }
-    /* The plane fit's sums of the counts (c, x.c, y.c) with every pixel in use (2 pixels per SSE2
-       instruction): the first fit's; its six sums of the coordinates alone come from the whole rim's
-       less the pixels left out (pyflm_moments), exact sums of whole or half-integer products. */
+    /* The first plane fit's nine sums (1, x, y, xx, xy, yy, c, x.c, y.c) with every gathered pixel in
+       use (2 pixels per SSE2 instruction).  Those of the coordinates alone are exact sums of whole or
+       half-integer products, so they equal any other order's (the rim's less the pixels left out). */
     static void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) {
-        __m128d sc = _mm_setzero_pd(), sxc = sc, syc = sc;
+        __m128d sc = _mm_setzero_pd(), sxc = sc, syc = sc, sx = sc, sy = sc, sxx = sc, sxy = sc, syy = sc;
         int k = 0;
         for (; k + 2 <= n; k += 2) {
             __m128d X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k), C = _mm_loadu_pd(c + k);
             sc = _mm_add_pd(sc, C); sxc = _mm_add_pd(sxc, _mm_mul_pd(X, C));
             syc = _mm_add_pd(syc, _mm_mul_pd(Y, C));
+            sx = _mm_add_pd(sx, X); sy = _mm_add_pd(sy, Y); sxx = _mm_add_pd(sxx, _mm_mul_pd(X, X));
+            sxy = _mm_add_pd(sxy, _mm_mul_pd(X, Y)); syy = _mm_add_pd(syy, _mm_mul_pd(Y, Y));
         }
+        s[0] = n; s[1] = pyflm_hsum(sx); s[2] = pyflm_hsum(sy); s[3] = pyflm_hsum(sxx);
+        s[4] = pyflm_hsum(sxy); s[5] = pyflm_hsum(syy);
         s[6] = pyflm_hsum(sc); s[7] = pyflm_hsum(sxc); s[8] = pyflm_hsum(syc);
         for (; k < n; k++) {
+            s[1] += x[k]; s[2] += y[k]; s[3] += x[k] * x[k]; s[4] += x[k] * y[k]; s[5] += y[k] * y[k];
             s[6] += c[k]; s[7] += x[k] * c[k]; s[8] += y[k] * c[k];
         }
-    }
-    static inline void pyflm_moments(double x, double y, double *g) {
-        g[0] += 1.0; g[1] += x; g[2] += y; g[3] += x * x; g[4] += x * y; g[5] += y * y;
     }
     /* The rejection test (|c - plane| <= cut sigma, no division), and the plane sums s (1, x, y, xx, xy, yy, c, xc, yc) brought up to date by the pixels
        whose use changed, instead of summing every pixel again: few change after the first fit.  For
@@ -159,7 +161,6 @@ cdef extern from *:
     void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,
                         double Iv, double gain, double *a, double *b) nogil
     void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) nogil
-    void pyflm_moments(double x, double y, double *g) nogil
     int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
                             double c0, double c1, double c2, double gain, double cut2, double *s) nogil
     double pyflm_rms_sum(int n, const double *x, const double *y, const double *c, const double *u,
@@ -276,11 +277,12 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
                                 double gain_bg, double cut2, int nc, double *pi, double *pj, double *pc,
                                 unsigned char *pv, double x0, double y0, double gain, double k_bg,
-                                const double *first, double *cf3, double *res) noexcept nogil:
+                                const double *first, double *cf3, double *res, int want_rms) noexcept nogil:
     """Background plane over the candidates (least squares, rejecting those > cutoff sigma) and the
     summation over the valid peak pixels: res = rms, n_bg, I, sigma, n_peak, and the centroid's
     sums (total, along slow, along fast) of the positive net counts.  first: the first fit's nine sums
-    (every candidate in use), which the caller has."""
+    (every candidate in use), which the caller has.  want_rms 0: res[0] is not computed (the single-image
+    measurement does not keep it; n_bg is then the plane sums' count, which the rejections keep exact)."""
     cdef int it, nnew, npk = 0, k
     cdef double[3][3] M
     cdef double[3] rhs
@@ -308,9 +310,13 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
         if not pyflm_reject_update(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums):
             break
     # the twin's rms is over the final mask with the last plane's residuals
-    ss = pyflm_rms_sum(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, &w)
-    nnew = <int>w
-    res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
+    if want_rms:
+        ss = pyflm_rms_sum(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, &w)
+        nnew = <int>w
+        res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
+    else:
+        nnew = <int>sums[0]
+        res[0] = 0.0
     res[1] = nnew
     for k in range(nc):
         if pv[k]:
@@ -338,10 +344,9 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
 
 cdef inline int _gather_one(int n_bg_all, const int *bg_k, const double *bg_x, const double *bg_y,
                             const double *box, const unsigned char *mb, unsigned char bits, double nullpix,
-                            double *bx, double *by, double *bc, double *bu, double *out_g) noexcept nogil:
+                            double *bx, double *by, double *bc, double *bu) noexcept nogil:
     """The background candidates of one image's box that are in use (mask bits `bits` clear, counts
-    above nullpix), gathered for the plane fit; the coordinate moments of those left out go to out_g.
-    Returns their number."""
+    above nullpix), gathered for the plane fit.  Returns their number."""
     cdef int q, k, nb = 0
     cdef double c
     for q in range(n_bg_all):
@@ -353,8 +358,6 @@ cdef inline int _gather_one(int n_bg_all, const int *bg_k, const double *bg_x, c
             bc[nb] = c
             bu[nb] = 1.0
             nb += 1
-        else:
-            pyflm_moments(bg_x[q], bg_y[q], out_g)
     return nb
 
 
@@ -387,13 +390,15 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     # the box's peak and background pixels (offsets into the box)
     cdef int *pk_k = <int *>malloc(npix * sizeof(int))
     cdef int *bg_k = <int *>malloc(npix * sizeof(int))
+    # a rim pixel's offset in the image from its box's corner (rows of nf pixels): the neighbouring
+    # images' pixels are read from them in place (no copy of their boxes)
+    cdef Py_ssize_t *bg_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
+    cdef const pix_t *q0 = NULL
+    cdef const pix_t *q1 = NULL
+    cdef int direct
     cdef double c0 = 0.0, c1 = 0.0
-    # the coordinates' six sums over the whole rim, over a box's pixels left out, and a fit's first sums
-    cdef double[6] rim_g
-    cdef double[6] out_g
+    # a fit's first sums (pyflm_data_sums)
     cdef double[9] first
-    for k in range(6):
-        rim_g[k] = 0.0
     cdef double *bg_x = <double *>malloc(npix * sizeof(double))
     cdef double *bg_y = <double *>malloc(npix * sizeof(double))
     # per box: the candidate background pixels (x, y, counts, in use) and the peak pixels
@@ -414,7 +419,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 n_pk_all += 1
             elif bgm[i, j]:
                 bg_k[n_bg_all] = i * nys + j
-                pyflm_moments(i - x0, j - y0, rim_g)
+                bg_o[n_bg_all] = i * nf + j
                 bg_x[n_bg_all] = i - x0
                 bg_y[n_bg_all] = j - y0
                 n_bg_all += 1
@@ -431,11 +436,16 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         CS_o[b] = cs
         CF_o[b] = cf
         FL_o[b, 0] = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
-        _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
-        if n_nb >= 1:
-            _load_px(nb0, cs, cf, nxs, nys, box0)
-        if n_nb >= 2:
-            _load_px(nb1, cs, cf, nxs, nys, box1)
+        _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx and single[b], cs, cf, nxs, nys, box, mb)
+        direct = FL_o[b, 0]
+        if direct and n_nb >= 1:
+            q0 = &nb0[cs, cf]
+            q1 = &nb1[cs, cf] if n_nb >= 2 else q0
+        else:
+            if n_nb >= 1:
+                _load_px(nb0, cs, cf, nxs, nys, box0)
+            if n_nb >= 2:
+                _load_px(nb1, cs, cf, nxs, nys, box1)
         nb = 0
         badpk = 0
         over = 0
@@ -455,11 +465,32 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             if c >= overload:
                 over = 1
         nc = n_pk_all
-        for k in range(6):
-            out_g[k] = 0.0
         # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
         # (no early exits: each was a branch per pixel)
-        if n_nb == 2:
+        if n_nb == 2 and direct:
+            for q in range(n_bg_all):
+                k = bg_k[q]
+                c = box[k]
+                c0 = <double>q0[bg_o[q]]
+                c1 = <double>q1[bg_o[q]]
+                if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mb[k] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = ((c + c0) + c1) / 3.0
+                    bu[nb] = 1.0
+                    nb += 1
+        elif n_nb == 1 and direct:
+            for q in range(n_bg_all):
+                k = bg_k[q]
+                c = box[k]
+                c0 = <double>q0[bg_o[q]]
+                if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = (c + c0) / 2.0
+                    bu[nb] = 1.0
+                    nb += 1
+        elif n_nb == 2:           # a box over the image's edge: its pixels clipped, as the twin's
             for q in range(n_bg_all):
                 k = bg_k[q]
                 c = box[k]
@@ -471,8 +502,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
                     bu[nb] = 1.0
                     nb += 1
-                else:
-                    pyflm_moments(bg_x[q], bg_y[q], out_g)
         elif n_nb == 1:
             for q in range(n_bg_all):
                 k = bg_k[q]
@@ -484,21 +513,17 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     bc[nb] = (c + c0) / 2.0
                     bu[nb] = 1.0
                     nb += 1
-                else:
-                    pyflm_moments(bg_x[q], bg_y[q], out_g)
         else:
-            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 3, nullpix, bx, by, bc, bu, out_g)
+            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 3, nullpix, bx, by, bc, bu)
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
         FL_o[b, 1] = badpk
         FL_o[b, 2] = over
         DS_o[b, 0] = ndead
         DS_o[b, 1] = nshad
-        for k in range(6):
-            first[k] = rim_g[k] - out_g[k]
         pyflm_data_sums(nb, bx, by, bc, first)
         _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain_bg, cut2, nc, pi, pj, pc, pv, x0, y0, gain, k_bg,
-                       first, cf3, res)
+                       first, cf3, res, 1)
         C_o[b, 0] = cf3[0]
         C_o[b, 1] = cf3[1]
         C_o[b, 2] = cf3[2]
@@ -513,14 +538,10 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over:
             # the same box measured from this image alone, its own exclusions (the profiles' measurement;
             # a box off the image, with bad peak pixels or an overload never makes a profile: not measured)
-            for k in range(6):
-                out_g[k] = 0.0
-            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 5, nullpix, bx, by, bc, bu, out_g)
-            for k in range(6):
-                first[k] = rim_g[k] - out_g[k]
+            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 5, nullpix, bx, by, bc, bu)
             pyflm_data_sums(nb, bx, by, bc, first)
             _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain, cut2, nc, pi, pj, pc, pv, x0, y0, gain, 1.0,
-                           first, cf3, res)
+                           first, cf3, res, 0)
             C1_o[b, 0] = cf3[0]
             C1_o[b, 1] = cf3[1]
             C1_o[b, 2] = cf3[2]
@@ -532,6 +553,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(mb)
     free(pk_k)
     free(bg_k)
+    free(bg_o)
     free(bg_x)
     free(bg_y)
     free(bx)
