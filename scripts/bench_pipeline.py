@@ -227,14 +227,20 @@ def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, sched
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if scheduler:
         env["PYFLM_SCHEDULER"] = scheduler
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     r = subprocess.run([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
                        + (["--profile"] if profile else []), env=env, capture_output=True, text=True)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     res_path = workdir / "stages.json"
     if r.returncode != 0 or not res_path.exists():
         sys.exit(f"pyflm failed (status {r.returncode}) in {workdir}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
     out = json.loads(res_path.read_text())
     out["mtz"] = str(workdir / "pyflm.mtz")
     out["peak_rss_mb"] = max(out["maxrss_self_mb"], out["maxrss_children_mb"])
+    # CPU of the whole process tree (the child, its workers: each reaped by its parent), start-up and
+    # exit included: against the wall time it says how busy the cores were
+    out["cpu_tree"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    out["wall_tree"] = wall
     return out
 
 
@@ -394,6 +400,12 @@ def report_main(args, sweep, n_images):
             # what the main process does itself: at nproc > 1 what is not shared out, less the waits
             print(f"   main process CPU seconds per stage, nproc {nprocs[0]} -> {p}: " + ", ".join(
                 f"{s} {base['cpu'][s]:.2f} -> {r['cpu'][s]:.2f}" for s in STAGES))
+            # more CPU in all at nproc p than at 1 is work the sharing-out costs (or cores slowed by
+            # each other); total x p - CPU is what the cores left idle
+            print(f"   CPU seconds of all processes (start-up and exit included), nproc {nprocs[0]} -> {p}: "
+                  f"{base['cpu_tree']:.2f} -> {r['cpu_tree']:.2f} ({100 * (r['cpu_tree'] / base['cpu_tree'] - 1):+.0f} %);"
+                  f" left idle at nproc {p}: {max(0.0, p * r['wall_tree'] - r['cpu_tree']):.2f} core-seconds of "
+                  f"{p} x {r['wall_tree']:.2f} s")
             ok, why = same_content(base["mtz"], r["mtz"])
             print(f"   nproc {p} vs {nprocs[0]}: integration {base['stages']['integrate']:.2f} s -> "
                   f"{r['stages']['integrate']:.2f} s = {base['stages']['integrate'] / r['stages']['integrate']:.2f}x,"
