@@ -114,8 +114,22 @@ def local_pool(n):
     ex = _POOLS.get(n)
     if ex is None or getattr(ex, "_broken", False):
         from .integrate import _ignore_signals
+        _import_for_workers()
         ex = _POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, initializer=_ignore_signals)
     return ex
+
+
+# what the workers' tasks import (indexing's fits, the blocks' kernels): imported here before they are
+# forked, they have it; else each imports it again on its first such task (a quarter of a second of CPU
+# each, on the way of the pre-refinement's fits that this process waits for)
+_WORKER_MODULES = ("scipy.optimize", "scipy.spatial", "pyflm.spotfinder", "pyflm.predict", "pyflm.shoebox",
+                   "pyflm.refine")
+
+
+def _import_for_workers():
+    import importlib
+    for m in _WORKER_MODULES:
+        importlib.import_module(m)
 
 
 def drop_pool(ex, wait=False):
