@@ -14,7 +14,8 @@ deck does not set itself:
   * MOSAIC as the spread whose rocking curves (pyflm.predict's Gaussian of FWHM eta.sin(2theta)/zeta)
     best share each strong spot's intensity among the images, as it was found on them
     (fit_rocking_widths), centred on the predictions when there is an orientation, else on the spots'
-    own phi;
+    own phi; with an orientation, the curve's shape too: the share of it in tails beyond a Gaussian's
+    (fit_rocking_shape; predict.fraction_inside), kept where it explains the light better;
   * profile fitting only when at least MIN_PROFILE_SPOTS strong spots are fully recorded on one image;
     otherwise the profile-fitted columns carry the summation intensities and a warning says so.
 
@@ -48,6 +49,7 @@ class AutoParams:
     raster: tuple = None
     separation: tuple = None        # mm (x, y)
     mosaic: float = None            # full width, degrees
+    tail: float = 0.0               # the rocking curve's share in Lorentzian tails (pyflm.predict)
     n_mosaic_spots: int = 0
     n_strong_fulls: int = 0
     profiles: bool = True
@@ -152,7 +154,7 @@ MOSAIC_GRID = np.arange(0.01, 2.0001, 0.005)    # full widths tried (degrees)
 STRAY = 1e-3            # share of a spot's light allowed on any image (noise, a neighbour's tail)
 
 
-def fit_rocking_widths(phi, s1u, observed, lo, hi, beam, goniometer, grid=MOSAIC_GRID):
+def fit_rocking_widths(phi, s1u, observed, lo, hi, beam, goniometer, grid=MOSAIC_GRID, tail=0.0):
     """The mosaic spread (full width, pyflm.predict's convention) that best explains how each strong
     reflection's intensity is shared among the images it could be on.
 
@@ -166,16 +168,9 @@ def fit_rocking_widths(phi, s1u, observed, lo, hi, beam, goniometer, grid=MOSAIC
     bright spot's further out than a weak one's, from widening the spread.)  Reflections
     whose own best spread lies far above the others' (a spot the lattice does not explain, a
     reflection so close to the rotation axis that the images only bound its width) are left out.
+    tail: the share of the curves in Lorentzian tails (predict.fraction_inside).
     Returns (eta, per-reflection best eta, mask of those used); eta None when fewer than 3 are left."""
-    from . import predict
-    observed = np.asarray(observed, float)
-    w = observed / np.maximum(observed.sum(1, keepdims=True), 1e-300)
-    ll = np.empty((len(grid), len(phi)))
-    for k, eta in enumerate(grid):
-        width = predict.rocking_width_xds(s1u, goniometer.axis, float(eta), beam)
-        r = predict.fraction_inside(phi[:, None], width[:, None], lo[None, :], hi[None, :])
-        r = r / np.maximum(r.sum(1, keepdims=True), 1e-300)
-        ll[k] = np.sum(w * np.log((1.0 - STRAY) * r + STRAY / observed.shape[1]), axis=1)
+    ll = _rocking_loglik(phi, s1u, observed, lo, hi, beam, goniometer, grid, tail)
     own = grid[np.argmax(ll, axis=0)]
     med = np.median(own)
     mad = 1.4826 * np.median(np.abs(own - med))
@@ -183,6 +178,42 @@ def fit_rocking_widths(phi, s1u, observed, lo, hi, beam, goniometer, grid=MOSAIC
     if use.sum() < 3:
         return None, own, use
     return float(grid[int(np.argmax(ll[:, use].sum(1)))]), own, use
+
+
+def _rocking_loglik(phi, s1u, observed, lo, hi, beam, goniometer, grid, tail):
+    """(len(grid), n) log-likelihood of each reflection's shares at each spread (fit_rocking_widths)."""
+    from . import predict
+    observed = np.asarray(observed, float)
+    w = observed / np.maximum(observed.sum(1, keepdims=True), 1e-300)
+    ll = np.empty((len(grid), len(phi)))
+    for k, eta in enumerate(grid):
+        width = predict.rocking_width_xds(s1u, goniometer.axis, float(eta), beam)
+        r = predict.fraction_inside(phi[:, None], width[:, None], lo[None, :], hi[None, :], tail)
+        r = r / np.maximum(r.sum(1, keepdims=True), 1e-300)
+        ll[k] = np.sum(w * np.log((1.0 - STRAY) * r + STRAY / observed.shape[1]), axis=1)
+    return ll
+
+
+TAIL_GRID = (0.0, 0.1, 0.2, 0.3, 0.4)
+TAIL_GAIN = 0.05       # log-likelihood per reflection a tail must gain over the Gaussian to be kept
+
+
+def fit_rocking_shape(phi, s1u, observed, lo, hi, beam, goniometer, tails=TAIL_GRID):
+    """(eta, tail, mask of the reflections used): fit_rocking_widths's spread at each share of the
+    curve in tails, on the reflections the Gaussian fit keeps, and the pair that explains their
+    light best; a tail only where it gains more than TAIL_GAIN per reflection (Gaussian spots, as
+    simulated ones, keep the Gaussian).  eta None when fewer than 3 reflections are left."""
+    eta, _, use = fit_rocking_widths(phi, s1u, observed, lo, hi, beam, goniometer)
+    if eta is None:
+        return None, 0.0, use
+    obs = np.asarray(observed, float)[use]
+    best = None
+    for t in tails:
+        ll = _rocking_loglik(phi[use], s1u[use], obs, lo, hi, beam, goniometer, MOSAIC_GRID, t).sum(1)
+        k = int(np.argmax(ll))
+        if best is None or ll[k] > best[0] + TAIL_GAIN * use.sum() * (t > 0 and best[2] == 0):
+            best = (ll[k], float(MOSAIC_GRID[k]), float(t))
+    return best[1], best[2], use
 
 
 def _shares(linked, parts, first, last):
@@ -230,33 +261,88 @@ def mosaic_from_predictions(linked, parts, crystal, beam, detector, goniometer, 
     the faint tails the spot search follows, a bright spot's further than a weak one's, and a few
     spots the lattice does not explain would then set the spread, 4-6 times the true one on
     L-cysteine's 0.1 degree images.)"""
+    ok, phi = _matched(linked, crystal, beam, detector, goniometer, scan, first, last, min_isig, radius)
+    if len(ok) < 3:
+        return None, len(ok)
+    pt = parts[np.isin(parts["spot"], ok)].copy()
+    pt["spot"] = np.searchsorted(ok, pt["spot"])
+    lo, hi = _image_edges(scan, first, last)
+    eta, _, use = fit_rocking_widths(phi, _s1u(linked[ok], detector), _shares(linked[ok], pt, first, last),
+                                     lo, hi, beam, goniometer)
+    return eta, int(use.sum())
+
+
+def _matched(linked, crystal, beam, detector, goniometer, scan, first, last, min_isig=STRONG_ISIG,
+             radius=3.0):
+    """(indices of the strong linked spots with a predicted reflection within `radius` pixels, the
+    predicted phi of each); fewer than 3 when fewer match."""
     import copy
     from scipy.spatial import cKDTree
     from . import predict
     strong = np.flatnonzero(linked["intensity"] > min_isig * linked["sigma"])
     if len(strong) < 3:
-        return None, len(strong)
+        return strong, np.zeros(len(strong))
     c = copy.copy(crystal)
-    c.mosaic = 2.0                   # generous, to find every reflection that could be on the images
+    c.mosaic, c.tail = 2.0, 0.0      # generous, to find every reflection that could be on the images
     a, b = scan.phi_range(first)[0], scan.phi_range(last)[1]
     dmin = predict.corner_resolution(detector, beam.wavelength)
     pred = predict.predict(c, beam, detector, goniometer, a, b, dmin, margin=3.0)
     pred = pred[pred["on_detector"]]
     if len(pred) == 0:
-        return None, 0
+        return strong[:0], np.zeros(0)
     sp = linked[strong]
     d, j = cKDTree(np.stack([pred["fast"], pred["slow"]], 1)).query(np.stack([sp["fast"], sp["slow"]], 1),
                                                                       distance_upper_bound=radius)
     hit = np.isfinite(d)
-    if hit.sum() < 3:
-        return None, int(hit.sum())
-    ok = strong[hit]
-    pt = parts[np.isin(parts["spot"], ok)].copy()
-    pt["spot"] = np.searchsorted(ok, pt["spot"])
+    return strong[hit], pred["phi"][j[hit]]
+
+
+LIGHT_HALF = 5          # the light of a spot on an image: an 11 x 11 box (a near-axis spot runs a few
+LIGHT_RING = 5          # pixels across the detector as it rocks), less a background from a 5-pixel rim
+
+
+def box_light(read_image, images, fast, slow, half=LIGHT_HALF, ring=LIGHT_RING):
+    """(n, m) background-subtracted counts in a box about each (fast, slow) pixel position on each of
+    the images (negative pixels, Pilatus gaps and dead pixels, left out), clipped at 0."""
+    out = np.zeros((len(fast), len(images)))
+    f0 = np.rint(np.asarray(fast) - 0.5).astype(int)
+    s0 = np.rint(np.asarray(slow) - 0.5).astype(int)
+    big = half + ring
+    inner = np.zeros((2 * big + 1, 2 * big + 1), bool)
+    inner[ring:ring + 2 * half + 1, ring:ring + 2 * half + 1] = True
+    for m, img in enumerate(images):
+        data = read_image(img)
+        ns, nf = data.shape
+        for n, (f, s) in enumerate(zip(f0, s0)):
+            if s - big < 0 or f - big < 0 or s + big >= ns or f + big >= nf:
+                continue
+            b = np.asarray(data[s - big:s + big + 1, f - big:f + big + 1], float)
+            ok = b >= 0
+            rim = b[ok & ~inner]
+            if len(rim) < 10:
+                continue
+            out[n, m] = b[ok & inner].sum() - np.median(rim) * np.sum(ok & inner)
+    return np.maximum(out, 0.0)
+
+
+def shape_from_light(per_image, read_image, crystal, beam, detector, goniometer, scan, first, last):
+    """(eta, tail, number of spots) from the pixels: each strong spot's light on every image (box_light)
+    shared among the images by a rocking curve of spread eta with the share `tail` in Lorentzian tails
+    (fit_rocking_shape).  The spot search's own shares (mosaic_from_predictions) stop where a spot's
+    faint wings fall below its threshold: they cannot see the tails.  None when fewer than 3 match."""
+    linked = link_spots(per_image, scan.osc)
+    ok, phi = _matched(linked, crystal, beam, detector, goniometer, scan, first, last)
+    if len(ok) < 3:
+        return None, 0.0, len(ok)
+    images = list(range(first, last + 1))
+    light = box_light(read_image, images, linked["fast"][ok], linked["slow"][ok])
     lo, hi = _image_edges(scan, first, last)
-    eta, _, use = fit_rocking_widths(pred["phi"][j[hit]], _s1u(linked[ok], detector),
-                                     _shares(linked[ok], pt, first, last), lo, hi, beam, goniometer)
-    return eta, int(use.sum())
+    seen = light.sum(1) > 0
+    if seen.sum() < 3:
+        return None, 0.0, int(seen.sum())
+    eta, tail, use = fit_rocking_shape(phi[seen], _s1u(linked[ok][seen], detector), light[seen], lo, hi,
+                                       beam, goniometer)
+    return eta, tail, int(use.sum())
 
 
 def _s1u(sp, detector):
@@ -348,8 +434,16 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     b = min(last, a + MAX_SEARCH - 1)
     per_image = find_sweep_spots(read_image, detector, scan, range(a, b + 1), known, nproc, sched)
     ap = choose(per_image, beam, detector, goniometer, scan, a, b, given=given, crystal=crystal)
+    if ap.mosaic is not None and "MOSAIC" not in given:
+        eta, tail, n = shape_from_light(per_image, read_image, crystal, beam, detector, goniometer, scan, a, b)
+        if eta is not None and tail > 0:
+            ap.mosaic, ap.tail = eta, tail
+            ap.lines.append(f" Rocking curves from the pixels of {n} strong spots on every image: tails beyond "
+                            f"a Gaussian's, {tail:.0%} of each curve Lorentzian, mosaic spread {eta:.2f} degrees "
+                            "(partials' fractions reach further out)")
     if ap.mosaic is not None:
         crystal.mosaic = ap.mosaic
+        crystal.tail = ap.tail
         mw = (job.kw.get("MAXWIDTH") or {}).get("_args")
         n, hkl = too_wide(crystal, beam, detector, goniometer, scan, first, last, float(mw[0]) if mw else 5.0)
         ap.lines.append(f" {n:7d} Too wide in phi (predicted wider than MAXWIDTH {float(mw[0]) if mw else 5.0:.1f}"

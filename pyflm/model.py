@@ -102,6 +102,7 @@ class Crystal:
     U: np.ndarray = field(default_factory=lambda: np.eye(3))   # MOSFLM lab frame, phi 0
     missets: tuple = (0.0, 0.0, 0.0)       # phix phiy phiz, degrees
     mosaic: float = 0.0                    # full width, degrees
+    tail: float = 0.0                      # share of the rocking curve in Lorentzian tails (0: Gaussian)
 
     @property
     def B(self):

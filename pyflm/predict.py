@@ -13,7 +13,8 @@ by zeta = |e . (s1^ x s0^)|, the rate at which rotation carries it through the s
 Lorentz factor), so widths grow without limit near the rotation axis (MAXWIDTH rejects those); the
 divergence normal to the axis adds a width of its own (rocking_width_xds).
 Partiality on an image [phi1, phi2]: the fraction of the rocking curve, a Gaussian of FWHM `width`
-centred on the crossing, inside the image's range.
+centred on the crossing (with the crystal's share `tail` of it in a Lorentzian of that FWHM, which
+sparse sweeps fit from their pixels: pyflm.autoparams), inside the image's range.
 
 Public API
     generate_hkl(A, dmin, dmax=None) -> (n, 3) int array of every h with dmax >= d >= dmin
@@ -38,6 +39,7 @@ PRED_DTYPE = np.dtype([
     ("d", "f8"),
     ("width", "f8"),          # full rocking width, degrees
     ("lorentz", "f8"), ("polar", "f8"),
+    ("tail", "f8"),           # the crystal's rocking-curve tail (fraction_inside)
     ("on_detector", "?"),
 ])
 
@@ -113,24 +115,43 @@ def lorentz_polar(s1_unit, axis, polarisation=0.95, model="SYNCHROTRON", mono_tw
 
 # The rocking curve is a Gaussian whose FWHM is the rocking width (the mosaic blocks' orientations
 # spread normally); parts are looked for out to EXTENT widths either side, where < 0.1 % remains.
+# A crystal's `tail` puts that share of the curve into a Lorentzian of the same FWHM (a pseudo-Voigt):
+# thin slices of a real crystal show a narrow core with tails far beyond a Gaussian's (L-cysteine:
+# 1-2 % of a spot 0.3 degrees from its centre, three widths out), which the sparse-sweep parameters
+# fit (autoparams); its parts are looked for further out, to TAIL_EXTENT widths.
 EXTENT = 1.5
+TAIL_EXTENT = 3.0
 
 
-def fraction_inside(phi, width, lo, hi):
-    """Fraction of a reflection's rocking curve (a Gaussian of FWHM `width` centred on phi) recorded
-    between lo and hi degrees."""
-    return _cum(hi, phi, width) - _cum(lo, phi, width)
+def extent(tail):
+    """How many widths either side of its centre a reflection's parts are looked for."""
+    return np.where(np.asarray(tail) > 0, TAIL_EXTENT, EXTENT)
 
 
-def _cum(x, phi, width):
+def fraction_inside(phi, width, lo, hi, tail=0.0):
+    """Fraction of a reflection's rocking curve (a Gaussian of FWHM `width` centred on phi, with the
+    share `tail` in a Lorentzian of that FWHM) recorded between lo and hi degrees."""
+    return _cum(hi, phi, width, tail) - _cum(lo, phi, width, tail)
+
+
+def _cum(x, phi, width, tail=0.0):
     from scipy.special import erf
-    sigma = np.maximum(width, 1e-9) / 2.3548
-    return 0.5 * (1.0 + erf((np.asarray(x, float) - phi) / (np.sqrt(2.0) * sigma)))
+    w = np.maximum(width, 1e-9)
+    t = np.asarray(x, float) - phi
+    g = 0.5 * (1.0 + erf(t / (np.sqrt(2.0) * (w / 2.3548))))
+    if np.any(tail):
+        return (1.0 - tail) * g + tail * (0.5 + np.arctan(2.0 * t / w) / np.pi)
+    return g
+
+
+def _tail(pred):
+    return pred["tail"] if "tail" in (pred.dtype.names or ()) else 0.0
 
 
 def phi_extent(pred):
     """(lo, hi) phi beyond which a reflection records nothing."""
-    return pred["phi"] - EXTENT * pred["width"], pred["phi"] + EXTENT * pred["width"]
+    e = extent(_tail(pred)) * pred["width"]
+    return pred["phi"] - e, pred["phi"] + e
 
 
 def predict_numpy(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None):
@@ -192,8 +213,9 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     lor, pol = lorentz_polar(s1u, goniometer.axis, beam.polarisation, beam.polarisation_model,
                              beam.monochromator_two_theta, getattr(beam, "polarisation_angle", 0.0))
     width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)
-    lo = ph - EXTENT * width
-    hi = ph + EXTENT * width
+    tail = float(getattr(crystal, "tail", 0.0) or 0.0)
+    lo = ph - extent(tail) * width
+    hi = ph + extent(tail) * width
     keep = (hi > phi_start) & (lo < phi_end)
     out = np.zeros(int(keep.sum()), PRED_DTYPE)
     out["h"], out["k"], out["l"] = hh[keep].T
@@ -204,6 +226,7 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     out["d"] = d[keep]
     out["width"] = width[keep]
     out["lorentz"], out["polar"] = lor[keep], pol[keep]
+    out["tail"] = tail
     out["on_detector"] = hit[keep] & (fast >= 0) & (fast < detector.n_fast) & (slow >= 0) & \
         (slow < detector.n_slow)
     return out
@@ -270,7 +293,9 @@ def image_parts(pred, phi0, osc, first, last, min_fraction=0.0):
     offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
     img = i_lo[idx] + offs
     a = phi0 + (img - first) * osc
-    f = fraction_inside(pred["phi"][idx], pred["width"][idx], a, a + osc)
+    tail = _tail(pred)
+    f = fraction_inside(pred["phi"][idx], pred["width"][idx], a, a + osc,
+                        tail[idx] if np.ndim(tail) else tail)
     keep = f > min_fraction
     out = np.zeros(int(keep.sum()), PART_DTYPE)
     out["index"], out["image"], out["fraction"] = idx[keep], img[keep], f[keep]

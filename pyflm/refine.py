@@ -498,7 +498,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     calc = _Predictions(model, hkl_all, phi_ref)
     _, _, phi0, width0, _ = calc(model.x0)
     a_all = scan.phi_start + (parts["image"] - scan.first) * scan.osc
-    f0 = predict.fraction_inside(phi0[g["inv"]], width0[g["inv"]], a_all, a_all + scan.osc)
+    tail = float(getattr(crystal, "tail", 0.0) or 0.0)     # the rocking curve's shape (predict)
+    f0 = predict.fraction_inside(phi0[g["inv"]], width0[g["inv"]], a_all, a_all + scan.osc, tail)
     fsum = np.bincount(g["inv"], f0, minlength=len(hkl_all))
     fmax = np.zeros(len(hkl_all))
     np.maximum.at(fmax, g["inv"], f0)
@@ -522,7 +523,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     use_frac = np.ones(len(prow), bool)
 
     def fractions(phi, width):
-        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
         tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
         return f / np.maximum(tot, 1e-9)
 
@@ -573,7 +574,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
             new_pos = pos_sel & ok & (wr <= opts.residual) & (dd <= cut)
             new_frac = use_frac
             if len(prow) and postref:
-                f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+                f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
                 tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
                 off = np.abs(f / np.maximum(tot, 1e-9) - p_obs) / p_sig > opts.maxresidual
                 # a reflection with one part off is off as a whole (its other fractions share the error)
@@ -593,7 +594,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         per_image[int(i)] = float(np.sqrt(np.mean(d[m] ** 2))) if m.any() else float("nan")
     rms_frac = float("nan")
     if len(prow) and postref:
-        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc)
+        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
         tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
         rms_frac = float(np.sqrt(np.mean((f / np.maximum(tot, 1e-9) - p_obs)[use_frac] ** 2)))
     esd = {}
