@@ -171,20 +171,16 @@ def _queue_action(job, st):
     name = keywords_action(st.keyword)
     args = dict(st.values)
     if name == "AUTOINDEX":
-        spec = {"IMAGE": args.pop("IMAGE")} if "IMAGE" in args else None
-        if spec is not None:
-            if "TO" in args:
-                spec["TO"] = args.pop("TO")
-            if "PHI" in args:
-                spec["PHI"] = args.pop("PHI")
+        specs = args.pop("_images", None)
+        if specs is None:
+            specs = [{k: args.pop(k) for k in ("IMAGE", "TO", "PHI") if k in args}] if "IMAGE" in args else []
         for q in job.queue:      # several AUTOINDEX lines before one GO make one indexing
             if q[0] == "AUTOINDEX":
                 q[1].update({k: a for k, a in args.items()})
-                if spec:
-                    q[1].setdefault("IMAGES", []).append(spec)
+                q[1].setdefault("IMAGES", []).extend(specs)
                 return
-        if spec:
-            args["IMAGES"] = [spec]
+        if specs:
+            args["IMAGES"] = specs
     job.queue.append((name, args, st.line_no))
 
 

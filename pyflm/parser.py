@@ -215,11 +215,13 @@ def parse_statement(line_no, text):
             raise InputError("unknown or misplaced sub-keyword", line_no, name, tok, expected)
         pos += 1
         spec = kw.subs[sub]
-        # a second IMAGE on one AUTOINDEX line used to replace the first without a word
-        if sub in values and "*" not in spec:
-            raise InputError(f"{sub} given twice on one line", line_no, name, tok,
-                             f"one {sub} per line (several {name} lines add images)" if name == "AUTOINDEX"
-                             else f"one {sub} per line")
+        if name == "AUTOINDEX" and sub == "IMAGE" and sub in values:
+            # AUTOINDEX IMAGE 1 IMAGE 10: each IMAGE [TO m] [PHI a b] adds an image, as several lines do
+            values.setdefault("_images", []).append(
+                {k: values.pop(k) for k in ("IMAGE", "TO", "PHI") if k in values})
+        elif sub in values and "*" not in spec:
+            # a repeated sub-keyword would silently replace the first
+            raise InputError(f"{sub} given twice on one line", line_no, name, tok, f"one {sub} per line")
         if spec in ("", None):
             values[sub] = True
             continue
@@ -232,6 +234,8 @@ def parse_statement(line_no, text):
             values[sub] = values[sub] + list(got)     # RESOLUTION EXCLUDE a b EXCLUDE c d: both shells
         else:
             values[sub] = got
+    if "_images" in values:
+        values["_images"].append({k: values.pop(k) for k in ("IMAGE", "TO", "PHI") if k in values})
     if kw.args and not kw.subs:
         need = [i for i in _spec_items(kw.args) if i[1] == ""]
         if len(values.get("_args", [])) < len(need):

@@ -143,6 +143,25 @@ def test_a_deck_using_every_keyword_parses():
                                          "STRATEGY", "TESTGEN", "PROCESS"]
 
 
+def test_autoindex_images_on_one_line_or_several_add_up():
+    # "AUTOINDEX DPS REFINE IMAGE 1 IMAGE 10" once indexed from image 10 alone
+    from pyflm.job import JobState, apply_statement
+    from pyflm.parser import parse_lines
+    queues = []
+    for deck in ("autoindex dps refine image 1 phi 0 1 image 10 thresh 20\n",
+                 "autoindex dps refine image 1 phi 0 1 thresh 20\nautoindex image 10\n"):
+        statements, errors = parse_lines(deck.splitlines())
+        assert not errors
+        job = JobState()
+        for st in statements:
+            apply_statement(job, st)
+        queues.append(job.queue)
+    for q in queues:
+        assert [a[0] for a in q] == ["AUTOINDEX"]
+        assert q[0][1]["IMAGES"] == [{"IMAGE": 1, "PHI": [0.0, 1.0]}, {"IMAGE": 10}]
+        assert q[0][1]["THRESHOLD"] == 20.0
+
+
 def test_every_keyword_has_help_and_every_help_entry_a_keyword():
     assert set(helptext.entries()) == set(keywords.all_names())
     for name in keywords.all_names():
@@ -210,7 +229,7 @@ MALFORMED = [
     ("process 1 to x", "'x'"),
     ("autoindex dps image x", "'x'"),
     ("autoindex wrongsub", "WRONGSUB"),
-    ("autoindex dps image 1 image 45", "IMAGE given twice"),
+    ("findspots threshold 5 threshold 6", "THRESHOLD given twice"),
     ("findspots threshold -3", "out of range"),
     ("postref segments 0", "out of range"),
     ("polarisation synchrotron 1.5", "out of range"),
