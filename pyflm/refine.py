@@ -208,7 +208,7 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     bad_refl[parts["index"][bad]] = True
     parts = parts[~bad_refl[parts["index"]]]
     out = np.zeros(len(parts), PART_OBS)
-    p = pred[parts["index"]]
+    p = predict.fields(pred, parts["index"], ("h", "k", "l", "phi", "fast", "slow"))
     out["refl"] = parts["index"]
     out["h"], out["k"], out["l"] = p["h"], p["k"], p["l"]
     out["image"], out["n_parts"], out["phi_pred"] = parts["image"], parts["n_parts"], p["phi"]
