@@ -390,12 +390,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     # the box's peak and background pixels (offsets into the box)
     cdef int *pk_k = <int *>malloc(npix * sizeof(int))
     cdef int *bg_k = <int *>malloc(npix * sizeof(int))
-    # a rim pixel's offset in the image from its box's corner (rows of nf pixels): the neighbouring
-    # images' pixels are read from them in place (no copy of their boxes)
-    cdef Py_ssize_t *bg_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
-    cdef const pix_t *q0 = NULL
-    cdef const pix_t *q1 = NULL
-    cdef int direct
     cdef double c0 = 0.0, c1 = 0.0
     # a fit's first sums (pyflm_data_sums)
     cdef double[9] first
@@ -419,7 +413,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 n_pk_all += 1
             elif bgm[i, j]:
                 bg_k[n_bg_all] = i * nys + j
-                bg_o[n_bg_all] = i * nf + j
                 bg_x[n_bg_all] = i - x0
                 bg_y[n_bg_all] = j - y0
                 n_bg_all += 1
@@ -436,16 +429,11 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         CS_o[b] = cs
         CF_o[b] = cf
         FL_o[b, 0] = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
-        _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx and single[b], cs, cf, nxs, nys, box, mb)
-        direct = FL_o[b, 0]
-        if direct and n_nb >= 1:
-            q0 = &nb0[cs, cf]
-            q1 = &nb1[cs, cf] if n_nb >= 2 else q0
-        else:
-            if n_nb >= 1:
-                _load_px(nb0, cs, cf, nxs, nys, box0)
-            if n_nb >= 2:
-                _load_px(nb1, cs, cf, nxs, nys, box1)
+        _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
+        if n_nb >= 1:
+            _load_px(nb0, cs, cf, nxs, nys, box0)
+        if n_nb >= 2:
+            _load_px(nb1, cs, cf, nxs, nys, box1)
         nb = 0
         badpk = 0
         over = 0
@@ -467,30 +455,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         nc = n_pk_all
         # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
         # (no early exits: each was a branch per pixel)
-        if n_nb == 2 and direct:
-            for q in range(n_bg_all):
-                k = bg_k[q]
-                c = box[k]
-                c0 = <double>q0[bg_o[q]]
-                c1 = <double>q1[bg_o[q]]
-                if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mb[k] & 3) == 0):
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = ((c + c0) + c1) / 3.0
-                    bu[nb] = 1.0
-                    nb += 1
-        elif n_nb == 1 and direct:
-            for q in range(n_bg_all):
-                k = bg_k[q]
-                c = box[k]
-                c0 = <double>q0[bg_o[q]]
-                if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = (c + c0) / 2.0
-                    bu[nb] = 1.0
-                    nb += 1
-        elif n_nb == 2:           # a box over the image's edge: its pixels clipped, as the twin's
+        if n_nb == 2:
             for q in range(n_bg_all):
                 k = bg_k[q]
                 c = box[k]
@@ -553,7 +518,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(mb)
     free(pk_k)
     free(bg_k)
-    free(bg_o)
     free(bg_x)
     free(bg_y)
     free(bx)
@@ -621,12 +585,8 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     cdef int npix = nxs * nys, nc = 0, it, on
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
-    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0, k0, k1, k2
+    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0
     cdef const double *fr
-    cdef const double *fbase
-    cdef const pix_t *drow = NULL
-    cdef const unsigned char *mrow = NULL
-    cdef int bad
     cdef double *P = <double *>malloc(npix * sizeof(double))
     cdef double *NET = <double *>malloc(npix * sizeof(double))
     cdef double *PL = <double *>malloc(npix * sizeof(double))
@@ -634,11 +594,6 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     # the peak's pixels (row, column) and, per box, each row's and column's place on the fine grid
     cdef int *pi = <int *>malloc(npix * sizeof(int))
     cdef int *pj = <int *>malloc(npix * sizeof(int))
-    # a peak pixel's offset in the image from its box's corner, for boxes on the image (read in place)
-    cdef Py_ssize_t *po = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
-    # and its coordinates from the box's centre, as the plane takes them
-    cdef double *px = <double *>malloc(npix * sizeof(double))
-    cdef double *py = <double *>malloc(npix * sizeof(double))
     cdef Py_ssize_t *S0 = <Py_ssize_t *>malloc(nxs * sizeof(Py_ssize_t))
     cdef Py_ssize_t *F0 = <Py_ssize_t *>malloc(nys * sizeof(Py_ssize_t))
     cdef double *WS = <double *>malloc(nxs * sizeof(double))
@@ -648,9 +603,6 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
             if peak[i, j]:
                 pi[nc] = i
                 pj[nc] = j
-                po[nc] = i * nf + j
-                px[nc] = i - x0
-                py[nc] = j - y0
                 nc += 1
     for b in range(n):
         if b + PREFETCH_AHEAD < n:
@@ -666,7 +618,7 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
             ts = ((i - nxs // 2) - ds + (nxs // 2 + 1)) * sub
             s0 = <Py_ssize_t>floor(ts)
             s0 = 0 if s0 < 0 else (FS - 2 if s0 > FS - 2 else s0)
-            S0[i] = s0 * FF          # the row's place in the region's fine grid
+            S0[i] = s0
             WS[i] = ts - s0
         for j in range(nys):
             tf = ((j - nys // 2) - df + (nys // 2 + 1)) * sub
@@ -675,41 +627,31 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
             F0[j] = f0
             WF[j] = tf - f0
         tot = 0.0
-        # the box's plane, its region's profile and (on the image) its first pixel, taken once a box
-        k0 = coef[b, 0]
-        k1 = coef[b, 1]
-        k2 = coef[b, 2]
-        fbase = &fine[r, 0, 0]
-        if on:
-            drow = &data[cs, cf]
-            if use_mask:
-                mrow = &mask[cs, cf]
         for q in range(nc):
             i = pi[q]
             j = pj[q]
             ws = WS[i]
             wf = WF[j]
             # the standard profile read off the fine grid at this pixel's offset from the centre
-            fr = fbase + S0[i] + F0[j]
+            fr = &fine[r, S0[i], F0[j]]
             p = (1 - ws) * (1 - wf) * fr[0]
             p += (1 - ws) * wf * fr[1]
             p += ws * (1 - wf) * fr[FF]
             p += ws * wf * fr[FF + 1]
             tot += p
             if on:
-                c = <double>drow[po[q]]
-                bad = use_mask and mrow[po[q]]
+                si = cs + i
+                fj = cf + j
             else:
                 si = _clip(<Py_ssize_t>(cs + i), ns - 1)
                 fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-                c = <double>data[si, fj]
-                bad = use_mask and mask[si, fj]
-            pl = k0 + k1 * px[q] + k2 * py[q]
+            c = <double>data[si, fj]
+            pl = coef[b, 0] + coef[b, 1] * (i - x0) + coef[b, 2] * (j - y0)
             P[q] = p
             PL[q] = pl
             NET[q] = c - pl
             # an invalid or overloaded pixel is left out; the profile fills it in
-            U[q] = 1.0 if ((c > nullpix) and not bad and (c < overload)) else 0.0
+            U[q] = 1.0 if ((c > nullpix) and not (use_mask and mask[si, fj]) and (c < overload)) else 0.0
         if not tot > 0:
             tot = 1.0
         for k in range(nc):
@@ -732,9 +674,6 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     free(U)
     free(pi)
     free(pj)
-    free(po)
-    free(px)
-    free(py)
     free(S0)
     free(F0)
     free(WS)
