@@ -70,6 +70,32 @@ def test_cbf_written_by_fabio_reads_back_also_compressed(tmp_path):
     assert images.image_path("z_####.cbf", str(tmp_path), 1).endswith("z_0001.cbf.gz")
 
 
+@pytest.mark.parametrize("src", ["formats/ximg2700_00001.cbf", "sim-p212121-cbf/sim_0001.cbf",
+                                 "real-pilatus6m-singles/example_004.cbf.gz",
+                                 "real-lcys-pilatus2m/l-cyst_04_00001.cbf.gz"])
+def test_a_cbf_header_read_alone_is_the_header_of_the_whole_read(src, tmp_path):
+    # header_for reads a plain CBF's header without decoding its pixels: it must say what the whole
+    # read says, every field
+    p = DATA / src
+    if p.suffix == ".gz":
+        q = tmp_path / p.name[:-3]
+        q.write_bytes(gzip.decompress(p.read_bytes()))
+        p = q
+    alone = images._cbf_header_only(str(p))
+    assert alone is not None
+    images._HEADER_CACHE.pop(str(p), None)
+    whole = images.read_image(str(p))[1]
+    assert vars(alone) == vars(whole)
+
+
+def test_a_truncated_cbf_is_still_reported_where_its_pixels_are_read(tmp_path):
+    raw = (DATA / "sim-p212121-cbf" / "sim_0001.cbf").read_bytes()
+    p = tmp_path / "t_0001.cbf"
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageError):
+        images.read_image(str(p))
+
+
 def test_eiger_hdf5_master_reads_back(tmp_path):
     h5py = pytest.importorskip("h5py")
     p = tmp_path / "e_master.h5"
