@@ -231,6 +231,8 @@ def run_interactive(job):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    from ._heap import tune
+    tune()      # image-sized buffers kept in the heap, not mapped and faulted in again per image
     if argv[:1] == ["batch"]:      # pyflm batch DECK...: many sweeps as tasks on one engine
         from .batch import main as batch_main
         return batch_main(argv[1:])

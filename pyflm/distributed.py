@@ -43,6 +43,11 @@ def client(address):
         raise ProcessingError(f"cannot reach the Dask scheduler at {address} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no answer'}); expected a running "
                               "scheduler's address, tcp://host:port") from None
+    try:        # the workers' malloc tuned as the program's (those there now; best effort)
+        from ._heap import tune
+        c.run(tune)
+    except Exception:
+        pass
     _CLIENTS[address] = c
     return c
 
@@ -113,10 +118,18 @@ def local_pool(n):
     the 6M sweep).  A broken pool (a worker died) is replaced.  They end with the program."""
     ex = _POOLS.get(n)
     if ex is None or getattr(ex, "_broken", False):
-        from .integrate import _ignore_signals
         _import_for_workers()
-        ex = _POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, initializer=_ignore_signals)
+        ex = _POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, initializer=_worker_start)
     return ex
+
+
+def _worker_start():
+    """A local worker's start: signals left to the main process, malloc tuned as in the program (fork
+    inherits it; a spawned or forkserver worker would not)."""
+    from ._heap import tune
+    from .integrate import _ignore_signals
+    _ignore_signals()
+    tune()
 
 
 # what the workers' tasks import (indexing's fits, the blocks' kernels): imported here before they are

@@ -172,6 +172,8 @@ def child(deck_path, workdir, profile):
     from pyflm.cli import run_batch
     from pyflm.job import JobState
     from pyflm.log import Log
+    from pyflm._heap import tune
+    tune()      # as ipmosflm's start does
     os.chdir(workdir)
     st = Stages(profile)
     real_resolve = job_mod.resolve_action
