@@ -92,6 +92,8 @@ def main():
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--quick", action="store_true", help="the integration line only")
     a = ap.parse_args()
+    from pyflm._heap import tune
+    tune()      # malloc as ipmosflm's start sets it (PYFLM_MALLOC=default: glibc's own)
     import fabio
     n = a.images
     paths = [os.path.join(a.data, f"sim_{i:04d}.cbf") for i in range(1, n + 1)]
