@@ -860,6 +860,20 @@ def foreground_mask(shape, fast, slow, int ps, int pf):
     return out.view(np.bool_)
 
 
+cdef inline double _run_sum(const pix_t *row, int a, int b, double nullpix, double acc, int *n) noexcept nogil:
+    """acc plus the pixels row[a:b] above nullpix, added in order (so a box's sum is the same to the bit
+    however its runs fall); their number is added to n."""
+    cdef int j, m = 0
+    cdef double c
+    for j in range(a, b):
+        c = <double>row[j]
+        if c > nullpix:
+            acc += c
+            m += 1
+    n[0] += m
+    return acc
+
+
 cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow, int nxs, int nys,
                  const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm, double nullpix,
                  const cnp.int64_t[::1] order, double[:, ::1] out) noexcept nogil:
@@ -904,17 +918,9 @@ cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] s
             for r in range(nrun):
                 row = &data[cs + ri[r], cf]
                 if rk[r] == 1:
-                    for j in range(r0[r], r1[r]):
-                        c = <double>row[j]
-                        if c > nullpix:
-                            pk += c
-                            npk += 1
+                    pk = _run_sum(row, r0[r], r1[r], nullpix, pk, &npk)
                 else:
-                    for j in range(r0[r], r1[r]):
-                        c = <double>row[j]
-                        if c > nullpix:
-                            rim += c
-                            nrim += 1
+                    rim = _run_sum(row, r0[r], r1[r], nullpix, rim, &nrim)
         else:
             for i in range(nxs):
                 si = _clip(<Py_ssize_t>(cs + i), ns - 1)
