@@ -253,15 +253,16 @@ def _n_spots(spots):
 
 
 def mosaic_from_predictions(linked, parts, crystal, beam, detector, goniometer, scan, first, last,
-                            min_isig=STRONG_ISIG, radius=3.0):
+                            min_isig=STRONG_ISIG, radius=3.0, matched=None):
     """(mosaic spread, number of spots used) with an orientation: each strong spot is matched to the
     predicted reflection nearest it on the detector (within `radius` pixels), and fit_rocking_widths
     is given the predicted centres, so that spots cut by the first or last image count too.
     None when fewer than 3 match.  (Each spot is not asked to be reached in full by the predictions:
     the faint tails the spot search follows, a bright spot's further than a weak one's, and a few
     spots the lattice does not explain would then set the spread, 4-6 times the true one on
-    L-cysteine's 0.1 degree images.)"""
-    ok, phi = _matched(linked, crystal, beam, detector, goniometer, scan, first, last, min_isig, radius)
+    L-cysteine's 0.1 degree images.)  matched: _matched's result, when the caller has it."""
+    ok, phi = matched or _matched(linked, crystal, beam, detector, goniometer, scan, first, last, min_isig,
+                                  radius)
     if len(ok) < 3:
         return None, len(ok)
     pt = parts[np.isin(parts["spot"], ok)].copy()
@@ -325,13 +326,13 @@ def box_light(read_image, images, fast, slow, half=LIGHT_HALF, ring=LIGHT_RING):
     return np.maximum(out, 0.0)
 
 
-def shape_from_light(per_image, read_image, crystal, beam, detector, goniometer, scan, first, last):
+def shape_from_light(linked, matched, read_image, beam, detector, goniometer, scan, first, last):
     """(eta, tail, number of spots) from the pixels: each strong spot's light on every image (box_light)
     shared among the images by a rocking curve of spread eta with the share `tail` in Lorentzian tails
     (fit_rocking_shape).  The spot search's own shares (mosaic_from_predictions) stop where a spot's
-    faint wings fall below its threshold: they cannot see the tails.  None when fewer than 3 match."""
-    linked = link_spots(per_image, scan.osc)
-    ok, phi = _matched(linked, crystal, beam, detector, goniometer, scan, first, last)
+    faint wings fall below its threshold: they cannot see the tails.  linked, matched: link_spots's
+    and _matched's (the spots and their predicted phi).  None when fewer than 3 match."""
+    ok, phi = matched
     if len(ok) < 3:
         return None, 0.0, len(ok)
     images = list(range(first, last + 1))
@@ -350,9 +351,11 @@ def _s1u(sp, detector):
     return p / np.linalg.norm(p, axis=1)[:, None]
 
 
-def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=(), crystal=None):
+def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=(), crystal=None,
+           read_image=None):
     """AutoParams from the spots of images first..last (per_image: find_sweep_spots' lists).
-    `given` names what the deck set itself (RASTER, SEPARATION, MOSAIC): those are left alone."""
+    `given` names what the deck set itself (RASTER, SEPARATION, MOSAIC): those are left alone.
+    With an orientation and read_image, the rocking curve's shape too, from the pixels (shape_from_light)."""
     from .shoebox import choose_raster
     ap = AutoParams()
     counts = [_n_spots(s) for s in per_image]
@@ -378,9 +381,11 @@ def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=()
         ap.separation = ((sx + 1) * detector.pixel_slow, (sy + 1) * detector.pixel_fast)
         ap.lines.append(f" Spot separation set to {ap.separation[0]:.2f} {ap.separation[1]:.2f} mm "
                         "(from the spot size)")
+    matched = None
     if "MOSAIC" not in given and crystal is not None:
+        matched = _matched(linked, crystal, beam, detector, goniometer, scan, first, last)
         ap.mosaic, ap.n_mosaic_spots = mosaic_from_predictions(linked, parts, crystal, beam, detector,
-                                                               goniometer, scan, first, last)
+                                                               goniometer, scan, first, last, matched=matched)
         if ap.mosaic is not None:
             ap.lines.append(f" Mosaic spread set to {ap.mosaic:.2f} degrees (full width) from how the "
                             f"intensity of {ap.n_mosaic_spots} strong spots is shared among the images")
@@ -398,6 +403,14 @@ def choose(per_image, beam, detector, goniometer, scan, first, last, *, given=()
                         f"one image (at least {MIN_PROFILE_SPOTS} are needed to form standard profiles): "
                         "profile fitting is not used, the profile-fitted intensities (IPR) are the "
                         "summation intensities")
+    if ap.mosaic is not None and matched is not None and read_image is not None:
+        eta, tail, n = shape_from_light(linked, matched, read_image, beam, detector, goniometer, scan,
+                                        first, last)
+        if eta is not None and tail > 0:
+            ap.mosaic, ap.tail = eta, tail
+            ap.lines.append(f" Rocking curves from the pixels of {n} strong spots on every image: tails beyond "
+                            f"a Gaussian's, {tail:.0%} of each curve Lorentzian, mosaic spread {eta:.2f} degrees "
+                            "(partials' fractions reach further out)")
     return ap
 
 
@@ -433,14 +446,8 @@ def apply_to_process(job, crystal, beam, detector, goniometer, scan, first, last
     a = max(first, (first + last + 1) // 2 - MAX_SEARCH // 2)
     b = min(last, a + MAX_SEARCH - 1)
     per_image = find_sweep_spots(read_image, detector, scan, range(a, b + 1), known, nproc, sched)
-    ap = choose(per_image, beam, detector, goniometer, scan, a, b, given=given, crystal=crystal)
-    if ap.mosaic is not None and "MOSAIC" not in given:
-        eta, tail, n = shape_from_light(per_image, read_image, crystal, beam, detector, goniometer, scan, a, b)
-        if eta is not None and tail > 0:
-            ap.mosaic, ap.tail = eta, tail
-            ap.lines.append(f" Rocking curves from the pixels of {n} strong spots on every image: tails beyond "
-                            f"a Gaussian's, {tail:.0%} of each curve Lorentzian, mosaic spread {eta:.2f} degrees "
-                            "(partials' fractions reach further out)")
+    ap = choose(per_image, beam, detector, goniometer, scan, a, b, given=given, crystal=crystal,
+                read_image=read_image)
     if ap.mosaic is not None:
         crystal.mosaic = ap.mosaic
         crystal.tail = ap.tail
