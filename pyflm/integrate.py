@@ -678,8 +678,10 @@ def run_process(job, args):
         started = take_early_blocks(job, block_args) or start_blocks(*block_args)
     try:
         if started is not None:    # a cell-refinement segment: its first measurement can start now too
-            from .refine import start_segment_measure
-            start_segment_measure(job, spec, (beam, det, gonio, scan), first, last, plain)
+            from .refine import refinement_pending, start_segment_measure
+            segs = list(job.results.get("cellref_segments") or []) + [(first, last)]
+            if not refinement_pending(job, segs, (beam, det, gonio, scan)):    # else measured already
+                start_segment_measure(job, spec, (beam, det, gonio, scan), first, last, plain)
             _start_next_segment(job, spec, first, last)
         auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, reader,
                                            probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)
@@ -815,6 +817,7 @@ def _start_next_segment(job, spec, first, last):
         block_args = (copy.copy(spec), beam, det, gonio, scan, range(a, b + 1), settings, job_image_reader(job),
                       integrate_image)
         job.results["early_blocks"] = (_blocks_key(block_args), start_blocks(*block_args))
+        job.results["next_segment"] = ((a, b), (beam, det, gonio, scan))
         # and its first measurement for the refinement, as that PROCESS would start it (else the
         # refinement's first cycle waits for it once that PROCESS has begun)
         start_segment_measure(job, spec, (beam, det, gonio, scan), a, b, settings, index=done + 1)
@@ -844,14 +847,23 @@ def cancel_early_blocks(job):
 
 
 def _last_segment_early(job, crystal, models, first, last, settings, started):
-    """For the last segment of a cell refinement whose blocks run on workers: its first cycle, computed
-    here while they run (pyflm.refine.first_cycle_early); None otherwise."""
+    """Cell refinement's work for this process while a segment's blocks run on workers: in the segment
+    before the last, when the last one's blocks and measurement were started with it
+    (_start_next_segment), the whole refinement (pyflm.refine.refine_cell_early: this process would
+    otherwise refine alone, the workers idle, after the last segment's blocks); in the last segment, its
+    first cycle (pyflm.refine.first_cycle_early), unless refined already.  None otherwise."""
     postref = job.kw.get("POSTREF") or {}
     segs = list(job.results.get("cellref_segments") or []) + [(first, last)]
-    if started is None or not (postref.get("MULTI") or postref.get("SEGMENTS")) or \
-            len(segs) != int(postref.get("SEGMENTS", 2)):
+    nxt = job.results.pop("next_segment", None)
+    if started is None or not (postref.get("MULTI") or postref.get("SEGMENTS")):
         return None
-    from .refine import first_cycle_early
+    need = int(postref.get("SEGMENTS", 2))
+    from .refine import first_cycle_early, refine_cell_early, refinement_pending
+    if len(segs) == need - 1 and nxt is not None and "early_blocks" in job.results:
+        (a, b), next_models = nxt
+        return lambda: refine_cell_early(job, segs + [(a, b)], next_models)
+    if len(segs) != need or refinement_pending(job, segs, models[1:]):
+        return None
     return lambda: first_cycle_early(job, crystal, models[1:], segs, settings)
 
 

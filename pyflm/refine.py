@@ -946,6 +946,44 @@ def format_tables(result, detector=None):
     return L
 
 
+def _refinement_args(job, segments, models):
+    """What cell_refinement_segment refines the segments with, from the job as it is now:
+    (segments, crystal, beam, detector, goniometer, scan, reader, options, cycles, settings)."""
+    from .integrate import job_image_reader, settings_from_job
+    beam, det, gonio, scan = models
+    repeat = int((job.kw.get("POSTREF") or {}).get("REPEAT", 5))     # REPEAT m: at most m cycles
+    return (list(segments), job.crystal, beam, det, gonio, scan, job_image_reader(job), options_from(job.kw),
+            repeat, settings_from_job(job, det))
+
+
+def _refine_with(args, started=None, first_cycle=None):
+    segs, crystal, beam, det, gonio, scan, reader, opts, repeat, settings = args
+    return refine_cell(segs, crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat, settings=settings,
+                       started=started, first_cycle=first_cycle)
+
+
+def refinement_pending(job, segments, models):
+    """True when the refinement of these segments was done early (refine_cell_early) with what the
+    job would refine them with now."""
+    early = job.results.get("cellref_early")
+    return early is not None and early[0] == _task_key(_refinement_args(job, segments, models))
+
+
+def refine_cell_early(job, segments, models):
+    """With NPROC > 1, while the segment before the last waits for its blocks: the whole refinement of
+    `segments` (the last one's measurement and blocks already started, pyflm.integrate), as the last
+    segment's PROCESS would do it if nothing changes before it (`models`: that PROCESS's geometry).
+    Kept with its arguments' bytes; cell_refinement_segment takes it only if its own are the same.
+    A failure is left for that PROCESS to meet and report."""
+    try:
+        args = _refinement_args(job, segments, models)
+        key = _task_key(args)
+        res = _refine_with(args, started=job.results.pop("cellref_started", None))
+    except Exception:
+        return
+    job.results["cellref_early"] = (key, res)
+
+
 def cell_refinement_segment(job, result, models, first, last):
     """Collect one PROCESS segment; when POSTREF MULTI SEGMENTS n have been collected, refine."""
     beam, det, gonio, scan = models
@@ -957,17 +995,18 @@ def cell_refinement_segment(job, result, models, first, last):
         log.line(f" Cell refinement: segment {len(segs)} of {need} (images {first} to {last}) stored")
         return
     job.results["cellref_segments"] = []
-    from .integrate import job_image_reader, settings_from_job
-    opts = options_from(job.kw)
-    reader = job_image_reader(job)
-    repeat = int((job.kw.get("POSTREF") or {}).get("REPEAT", 5))     # REPEAT m: at most m cycles
-    settings = settings_from_job(job, det)
+    segs_args = _refinement_args(job, segs, models)
+    settings = segs_args[-1]
     if min(settings.nproc, len(segs)) > 1:
         log.line(f" Cell refinement: the {len(segs)} segments are measured in {min(settings.nproc, len(segs))}"
                  " processes")
-    res = refine_cell(segs, job.crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat,
-                      settings=settings, started=job.results.pop("cellref_started", None),
-                      first_cycle=job.results.pop("cellref_first_cycle", None))
+    early = job.results.pop("cellref_early", None)
+    if early is not None and early[0] == _task_key(segs_args):     # refined already, from the very same
+        res = dict(early[1], refined_early=True)
+        job.results.pop("cellref_first_cycle", None)
+    else:
+        res = dict(_refine_with(segs_args, started=job.results.pop("cellref_started", None),
+                                first_cycle=job.results.pop("cellref_first_cycle", None)), refined_early=False)
     for ln in cycle_lines(res, scan) + format_tables(res):
         log.line(ln)
     log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")

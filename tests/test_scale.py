@@ -86,11 +86,11 @@ def test_a_sparse_sweep_on_two_processes_writes_the_same_mtz_as_one(tmp_path):
 @pytest.mark.parametrize("between", ["", "mosaic 0.35\n"])
 def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path, monkeypatch, between):
     """NPROC 2: each segment's first measurement for the refinement starts with its PROCESS and is taken
-    when the refinement asks the same of it, and the first cycle is refined from them while the last
-    segment integrates; a MOSAIC given between the segments changes what the first segment would be
-    measured with, so neither is taken.  The second segment's blocks start with the first segment's
-    PROCESS (on the worker its one block leaves free) and are taken unless that MOSAIC changed the
-    crystal they were started with.  The same cell and MTZ either way."""
+    when the refinement asks the same of it.  The second segment's blocks and measurement start with the
+    first segment's PROCESS (on the worker its one block leaves free), and the whole refinement is done
+    while the first segment's blocks run: the second segment's PROCESS takes it.  A MOSAIC given between
+    the segments changes what they would be measured and integrated with, so none of that is taken
+    (but the second segment's own measurement is).  The same cell, cycles and MTZ either way."""
     from pyflm.cli import run_batch
     from pyflm.job import JobState
     deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
@@ -108,8 +108,9 @@ def test_cell_refinement_segments_are_measured_while_their_process_runs(tmp_path
     assert res[1]["early"] == 0 and res[2]["early"] == (1 if between else 2)
     assert res[1]["early_blocks"] == 0 and res[2]["early_blocks"] == (0 if between else 1)
     assert_same_content(tmp_path / "seg1.mtz", tmp_path / "seg2.mtz")     # the second segment's MTZ
-    # and the first cycle refined while the last segment's integration ran, from those measurements
-    assert not res[1]["first_cycle_early"] and res[2]["first_cycle_early"] == (not between)
+    # and the refinement done while the first segment's integration ran, from those measurements
+    assert not res[1]["refined_early"] and res[2]["refined_early"] == (not between)
+    assert not res[1]["first_cycle_early"]
     assert pickle.dumps(res[2]["cycles"]) == pickle.dumps(res[1]["cycles"])     # every cycle's figures
     assert res[2]["cell"] == res[1]["cell"] and np.array_equal(res[2]["esd"], res[1]["esd"])
     assert np.array_equal(res[2]["U"], res[1]["U"])
