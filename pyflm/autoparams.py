@@ -499,26 +499,34 @@ def _probe_task(read_image, detector, scan, img):
 
 
 class EarlyProbes:
-    """Probe searches run one after another by a worker process of their own (not the job's pool,
-    where they would hold up the blocks PROCESS queues behind them).  take(key) gives a probe's result,
-    waiting for it if it is being searched, else None (one not started is then not started at all;
-    the caller searches itself, as it would without)."""
+    """Probe searches run by the job's worker pool (distributed.local_pool), one per worker now and the
+    next each time a PROCESS takes one: that PROCESS has queued its blocks by then, so a later PROCESS's
+    probe waits behind them (where the segments' few blocks leave the workers idle) rather than holding
+    up indexing's fits or the blocks.  In the pool, not a process of its own: one fewer heap to grow,
+    and the worker that would otherwise be fresh at the first block has grown its own on the probes.
+    take(key) gives a probe's result, waiting for it if it is being searched, else None (one not started
+    is then not started at all; the caller searches itself, as it would without)."""
 
-    def __init__(self, tasks):
-        from concurrent.futures import ProcessPoolExecutor
-        from .integrate import _ignore_signals
-        pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
-        try:
-            self.futures = {k: pool.submit(_probe_task, *a) for k, a in tasks if k is not None}
-        finally:
-            pool.shutdown(wait=False)        # its worker ends once the probes are searched
+    def __init__(self, tasks, nproc):
+        from .distributed import local_pool
+        self.pool = local_pool(nproc)
+        tasks = [(k, a) for k, a in tasks if k is not None]
+        now, self.pending = tasks[:nproc], tasks[nproc:]
+        self.futures = {k: self.pool.submit(_probe_task, *a) for k, a in now}
 
     def cancel(self):
         """No more probes (the job is ending): those not started are not."""
+        self.pending = []
         for f in self.futures.values():
             f.cancel()
 
     def take(self, key):
+        if self.pending:          # the next probe, behind the blocks the caller has just queued
+            k, a = self.pending.pop(0)
+            try:
+                self.futures[k] = self.pool.submit(_probe_task, *a)
+            except Exception:     # a broken or stopped pool: that PROCESS searches itself
+                pass
         f = self.futures.get(key)
         if f is None or f.cancel():
             return None
@@ -552,7 +560,7 @@ def start_early_probes(job, detector, scan):
             tasks.append((key, (reader, detector, scan, mid)))
     if tasks:
         try:
-            job.results["early_probes"] = EarlyProbes(tasks)
+            job.results["early_probes"] = EarlyProbes(tasks, nproc)
         except Exception:           # early work only: PROCESS searches its probe itself
             pass
 
