@@ -11,7 +11,8 @@ this reads each pixel once per step."""
 import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, fabs, floor
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset
 
 cnp.import_array()
 
@@ -171,6 +172,38 @@ DEF PREFETCH_AHEAD = 6
 
 cdef extern from *:
     void __builtin_prefetch(const void *addr) nogil
+
+
+DEF ROWS_AHEAD = 8
+
+
+cdef inline Py_ssize_t _prefetch_rows(const void *a, const void *b, const void *c, const void *d,
+                                      Py_ssize_t row, Py_ssize_t upto, Py_ssize_t ns,
+                                      Py_ssize_t row_bytes, Py_ssize_t mrow_bytes) noexcept nogil:
+    """Ask for whole image rows from `row` up to (not including) `upto`, in order: the boxes come in
+    the order of the image's rows at scattered columns, so each box's rows were cache misses one after
+    the other (most of measure's time); whole rows in order are a stream the memory system keeps up
+    with.  a, b, c: images (NULL: none), d: a byte mask (NULL: none).  Returns the next row to ask for."""
+    cdef Py_ssize_t k
+    if upto > ns:
+        upto = ns
+    while row < upto:
+        k = 0
+        while k < row_bytes:
+            if a != NULL:
+                __builtin_prefetch(<const char *>a + row * row_bytes + k)
+            if b != NULL:
+                __builtin_prefetch(<const char *>b + row * row_bytes + k)
+            if c != NULL:
+                __builtin_prefetch(<const char *>c + row * row_bytes + k)
+            k += 64
+        if d != NULL:
+            k = 0
+            while k < mrow_bytes:
+                __builtin_prefetch(<const char *>d + row * mrow_bytes + k)
+                k += 64
+        row += 1
+    return row
 
 
 cdef inline void _prefetch(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int use_mask,
@@ -361,6 +394,45 @@ cdef inline int _gather_one(int n_bg_all, const int *bg_k, const double *bg_x, c
     return nb
 
 
+cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *bg_x, const double *bg_y,
+                           const pix_t *d0, const unsigned char *mc, unsigned char bits, double nullpix,
+                           double *bx, double *by, double *bc, double *bu) noexcept nogil:
+    """_gather_one for a box on the image, read in place (d0, mc: the image and the mask bits at the
+    box's corner); every candidate written, the count advanced by its test (no branch per pixel)."""
+    cdef int q, nb = 0
+    cdef Py_ssize_t o
+    cdef double c
+    for q in range(n_bg_all):
+        o = bg_o[q]
+        c = <double>d0[o]
+        bx[nb] = bg_x[q]
+        by[nb] = bg_y[q]
+        bc[nb] = c
+        bu[nb] = 1.0
+        nb += (c > nullpix) & ((mc[o] & bits) == 0)
+    return nb
+
+
+cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigned char[:, ::1] bgx,
+                   int use_bgx, const unsigned char[:, ::1] sgx, int use_sgx, Py_ssize_t npx,
+                   unsigned char *cm) noexcept nogil:
+    """The mask bits of every pixel of the image (those masks not given are 0)."""
+    cdef Py_ssize_t k
+    cdef const unsigned char *m = &mask[0, 0]
+    cdef const unsigned char *x = &bgx[0, 0]
+    cdef const unsigned char *g = &sgx[0, 0]
+    memset(cm, 0, npx)
+    if use_mask:
+        for k in range(npx):
+            cm[k] = m[k]
+    if use_bgx:
+        for k in range(npx):
+            cm[k] |= x[k] << 1
+    if use_sgx:
+        for k in range(npx):
+            cm[k] |= g[k] << 2
+
+
 cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow,
                    int nxs, int nys, const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm,
                    const unsigned char[:, ::1] mask, int use_mask,
@@ -375,6 +447,12 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef Py_ssize_t b, i, j, k, q
     cdef int npix = nxs * nys, nb, nc, it, changed, nnew, npk, badpk, over, n_pk_all = 0, n_bg_all = 0
     cdef int ndead, nshad
+    cdef int on
+    cdef Py_ssize_t base, o
+    cdef const pix_t *d0
+    cdef const pix_t *e0
+    cdef const pix_t *e1
+    cdef const unsigned char *mc
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
     cdef double c, x, y, pl, d, r2, ss, cut2 = (cutoff + 1e-9) * (cutoff + 1e-9)
@@ -416,70 +494,128 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 bg_x[n_bg_all] = i - x0
                 bg_y[n_bg_all] = j - y0
                 n_bg_all += 1
+    # the same pixels' offsets in the image from a box's corner, and the three masks as the bits of one
+    # image (1 mask, 2 bg_exclude, 4 the single-image measurement's bg_exclude), read once per pixel
+    cdef Py_ssize_t *pk_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *bg_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
+    for q in range(n_pk_all):
+        pk_o[q] = (pk_k[q] // nys) * nf + pk_k[q] % nys
+    for q in range(n_bg_all):
+        bg_o[q] = (bg_k[q] // nys) * nf + bg_k[q] % nys
+    cdef unsigned char *cm = <unsigned char *>malloc(ns * nf)
+    _combine(mask, use_mask, bgx, use_bgx, sgx, use_sgx, ns * nf, cm)
+    d0 = &data[0, 0]
+    mc = cm
+    cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
+    cdef const void *pf_b = <const void *>&nb0[0, 0] if n_nb >= 1 else NULL
+    cdef const void *pf_c = <const void *>&nb1[0, 0] if n_nb >= 2 else NULL
     for b in range(n):
-        if b + PREFETCH_AHEAD < n:
-            _prefetch(data, mask, use_mask, bgx, use_bgx, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD],
-                      nxs, nys)
-            if n_nb >= 1:
-                _prefetch(nb0, mask, 0, bgx, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD], nxs, nys)
-            if n_nb >= 2:
-                _prefetch(nb1, mask, 0, bgx, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD], nxs, nys)
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
+        if cs > pf_row:
+            pf_row = cs if cs < ns else ns
+        pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, cm, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
         CS_o[b] = cs
         CF_o[b] = cf
-        FL_o[b, 0] = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
-        _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
-        if n_nb >= 1:
-            _load_px(nb0, cs, cf, nxs, nys, box0)
-        if n_nb >= 2:
-            _load_px(nb1, cs, cf, nxs, nys, box1)
+        on = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
+        FL_o[b, 0] = on
         nb = 0
         badpk = 0
         over = 0
         ndead = 0
         nshad = 0
-        for q in range(n_pk_all):
-            k = pk_k[q]
-            c = box[k]
-            pc[q] = c
-            pv[q] = (c > nullpix) and not (mb[k] & 1)
-            if not pv[q]:
-                badpk = 1
-                if c > nullpix:
-                    nshad += 1
-                else:
-                    ndead += 1
-            if c >= overload:
-                over = 1
-        nc = n_pk_all
-        # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
-        # (no early exits: each was a branch per pixel)
-        if n_nb == 2:
-            for q in range(n_bg_all):
-                k = bg_k[q]
-                c = box[k]
-                c0 = box0[k]
-                c1 = box1[k]
-                if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mb[k] & 3) == 0):
+        if on:
+            # the box on the image (nearly all): its pixels read where they are, through the offsets of
+            # the peak and rim pixels from the box's corner (no copy of the box, no mask bits per pixel)
+            base = cs * nf + cf
+            d0 = &data[0, 0] + base
+            mc = cm + base
+            for q in range(n_pk_all):
+                o = pk_o[q]
+                c = <double>d0[o]
+                pc[q] = c
+                pv[q] = (c > nullpix) and not (mc[o] & 1)
+                if not pv[q]:
+                    badpk = 1
+                    if c > nullpix:
+                        nshad += 1
+                    else:
+                        ndead += 1
+                if c >= overload:
+                    over = 1
+            # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of
+            # all, and every one written with the count advanced by the test (no branch per pixel)
+            if n_nb == 2:
+                e0 = &nb0[0, 0] + base
+                e1 = &nb1[0, 0] + base
+                for q in range(n_bg_all):
+                    o = bg_o[q]
+                    c = <double>d0[o]
+                    c0 = <double>e0[o]
+                    c1 = <double>e1[o]
                     bx[nb] = bg_x[q]
                     by[nb] = bg_y[q]
                     bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
                     bu[nb] = 1.0
-                    nb += 1
-        elif n_nb == 1:
-            for q in range(n_bg_all):
-                k = bg_k[q]
-                c = box[k]
-                c0 = box0[k]
-                if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
+                    nb += (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0)
+            elif n_nb == 1:
+                e0 = &nb0[0, 0] + base
+                for q in range(n_bg_all):
+                    o = bg_o[q]
+                    c = <double>d0[o]
+                    c0 = <double>e0[o]
                     bx[nb] = bg_x[q]
                     by[nb] = bg_y[q]
                     bc[nb] = (c + c0) / 2.0
                     bu[nb] = 1.0
-                    nb += 1
+                    nb += (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0)
+            else:
+                nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         else:
-            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 3, nullpix, bx, by, bc, bu)
+            _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
+            if n_nb >= 1:
+                _load_px(nb0, cs, cf, nxs, nys, box0)
+            if n_nb >= 2:
+                _load_px(nb1, cs, cf, nxs, nys, box1)
+            for q in range(n_pk_all):
+                k = pk_k[q]
+                c = box[k]
+                pc[q] = c
+                pv[q] = (c > nullpix) and not (mb[k] & 1)
+                if not pv[q]:
+                    badpk = 1
+                    if c > nullpix:
+                        nshad += 1
+                    else:
+                        ndead += 1
+                if c >= overload:
+                    over = 1
+            if n_nb == 2:
+                for q in range(n_bg_all):
+                    k = bg_k[q]
+                    c = box[k]
+                    c0 = box0[k]
+                    c1 = box1[k]
+                    if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mb[k] & 3) == 0):
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = ((c + c0) + c1) / 3.0
+                        bu[nb] = 1.0
+                        nb += 1
+            elif n_nb == 1:
+                for q in range(n_bg_all):
+                    k = bg_k[q]
+                    c = box[k]
+                    c0 = box0[k]
+                    if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = (c + c0) / 2.0
+                        bu[nb] = 1.0
+                        nb += 1
+            else:
+                nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 3, nullpix, bx, by, bc, bu)
+        nc = n_pk_all
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
         FL_o[b, 1] = badpk
@@ -503,7 +639,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over:
             # the same box measured from this image alone, its own exclusions (the profiles' measurement;
             # a box off the image, with bad peak pixels or an overload never makes a profile: not measured)
-            nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 5, nullpix, bx, by, bc, bu)
+            nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 5, nullpix, bx, by, bc, bu)
             pyflm_data_sums(nb, bx, by, bc, first)
             _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain, cut2, nc, pi, pj, pc, pv, x0, y0, gain, 1.0,
                            first, cf3, res, 0)
@@ -518,6 +654,9 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(mb)
     free(pk_k)
     free(bg_k)
+    free(pk_o)
+    free(bg_o)
+    free(cm)
     free(bg_x)
     free(bg_y)
     free(bx)
@@ -579,14 +718,22 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
                const double[:, :, ::1] fine, int sub, int nxs, int nys, const unsigned char[:, ::1] peak,
                const unsigned char[:, ::1] mask, int use_mask, double gain, double overload,
                double nullpix, int n_iter, double[::1] I_o, double[::1] S_o) noexcept nogil:
+    """Per box: its peak pixels' standard profile (bilinear on the fine grid), net counts and validity,
+    then the iterated fit.  What depends on a pixel's row or column alone (its fine-grid place and
+    weights, the plane's terms) is worked out once per row and column, with the same expressions."""
     cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1]
     cdef Py_ssize_t FS = fine.shape[1], FF = fine.shape[2]
     cdef Py_ssize_t b, i, j, k, r, s0, f0, si, fj, q, off
     cdef int npix = nxs * nys, nc = 0, it, on
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
-    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0
+    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0, c0, c1, c2, ai, wsi
     cdef const double *fr
+    cdef const double *frow
+    cdef const double *fbase = &fine[0, 0, 0]
+    cdef const pix_t *drow
+    cdef const pix_t *dbase = &data[0, 0]
+    cdef const unsigned char *mbase = &mask[0, 0]
     cdef double *P = <double *>malloc(npix * sizeof(double))
     cdef double *NET = <double *>malloc(npix * sizeof(double))
     cdef double *PL = <double *>malloc(npix * sizeof(double))
@@ -598,12 +745,33 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     cdef Py_ssize_t *F0 = <Py_ssize_t *>malloc(nys * sizeof(Py_ssize_t))
     cdef double *WS = <double *>malloc(nxs * sizeof(double))
     cdef double *WF = <double *>malloc(nys * sizeof(double))
+    cdef double *W1S = <double *>malloc(nxs * sizeof(double))     # 1 - WS
+    cdef double *W1F = <double *>malloc(nys * sizeof(double))     # 1 - WF
+    cdef double *PX = <double *>malloc(nxs * sizeof(double))      # c0 + c1 (i - x0)
+    cdef double *PY = <double *>malloc(nys * sizeof(double))      # c2 (j - y0)
+    # and the same pixels as runs along the rows (row, first and one-past-last column), in that order
+    cdef int nrun = 0, t
+    cdef int *ri = <int *>malloc(npix * sizeof(int))
+    cdef int *r0 = <int *>malloc(npix * sizeof(int))
+    cdef int *r1 = <int *>malloc(npix * sizeof(int))
+    cdef double pxi
+    cdef const double *fra
+    cdef const double *frb
+    cdef const unsigned char *mrow
     for i in range(nxs):
         for j in range(nys):
             if peak[i, j]:
                 pi[nc] = i
                 pj[nc] = j
                 nc += 1
+                if nrun and ri[nrun - 1] == i and r1[nrun - 1] == j:
+                    r1[nrun - 1] = j + 1
+                else:
+                    ri[nrun] = i
+                    r0[nrun] = j
+                    r1[nrun] = j + 1
+                    nrun += 1
+    cdef unsigned char *zrow = <unsigned char *>calloc(nys, 1)      # no mask: a row of zeros
     for b in range(n):
         if b + PREFETCH_AHEAD < n:
             _prefetch(data, mask, use_mask, mask, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD],
@@ -614,44 +782,78 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
         on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
         ds = slow[b] - floor(slow[b]) - 0.5
         df = fast[b] - floor(fast[b]) - 0.5
+        c0 = coef[b, 0]
+        c1 = coef[b, 1]
+        c2 = coef[b, 2]
         for i in range(nxs):
             ts = ((i - nxs // 2) - ds + (nxs // 2 + 1)) * sub
             s0 = <Py_ssize_t>floor(ts)
             s0 = 0 if s0 < 0 else (FS - 2 if s0 > FS - 2 else s0)
             S0[i] = s0
             WS[i] = ts - s0
+            W1S[i] = 1 - WS[i]
+            PX[i] = c0 + c1 * (i - x0)
         for j in range(nys):
             tf = ((j - nys // 2) - df + (nys // 2 + 1)) * sub
             f0 = <Py_ssize_t>floor(tf)
             f0 = 0 if f0 < 0 else (FF - 2 if f0 > FF - 2 else f0)
             F0[j] = f0
             WF[j] = tf - f0
+            W1F[j] = 1 - WF[j]
+            PY[j] = c2 * (j - y0)
         tot = 0.0
-        for q in range(nc):
-            i = pi[q]
-            j = pj[q]
-            ws = WS[i]
-            wf = WF[j]
-            # the standard profile read off the fine grid at this pixel's offset from the centre
-            fr = &fine[r, S0[i], F0[j]]
-            p = (1 - ws) * (1 - wf) * fr[0]
-            p += (1 - ws) * wf * fr[1]
-            p += ws * (1 - wf) * fr[FF]
-            p += ws * wf * fr[FF + 1]
-            tot += p
-            if on:
-                si = cs + i
-                fj = cf + j
-            else:
+        if on:
+            # the box on the image (nearly all): the peak's pixels run by run along its rows, from row
+            # pointers, with no branch per pixel
+            q = 0
+            for t in range(nrun):
+                i = ri[t]
+                ws = WS[i]
+                ai = W1S[i]
+                pxi = PX[i]
+                fra = fbase + (r * FS + S0[i]) * FF
+                frb = fra + FF
+                drow = dbase + (cs + i) * nf + cf
+                mrow = (mbase + (cs + i) * nf + cf) if use_mask else zrow
+                for j in range(r0[t], r1[t]):
+                    f0 = F0[j]
+                    wf = WF[j]
+                    p = (ai * W1F[j]) * fra[f0]
+                    p += (ai * wf) * fra[f0 + 1]
+                    p += (ws * W1F[j]) * frb[f0]
+                    p += (ws * wf) * frb[f0 + 1]
+                    tot += p
+                    c = <double>drow[j]
+                    pl = pxi + PY[j]
+                    P[q] = p
+                    PL[q] = pl
+                    NET[q] = c - pl
+                    U[q] = <double>((c > nullpix) & (mrow[j] == 0) & (c < overload))
+                    q += 1
+        else:
+            for q in range(nc):
+                i = pi[q]
+                j = pj[q]
+                ws = WS[i]
+                wf = WF[j]
+                ai = W1S[i]
+                # the standard profile read off the fine grid at this pixel's offset from the centre
+                fr = fbase + (r * FS + S0[i]) * FF + F0[j]
+                p = (ai * W1F[j]) * fr[0]
+                p += (ai * wf) * fr[1]
+                p += (ws * W1F[j]) * fr[FF]
+                p += (ws * wf) * fr[FF + 1]
+                tot += p
                 si = _clip(<Py_ssize_t>(cs + i), ns - 1)
                 fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-            c = <double>data[si, fj]
-            pl = coef[b, 0] + coef[b, 1] * (i - x0) + coef[b, 2] * (j - y0)
-            P[q] = p
-            PL[q] = pl
-            NET[q] = c - pl
-            # an invalid or overloaded pixel is left out; the profile fills it in
-            U[q] = 1.0 if ((c > nullpix) and not (use_mask and mask[si, fj]) and (c < overload)) else 0.0
+                off = si * nf + fj
+                c = <double>dbase[off]
+                pl = PX[i] + PY[j]
+                P[q] = p
+                PL[q] = pl
+                NET[q] = c - pl
+                # an invalid or overloaded pixel is left out; the profile fills it in
+                U[q] = 1.0 if ((c > nullpix) and not (use_mask and mbase[off]) and (c < overload)) else 0.0
         if not tot > 0:
             tot = 1.0
         for k in range(nc):
@@ -678,6 +880,14 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     free(F0)
     free(WS)
     free(WF)
+    free(W1S)
+    free(W1F)
+    free(PX)
+    free(PY)
+    free(ri)
+    free(r0)
+    free(r1)
+    free(zrow)
 
 
 _ONE = np.zeros((1, 1), np.uint8)
@@ -730,8 +940,15 @@ def _image(data):
     return np.ascontiguousarray(data)
 
 
-def _mask(m):
-    return (_ONE, 0) if m is None else (np.ascontiguousarray(m, bool).view(np.uint8), 1)
+def _mask(m, shape=None):
+    """A mask as the kernels read it (and whether there is one); one of another size than the image
+    (shape) is refused: the kernels read it at the image's offsets."""
+    if m is None:
+        return _ONE, 0
+    m = np.ascontiguousarray(m, bool).view(np.uint8)
+    if shape is not None and m.shape != tuple(shape):
+        raise ValueError(f"a mask of {m.shape} for an image of {tuple(shape)}")
+    return m, 1
 
 
 def _u8(m):
@@ -764,8 +981,8 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef int nxs = raster[0], nys = raster[1]
     cdef const unsigned char[:, ::1] pk = _u8(peak)
     cdef const unsigned char[:, ::1] bg = _u8(bg_mask)
-    m_, um_ = _mask(mask)
-    x_, ux_ = _mask(bg_exclude)
+    m_, um_ = _mask(mask, data.shape)
+    x_, ux_ = _mask(bg_exclude, data.shape)
     cdef const unsigned char[:, ::1] m = m_
     cdef const unsigned char[:, ::1] x = x_
     cdef int um = um_, ux = ux_
@@ -773,7 +990,7 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
            "n_peak": np.empty(n, np.int32), "n_bg": np.empty(n, np.int32), "slow_obs": np.empty(n),
            "fast_obs": np.empty(n), "cs": np.empty(n, np.int64), "cf": np.empty(n, np.int64)}
     fl = np.zeros((n, 3), np.uint8)
-    g_, ug_ = _mask(single_exclude)
+    g_, ug_ = _mask(single_exclude, data.shape)
     cdef const unsigned char[:, ::1] g = g_
     cdef int ug = ug_
     sg = np.zeros(n, np.uint8) if single is None else np.ascontiguousarray(single, bool).view(np.uint8)
@@ -825,7 +1042,7 @@ def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster
     cdef const cnp.int64_t[::1] R = np.ascontiguousarray(regions, np.int64)
     cdef const double[:, :, ::1] FI = np.ascontiguousarray(fine, np.float64)
     cdef const unsigned char[:, ::1] pk = _u8(peak)
-    m_, um_ = _mask(mask)
+    m_, um_ = _mask(mask, data.shape)
     cdef const unsigned char[:, ::1] m = m_
     cdef int um = um_
     cdef int nxs = raster[0], nys = raster[1]
