@@ -439,7 +439,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                    const unsigned char[:, ::1] bgx, int use_bgx, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1,
                    int n_nb, const unsigned char[:, ::1] sgx, int use_sgx, const unsigned char[::1] single,
                    double gain, double overload, double nullpix, int n_iter, double cutoff,
-                   double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
+                   double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                    cnp.int32_t[::1] NP_o, cnp.int32_t[::1] NB_o, double[::1] SO_o, double[::1] FO_o,
                    long long[::1] CS_o, long long[::1] CF_o, unsigned char[:, ::1] FL_o,
                    double[::1] I1_o, double[::1] S1_o, double[:, ::1] C1_o, cnp.int32_t[:, ::1] DS_o) noexcept nogil:
@@ -636,7 +636,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         tot = res[5] if res[5] >= 1e-9 else 1e-9
         SO_o[b] = cs + res[6] / tot
         FO_o[b] = cf + res[7] / tot
-        if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over:
+        if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over and I_o[b] > smin * S_o[b]:
             # the same box measured from this image alone, its own exclusions (the profiles' measurement;
             # a box off the image, with bad peak pixels or an overload never makes a profile: not measured)
             nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 5, nullpix, bx, by, bc, bu)
@@ -901,13 +901,13 @@ def _run_measure(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, const
                  const unsigned char[:, ::1] bg, const unsigned char[:, ::1] m, int um,
                  const unsigned char[:, ::1] x, int ux, int n_nb, const unsigned char[:, ::1] g, int ug,
                  const unsigned char[::1] SG, double gain, double overload, double nullpix, int n_iter,
-                 double cutoff, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
+                 double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                  cnp.int32_t[::1] NP, cnp.int32_t[::1] NB, double[::1] SO, double[::1] FO,
                  long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, double[::1] I1,
                  double[::1] S1, double[:, ::1] C1, cnp.int32_t[:, ::1] DS):
     with nogil:
         _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, nb0, nb1, n_nb, g, ug, SG, gain, overload,
-                 nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
+                 nullpix, n_iter, cutoff, smin, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
 
 
 def _run_profile_sums(pix_t[:, ::1] data, const double[::1] F, const double[::1] S,
@@ -957,13 +957,14 @@ def _u8(m):
 
 def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None, double gain=1.0,
             double overload=1e9, double nullpix=-1.0, int n_iter=3, double cutoff=3.0, bg_images=(),
-            single_exclude=None, single=None):
+            single_exclude=None, single=None, double single_min_isig=-np.inf):
     """Measure reflections at (fast, slow) on one image: a dict of arrays I, SIGI, coef (n, 3), rms,
     n_peak, n_bg, slow_obs, fast_obs, cs, cf (box origins), on, bad_peak, over (bool).  bg_images: up
     to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy).
     single_exclude, single (bool per reflection): those reflections measured also from this image
     alone with that bg_exclude, in the same pass (I1, SIGI1, coef1; NaN for the others and for those off
-    the image, with bad peak pixels or overloaded, which no profile takes)."""
+    the image, with bad peak pixels or overloaded, which no profile takes), and only those whose 3-D
+    measurement is above single_min_isig sigmas."""
     nbs = list(bg_images)
     if len(nbs) > 2:
         raise ValueError("at most two neighbouring images join a background")
@@ -1010,7 +1011,7 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef long long[::1] CS = out["cs"], CF = out["cf"]
     cdef unsigned char[:, ::1] FL = fl
     _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, n_nb, g, ug, SG, gain, overload,
-                 nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
+                 nullpix, n_iter, cutoff, single_min_isig, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out
 

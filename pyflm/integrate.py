@@ -163,8 +163,11 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         exclude = foreground(img)
         for j in nb:
             exclude = exclude | foreground(j)
+        # (from the image alone only those that may be strong enough for the profiles: I/sigma above
+        # half profile_sums' 10 with the 3-D background; the sim sweep's strong ones are all above 9.6)
         m = measure(datas[img], part_fast[sel], part_slow[sel], bg_exclude=exclude,
-                    bg_images=[datas[j] for j in nb], single_exclude=foreground(img), single=big, **kw)
+                    bg_images=[datas[j] for j in nb], single_exclude=foreground(img), single=big,
+                    single_min_isig=5.0, **kw)
         sums = profile_sums(datas[img], part_fast[sel][big], part_slow[sel][big], regions=regions[sel][big],
                             n_regions=n_regions, bg_exclude=foreground(img), measured=single_part(m, big), **kw)
         measured[img] = (sel, nb, exclude, m)

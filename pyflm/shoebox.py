@@ -327,7 +327,7 @@ def fine_shape(raster, sub=SUB):
 
 
 def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None, bg_exclude=None,
-            bg_images=(), single_exclude=None, single=None, use_cython=True):
+            bg_images=(), single_exclude=None, single=None, single_min_isig=None, use_cython=True):
     """Everything of each reflection's measurement but the profile fit: background plane (coef, rms,
     n_bg), summation I and SIGI, n_peak, centroid (slow_obs, fast_obs), box origins (cs, cf) and
     whether the box is on the image (on), has invalid peak pixels (bad_peak) or overloads (over).
@@ -335,7 +335,9 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     single (bool per reflection) with single_exclude: those also measured from this image alone with
     that bg_exclude (profile_sums' measurement), as I1, SIGI1, coef1 (NaN for the others, and for those
     off the image, with bad peak pixels or overloaded: no profile takes them); the
-    kernel does it in the same pass over their boxes.
+    kernel does it in the same pass over their boxes.  single_min_isig: only those whose measurement
+    (with bg_images) stands above that many sigmas (the profiles take only strong spots: a spot well
+    below their I/sigma with the 3-D background is not strong from the image alone either).
     A dict of arrays; the kernel (ext/_integrate.pyx) when built, else measure_numpy (its twin)."""
     fast, slow = np.asarray(fast, float), np.asarray(slow, float)
     if use_cython and _int_ext is not None and len(bg_images) <= 2:
@@ -345,7 +347,8 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
         m = _int_ext.measure(data, fast[order], slow[order], raster, peak_mask, bg_mask, mask, bg_exclude,
                              float(gain), float(overload), float(nullpix), bg_images=list(bg_images),
                              single_exclude=single_exclude,
-                             single=None if single is None else np.asarray(single, bool)[order])
+                             single=None if single is None else np.asarray(single, bool)[order],
+                             single_min_isig=-np.inf if single_min_isig is None else float(single_min_isig))
         back = np.empty_like(order)          # each reflection's place in the kernel's order
         back[order] = np.arange(len(order))
         for k, v in m.items():
@@ -359,7 +362,10 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     w = np.zeros(0, np.int64)
     if single is not None and single_exclude is not None:
         # not those no profile takes (off the image, bad peak pixels, overloaded), as the kernel
-        w = np.flatnonzero(np.asarray(single, bool) & m["on"] & ~m["bad_peak"] & ~m["over"])
+        w = np.asarray(single, bool) & m["on"] & ~m["bad_peak"] & ~m["over"]
+        if single_min_isig is not None:
+            w &= m["I"] > single_min_isig * m["SIGI"]
+        w = np.flatnonzero(w)
     if len(w):
         m1 = measure_numpy(data, fast[w], slow[w], raster=raster, gain=gain, overload=overload,
                            nullpix=nullpix, mask=mask, bg_exclude=single_exclude)
