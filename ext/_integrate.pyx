@@ -105,6 +105,46 @@ cdef extern from *:
         }
         return changed;
     }
+    /* pyflm_reject_update that also sums what pyflm_rms_sum would over the pixels kept, with this
+       plane, in the same lanes and order: the last pass's sums are the fit's rms (no pass of its own). */
+    static int pyflm_reject_rms(int n, const double *x, const double *y, const double *c, double *u,
+                                double c0, double c1, double c2, double gain, double cut2, double *s,
+                                double *ssq, double *count) {
+        const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
+        const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
+        __m128d ss = _mm_setzero_pd(), nu = ss;
+        int k = 0, changed = 0, mm;
+        for (; k + 2 <= n; k += 2) {
+            __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
+                                    _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
+            __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
+            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
+            __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
+            ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
+            nu = _mm_add_pd(nu, keep);
+            mm = _mm_movemask_pd(_mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
+            if (mm) {
+                double kv[2];
+                _mm_storeu_pd(kv, keep);
+                if (mm & 1) { pyflm_flip(k, kv[0] - u[k], x, y, c, s); u[k] = kv[0]; }
+                if (mm & 2) { pyflm_flip(k + 1, kv[1] - u[k + 1], x, y, c, s); u[k + 1] = kv[1]; }
+                changed = 1;
+            }
+        }
+        double t = pyflm_hsum(ss), m = pyflm_hsum(nu);
+        for (; k < n; k++) {
+            double pl = c0 + c1 * x[k] + c2 * y[k];
+            double d = c[k] - pl;
+            double v = (pl > 1.0 ? pl : 1.0) * gain;
+            double keep = (d * d <= cut2 * v) ? 1.0 : 0.0;
+            if (keep != u[k]) { pyflm_flip(k, keep - u[k], x, y, c, s); u[k] = keep; changed = 1; }
+            t += u[k] * (d * d / v);
+            m += u[k];
+        }
+        *ssq = t;
+        *count = m;
+        return changed;
+    }
     /* sum of squared residuals in sigma units over the pixels in use, and their number */
     static double pyflm_rms_sum(int n, const double *x, const double *y, const double *c,
                                 const double *u, double c0, double c1, double c2, double gain,
@@ -164,6 +204,9 @@ cdef extern from *:
     void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) nogil
     int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
                             double c0, double c1, double c2, double gain, double cut2, double *s) nogil
+    int pyflm_reject_rms(int n, const double *x, const double *y, const double *c, double *u,
+                         double c0, double c1, double c2, double gain, double cut2, double *s, double *ssq,
+                         double *count) nogil
     double pyflm_rms_sum(int n, const double *x, const double *y, const double *c, const double *u,
                          double c0, double c1, double c2, double gain, double *count) nogil
 
@@ -340,11 +383,13 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             rhs[2] = sums[8]
             if not _solve3(M, rhs, cf3):
                 cf3[0] = cf3[1] = cf3[2] = 0.0
-        if not pyflm_reject_update(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums):
+        if want_rms:
+            if not pyflm_reject_rms(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
+                break
+        elif not pyflm_reject_update(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums):
             break
-    # the twin's rms is over the final mask with the last plane's residuals
+    # the twin's rms is over the final mask with the last plane's residuals: the last pass's sums
     if want_rms:
-        ss = pyflm_rms_sum(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, &w)
         nnew = <int>w
         res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
     else:
