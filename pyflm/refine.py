@@ -18,8 +18,11 @@ background plane, a summation intensity and the centroid of its net peak.  Only 
   spread and, in cell refinement (or POSTREF UNFIX), the cell under the lattice's constraints.
 
 Both sets of residuals (positions in units of their sigma, fractions in units of theirs) are
-minimised together by scipy's least_squares with a soft-L1 loss, so a parameter seen by both (the
-missets move spots as well as fractions) is refined once, consistently.
+minimised together with a soft-L1 loss, so a parameter seen by both (the missets move spots as well as
+fractions) is refined once, consistently.  The fit (``_fit``: Levenberg-Marquardt on the Gauss-Newton
+Hessian, as scipy's least_squares weighs a robust loss) takes the residuals' derivatives in closed form
+(``_Predictions.derivatives``) and runs to the minimum itself (a last step under 1e-5 of the esds), so
+a small problem of ~10 parameters and a few thousand residuals costs a few evaluations.
 
 PROCESS refines once per block, before the block is integrated (``refine_block``, called by
 pyflm.integrate): each block starts from the job's model, so results do not depend on the number of
@@ -359,13 +362,12 @@ class _Model:
 
 
 class _Predictions:
-    """model.calc(x) for a fixed list of reflections, each piece computed once per value of the
-    parameters it depends on (the detector frame on the detector's, the crossings on the missets' and
-    the cell's, the widths on those and the mosaic's, the positions on both).  A finite-difference step
-    moves one parameter, so most of a Jacobian's evaluations find all but one piece here; the pieces
-    are the same functions of the same numbers, so the results are calc's to the bit."""
-
-    KEEP = 16                 # values kept per piece: more than a Jacobian's steps (at most 15 parameters)
+    """model.calc(x) for a fixed list of reflections, and its derivatives with respect to the free
+    parameters in closed form (``derivatives``): the crossing angle by implicit differentiation of the
+    Ewald condition, the spot position by that of the ray's meeting with the detector plane, the
+    rocking width by the chain rule through s1.  Only the setting matrix A (3 x 3) and the detector
+    frame (four vectors) are differenced numerically (centrally), which costs nothing beside the
+    reflections.  The last point asked for is kept (the fit asks for values, then their derivatives)."""
 
     def __init__(self, model, hkl, phi_ref):
         self.model, self.hkl, self.phi_ref = model, hkl, phi_ref
@@ -373,67 +375,183 @@ class _Predictions:
         self.det_idx = [i for i, n in enumerate(names) if n in DETECTOR_PARAMS]
         self.cry_idx = [i for i, n in enumerate(names) if n in MISSETS or n.startswith("CELL")]
         self.mos_idx = [i for i, n in enumerate(names) if n == "MOSAIC"]
-        self._memo = {}
+        self._last = (None, None)
 
-    def memo(self, piece, key, make):
-        d = self._memo.setdefault(piece, {})
-        if key in d:
-            d[key] = d.pop(key)          # most recently used last
-            return d[key]
-        if len(d) >= self.KEEP:
-            del d[next(iter(d))]
-        d[key] = v = make()
-        return v
-
-    def keys(self, x):
+    def _state(self, x):
         x = np.asarray(x, float)
-        return x[self.det_idx].tobytes(), x[self.cry_idx].tobytes(), x[self.mos_idx].tobytes()
+        key = x.tobytes()
+        if self._last[0] == key:
+            return self._last[1]
+        m = self.model
+        det, cr = m.unpack(x)
+        frame = det.frame()
+        phi, s1u, ok = m.rotated(cr, self.hkl, self.phi_ref)
+        r0 = self.hkl @ cr.A.T                  # (for the derivatives) at phi 0, and at the crossing:
+        r = s1u / m.beam.wavelength - geometry.BEAM_DIRECTION / m.beam.wavelength
+        xm, ym, hit = geometry.lab_to_mm(s1u, frame)
+        terms = predict.rocking_width_terms(s1u, m.gonio.axis, m.beam)
+        width = predict.width_from_terms(terms, cr.mosaic)
+        st = dict(x=x, frame=frame, r0=r0, r=r, phi=phi, s1u=s1u, terms=terms, mosaic=cr.mosaic,
+                  vals=(xm, ym, phi, width, ok & hit))
+        self._last = (key, st)
+        return st
 
     def __call__(self, x):
-        m = self.model
-        kd, kc, km = self.keys(x)
-        frame = self.memo("frame", kd, lambda: m.unpack_detector(x).frame())
-        phi, s1u, ok = self.memo("rotated", kc, lambda: m.rotated(m.unpack_crystal(x), self.hkl, self.phi_ref))
-        xm, ym, hit = self.memo("positions", kd + kc, lambda: geometry.lab_to_mm(s1u, frame))
-        terms = self.memo("width_terms", kc, lambda: predict.rocking_width_terms(s1u, m.gonio.axis, m.beam))
-        width = self.memo("width", kc + km, lambda: predict.width_from_terms(terms, m.unpack_crystal(x).mosaic))
-        return xm, ym, phi, width, ok & hit
+        return self._state(x)["vals"]
+
+    def derivatives(self, x):
+        """d(xm, ym, phi, width)/dx, each (n reflections, n parameters)."""
+        st = self._state(x)
+        m, x = self.model, st["x"]
+        lam = m.beam.wavelength
+        n, p = len(self.hkl), len(x)
+        dX, dY, dphi, dW = (np.zeros((n, p)) for _ in range(4))
+        origin, ex, ey, nrm = st["frame"]
+        s1u, r, r0 = st["s1u"], st["r"], st["r0"]
+        sn = s1u @ nrm
+        t = (origin @ nrm) / sn
+        pvec = s1u * t[:, None] - origin
+        sign = -1.0 if m.gonio.reverse_phi else 1.0
+        # the ray through the detector: d(X, Y) for a change ds of the unit diffracted beam
+        def moved(ds):
+            dt = -t * (ds @ nrm) / sn
+            dp = ds * t[:, None] + s1u * dt[:, None]
+            return dp @ ex, dp @ ey
+        # and for a change of the frame with the ray held
+        for j in self.det_idx:
+            if m.names[j] in ("XCEN", "YCEN") and not m.d0.two_theta:
+                # the direct beam's point moves in the detector plane, the frame with it: X or Y by 1
+                (dX if m.names[j] == "XCEN" else dY)[:, j] = 1.0
+                continue
+            h = 1e-5 * max(1.0, abs(x[j]))
+            fa = m.unpack_detector(_stepped(x, j, h)).frame()
+            fb = m.unpack_detector(_stepped(x, j, -h)).frame()
+            do, dex, dey, dn = ((a - b) / (2 * h) for a, b in zip(fa, fb))
+            dt = (do @ nrm + origin @ dn) / sn - t * (s1u @ dn) / sn
+            dp = s1u * dt[:, None] - do
+            dX[:, j], dY[:, j] = dp @ ex + pvec @ dex, dp @ ey + pvec @ dey
+        sin2t, disp, zeta, div2 = st["terms"]
+        axis = np.asarray(m.gonio.axis, float)
+        cross = np.cross(geometry.BEAM_DIRECTION, s1u)
+        u = np.cross(axis, geometry.BEAM_DIRECTION)
+        u = u / max(np.linalg.norm(u), 1e-12)
+        wdiv = cross @ u
+        dh, dv = (float(v) for v in m.beam.divergence)
+        mos = st["mosaic"]
+        Q = np.sqrt((mos * sin2t) ** 2 + div2)
+        width = st["vals"][3]
+        zsign = np.where(np.abs(cross @ axis) > 1e-6, np.sign(cross @ axis), 0.0)
+        if self.cry_idx:
+            ci = self.cry_idx
+            c, s = np.cos(np.radians(sign * st["phi"])), np.sin(np.radians(sign * st["phi"]))
+            hs = [1e-5 * max(1.0, abs(x[j])) for j in ci]
+            dA = np.stack([(m.unpack_crystal(_stepped(x, j, h)).A - m.unpack_crystal(_stepped(x, j, -h)).A) / (2 * h)
+                           for j, h in zip(ci, hs)])
+            # every free crystal parameter at once: (n reflections, k parameters) per component
+            d0 = np.einsum("nc,krc->rnk", self.hkl, dA)                 # dr0 components
+            R0 = c[:, None] * d0[0] - s[:, None] * d0[1]
+            R1 = s[:, None] * d0[0] + c[:, None] * d0[1]
+            # the Ewald condition 2 s0.r + r.r = 0 held as r0 moves: the crossing's shift (radians)
+            da = (R0 + lam * (r0[:, 0:1] * d0[0] + r0[:, 1:2] * d0[1] + r0[:, 2:3] * d0[2])) / (sign * r[:, 1:2])
+            ds = [lam * (R0 - sign * da * r[:, 1:2]), lam * (R1 + sign * da * r[:, 0:1]), lam * d0[2]]
+            dphi[:, ci] = np.degrees(da)
+            dt = -t[:, None] * (ds[0] * nrm[0] + ds[1] * nrm[1] + ds[2] * nrm[2]) / sn[:, None]
+            dp = [ds[q] * t[:, None] + s1u[:, q:q + 1] * dt for q in range(3)]
+            dX[:, ci] = dp[0] * ex[0] + dp[1] * ex[1] + dp[2] * ex[2]
+            dY[:, ci] = dp[0] * ey[0] + dp[1] * ey[1] + dp[2] * ey[2]
+            # the width through s1: cross = s0^ x s1 moves by s0^ x ds
+            e = geometry.BEAM_DIRECTION
+            dc = [e[1] * ds[2] - e[2] * ds[1], e[2] * ds[0] - e[0] * ds[2], e[0] * ds[1] - e[1] * ds[0]]
+            dsin = (cross[:, 0:1] * dc[0] + cross[:, 1:2] * dc[1] + cross[:, 2:3] * dc[2]) / \
+                np.maximum(sin2t, 1e-300)[:, None]
+            dz = zsign[:, None] * (dc[0] * axis[0] + dc[1] * axis[1] + dc[2] * axis[2])
+            dwd = dc[0] * u[0] + dc[1] * u[1] + dc[2] * u[2]
+            dQ = ((mos * mos * sin2t)[:, None] * dsin + (dv * dv * zeta)[:, None] * dz +
+                  (dh * dh * wdiv)[:, None] * dwd) / Q[:, None]
+            ddisp = -np.degrees(m.beam.dispersion * ds[0])
+            dW[:, ci] = (dQ + ddisp) / zeta[:, None] - (width / zeta)[:, None] * dz
+        for j in self.mos_idx:
+            dW[:, j] = mos * sin2t ** 2 / (Q * zeta)
+        return dX, dY, dphi, dW
 
 
-DIFF_STEP = 1e-4              # relative finite-difference step of the Jacobian
+def _stepped(x, j, h):
+    y = np.array(x, float)
+    y[j] += h
+    return y
 
 
-def _forward_differences(fun, x, f0, lb, ub, rel_step):
-    """The Jacobian of fun at x by forward differences, as scipy's least_squares computes it with
-    jac='2-point', diff_step=rel_step and bounds (lb, ub) (scipy.optimize._numdiff: the same steps, the
-    same arithmetic, the same memory layout), so the fit takes the same path to the bit
-    (tests/test_refinement.py checks it against scipy's).  Computed here so that fun may be a
-    _Predictions-backed residual that reuses the pieces a step does not change."""
-    x = np.asarray(x, float)
-    sign = (x >= 0).astype(float) * 2 - 1
-    h = rel_step * sign * np.abs(x)
-    dx = (x + h) - x
-    h = np.where(dx == 0, np.finfo(np.float64).eps ** 0.5 * sign * np.maximum(1.0, np.abs(x)), h)
-    if not np.all((lb == -np.inf) & (ub == np.inf)):
-        # a step out of bounds is taken the other way, or as far as the bound allows
-        lower, upper = x - lb, ub - x
-        violated = ((x + h) < lb) | ((x + h) > ub)
-        fitting = np.abs(h) <= np.maximum(lower, upper)
-        h = h.copy()
-        h[violated & fitting] *= -1
-        forward = (upper >= lower) & ~fitting
-        h[forward] = upper[forward]
-        backward = (upper < lower) & ~fitting
-        h[backward] = -lower[backward]
-    f0 = np.atleast_1d(f0)
-    JT = np.empty((len(x), f0.size))
-    for i in range(len(x)):
-        x1 = np.copy(x)
-        x1[i] = x[i] + h[i]
-        JT[i] = (np.atleast_1d(fun(x1)) - f0) / ((x[i] + h[i]) - x[i])
-    if f0.size == 1:
-        JT = np.ravel(JT)
-    return JT.T
+def _cum_derivatives(x, phi, width, tail=0.0):
+    """d/dphi and d/dwidth of predict._cum (the rocking curve's share recorded before x)."""
+    w = np.maximum(width, 1e-9)
+    t = np.asarray(x, float) - phi
+    k = 2.3548 / np.sqrt(2.0)
+    u = t * k / w
+    dG = np.exp(-u * u) / np.sqrt(np.pi)         # dG/du
+    d_phi, d_w = -dG * k / w, -dG * u / w
+    if np.any(tail):
+        v = 2.0 * t / w
+        dL = 1.0 / (np.pi * (1.0 + v * v))
+        d_phi = (1.0 - tail) * d_phi + tail * dL * (-2.0 / w)
+        d_w = (1.0 - tail) * d_w + tail * dL * (-v / w)
+    return d_phi, np.where(width > 1e-9, d_w, 0.0)
+
+
+FIT_TOL = 1e-5
+F_SCALE = 3.0                 # soft-L1 loss: residuals (in sigma) beyond this count less and less
+
+
+def _robust(r):
+    """The soft-L1 cost of residuals r and its weights: the gradient's (rho') and the Gauss-Newton
+    Hessian's (rho' + 2 rho'' r^2, which for soft-L1 is (1 + z)^-1.5), as scipy's least_squares has them."""
+    t = 1.0 + (r / F_SCALE) ** 2
+    return F_SCALE ** 2 * float(np.sum(np.sqrt(t) - 1.0)), t ** -0.5, t ** -1.5
+
+
+def _fit(fun, jac, x0, lb, ub, max_iter=100, tol=FIT_TOL):
+    """Minimise the soft-L1 cost of fun(x) from x0 within bounds (lb, ub) by Levenberg-Marquardt steps
+    on the Gauss-Newton Hessian; returns (x, residuals, Jacobian scaled by the Hessian's weights).
+    Stops when the Gauss-Newton step is shorter than `tol` of the parameters' standard errors (its
+    length in the Hessian's metric, residuals being in units of their sigma): the minimum itself, not
+    a point near it, so the result does not depend on where the fit began or how it went."""
+    x = np.clip(np.asarray(x0, float), lb, ub)
+    r = fun(x)
+    if not np.all(np.isfinite(r)):
+        raise ValueError("residuals are not finite at the starting point")
+    cost, w1, w2 = _robust(r)
+    J = jac(x)
+    mu = 1e-6
+    for _ in range(max_iter):
+        g = J.T @ (w1 * r)
+        H = J.T @ (w2[:, None] * J)
+        # the Gauss-Newton step's length in esds (the Newton decrement): below tol, x is the minimum
+        # (a step that small changes the cost by less than its rounding, so it is not taken)
+        gn = np.linalg.lstsq(H, -g, rcond=None)[0]
+        if float(gn @ H @ gn) < tol * tol:
+            break
+        d = np.diag(H).copy()
+        d[d <= 0] = 1.0
+        accepted = False
+        while mu < 1e12:
+            try:
+                dx = -np.linalg.solve(H + mu * np.diag(d), g)
+            except np.linalg.LinAlgError:
+                mu *= 10
+                continue
+            xn = np.clip(x + dx, lb, ub)
+            rn = fun(xn)
+            cn = _robust(rn)[0] if np.all(np.isfinite(rn)) else np.inf
+            if cn <= cost:
+                accepted = True
+                break
+            mu *= 10
+        if not accepted:
+            break
+        x, r = xn, rn
+        cost, w1, w2 = _robust(r)
+        mu = max(mu / 10, 1e-9)
+        J = jac(x)
+    return x, r, J * np.sqrt(w2)[:, None]
 
 
 @dataclass
@@ -476,7 +594,6 @@ def _reflections(parts, min_isig):
 def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *, free_cell=(),
                       min_isig=10.0):
     """Positional and post-refinement on measured parts (measure_parts).  Returns Refined."""
-    from scipy.optimize import least_squares
     if len(parts) == 0:
         raise ProcessingError("no reflection could be measured for refinement")
     g = _reflections(parts, min_isig)
@@ -532,7 +649,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     def select(use_pos, use_frac):
         """The spots and fractions the residuals are of (each round of rejection chooses anew)."""
         i = np.flatnonzero(use_pos)
-        sel.update(round=sel.get("round", -1) + 1, i=i, xo=xo[i], yo=yo[i], sig=pos_sig[i], frac=use_frac)
+        sel.update(i=i, xo=xo[i], yo=yo[i], sig=pos_sig[i], frac=use_frac)
 
     def positional(xm, ym, ok):
         i = sel["i"]
@@ -541,17 +658,29 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
 
     def resid(x):
         xm, ym, phi, width, ok = calc(x)
-        kd, kc, km = calc.keys(x)
-        # each piece on what it depends on: a step of a detector parameter keeps the fractions', a step
-        # of the mosaic the positions'
-        out = list(calc.memo("pos_resid", (sel["round"], kd + kc), lambda: positional(xm, ym, ok)))
+        out = list(positional(xm, ym, ok))
         if len(prow) and postref:
-            out.append(calc.memo("frac_resid", (sel["round"], kc + km), lambda: np.where(
-                sel["frac"], (fractions(phi, width) - p_obs) / p_sig, 0.0)))
+            out.append(np.where(sel["frac"], (fractions(phi, width) - p_obs) / p_sig, 0.0))
         return np.concatenate(out)
 
     def jac(x):
-        return _forward_differences(resid, x, resid(x), lb, ub, DIFF_STEP)
+        xm, ym, phi, width, ok = calc(x)
+        dX, dY, dphi, dW = calc.derivatives(x)
+        i = sel["i"]
+        keep = ok[i][:, None]
+        out = [np.where(keep, dX[i] / sel["sig"][:, None], 0.0), np.where(keep, dY[i] / sel["sig"][:, None], 0.0)]
+        if len(prow) and postref:
+            ph, wd = phi[pr_refl], width[pr_refl]
+            f = predict.fraction_inside(ph, wd, a_img, a_img + scan.osc, tail)
+            tot = np.maximum(np.bincount(pr_refl, f, minlength=len(hkl_all)), 1e-9)
+            hp, hw = _cum_derivatives(a_img + scan.osc, ph, wd, tail)
+            lp, lw = _cum_derivatives(a_img, ph, wd, tail)
+            df = (hp - lp)[:, None] * dphi[pr_refl] + (hw - lw)[:, None] * dW[pr_refl]
+            dtot = np.stack([np.bincount(pr_refl, df[:, k], minlength=len(hkl_all)) for k in range(len(x))], 1)
+            T = tot[pr_refl][:, None]
+            dp = df / T - f[:, None] * dtot[pr_refl] / (T * T)
+            out.append(np.where(sel["frac"][:, None], dp / p_sig[:, None], 0.0))
+        return np.concatenate(out, 0)
 
     res = None
     x = model.x0.copy()
@@ -561,9 +690,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     if len(x):
         for rnd in range(3):
             select(use_pos, use_frac)
-            res = least_squares(resid, x, jac=jac, x_scale=model.scale, loss="soft_l1", f_scale=3.0,
-                                bounds=(lb, ub), max_nfev=100, tr_solver="lsmr")
-            x = res.x
+            x, r_fit, J_fit = _fit(resid, jac, x, lb, ub)
+            res = (r_fit, J_fit)
             # reject outliers (REFINEMENT RESIDUAL, POSTREF MAXRESIDUAL) and fit again
             xm, ym, phi, width, ok = calc(x)
             dd = np.hypot(xm - xo, ym - yo)
@@ -599,8 +727,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         rms_frac = float(np.sqrt(np.mean((f / np.maximum(tot, 1e-9) - p_obs)[use_frac] ** 2)))
     esd = {}
     if res is not None and len(x):
-        J = res.jac
-        r = res.fun
+        r, J = res
         dof = max(len(r) - len(x), 1)
         try:
             cov = np.linalg.pinv(J.T @ J) * float(r @ r) / dof

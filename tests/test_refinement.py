@@ -250,7 +250,7 @@ def test_options_after_a_fix_list_on_the_same_line_still_count():
     assert not o.mosaic_free and o.maxresidual == 2.5 and o.sdfac == 1.5
 
 
-# ---- the refinement's Jacobian and its cached predictions --------------------------------------------
+# ---- the refinement's Jacobian, its fit and its predictions --------------------------------------------
 
 @pytest.fixture(scope="module")
 def block_problem():
@@ -271,28 +271,64 @@ def block_problem():
     return parts, crystal, beam, det, gonio, scan
 
 
-def test_the_fit_is_scipys_finite_difference_fit_to_the_bit(block_problem, monkeypatch):
-    """refine_parameters hands least_squares its own Jacobian (reusing what a step leaves unchanged):
-    at every fit's start it equals scipy's 2-point Jacobian to the bit, and the whole fit ends where
-    scipy's own finite differences take it, to the bit."""
-    import scipy.optimize
-    from scipy.optimize._numdiff import approx_derivative
+def _central(fun, x, j, h):
+    y1, y2 = np.array(x, float), np.array(x, float)
+    y1[j] += h
+    y2[j] -= h
+    return (np.asarray(fun(y1)) - np.asarray(fun(y2))) / (2 * h)
+
+
+def test_closed_form_derivatives_are_the_predictions_derivatives(block_problem):
+    """The positions, crossing angles and rocking widths move with every free parameter (detector,
+    missets, mosaic, cell) as their closed-form derivatives say: central differences agree to 1e-5 of
+    each column's size; so does the rocking curve's share before a phi, Gaussian or with tails."""
+    from pyflm import predict, refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    model = refine._Model(crystal, beam, det, gonio, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), True,
+                          {"A", "B", "C"})
+    first = np.unique(parts["refl"], return_index=True)[1]
+    hkl = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
+    calc = refine._Predictions(model, hkl, parts["phi_pred"][first])
+    x = model.x0 + 0.3 * model.scale
+    ok = calc(x)[4]
+    D = calc.derivatives(x)
+    for j, name in enumerate(model.names):
+        h = 1e-6 * max(1.0, abs(x[j]))
+        for q in range(4):          # xm, ym, phi, width
+            fd = _central(lambda y: calc(y)[q], x, j, h)[ok]
+            assert np.max(np.abs(D[q][ok, j] - fd)) <= 1e-5 * max(np.max(np.abs(fd)), 1e-2), (name, q)
+    phi, width = np.linspace(-1, 1, 41), np.linspace(0.05, 1.5, 41)
+    for tail in (0.0, 0.3):
+        d_phi, d_w = refine._cum_derivatives(0.2, phi, width, tail)
+        assert np.allclose(d_phi, _central(lambda p: predict._cum(0.2, p, width, tail), phi, slice(None), 1e-6),
+                           atol=1e-7)
+        assert np.allclose(d_w, _central(lambda w: predict._cum(0.2, phi, w, tail), width, slice(None), 1e-6),
+                           atol=1e-7)
+
+
+def test_the_fit_ends_at_the_minimum_scipy_finds(block_problem, monkeypatch):
+    """refine_parameters' own Levenberg-Marquardt fit: the Jacobian it is handed is that of its
+    residuals (positions and fractions, central differences), and every fit ends where scipy's
+    least_squares, with the same soft-L1 loss, bounds and Jacobian converged tightly, ends: within
+    1e-4 of each parameter's standard error."""
+    from scipy.optimize import least_squares
     from pyflm import refine
     parts, crystal, beam, det, gonio, scan = block_problem
-    original, fits = scipy.optimize.least_squares, []
+    original, fits = refine._fit, []
 
-    def both(fun, x0, jac, bounds, **kw):
+    def both(fun, jac, x0, lb, ub, **kw):
         J = jac(x0)
-        J_scipy = approx_derivative(fun, x0, method="2-point", rel_step=refine.DIFF_STEP, f0=fun(x0),
-                                    bounds=bounds)
-        assert np.array_equal(J, J_scipy) and J.strides == J_scipy.strides
-        ours = original(fun, x0, jac=jac, bounds=bounds, **kw)
-        theirs = original(fun, x0, jac="2-point", diff_step=refine.DIFF_STEP, bounds=bounds, **kw)
-        assert np.array_equal(ours.x, theirs.x) and ours.nfev == theirs.nfev
-        assert np.array_equal(ours.jac, theirs.jac) and np.array_equal(ours.fun, theirs.fun)
-        fits.append(ours.nfev)
-        return ours
-    monkeypatch.setattr(scipy.optimize, "least_squares", both)
+        for j in range(len(x0)):
+            fd = _central(fun, x0, j, 1e-6 * max(1.0, abs(x0[j])))
+            assert np.max(np.abs(J[:, j] - fd)) <= 1e-5 * max(np.max(np.abs(fd)), 1e-2)
+        x, r, Js = original(fun, jac, x0, lb, ub, **kw)
+        theirs = least_squares(fun, x0, jac=jac, bounds=(lb, ub), loss="soft_l1", f_scale=refine.F_SCALE,
+                               ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=500)
+        esd = np.sqrt(np.diag(np.linalg.pinv(Js.T @ Js)) * (r @ r) / (len(r) - len(x)))
+        assert np.all(np.abs(x - theirs.x) <= 1e-4 * esd)
+        fits.append(len(x))
+        return x, r, Js
+    monkeypatch.setattr(refine, "_fit", both)
     ref = refine.refine_parameters(parts, crystal, beam, det, gonio, scan, refine.Options())
     assert fits and ref.n_pos > 100 and ref.n_frac > 50
     # and the fit found the truth again (the block refines what it should)
