@@ -56,6 +56,11 @@ import numpy as np
 from . import geometry, predict
 from .errors import ProcessingError
 
+try:
+    from ._ext import _refine as _ref_ext
+except ImportError:            # not built: the numpy twin
+    _ref_ext = None
+
 DETECTOR_PARAMS = ("XCEN", "YCEN", "DISTANCE", "TILT", "TWIST")
 HELD_DETECTOR = ("YSCALE", "CCOMEGA", "ROFF", "TOFF")
 CELL_NAMES = ("A", "B", "C", "ALPHA", "BETA", "GAMMA")
@@ -367,15 +372,38 @@ class _Predictions:
     Ewald condition, the spot position by that of the ray's meeting with the detector plane, the
     rocking width by the chain rule through s1.  Only the setting matrix A (3 x 3) and the detector
     frame (four vectors) are differenced numerically (centrally), which costs nothing beside the
-    reflections.  The last point asked for is kept (the fit asks for values, then their derivatives)."""
+    reflections.  The kernel (ext/_refine.pyx) computes both in one pass when built; the numpy code
+    here is its twin (use_cython=False).  The last point asked for is kept (the fit asks for values,
+    then their derivatives)."""
 
-    def __init__(self, model, hkl, phi_ref):
-        self.model, self.hkl, self.phi_ref = model, hkl, phi_ref
+    def __init__(self, model, hkl, phi_ref, use_cython=True):
+        self.model, self.hkl, self.phi_ref = model, np.ascontiguousarray(hkl, float), \
+            np.ascontiguousarray(phi_ref, float)
         names = model.names
         self.det_idx = [i for i, n in enumerate(names) if n in DETECTOR_PARAMS]
         self.cry_idx = [i for i, n in enumerate(names) if n in MISSETS or n.startswith("CELL")]
         self.mos_idx = [i for i, n in enumerate(names) if n == "MOSAIC"]
+        self.use_cython = use_cython and _ref_ext is not None
         self._last = (None, None)
+
+    def _parameter_derivatives(self, x, frame):
+        """dA/dx (k, 3, 3) for the crystal's parameters and d(frame)/dx (kd, 4, 3) for the detector's."""
+        m = self.model
+        dA = np.zeros((len(self.cry_idx), 3, 3))
+        for q, j in enumerate(self.cry_idx):
+            h = 1e-5 * max(1.0, abs(x[j]))
+            dA[q] = (m.unpack_crystal(_stepped(x, j, h)).A - m.unpack_crystal(_stepped(x, j, -h)).A) / (2 * h)
+        dF = np.zeros((len(self.det_idx), 4, 3))
+        for q, j in enumerate(self.det_idx):
+            if m.names[j] in ("XCEN", "YCEN"):
+                # the direct beam's point moves in the detector plane, the origin with it (set_direct_beam)
+                dF[q, 0] = -frame[1 if m.names[j] == "XCEN" else 2]
+                continue
+            h = 1e-5 * max(1.0, abs(x[j]))
+            fa = m.unpack_detector(_stepped(x, j, h)).frame()
+            fb = m.unpack_detector(_stepped(x, j, -h)).frame()
+            dF[q] = [(u - v) / (2 * h) for u, v in zip(fa, fb)]
+        return dA, dF
 
     def _state(self, x):
         x = np.asarray(x, float)
@@ -385,14 +413,24 @@ class _Predictions:
         m = self.model
         det, cr = m.unpack(x)
         frame = det.frame()
-        phi, s1u, ok = m.rotated(cr, self.hkl, self.phi_ref)
-        r0 = self.hkl @ cr.A.T                  # (for the derivatives) at phi 0, and at the crossing:
-        r = s1u / m.beam.wavelength - geometry.BEAM_DIRECTION / m.beam.wavelength
-        xm, ym, hit = geometry.lab_to_mm(s1u, frame)
-        terms = predict.rocking_width_terms(s1u, m.gonio.axis, m.beam)
-        width = predict.width_from_terms(terms, cr.mosaic)
-        st = dict(x=x, frame=frame, r0=r0, r=r, phi=phi, s1u=s1u, terms=terms, mosaic=cr.mosaic,
-                  vals=(xm, ym, phi, width, ok & hit))
+        st = dict(x=x, frame=frame, mosaic=cr.mosaic, cr=cr)
+        if self.use_cython:
+            dA, dF = self._parameter_derivatives(x, frame)
+            axis = np.asarray(m.gonio.axis, float)
+            u = np.cross(axis, geometry.BEAM_DIRECTION)
+            dh, dv = (float(v) for v in m.beam.divergence)
+            *vals, D = _ref_ext.predictions(
+                self.hkl, self.phi_ref, np.ascontiguousarray(cr.A), m.beam.wavelength, m.gonio.reverse_phi,
+                np.ascontiguousarray(frame), geometry.BEAM_DIRECTION, axis, u / max(np.linalg.norm(u), 1e-12),
+                dh, dv, float(m.beam.dispersion), float(cr.mosaic), dA, np.array(self.cry_idx, np.int64), dF,
+                np.array(self.det_idx, np.int64), self.mos_idx[0] if self.mos_idx else -1, len(x))
+            st.update(vals=tuple(vals), D=tuple(D))
+        else:
+            phi, s1u, ok = m.rotated(cr, self.hkl, self.phi_ref)
+            xm, ym, hit = geometry.lab_to_mm(s1u, frame)
+            terms = predict.rocking_width_terms(s1u, m.gonio.axis, m.beam)
+            width = predict.width_from_terms(terms, cr.mosaic)
+            st.update(s1u=s1u, terms=terms, crossing=ok, vals=(xm, ym, phi, width, ok & hit))
         self._last = (key, st)
         return st
 
@@ -400,33 +438,31 @@ class _Predictions:
         return self._state(x)["vals"]
 
     def derivatives(self, x):
-        """d(xm, ym, phi, width)/dx, each (n reflections, n parameters)."""
+        """d(xm, ym, phi, width)/dx, each (n reflections, n parameters); zero where a reflection does
+        not cross (and, for xm and ym, where its ray misses the detector)."""
         st = self._state(x)
-        m, x = self.model, st["x"]
+        if "D" in st:
+            return st["D"]
+        with np.errstate(divide="ignore", invalid="ignore"):     # a ray that misses: zeroed below
+            return self._derivatives_numpy(st)
+
+    def _derivatives_numpy(self, st):
+        m, x, cr = self.model, st["x"], st["cr"]
         lam = m.beam.wavelength
         n, p = len(self.hkl), len(x)
         dX, dY, dphi, dW = (np.zeros((n, p)) for _ in range(4))
         origin, ex, ey, nrm = st["frame"]
-        s1u, r, r0 = st["s1u"], st["r"], st["r0"]
+        s1u, phi = st["s1u"], st["vals"][2]
+        r0 = self.hkl @ cr.A.T                  # at phi 0, and at the crossing:
+        r = s1u / lam - geometry.BEAM_DIRECTION / lam
+        dA, dF = self._parameter_derivatives(x, st["frame"])
         sn = s1u @ nrm
         t = (origin @ nrm) / sn
         pvec = s1u * t[:, None] - origin
         sign = -1.0 if m.gonio.reverse_phi else 1.0
-        # the ray through the detector: d(X, Y) for a change ds of the unit diffracted beam
-        def moved(ds):
-            dt = -t * (ds @ nrm) / sn
-            dp = ds * t[:, None] + s1u * dt[:, None]
-            return dp @ ex, dp @ ey
-        # and for a change of the frame with the ray held
-        for j in self.det_idx:
-            if m.names[j] in ("XCEN", "YCEN") and not m.d0.two_theta:
-                # the direct beam's point moves in the detector plane, the frame with it: X or Y by 1
-                (dX if m.names[j] == "XCEN" else dY)[:, j] = 1.0
-                continue
-            h = 1e-5 * max(1.0, abs(x[j]))
-            fa = m.unpack_detector(_stepped(x, j, h)).frame()
-            fb = m.unpack_detector(_stepped(x, j, -h)).frame()
-            do, dex, dey, dn = ((a - b) / (2 * h) for a, b in zip(fa, fb))
+        # the detector's parameters: the frame moves, the ray is held
+        for q, j in enumerate(self.det_idx):
+            do, dex, dey, dn = dF[q]
             dt = (do @ nrm + origin @ dn) / sn - t * (s1u @ dn) / sn
             dp = s1u * dt[:, None] - do
             dX[:, j], dY[:, j] = dp @ ex + pvec @ dex, dp @ ey + pvec @ dey
@@ -443,10 +479,7 @@ class _Predictions:
         zsign = np.where(np.abs(cross @ axis) > 1e-6, np.sign(cross @ axis), 0.0)
         if self.cry_idx:
             ci = self.cry_idx
-            c, s = np.cos(np.radians(sign * st["phi"])), np.sin(np.radians(sign * st["phi"]))
-            hs = [1e-5 * max(1.0, abs(x[j])) for j in ci]
-            dA = np.stack([(m.unpack_crystal(_stepped(x, j, h)).A - m.unpack_crystal(_stepped(x, j, -h)).A) / (2 * h)
-                           for j, h in zip(ci, hs)])
+            c, s = np.cos(np.radians(sign * phi)), np.sin(np.radians(sign * phi))
             # every free crystal parameter at once: (n reflections, k parameters) per component
             d0 = np.einsum("nc,krc->rnk", self.hkl, dA)                 # dr0 components
             R0 = c[:, None] * d0[0] - s[:, None] * d0[1]
@@ -472,6 +505,8 @@ class _Predictions:
             dW[:, ci] = (dQ + ddisp) / zeta[:, None] - (width / zeta)[:, None] * dz
         for j in self.mos_idx:
             dW[:, j] = mos * sin2t ** 2 / (Q * zeta)
+        hit, crossing = st["vals"][4], st["crossing"]
+        dX[~hit], dY[~hit], dphi[~crossing], dW[~crossing] = 0.0, 0.0, 0.0, 0.0
         return dX, dY, dphi, dW
 
 

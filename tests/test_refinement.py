@@ -278,17 +278,20 @@ def _central(fun, x, j, h):
     return (np.asarray(fun(y1)) - np.asarray(fun(y2))) / (2 * h)
 
 
-def test_closed_form_derivatives_are_the_predictions_derivatives(block_problem):
+@pytest.mark.parametrize("use_cython", [True, False])
+def test_closed_form_derivatives_are_the_predictions_derivatives(block_problem, use_cython):
     """The positions, crossing angles and rocking widths move with every free parameter (detector,
-    missets, mosaic, cell) as their closed-form derivatives say: central differences agree to 1e-5 of
-    each column's size; so does the rocking curve's share before a phi, Gaussian or with tails."""
+    missets, mosaic, cell) as their closed-form derivatives say, in the kernel and in its numpy twin:
+    central differences agree to 1e-5 of each column's size; so does the rocking curve's share before
+    a phi, Gaussian or with tails."""
     from pyflm import predict, refine
     parts, crystal, beam, det, gonio, scan = block_problem
     model = refine._Model(crystal, beam, det, gonio, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), True,
                           {"A", "B", "C"})
     first = np.unique(parts["refl"], return_index=True)[1]
     hkl = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
-    calc = refine._Predictions(model, hkl, parts["phi_pred"][first])
+    calc = refine._Predictions(model, hkl, parts["phi_pred"][first], use_cython=use_cython)
+    assert calc.use_cython == use_cython
     x = model.x0 + 0.3 * model.scale
     ok = calc(x)[4]
     D = calc.derivatives(x)
@@ -335,8 +338,31 @@ def test_the_fit_ends_at_the_minimum_scipy_finds(block_problem, monkeypatch):
     assert abs(ref.detector.distance - 120.0) < 0.1 and abs(ref.crystal.mosaic - 0.3) < 0.1
 
 
+def test_the_kernel_is_its_numpy_twin(block_problem):
+    """ext/_refine.pyx's predictions and derivatives are the numpy twin's (to 1e-9 of their size: the
+    same formulas, summed in another order), reversed phi and a reflection that does not cross too."""
+    from pyflm import refine
+    from pyflm.model import Goniometer
+    parts, crystal, beam, det, gonio, scan = block_problem
+    first = np.unique(parts["refl"], return_index=True)[1]
+    hkl = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
+    hkl = np.concatenate([hkl, [[0.0, 0.0, 400.0]]])         # beyond the Ewald sphere: never crosses
+    phi_ref = np.append(parts["phi_pred"][first], 3.0)
+    for g in (gonio, Goniometer(reverse_phi=True)):
+        model = refine._Model(crystal, beam, det, g, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), True,
+                              {"A", "B", "C"})
+        x = model.x0 + 0.2 * model.scale
+        k, t = (refine._Predictions(model, hkl, phi_ref, use_cython=c) for c in (True, False))
+        assert k.use_cython and not t.use_cython
+        for a, b in zip(k(x)[:4] + k.derivatives(x), t(x)[:4] + t.derivatives(x)):
+            assert np.array_equal(np.isnan(a), np.isnan(b))
+            assert np.allclose(a, b, rtol=1e-9, atol=1e-9 * np.nanmax(np.abs(b)), equal_nan=True)
+        assert np.array_equal(k(x)[4], t(x)[4]) and not t(x)[4][-1] and t(x)[4].sum() > 100
+
+
 def test_cached_predictions_are_calc_to_the_bit(block_problem):
-    """_Predictions gives model.calc's numbers for steps of each parameter alone and of all together."""
+    """_Predictions' numpy twin gives model.calc's numbers for steps of each parameter alone and of all
+    together."""
     from pyflm import refine
     parts, crystal, beam, det, gonio, scan = block_problem
     model = refine._Model(crystal, beam, det, gonio, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), True,
@@ -344,7 +370,7 @@ def test_cached_predictions_are_calc_to_the_bit(block_problem):
     first = np.unique(parts["refl"], return_index=True)[1]
     hkl = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
     phi_ref = parts["phi_pred"][first]
-    calc = refine._Predictions(model, hkl, phi_ref)
+    calc = refine._Predictions(model, hkl, phi_ref, use_cython=False)
     rng = np.random.default_rng(1)
     steps = [np.eye(len(model.x0))[i] for i in range(len(model.x0))] + [rng.normal(size=len(model.x0))]
     for x in [model.x0] + [model.x0 + 0.01 * model.scale * s for s in steps] + [model.x0]:

@@ -1,0 +1,135 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True
+"""Refinement kernel: every reflection's predicted position, crossing angle and rocking width and their
+derivatives with respect to the refined parameters, in one pass.  The numpy twin is
+pyflm.refine._Predictions (use_cython=False); tests/test_refinement.py compares them."""
+import numpy as np
+cimport numpy as cnp
+from libc.math cimport sqrt, atan2, acos, cos, sin, floor, fabs, M_PI, NAN
+
+cnp.import_array()
+
+
+cdef inline double _wrap(double a) noexcept nogil:
+    """(a + 180) mod 360 - 180, the modulo floored as numpy's."""
+    cdef double m = (a + 180.0) - 360.0 * floor((a + 180.0) / 360.0)
+    return m - 180.0
+
+
+def predictions(const double[:, ::1] hkl, const double[::1] phi_ref, const double[:, ::1] A,
+                double wavelength, bint reverse, const double[:, ::1] frame, const double[::1] beam_dir,
+                const double[::1] axis, const double[::1] u, double dh, double dv, double dispersion,
+                double mosaic, const double[:, :, ::1] dA, const cnp.int64_t[::1] cry_cols,
+                const double[:, :, ::1] dframe, const cnp.int64_t[::1] det_cols, long mos_col, int n_par):
+    """frame: rows origin, ex, ey, normal.  dA (k, 3, 3): dA/dx for the parameters in columns cry_cols;
+    dframe (kd, 4, 3): the frame's derivatives for those in det_cols; mos_col: the mosaic's column or -1.
+    Returns xm, ym, phi, width, ok (bool) and D (4, n, n_par): d(xm, ym, phi, width)/dx."""
+    cdef Py_ssize_t n = hkl.shape[0], i, q, j, kc = cry_cols.shape[0], kd = det_cols.shape[0]
+    out = np.empty((4, n))
+    okv = np.empty(n, np.uint8)
+    D_arr = np.zeros((4, n, n_par))
+    cdef double[:, ::1] O = out
+    cdef unsigned char[::1] OK = okv
+    cdef double[:, :, ::1] D = D_arr
+    cdef double deg = 180.0 / M_PI, rad = M_PI / 180.0
+    cdef double sign = -1.0 if reverse else 1.0
+    cdef double o0 = frame[0, 0], o1 = frame[0, 1], o2 = frame[0, 2]
+    cdef double on = o0 * frame[3, 0] + o1 * frame[3, 1] + o2 * frame[3, 2]
+    cdef double h0, h1, h2, x0, y0, z0, rho, r2, K, alpha, ac, p1, p2, d1, d2, phi, th, c, s
+    cdef double rx, ry, rz, s0, s1, s2, den, t, px, py, pz, cx, cy, cz, zeta, zraw, sin2t, wdiv, div2
+    cdef double disp, Q, width, zs, e0 = beam_dir[0], e1 = beam_dir[1], e2 = beam_dir[2]
+    cdef double a0, a1, a2, R0, R1, da, ds0, ds1, ds2, dt, dp0, dp1, dp2, dc0, dc1, dc2, dsin, dz, dQ
+    cdef double do0, do1, do2, dn0, dn1, dn2, dsn
+    cdef bint good
+    with nogil:
+        for i in range(n):
+            h0, h1, h2 = hkl[i, 0], hkl[i, 1], hkl[i, 2]
+            x0 = h0 * A[0, 0] + h1 * A[0, 1] + h2 * A[0, 2]
+            y0 = h0 * A[1, 0] + h1 * A[1, 1] + h2 * A[1, 2]
+            z0 = h0 * A[2, 0] + h1 * A[2, 1] + h2 * A[2, 2]
+            # the crossings (predict.crossings_of) and the one nearer phi_ref (refine._Model.rotated)
+            rho = sqrt(x0 * x0 + y0 * y0)
+            r2 = x0 * x0 + y0 * y0 + z0 * z0
+            good = rho > 0
+            K = -wavelength * r2 / (2.0 * rho) if good else 0.0
+            good = good and fabs(K) <= 1.0
+            alpha = atan2(y0, x0)
+            ac = acos(-1.0 if K < -1.0 else (1.0 if K > 1.0 else K))
+            p1 = (-alpha + ac) * deg
+            p2 = (-alpha - ac) * deg
+            if reverse:
+                p1, p2 = -p1, -p2
+            d1 = fabs(_wrap(p1 - phi_ref[i]))
+            d2 = fabs(_wrap(p2 - phi_ref[i]))
+            phi = p1 if d1 <= d2 else p2
+            phi = phi_ref[i] + _wrap(phi - phi_ref[i])
+            th = sign * phi * rad
+            c, s = cos(th), sin(th)
+            rx, ry, rz = c * x0 - s * y0, s * x0 + c * y0, z0
+            s0 = (rx + e0 / wavelength) * wavelength
+            s1 = (ry + e1 / wavelength) * wavelength
+            s2 = (rz + e2 / wavelength) * wavelength
+            # where the ray meets the detector (geometry.lab_to_mm)
+            den = s0 * frame[3, 0] + s1 * frame[3, 1] + s2 * frame[3, 2]
+            t = on / den
+            px, py, pz = s0 * t - o0, s1 * t - o1, s2 * t - o2
+            if den > 1e-12:
+                O[0, i] = px * frame[1, 0] + py * frame[1, 1] + pz * frame[1, 2]
+                O[1, i] = px * frame[2, 0] + py * frame[2, 1] + pz * frame[2, 2]
+            else:                       # the ray misses the detector (lab_to_mm's NaN)
+                O[0, i] = NAN
+                O[1, i] = NAN
+            O[2, i] = phi
+            # the rocking width (predict.rocking_width_terms, width_from_terms)
+            cx, cy, cz = e1 * s2 - e2 * s1, e2 * s0 - e0 * s2, e0 * s1 - e1 * s0
+            zraw = cx * axis[0] + cy * axis[1] + cz * axis[2]
+            zeta = fabs(zraw) if fabs(zraw) > 1e-6 else 1e-6
+            zs = (1.0 if zraw > 0 else -1.0) if fabs(zraw) > 1e-6 else 0.0
+            sin2t = sqrt(cx * cx + cy * cy + cz * cz)
+            wdiv = cx * u[0] + cy * u[1] + cz * u[2]
+            div2 = (dv * zeta) * (dv * zeta) + (dh * wdiv) * (dh * wdiv)
+            disp = (dispersion * (1.0 - s0)) * deg
+            Q = sqrt((mosaic * sin2t) * (mosaic * sin2t) + div2)
+            width = (Q + disp) / zeta
+            O[3, i] = width
+            OK[i] = good and den > 1e-12
+            if not good:                # no crossing: no derivatives (the twin's zeros)
+                continue
+            # the detector's parameters: the frame moves, the ray is held
+            for q in range(kd if den > 1e-12 else 0):
+                j = det_cols[q]
+                do0, do1, do2 = dframe[q, 0, 0], dframe[q, 0, 1], dframe[q, 0, 2]
+                dn0, dn1, dn2 = dframe[q, 3, 0], dframe[q, 3, 1], dframe[q, 3, 2]
+                dsn = s0 * dn0 + s1 * dn1 + s2 * dn2
+                dt = (do0 * frame[3, 0] + do1 * frame[3, 1] + do2 * frame[3, 2] +
+                      o0 * dn0 + o1 * dn1 + o2 * dn2) / den - t * dsn / den
+                dp0, dp1, dp2 = s0 * dt - do0, s1 * dt - do1, s2 * dt - do2
+                D[0, i, j] = (dp0 * frame[1, 0] + dp1 * frame[1, 1] + dp2 * frame[1, 2] +
+                              px * dframe[q, 1, 0] + py * dframe[q, 1, 1] + pz * dframe[q, 1, 2])
+                D[1, i, j] = (dp0 * frame[2, 0] + dp1 * frame[2, 1] + dp2 * frame[2, 2] +
+                              px * dframe[q, 2, 0] + py * dframe[q, 2, 1] + pz * dframe[q, 2, 2])
+            # the crystal's: r0 moves, the crossing with it (the Ewald condition 2 s0.r + r.r = 0 held)
+            for q in range(kc):
+                j = cry_cols[q]
+                a0 = h0 * dA[q, 0, 0] + h1 * dA[q, 0, 1] + h2 * dA[q, 0, 2]
+                a1 = h0 * dA[q, 1, 0] + h1 * dA[q, 1, 1] + h2 * dA[q, 1, 2]
+                a2 = h0 * dA[q, 2, 0] + h1 * dA[q, 2, 1] + h2 * dA[q, 2, 2]
+                R0, R1 = c * a0 - s * a1, s * a0 + c * a1
+                da = (R0 + wavelength * (x0 * a0 + y0 * a1 + z0 * a2)) / (sign * ry)
+                ds0 = wavelength * (R0 - sign * da * ry)
+                ds1 = wavelength * (R1 + sign * da * rx)
+                ds2 = wavelength * a2
+                D[2, i, j] = da * deg
+                if den > 1e-12:
+                    dt = -t * (ds0 * frame[3, 0] + ds1 * frame[3, 1] + ds2 * frame[3, 2]) / den
+                    dp0, dp1, dp2 = ds0 * t + s0 * dt, ds1 * t + s1 * dt, ds2 * t + s2 * dt
+                    D[0, i, j] = dp0 * frame[1, 0] + dp1 * frame[1, 1] + dp2 * frame[1, 2]
+                    D[1, i, j] = dp0 * frame[2, 0] + dp1 * frame[2, 1] + dp2 * frame[2, 2]
+                dc0, dc1, dc2 = e1 * ds2 - e2 * ds1, e2 * ds0 - e0 * ds2, e0 * ds1 - e1 * ds0
+                dsin = (cx * dc0 + cy * dc1 + cz * dc2) / (sin2t if sin2t > 1e-300 else 1e-300)
+                dz = zs * (dc0 * axis[0] + dc1 * axis[1] + dc2 * axis[2])
+                dQ = (mosaic * mosaic * sin2t * dsin + dv * dv * zeta * dz +
+                      dh * dh * wdiv * (dc0 * u[0] + dc1 * u[1] + dc2 * u[2])) / Q
+                D[3, i, j] = (dQ - dispersion * ds0 * deg) / zeta - width / zeta * dz
+            if mos_col >= 0:
+                D[3, i, mos_col] = mosaic * sin2t * sin2t / (Q * zeta)
+    return out[0], out[1], out[2], out[3], okv.view(np.bool_), D_arr
