@@ -483,8 +483,8 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                    const unsigned char[:, ::1] mask, int use_mask,
                    const unsigned char[:, ::1] bgx, int use_bgx, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1,
                    int n_nb, const unsigned char[:, ::1] sgx, int use_sgx, const unsigned char[::1] single,
-                   double gain, double overload, double nullpix, int n_iter, double cutoff,
-                   double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
+                   const cnp.int64_t[::1] order, double gain, double overload, double nullpix, int n_iter,
+                   double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                    cnp.int32_t[::1] NP_o, cnp.int32_t[::1] NB_o, double[::1] SO_o, double[::1] FO_o,
                    long long[::1] CS_o, long long[::1] CF_o, unsigned char[:, ::1] FL_o,
                    double[::1] I1_o, double[::1] S1_o, double[:, ::1] C1_o, cnp.int32_t[:, ::1] DS_o) noexcept nogil:
@@ -554,7 +554,9 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
     cdef const void *pf_b = <const void *>&nb0[0, 0] if n_nb >= 1 else NULL
     cdef const void *pf_c = <const void *>&nb1[0, 0] if n_nb >= 2 else NULL
-    for b in range(n):
+    cdef Py_ssize_t qq
+    for qq in range(n):
+        b = order[qq]        # the boxes in the image's row order; each one's results at its own place
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
         if cs > pf_row:
@@ -762,7 +764,8 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
                const double[:, ::1] coef, const double[::1] I_start, const cnp.int64_t[::1] reg,
                const double[:, :, ::1] fine, int sub, int nxs, int nys, const unsigned char[:, ::1] peak,
                const unsigned char[:, ::1] mask, int use_mask, double gain, double overload,
-               double nullpix, int n_iter, double[::1] I_o, double[::1] S_o) noexcept nogil:
+               double nullpix, int n_iter, const cnp.int64_t[::1] order, double[::1] I_o,
+               double[::1] S_o) noexcept nogil:
     """Per box: its peak pixels' standard profile (bilinear on the fine grid), net counts and validity,
     then the iterated fit.  What depends on a pixel's row or column alone (its fine-grid place and
     weights, the plane's terms) is worked out once per row and column, with the same expressions."""
@@ -817,10 +820,12 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
                     r1[nrun] = j + 1
                     nrun += 1
     cdef unsigned char *zrow = <unsigned char *>calloc(nys, 1)      # no mask: a row of zeros
-    for b in range(n):
-        if b + PREFETCH_AHEAD < n:
-            _prefetch(data, mask, use_mask, mask, 0, fast[b + PREFETCH_AHEAD], slow[b + PREFETCH_AHEAD],
-                      nxs, nys)
+    cdef Py_ssize_t qq, bn
+    for qq in range(n):
+        b = order[qq]
+        if qq + PREFETCH_AHEAD < n:
+            bn = order[qq + PREFETCH_AHEAD]
+            _prefetch(data, mask, use_mask, mask, 0, fast[bn], slow[bn], nxs, nys)
         r = reg[b]
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
@@ -945,13 +950,13 @@ def _run_measure(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, const
                  const double[::1] S, int nxs, int nys, const unsigned char[:, ::1] pk,
                  const unsigned char[:, ::1] bg, const unsigned char[:, ::1] m, int um,
                  const unsigned char[:, ::1] x, int ux, int n_nb, const unsigned char[:, ::1] g, int ug,
-                 const unsigned char[::1] SG, double gain, double overload, double nullpix, int n_iter,
+                 const unsigned char[::1] SG, const cnp.int64_t[::1] OD, double gain, double overload, double nullpix, int n_iter,
                  double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                  cnp.int32_t[::1] NP, cnp.int32_t[::1] NB, double[::1] SO, double[::1] FO,
                  long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, double[::1] I1,
                  double[::1] S1, double[:, ::1] C1, cnp.int32_t[:, ::1] DS):
     with nogil:
-        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, nb0, nb1, n_nb, g, ug, SG, gain, overload,
+        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, nb0, nb1, n_nb, g, ug, SG, OD, gain, overload,
                  nullpix, n_iter, cutoff, smin, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
 
 
@@ -966,9 +971,10 @@ def _run_profile_sums(pix_t[:, ::1] data, const double[::1] F, const double[::1]
 def _run_fit(pix_t[:, ::1] data, const double[::1] F, const double[::1] S, const double[:, ::1] C,
              const double[::1] T, const cnp.int64_t[::1] R, const double[:, :, ::1] FI, int sub, int nxs,
              int nys, const unsigned char[:, ::1] pk, const unsigned char[:, ::1] m, int um, double gain,
-             double overload, double nullpix, int n_iter, double[::1] I_o, double[::1] S_o):
+             double overload, double nullpix, int n_iter, const cnp.int64_t[::1] OD, double[::1] I_o,
+             double[::1] S_o):
     with nogil:
-        _fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
+        _fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, OD, I_o, S_o)
 
 
 def _run_quick(pix_t[:, ::1] data, const double[::1] F, const double[::1] S, int nxs, int nys,
@@ -996,20 +1002,31 @@ def _mask(m, shape=None):
     return m, 1
 
 
+def _order(order, n):
+    """A permutation of range(n) to take the boxes in (None: as given)."""
+    if order is None:
+        return np.arange(n, dtype=np.int64)
+    od = np.ascontiguousarray(order, np.int64)
+    if od.shape != (n,) or (n and (od.min() < 0 or od.max() >= n)):
+        raise ValueError("order must be a permutation of the reflections")
+    return od
+
+
 def _u8(m):
     return np.ascontiguousarray(m, bool).view(np.uint8)
 
 
 def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None, double gain=1.0,
             double overload=1e9, double nullpix=-1.0, int n_iter=3, double cutoff=3.0, bg_images=(),
-            single_exclude=None, single=None, double single_min_isig=-np.inf):
+            single_exclude=None, single=None, double single_min_isig=-np.inf, order=None):
     """Measure reflections at (fast, slow) on one image: a dict of arrays I, SIGI, coef (n, 3), rms,
     n_peak, n_bg, slow_obs, fast_obs, cs, cf (box origins), on, bad_peak, over (bool).  bg_images: up
     to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy).
     single_exclude, single (bool per reflection): those reflections measured also from this image
     alone with that bg_exclude, in the same pass (I1, SIGI1, coef1; NaN for the others and for those off
     the image, with bad peak pixels or overloaded, which no profile takes), and only those whose 3-D
-    measurement is above single_min_isig sigmas."""
+    measurement is above single_min_isig sigmas.  order: the order to take the boxes in (a permutation;
+    the image's rows keep its rows in the cache), each one's results still at its own place."""
     nbs = list(bg_images)
     if len(nbs) > 2:
         raise ValueError("at most two neighbouring images join a background")
@@ -1043,6 +1060,7 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     if len(sg) != n:
         raise ValueError("single needs one value per reflection")
     cdef const unsigned char[::1] SG = sg
+    cdef const cnp.int64_t[::1] OD = _order(order, n)
     out["I1"], out["SIGI1"], out["coef1"] = np.full(n, np.nan), np.full(n, np.nan), np.full((n, 3), np.nan)
     cdef double[::1] I1 = out["I1"], S1 = out["SIGI1"]
     cdef double[:, ::1] C1 = out["coef1"]
@@ -1055,7 +1073,7 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef cnp.int32_t[::1] NP = out["n_peak"], NB = out["n_bg"]
     cdef long long[::1] CS = out["cs"], CF = out["cf"]
     cdef unsigned char[:, ::1] FL = fl
-    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, n_nb, g, ug, SG, gain, overload,
+    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, n_nb, g, ug, SG, OD, gain, overload,
                  nullpix, n_iter, cutoff, single_min_isig, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out
@@ -1078,8 +1096,9 @@ def add_profile_sums(data, fast, slow, coef, I, regions, which, raster, peak, in
     _run_profile_sums(data, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
 
 def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster, peak, mask=None,
-                 double gain=1.0, double overload=1e9, double nullpix=-1.0, int n_iter=3):
-    """Profile-fitted intensities and sigmas (as pyflm.shoebox.profiles_at + fit_profiles)."""
+                 double gain=1.0, double overload=1e9, double nullpix=-1.0, int n_iter=3, order=None):
+    """Profile-fitted intensities and sigmas (as pyflm.shoebox.profiles_at + fit_profiles); order: the
+    order to take the boxes in, as measure's."""
     data = _image(data)
     cdef const double[::1] F = np.ascontiguousarray(fast, np.float64)
     cdef const double[::1] S = np.ascontiguousarray(slow, np.float64)
@@ -1094,7 +1113,8 @@ def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster
     cdef int nxs = raster[0], nys = raster[1]
     Ia, Sa = np.empty(F.shape[0]), np.empty(F.shape[0])
     cdef double[::1] I_o = Ia, S_o = Sa
-    _run_fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, I_o, S_o)
+    cdef const cnp.int64_t[::1] OD = _order(order, F.shape[0])
+    _run_fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, OD, I_o, S_o)
     return Ia, Sa
 
 

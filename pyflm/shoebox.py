@@ -343,16 +343,13 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     if use_cython and _int_ext is not None and len(bg_images) <= 2:
         peak_mask, bg_mask = box_masks(raster)
         # in the order of the image's rows: neighbouring boxes share the rows' cache lines and pages
+        # (the kernel takes them in that order and writes each one's results at its own place)
         order = np.lexsort((fast, slow))
-        m = _int_ext.measure(data, fast[order], slow[order], raster, peak_mask, bg_mask, mask, bg_exclude,
+        m = _int_ext.measure(data, fast, slow, raster, peak_mask, bg_mask, mask, bg_exclude,
                              float(gain), float(overload), float(nullpix), bg_images=list(bg_images),
-                             single_exclude=single_exclude,
-                             single=None if single is None else np.asarray(single, bool)[order],
-                             single_min_isig=-np.inf if single_min_isig is None else float(single_min_isig))
-        back = np.empty_like(order)          # each reflection's place in the kernel's order
-        back[order] = np.arange(len(order))
-        for k, v in m.items():
-            m[k] = v.take(back, axis=0)
+                             single_exclude=single_exclude, single=single,
+                             single_min_isig=-np.inf if single_min_isig is None else float(single_min_isig),
+                             order=order)
         m["_row_order"] = order          # integrate_image's profile fit takes them in the same order
         return m
     m = measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
@@ -685,10 +682,9 @@ def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix
         o = m.get("_row_order")                    # the image's row order, as measure
         if o is None or len(o) != n:
             o = np.lexsort((f_, s_))
-        Ipr, sigpr = np.empty(n), np.empty(n)
-        Ipr[o], sigpr[o] = _int_ext.fit_profiles(data, f_[o], s_[o], m["coef"][o], I[o], np.asarray(regions)[o],
-                                                 profiles["fine"], profiles["sub"], raster, peak_mask, mask,
-                                                 float(gain), float(overload), float(nullpix))
+        Ipr, sigpr = _int_ext.fit_profiles(data, f_, s_, m["coef"], I, np.asarray(regions), profiles["fine"],
+                                           profiles["sub"], raster, peak_mask, mask, float(gain), float(overload),
+                                           float(nullpix), order=o)
         # the few reflections _mend_dead_pixels may mend (on the image, a few dead peak pixels and no
         # shadowed ones) go through it, boxes and all; it leaves every other one as it is
         ds = m.get("n_dead_shadowed")
