@@ -459,12 +459,16 @@ cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *b
 
 
 cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigned char[:, ::1] bgx,
-                   int use_bgx, const unsigned char[:, ::1] sgx, int use_sgx, Py_ssize_t npx,
-                   unsigned char *cm) noexcept nogil:
-    """The mask bits of every pixel of the image (those masks not given are 0)."""
+                   int use_bgx, const unsigned char[:, ::1] bgx2, int use_bgx2,
+                   const unsigned char[:, ::1] bgx3, int use_bgx3, const unsigned char[:, ::1] sgx,
+                   int use_sgx, Py_ssize_t npx, unsigned char *cm) noexcept nogil:
+    """The mask bits of every pixel of the image (those masks not given are 0); bg_exclude may come as
+    up to three masks (a block's images' peaks), whose union is bit 2."""
     cdef Py_ssize_t k
     cdef const unsigned char *m = &mask[0, 0]
     cdef const unsigned char *x = &bgx[0, 0]
+    cdef const unsigned char *x2 = &bgx2[0, 0]
+    cdef const unsigned char *x3 = &bgx3[0, 0]
     cdef const unsigned char *g = &sgx[0, 0]
     memset(cm, 0, npx)
     if use_mask:
@@ -473,16 +477,36 @@ cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigne
     if use_bgx:
         for k in range(npx):
             cm[k] |= x[k] << 1
+    if use_bgx2:
+        for k in range(npx):
+            cm[k] |= x2[k] << 1
+    if use_bgx3:
+        for k in range(npx):
+            cm[k] |= x3[k] << 1
     if use_sgx:
         for k in range(npx):
             cm[k] |= g[k] << 2
 
 
+cdef inline void _load_cm(pix_t[:, ::1] data, const unsigned char *cm, long long cs, long long cf, int nxs,
+                          int nys, double *box, unsigned char *mb) noexcept nogil:
+    """A box's pixels and mask bits, clipped to the image (as numpy's twin): for a box off the image."""
+    cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j, si, fj
+    for i in range(nxs):
+        si = _clip(<Py_ssize_t>(cs + i), ns - 1)
+        for j in range(nys):
+            fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
+            box[i * nys + j] = <double>data[si, fj]
+            mb[i * nys + j] = cm[si * nf + fj]
+
+
 cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow,
                    int nxs, int nys, const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm,
                    const unsigned char[:, ::1] mask, int use_mask,
-                   const unsigned char[:, ::1] bgx, int use_bgx, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1,
-                   int n_nb, const unsigned char[:, ::1] sgx, int use_sgx, const unsigned char[::1] single,
+                   const unsigned char[:, ::1] bgx, int use_bgx, const unsigned char[:, ::1] bgx2,
+                   int use_bgx2, const unsigned char[:, ::1] bgx3, int use_bgx3, pix_t[:, ::1] nb0,
+                   pix_t[:, ::1] nb1, int n_nb, const unsigned char[:, ::1] sgx, int use_sgx,
+                   const unsigned char[::1] single,
                    const cnp.int64_t[::1] order, double gain, double overload, double nullpix, int n_iter,
                    double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                    cnp.int32_t[::1] NP_o, cnp.int32_t[::1] NB_o, double[::1] SO_o, double[::1] FO_o,
@@ -548,7 +572,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     for q in range(n_bg_all):
         bg_o[q] = (bg_k[q] // nys) * nf + bg_k[q] % nys
     cdef unsigned char *cm = <unsigned char *>malloc(ns * nf)
-    _combine(mask, use_mask, bgx, use_bgx, sgx, use_sgx, ns * nf, cm)
+    _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, sgx, use_sgx, ns * nf, cm)
     d0 = &data[0, 0]
     mc = cm
     cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
@@ -619,7 +643,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             else:
                 nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         else:
-            _load(data, mask, use_mask, bgx, use_bgx, sgx, use_sgx, cs, cf, nxs, nys, box, mb)
+            _load_cm(data, cm, cs, cf, nxs, nys, box, mb)
             if n_nb >= 1:
                 _load_px(nb0, cs, cf, nxs, nys, box0)
             if n_nb >= 2:
@@ -949,14 +973,16 @@ _ONE = np.zeros((1, 1), np.uint8)
 def _run_measure(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, const double[::1] F,
                  const double[::1] S, int nxs, int nys, const unsigned char[:, ::1] pk,
                  const unsigned char[:, ::1] bg, const unsigned char[:, ::1] m, int um,
-                 const unsigned char[:, ::1] x, int ux, int n_nb, const unsigned char[:, ::1] g, int ug,
+                 const unsigned char[:, ::1] x, int ux, const unsigned char[:, ::1] x2, int ux2,
+                 const unsigned char[:, ::1] x3, int ux3, int n_nb, const unsigned char[:, ::1] g, int ug,
                  const unsigned char[::1] SG, const cnp.int64_t[::1] OD, double gain, double overload, double nullpix, int n_iter,
                  double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                  cnp.int32_t[::1] NP, cnp.int32_t[::1] NB, double[::1] SO, double[::1] FO,
                  long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, double[::1] I1,
                  double[::1] S1, double[:, ::1] C1, cnp.int32_t[:, ::1] DS):
     with nogil:
-        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, nb0, nb1, n_nb, g, ug, SG, OD, gain, overload,
+        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, nb0, nb1, n_nb, g, ug, SG, OD, gain,
+                 overload,
                  nullpix, n_iter, cutoff, smin, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
 
 
@@ -1045,10 +1071,16 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef const unsigned char[:, ::1] pk = _u8(peak)
     cdef const unsigned char[:, ::1] bg = _u8(bg_mask)
     m_, um_ = _mask(mask, data.shape)
-    x_, ux_ = _mask(bg_exclude, data.shape)
+    # bg_exclude: one mask, or a few (up to three) whose union it is (the block's images' peaks)
+    xs = list(bg_exclude) if isinstance(bg_exclude, (list, tuple)) else [bg_exclude]
+    if len(xs) > 3:
+        raise ValueError("at most three masks make bg_exclude")
+    xs = [_mask(v, data.shape) for v in xs] + [(_ONE, 0)] * (3 - len(xs))
     cdef const unsigned char[:, ::1] m = m_
-    cdef const unsigned char[:, ::1] x = x_
-    cdef int um = um_, ux = ux_
+    cdef const unsigned char[:, ::1] x = xs[0][0]
+    cdef const unsigned char[:, ::1] x2 = xs[1][0]
+    cdef const unsigned char[:, ::1] x3 = xs[2][0]
+    cdef int um = um_, ux = xs[0][1], ux2 = xs[1][1], ux3 = xs[2][1]
     out = {"I": np.empty(n), "SIGI": np.empty(n), "coef": np.empty((n, 3)), "rms": np.empty(n),
            "n_peak": np.empty(n, np.int32), "n_bg": np.empty(n, np.int32), "slow_obs": np.empty(n),
            "fast_obs": np.empty(n), "cs": np.empty(n, np.int64), "cf": np.empty(n, np.int64)}
@@ -1073,7 +1105,8 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef cnp.int32_t[::1] NP = out["n_peak"], NB = out["n_bg"]
     cdef long long[::1] CS = out["cs"], CF = out["cf"]
     cdef unsigned char[:, ::1] FL = fl
-    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, n_nb, g, ug, SG, OD, gain, overload,
+    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, n_nb, g, ug, SG, OD,
+                 gain, overload,
                  nullpix, n_iter, cutoff, single_min_isig, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out

@@ -160,9 +160,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         # not from one whose background differs (a dim or bright image would pull this one's planes)
         nb = [j for j in (img - 1, img + 1) if j in datas and not isinstance(datas[j], Exception)
               and abs(bg_level(j) - bg_level(img)) <= 0.05 * bg_level(img) + 0.02]
-        exclude = foreground(img)
-        for j in nb:
-            exclude = exclude | foreground(j)
+        # (their union: the kernel ORs them as it reads the masks, no union image is made)
+        exclude = tuple(foreground(j) for j in [img] + nb)
         # (from the image alone only those that may be strong enough for the profiles: I/sigma above
         # half profile_sums' 10 with the 3-D background; the sim sweep's strong ones are all above 9.6)
         m = measure(datas[img], part_fast[sel], part_slow[sel], bg_exclude=exclude,

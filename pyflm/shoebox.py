@@ -187,8 +187,22 @@ def _valid(boxes, nullpix, mask, fast, slow, raster):
     return valid
 
 
+def union(masks):
+    """One mask from bg_exclude given as a few (a list or tuple: their union), as the kernel takes them."""
+    if not isinstance(masks, (list, tuple)):
+        return masks
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = np.array(masks[0], bool)
+    for m in masks[1:]:
+        out |= m
+    return out
+
+
 def _bg_valid(valid, bg_exclude, fast, slow, raster):
     """Pixels the background may use: valid ones outside other spots' peaks (foreground_mask)."""
+    bg_exclude = union(bg_exclude)
     if bg_exclude is None:
         return valid
     return valid & ~extract_boxes(bg_exclude, fast, slow, raster)[0].astype(bool)
@@ -332,6 +346,7 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     n_bg), summation I and SIGI, n_peak, centroid (slow_obs, fast_obs), box origins (cs, cf) and
     whether the box is on the image (on), has invalid peak pixels (bad_peak) or overloads (over).
     bg_images: neighbouring images (up to two) whose pixels join the background plane (integrate_image).
+    bg_exclude: a mask, or a list of up to three whose union it is (no union image is made for the kernel).
     single (bool per reflection) with single_exclude: those also measured from this image alone with
     that bg_exclude (profile_sums' measurement), as I1, SIGI1, coef1 (NaN for the others, and for those
     off the image, with bad peak pixels or overloaded: no profile takes them); the

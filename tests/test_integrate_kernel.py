@@ -183,3 +183,22 @@ def test_quick_look_kernel_sums_what_the_twin_sums_at_the_edges_too(scene, varia
             assert np.array_equal(a, b)
 
 
+
+
+def test_kernel_takes_a_block_s_peaks_as_separate_masks_as_their_union(scene, neighbours):
+    # pass 2 gives the peaks of the image and of its two neighbours as three masks, not their union
+    data, fast, slow, shadow, fg, regions = scene
+    nbs, fg3 = neighbours
+    parts = (fg, shoebox.foreground_mask(data.shape, *spots_on(22), RASTER),
+             shoebox.foreground_mask(data.shape, *spots_on(24), RASTER))
+    assert np.array_equal(shoebox.union(parts), fg3)
+    kw = dict(raster=RASTER, gain=1.0, overload=1e6, nullpix=-1.0, mask=shadow, bg_images=nbs)
+    one = shoebox.measure(data, fast, slow, bg_exclude=fg3, **kw)
+    for use_cython in (True, False):
+        three = shoebox.measure(data, fast, slow, bg_exclude=parts, use_cython=use_cython, **kw)
+        for key in ("I", "SIGI", "n_bg", "on", "bad_peak"):
+            if use_cython:
+                assert np.array_equal(three[key], one[key]), key
+            else:
+                assert_close(three[key], one[key])
+    assert (one["n_bg"] < shoebox.measure(data, fast, slow, bg_exclude=fg, **kw)["n_bg"]).any()
