@@ -861,7 +861,7 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
         c2 = coef[b, 2]
         for i in range(nxs):
             ts = ((i - nxs // 2) - ds + (nxs // 2 + 1)) * sub
-            s0 = <Py_ssize_t>floor(ts)
+            s0 = <Py_ssize_t>ts if ts >= 0 else <Py_ssize_t>floor(ts)    # (a cast floors >= 0: no call)
             s0 = 0 if s0 < 0 else (FS - 2 if s0 > FS - 2 else s0)
             S0[i] = s0
             WS[i] = ts - s0
@@ -869,7 +869,7 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
             PX[i] = c0 + c1 * (i - x0)
         for j in range(nys):
             tf = ((j - nys // 2) - df + (nys // 2 + 1)) * sub
-            f0 = <Py_ssize_t>floor(tf)
+            f0 = <Py_ssize_t>tf if tf >= 0 else <Py_ssize_t>floor(tf)
             f0 = 0 if f0 < 0 else (FF - 2 if f0 > FF - 2 else f0)
             F0[j] = f0
             WF[j] = tf - f0
