@@ -259,7 +259,8 @@ def _count_level(iv, cap=1 << 16):
         return 0.0
     if iv.min() < 0:
         return None
-    h = np.bincount(np.minimum(iv, cap).ravel())
+    # (as int64: numpy 2 refuses to compare uint16 counts, an SMV image's, with a cap beyond their range)
+    h = np.bincount(np.minimum(iv.astype(np.int64, copy=False), cap).ravel())
     c = np.cumsum(h)
     idx = 0.99 * (n - 1)
     lo = int(np.floor(idx))

@@ -202,3 +202,11 @@ def test_kernel_takes_a_block_s_peaks_as_separate_masks_as_their_union(scene, ne
             else:
                 assert_close(three[key], one[key])
     assert (one["n_bg"] < shoebox.measure(data, fast, slow, bg_exclude=fg, **kw)["n_bg"]).any()
+
+
+def test_background_level_of_16_bit_counts_is_that_of_the_same_counts_in_32_bits(scene):
+    # SMV images come as uint16: the level's histogram caps counts beyond uint16's range
+    from pyflm.integrate import background_level
+    data = scene[0]
+    d16 = np.clip(data, 0, 65535).astype(np.uint16)
+    assert background_level(d16) == background_level(d16.astype(np.int32)) > 0
