@@ -399,6 +399,15 @@ class _Predictions:
                 # the direct beam's point moves in the detector plane, the origin with it (set_direct_beam)
                 dF[q, 0] = -frame[1 if m.names[j] == "XCEN" else 2]
                 continue
+            if m.names[j] == "DISTANCE":
+                # the plane moves along its normal; set_direct_beam keeps the direct beam at (XCEN, YCEN),
+                # which for a tilted plane moves the origin within it by distance x (b.e)/(b.n) along e
+                _, ex, ey, nrm = frame
+                dF[q, 0] = nrm
+                if not m.d0.two_theta:
+                    b = geometry.BEAM_DIRECTION
+                    dF[q, 0] += ((b @ ex) * ex + (b @ ey) * ey) / (b @ nrm)
+                continue
             h = 1e-5 * max(1.0, abs(x[j]))
             fa = m.unpack_detector(_stepped(x, j, h)).frame()
             fb = m.unpack_detector(_stepped(x, j, -h)).frame()
@@ -540,7 +549,9 @@ def _robust(r):
     """The soft-L1 cost of residuals r and its weights: the gradient's (rho') and the Gauss-Newton
     Hessian's (rho' + 2 rho'' r^2, which for soft-L1 is (1 + z)^-1.5), as scipy's least_squares has them."""
     t = 1.0 + (r / F_SCALE) ** 2
-    return F_SCALE ** 2 * float(np.sum(np.sqrt(t) - 1.0)), t ** -0.5, t ** -1.5
+    q = np.sqrt(t)
+    w1 = 1.0 / q
+    return F_SCALE ** 2 * float(np.sum(q - 1.0)), w1, w1 / t
 
 
 def _fit(fun, jac, x0, lb, ub, max_iter=100, tol=FIT_TOL):
@@ -674,10 +685,17 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     use_pos = pos_sel.copy()
     use_frac = np.ones(len(prow), bool)
 
+    last_f = {}
+
     def fractions(phi, width):
-        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
-        tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
-        return f / np.maximum(tot, 1e-9)
+        """Each part's calculated share of the rocking curve and its reflection's total (kept for the
+        Jacobian at the same point, which the fit asks for next)."""
+        key = (phi.tobytes(), width.tobytes())
+        if last_f.get("key") != key:
+            f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
+            tot = np.maximum(np.bincount(pr_refl, f, minlength=len(hkl_all)), 1e-9)
+            last_f.update(key=key, f=f, tot=tot)
+        return last_f["f"], last_f["tot"]
 
     sel = {}
 
@@ -695,7 +713,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         xm, ym, phi, width, ok = calc(x)
         out = list(positional(xm, ym, ok))
         if len(prow) and postref:
-            out.append(np.where(sel["frac"], (fractions(phi, width) - p_obs) / p_sig, 0.0))
+            f, tot = fractions(phi, width)
+            out.append(np.where(sel["frac"], (f / tot[pr_refl] - p_obs) / p_sig, 0.0))
         return np.concatenate(out)
 
     def jac(x):
@@ -706,12 +725,13 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         out = [np.where(keep, dX[i] / sel["sig"][:, None], 0.0), np.where(keep, dY[i] / sel["sig"][:, None], 0.0)]
         if len(prow) and postref:
             ph, wd = phi[pr_refl], width[pr_refl]
-            f = predict.fraction_inside(ph, wd, a_img, a_img + scan.osc, tail)
-            tot = np.maximum(np.bincount(pr_refl, f, minlength=len(hkl_all)), 1e-9)
+            f, tot = fractions(phi, width)
             hp, hw = _cum_derivatives(a_img + scan.osc, ph, wd, tail)
             lp, lw = _cum_derivatives(a_img, ph, wd, tail)
-            df = (hp - lp)[:, None] * dphi[pr_refl] + (hw - lw)[:, None] * dW[pr_refl]
-            dtot = np.stack([np.bincount(pr_refl, df[:, k], minlength=len(hkl_all)) for k in range(len(x))], 1)
+            df = (hp - lp)[:, None] * dphi.take(pr_refl, 0) + (hw - lw)[:, None] * dW.take(pr_refl, 0)
+            p = len(x)
+            dtot = np.bincount((pr_refl[:, None] * p + np.arange(p)).ravel(), df.ravel(),
+                               minlength=len(hkl_all) * p).reshape(-1, p)
             T = tot[pr_refl][:, None]
             dp = df / T - f[:, None] * dtot[pr_refl] / (T * T)
             out.append(np.where(sel["frac"][:, None], dp / p_sig[:, None], 0.0))
@@ -737,9 +757,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
             new_pos = pos_sel & ok & (wr <= opts.residual) & (dd <= cut)
             new_frac = use_frac
             if len(prow) and postref:
-                f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
-                tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
-                off = np.abs(f / np.maximum(tot, 1e-9) - p_obs) / p_sig > opts.maxresidual
+                f, tot = fractions(phi, width)
+                off = np.abs(f / tot[pr_refl] - p_obs) / p_sig > opts.maxresidual
                 # a reflection with one part off is off as a whole (its other fractions share the error)
                 new_frac = np.bincount(pr_refl, off, minlength=len(hkl_all))[pr_refl] == 0
             if np.array_equal(new_pos, use_pos) and np.array_equal(new_frac, use_frac):
@@ -757,9 +776,8 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         per_image[int(i)] = float(np.sqrt(np.mean(d[m] ** 2))) if m.any() else float("nan")
     rms_frac = float("nan")
     if len(prow) and postref:
-        f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
-        tot = np.bincount(pr_refl, f, minlength=len(hkl_all))[pr_refl]
-        rms_frac = float(np.sqrt(np.mean((f / np.maximum(tot, 1e-9) - p_obs)[use_frac] ** 2)))
+        f, tot = fractions(phi, width)
+        rms_frac = float(np.sqrt(np.mean((f / tot[pr_refl] - p_obs)[use_frac] ** 2)))
     esd = {}
     if res is not None and len(x):
         r, J = res

@@ -309,6 +309,25 @@ def test_closed_form_derivatives_are_the_predictions_derivatives(block_problem, 
                            atol=1e-7)
 
 
+def test_the_detector_frames_derivatives_swung_and_tilted(block_problem):
+    """The frame's derivatives the closed form takes (XCEN, YCEN and DISTANCE in closed form, with the
+    direct beam held where XCEN YCEN put it; TILT and TWIST by central differences) are those of the
+    frame the model builds, for a detector swung by two-theta either way and tilted."""
+    import copy
+    from pyflm import refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    for two_theta, tilt, twist in [(30.0, 0.2, -0.1), (0.0, 0.2, -0.1), (-20.0, 0.0, 0.3)]:
+        d = copy.copy(det)
+        d.two_theta, d.tilt, d.twist = two_theta, tilt, twist
+        model = refine._Model(crystal, beam, d, gonio, set(refine.DETECTOR_PARAMS), set(), False, set())
+        calc = refine._Predictions(model, np.zeros((1, 3)), np.zeros(1))
+        _, dF = calc._parameter_derivatives(model.x0, model.unpack_detector(model.x0).frame())
+        for q, j in enumerate(calc.det_idx):
+            fd = _central(lambda y: np.array(model.unpack_detector(y).frame()), model.x0, j,
+                          1e-5 * max(1.0, abs(model.x0[j])))
+            assert np.max(np.abs(fd - dF[q])) < 1e-8, (two_theta, model.names[j])
+
+
 def test_the_fit_ends_at_the_minimum_scipy_finds(block_problem, monkeypatch):
     """refine_parameters' own Levenberg-Marquardt fit: the Jacobian it is handed is that of its
     residuals (positions and fractions, central differences), and every fit ends where scipy's
