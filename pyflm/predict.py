@@ -210,13 +210,15 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     window = predict_window_cython if (use_cython and _ext is not None) else predict_numpy
     hh, ph, s1u, x, y, hit, d = window(A, beam.wavelength, frame, sign, phi_start - margin,
                                        phi_end + margin, dmin, dmax)
-    lor, pol = lorentz_polar(s1u, goniometer.axis, beam.polarisation, beam.polarisation_model,
-                             beam.monochromator_two_theta, getattr(beam, "polarisation_angle", 0.0))
     width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)
     tail = float(getattr(crystal, "tail", 0.0) or 0.0)
     lo = ph - extent(tail) * width
     hi = ph + extent(tail) * width
     keep = (hi > phi_start) & (lo < phi_end)
+    # Lorentz and polarisation factors row by row, so only of the reflections kept (the margin's
+    # crossings are most of those found)
+    lor, pol = lorentz_polar(s1u[keep], goniometer.axis, beam.polarisation, beam.polarisation_model,
+                             beam.monochromator_two_theta, getattr(beam, "polarisation_angle", 0.0))
     out = np.zeros(int(keep.sum()), PRED_DTYPE)
     out["h"], out["k"], out["l"] = hh[keep].T
     out["phi"] = ph[keep]
@@ -225,7 +227,7 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     out["fast"], out["slow"] = fast, slow
     out["d"] = d[keep]
     out["width"] = width[keep]
-    out["lorentz"], out["polar"] = lor[keep], pol[keep]
+    out["lorentz"], out["polar"] = lor, pol
     out["tail"] = tail
     out["on_detector"] = hit[keep] & (fast >= 0) & (fast < detector.n_fast) & (slow >= 0) & \
         (slow < detector.n_slow)
