@@ -790,22 +790,14 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
                const unsigned char[:, ::1] mask, int use_mask, double gain, double overload,
                double nullpix, int n_iter, const cnp.int64_t[::1] order, double[::1] I_o,
                double[::1] S_o) noexcept nogil:
-    """Per box: its peak pixels' standard profile (bilinear on the fine grid), net counts and validity,
-    then the iterated fit.  What depends on a pixel's row or column alone (its fine-grid place and
-    weights, the plane's terms) is worked out once per row and column, with the same expressions."""
     cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1]
     cdef Py_ssize_t FS = fine.shape[1], FF = fine.shape[2]
     cdef Py_ssize_t b, i, j, k, r, s0, f0, si, fj, q, off
     cdef int npix = nxs * nys, nc = 0, it, on
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
-    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0, c0, c1, c2, ai, wsi
+    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0
     cdef const double *fr
-    cdef const double *frow
-    cdef const double *fbase = &fine[0, 0, 0]
-    cdef const pix_t *drow
-    cdef const pix_t *dbase = &data[0, 0]
-    cdef const unsigned char *mbase = &mask[0, 0]
     cdef double *P = <double *>malloc(npix * sizeof(double))
     cdef double *NET = <double *>malloc(npix * sizeof(double))
     cdef double *PL = <double *>malloc(npix * sizeof(double))
@@ -817,33 +809,12 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     cdef Py_ssize_t *F0 = <Py_ssize_t *>malloc(nys * sizeof(Py_ssize_t))
     cdef double *WS = <double *>malloc(nxs * sizeof(double))
     cdef double *WF = <double *>malloc(nys * sizeof(double))
-    cdef double *W1S = <double *>malloc(nxs * sizeof(double))     # 1 - WS
-    cdef double *W1F = <double *>malloc(nys * sizeof(double))     # 1 - WF
-    cdef double *PX = <double *>malloc(nxs * sizeof(double))      # c0 + c1 (i - x0)
-    cdef double *PY = <double *>malloc(nys * sizeof(double))      # c2 (j - y0)
-    # and the same pixels as runs along the rows (row, first and one-past-last column), in that order
-    cdef int nrun = 0, t
-    cdef int *ri = <int *>malloc(npix * sizeof(int))
-    cdef int *r0 = <int *>malloc(npix * sizeof(int))
-    cdef int *r1 = <int *>malloc(npix * sizeof(int))
-    cdef double pxi
-    cdef const double *fra
-    cdef const double *frb
-    cdef const unsigned char *mrow
     for i in range(nxs):
         for j in range(nys):
             if peak[i, j]:
                 pi[nc] = i
                 pj[nc] = j
                 nc += 1
-                if nrun and ri[nrun - 1] == i and r1[nrun - 1] == j:
-                    r1[nrun - 1] = j + 1
-                else:
-                    ri[nrun] = i
-                    r0[nrun] = j
-                    r1[nrun] = j + 1
-                    nrun += 1
-    cdef unsigned char *zrow = <unsigned char *>calloc(nys, 1)      # no mask: a row of zeros
     cdef Py_ssize_t qq, bn
     for qq in range(n):
         b = order[qq]
@@ -856,78 +827,44 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
         on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
         ds = slow[b] - floor(slow[b]) - 0.5
         df = fast[b] - floor(fast[b]) - 0.5
-        c0 = coef[b, 0]
-        c1 = coef[b, 1]
-        c2 = coef[b, 2]
         for i in range(nxs):
             ts = ((i - nxs // 2) - ds + (nxs // 2 + 1)) * sub
-            s0 = <Py_ssize_t>ts if ts >= 0 else <Py_ssize_t>floor(ts)    # (a cast floors >= 0: no call)
+            s0 = <Py_ssize_t>floor(ts)
             s0 = 0 if s0 < 0 else (FS - 2 if s0 > FS - 2 else s0)
             S0[i] = s0
             WS[i] = ts - s0
-            W1S[i] = 1 - WS[i]
-            PX[i] = c0 + c1 * (i - x0)
         for j in range(nys):
             tf = ((j - nys // 2) - df + (nys // 2 + 1)) * sub
-            f0 = <Py_ssize_t>tf if tf >= 0 else <Py_ssize_t>floor(tf)
+            f0 = <Py_ssize_t>floor(tf)
             f0 = 0 if f0 < 0 else (FF - 2 if f0 > FF - 2 else f0)
             F0[j] = f0
             WF[j] = tf - f0
-            W1F[j] = 1 - WF[j]
-            PY[j] = c2 * (j - y0)
         tot = 0.0
-        if on:
-            # the box on the image (nearly all): the peak's pixels run by run along its rows, from row
-            # pointers, with no branch per pixel
-            q = 0
-            for t in range(nrun):
-                i = ri[t]
-                ws = WS[i]
-                ai = W1S[i]
-                pxi = PX[i]
-                fra = fbase + (r * FS + S0[i]) * FF
-                frb = fra + FF
-                drow = dbase + (cs + i) * nf + cf
-                mrow = (mbase + (cs + i) * nf + cf) if use_mask else zrow
-                for j in range(r0[t], r1[t]):
-                    f0 = F0[j]
-                    wf = WF[j]
-                    p = (ai * W1F[j]) * fra[f0]
-                    p += (ai * wf) * fra[f0 + 1]
-                    p += (ws * W1F[j]) * frb[f0]
-                    p += (ws * wf) * frb[f0 + 1]
-                    tot += p
-                    c = <double>drow[j]
-                    pl = pxi + PY[j]
-                    P[q] = p
-                    PL[q] = pl
-                    NET[q] = c - pl
-                    U[q] = <double>((c > nullpix) & (mrow[j] == 0) & (c < overload))
-                    q += 1
-        else:
-            for q in range(nc):
-                i = pi[q]
-                j = pj[q]
-                ws = WS[i]
-                wf = WF[j]
-                ai = W1S[i]
-                # the standard profile read off the fine grid at this pixel's offset from the centre
-                fr = fbase + (r * FS + S0[i]) * FF + F0[j]
-                p = (ai * W1F[j]) * fr[0]
-                p += (ai * wf) * fr[1]
-                p += (ws * W1F[j]) * fr[FF]
-                p += (ws * wf) * fr[FF + 1]
-                tot += p
+        for q in range(nc):
+            i = pi[q]
+            j = pj[q]
+            ws = WS[i]
+            wf = WF[j]
+            # the standard profile read off the fine grid at this pixel's offset from the centre
+            fr = &fine[r, S0[i], F0[j]]
+            p = (1 - ws) * (1 - wf) * fr[0]
+            p += (1 - ws) * wf * fr[1]
+            p += ws * (1 - wf) * fr[FF]
+            p += ws * wf * fr[FF + 1]
+            tot += p
+            if on:
+                si = cs + i
+                fj = cf + j
+            else:
                 si = _clip(<Py_ssize_t>(cs + i), ns - 1)
                 fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-                off = si * nf + fj
-                c = <double>dbase[off]
-                pl = PX[i] + PY[j]
-                P[q] = p
-                PL[q] = pl
-                NET[q] = c - pl
-                # an invalid or overloaded pixel is left out; the profile fills it in
-                U[q] = 1.0 if ((c > nullpix) and not (use_mask and mbase[off]) and (c < overload)) else 0.0
+            c = <double>data[si, fj]
+            pl = coef[b, 0] + coef[b, 1] * (i - x0) + coef[b, 2] * (j - y0)
+            P[q] = p
+            PL[q] = pl
+            NET[q] = c - pl
+            # an invalid or overloaded pixel is left out; the profile fills it in
+            U[q] = 1.0 if ((c > nullpix) and not (use_mask and mask[si, fj]) and (c < overload)) else 0.0
         if not tot > 0:
             tot = 1.0
         for k in range(nc):
@@ -954,14 +891,6 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
     free(F0)
     free(WS)
     free(WF)
-    free(W1S)
-    free(W1F)
-    free(PX)
-    free(PY)
-    free(ri)
-    free(r0)
-    free(r1)
-    free(zrow)
 
 
 _ONE = np.zeros((1, 1), np.uint8)
