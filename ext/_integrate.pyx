@@ -443,18 +443,20 @@ cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *b
                            const pix_t *d0, const unsigned char *mc, unsigned char bits, double nullpix,
                            double *bx, double *by, double *bc, double *bu) noexcept nogil:
     """_gather_one for a box on the image, read in place (d0, mc: the image and the mask bits at the
-    box's corner); every candidate written, the count advanced by its test (no branch per pixel)."""
+    box's corner).  (Written branch-free, every candidate stored and the count advanced by its test,
+    it took more time: the stores' places then wait for each pixel's load.)"""
     cdef int q, nb = 0
     cdef Py_ssize_t o
     cdef double c
     for q in range(n_bg_all):
         o = bg_o[q]
         c = <double>d0[o]
-        bx[nb] = bg_x[q]
-        by[nb] = bg_y[q]
-        bc[nb] = c
-        bu[nb] = 1.0
-        nb += (c > nullpix) & ((mc[o] & bits) == 0)
+        if (c > nullpix) & ((mc[o] & bits) == 0):
+            bx[nb] = bg_x[q]
+            by[nb] = bg_y[q]
+            bc[nb] = c
+            bu[nb] = 1.0
+            nb += 1
     return nb
 
 
@@ -614,8 +616,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                         ndead += 1
                 if c >= overload:
                     over = 1
-            # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of
-            # all, and every one written with the count advanced by the test (no branch per pixel)
+            # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
             if n_nb == 2:
                 e0 = &nb0[0, 0] + base
                 e1 = &nb1[0, 0] + base
@@ -624,22 +625,24 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     c = <double>d0[o]
                     c0 = <double>e0[o]
                     c1 = <double>e1[o]
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
-                    bu[nb] = 1.0
-                    nb += (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0)
+                    if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
+                        bu[nb] = 1.0
+                        nb += 1
             elif n_nb == 1:
                 e0 = &nb0[0, 0] + base
                 for q in range(n_bg_all):
                     o = bg_o[q]
                     c = <double>d0[o]
                     c0 = <double>e0[o]
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = (c + c0) / 2.0
-                    bu[nb] = 1.0
-                    nb += (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0)
+                    if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = (c + c0) / 2.0
+                        bu[nb] = 1.0
+                        nb += 1
             else:
                 nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         else:
