@@ -59,3 +59,25 @@ def test_pyflm_malloc_default_leaves_glibc_alone():
               "print(json.dumps({'set': _heap.tune(), 'mapped': mapped_with_image()}))", PYFLM_MALLOC="default")
     assert out["set"] == {}
     assert out["mapped"] >= 25 << 20       # glibc's own way: the big block mmapped
+
+
+THP = r"""
+def thp_enabled():
+    for line in open("/proc/self/status"):
+        if line.startswith("THP_enabled:"):
+            return int(line.split()[1])
+    return None
+"""
+
+
+def test_workers_and_program_take_small_pages_from_the_first_fork():
+    # several processes growing their image buffers at once waited on 2 MB pages (distributed.no_huge_pages)
+    code = (THP + "from pyflm.distributed import local_pool\nbefore = thp_enabled()\nex = local_pool(2)\n"
+            "print(json.dumps({'before': before, 'main': thp_enabled(), "
+            "'workers': [ex.submit(thp_enabled).result() for _ in range(2)]}))")
+    out = run(code)
+    if not out["before"]:
+        pytest.skip("the kernel does not report THP_enabled, or has no transparent huge pages to refuse")
+    assert out["main"] == 0 and out["workers"] == [0, 0]
+    kept = run(code, PYFLM_THP="default")
+    assert kept["main"] == kept["before"] and kept["workers"] == [kept["before"]] * 2
