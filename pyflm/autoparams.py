@@ -24,6 +24,9 @@ Plain API: ``find_sweep_spots`` -> ``link_spots`` -> ``choose``; ``apply_to_proc
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -493,9 +496,28 @@ def _probe_key(read_image, detector, img):
 
 
 def _probe_task(read_image, detector, scan, img):
-    """A probe's search on a worker: _probe_view of the spots PROCESS's probe would find."""
-    sp = _search_image(read_image, detector, scan, img)
-    return _probe_view(_empty() if sp is None else sp)
+    """A probe's search on a worker: _probe_view of the spots PROCESS's probe would find.  Early work:
+    it runs in a thread of the worker at nice 19, so that indexing's own work in the main process (the
+    beam search, while both workers probe) keeps its core; the thread ends with it, so the worker's
+    blocks run at the usual priority (a process cannot lower its nice again without privileges)."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            if sys.platform.startswith("linux"):        # a thread's own nice: Linux only
+                with contextlib.suppress(OSError, AttributeError):
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            sp = _search_image(read_image, detector, scan, img)
+            out["v"] = _probe_view(_empty() if sp is None else sp)
+        except BaseException as e:       # raised in the worker's own thread, as before
+            out["e"] = e
+    t = threading.Thread(target=run, name="probe")
+    t.start()
+    t.join()
+    if "e" in out:
+        raise out["e"]
+    return out["v"]
 
 
 class EarlyProbes:

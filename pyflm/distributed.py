@@ -12,7 +12,9 @@ values, so the records are the same as on one core: blocks are independent and g
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import threading
 import os
 import sys
 
@@ -84,20 +86,37 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
     if len(tasks) < 2 or (nproc < 2 and not scheduler):
         out = [fn(*t) for t in tasks]
         return (out, meanwhile()) if meanwhile else out
-    mine = set()
     if scheduler:
         ex = executor(scheduler)
     else:
-        # this process is one of the nproc: it does every nproc-th task itself (the first among them:
-        # one result less to send back) while nproc - 1 workers share the rest
-        mine = set(range(0, len(tasks), max(nproc, 1)))
         ex = local_pool(nproc)
     futures = {}
     try:
-        futures = {i: ex.submit(fn, *t) for i, t in enumerate(tasks) if i not in mine}
+        if scheduler:
+            futures = {i: ex.submit(fn, *t) for i, t in enumerate(tasks)}
+            here = meanwhile() if meanwhile else None
+            out = [futures[i].result() for i in range(len(tasks))]
+            return (out, here) if meanwhile else out
+        # this process is one of the nproc: it does the first task (one result less to send back), then
+        # takes the last not yet handed out, while a worker is given the next from the front only when
+        # the pool has a worker without a task (an early probe may hold one): the tasks are not queued
+        # behind other work while this process could do them.  Each task's result is the same wherever
+        # it runs; they come back in order.
+        pending = collections.deque(range(1, len(tasks)))
+
+        def hand_out():
+            while pending and ex.outstanding < nproc:
+                i = pending.popleft()
+                futures[i] = ex.submit(fn, *tasks[i])
+        hand_out()
         here = meanwhile() if meanwhile else None
-        done = {i: fn(*tasks[i]) for i in sorted(mine)}
-        out = [done[i] if i in mine else futures[i].result() for i in range(len(tasks))]
+        done = {0: fn(*tasks[0])}
+        while pending:
+            hand_out()
+            if pending:
+                i = pending.pop()
+                done[i] = fn(*tasks[i])
+        out = [done[i] if i in done else futures[i].result() for i in range(len(tasks))]
         return (out, here) if meanwhile else out
     except cf.process.BrokenProcessPool:
         drop_pool(ex)
@@ -121,8 +140,28 @@ def local_pool(n):
     if ex is None or getattr(ex, "_broken", False):
         no_huge_pages()
         _import_for_workers()
-        ex = _POOLS[n] = cf.ProcessPoolExecutor(max_workers=n, initializer=_worker_start)
+        ex = _POOLS[n] = _Pool(max_workers=n, initializer=_worker_start)
     return ex
+
+
+class _Pool(cf.ProcessPoolExecutor):
+    """The job's worker pool, counting its tasks not yet finished (`outstanding`: run_tasks hands a
+    worker a task only when one is free)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.outstanding, self._count_lock = 0, threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs):
+        f = super().submit(fn, *args, **kwargs)
+        with self._count_lock:
+            self.outstanding += 1
+        f.add_done_callback(self._finished)
+        return f
+
+    def _finished(self, _):
+        with self._count_lock:
+            self.outstanding -= 1
 
 
 _NO_THP = False
@@ -154,6 +193,13 @@ def _worker_start():
     from .integrate import _ignore_signals
     _ignore_signals()
     tune()
+    # one malloc arena: an early probe's thread (autoparams._probe_task) takes its buffers from the
+    # heap the worker's blocks reuse, not from an arena of its own grown and faulted in afresh
+    import contextlib
+    import ctypes
+    with contextlib.suppress(OSError, AttributeError):
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).mallopt(-8, 1)                 # M_ARENA_MAX
 
 
 # what the workers' tasks import (indexing's fits, the blocks' kernels): imported here before they are
