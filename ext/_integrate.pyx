@@ -76,40 +76,12 @@ cdef extern from *:
         s[0] += d; s[1] += xw; s[2] += yw; s[3] += xw * x[k]; s[4] += xw * y[k]; s[5] += yw * y[k];
         s[6] += d * c[k]; s[7] += xw * c[k]; s[8] += yw * c[k];
     }
-    static int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
-                                   double c0, double c1, double c2, double gain, double cut2, double *s) {
-        const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
-        const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
-        int k = 0, changed = 0, mm;
-        for (; k + 2 <= n; k += 2) {
-            __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
-                                    _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
-            __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
-            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
-            __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
-            mm = _mm_movemask_pd(_mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
-            if (mm) {
-                double kv[2];
-                _mm_storeu_pd(kv, keep);
-                if (mm & 1) { pyflm_flip(k, kv[0] - u[k], x, y, c, s); u[k] = kv[0]; }
-                if (mm & 2) { pyflm_flip(k + 1, kv[1] - u[k + 1], x, y, c, s); u[k + 1] = kv[1]; }
-                changed = 1;
-            }
-        }
-        for (; k < n; k++) {
-            double pl = c0 + c1 * x[k] + c2 * y[k];
-            double d = c[k] - pl;
-            double v = (pl > 1.0 ? pl : 1.0) * gain;
-            double keep = (d * d <= cut2 * v) ? 1.0 : 0.0;
-            if (keep != u[k]) { pyflm_flip(k, keep - u[k], x, y, c, s); u[k] = keep; changed = 1; }
-        }
-        return changed;
-    }
-    /* pyflm_reject_update that also sums what pyflm_rms_sum would over the pixels kept, with this
-       plane, in the same lanes and order: the last pass's sums are the fit's rms (no pass of its own). */
-    static int pyflm_reject_rms(int n, const double *x, const double *y, const double *c, double *u,
-                                double c0, double c1, double c2, double gain, double cut2, double *s,
-                                double *ssq, double *count) {
+    /* One rejection pass with this plane.  With ssq given, also the squared residuals in sigma units of
+       the pixels kept, and their number (*count): the last pass's sums are the fit's rms, with no pass
+       of its own.  pyflm_reject calls it with ssq NULL or not, so each case is a loop of its own. */
+    static inline __attribute__((always_inline)) int pyflm_reject_(int n, const double *x, const double *y, const double *c, double *u,
+                                   double c0, double c1, double c2, double gain, double cut2, double *s,
+                                   double *ssq, double *count) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
         const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
         __m128d ss = _mm_setzero_pd(), nu = ss;
@@ -120,8 +92,10 @@ cdef extern from *:
             __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
             __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
             __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
-            ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
-            nu = _mm_add_pd(nu, keep);
+            if (ssq) {
+                ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
+                nu = _mm_add_pd(nu, keep);
+            }
             mm = _mm_movemask_pd(_mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
             if (mm) {
                 double kv[2];
@@ -138,40 +112,22 @@ cdef extern from *:
             double v = (pl > 1.0 ? pl : 1.0) * gain;
             double keep = (d * d <= cut2 * v) ? 1.0 : 0.0;
             if (keep != u[k]) { pyflm_flip(k, keep - u[k], x, y, c, s); u[k] = keep; changed = 1; }
-            t += u[k] * (d * d / v);
-            m += u[k];
+            if (ssq) {
+                t += u[k] * (d * d / v);
+                m += u[k];
+            }
         }
-        *ssq = t;
-        *count = m;
+        if (ssq) {
+            *ssq = t;
+            *count = m;
+        }
         return changed;
     }
-    /* sum of squared residuals in sigma units over the pixels in use, and their number */
-    static double pyflm_rms_sum(int n, const double *x, const double *y, const double *c,
-                                const double *u, double c0, double c1, double c2, double gain,
-                                double *count) {
-        const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
-        const __m128d G = _mm_set1_pd(gain), ONE = _mm_set1_pd(1.0);
-        __m128d ss = _mm_setzero_pd(), nu = ss;
-        int k = 0;
-        for (; k + 2 <= n; k += 2) {
-            __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
-                                    _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
-            __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
-            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
-            __m128d w = _mm_loadu_pd(u + k);
-            ss = _mm_add_pd(ss, _mm_mul_pd(w, _mm_div_pd(_mm_mul_pd(d, d), v)));
-            nu = _mm_add_pd(nu, w);
-        }
-        double s = pyflm_hsum(ss), m = pyflm_hsum(nu);
-        for (; k < n; k++) {
-            double pl = c0 + c1 * x[k] + c2 * y[k];
-            double d = c[k] - pl;
-            double v = (pl > 1.0 ? pl : 1.0) * gain;
-            s += u[k] * (d * d / v);
-            m += u[k];
-        }
-        *count = m;
-        return s;
+    static int pyflm_reject(int n, const double *x, const double *y, const double *c, double *u,
+                            double c0, double c1, double c2, double gain, double cut2, double *s,
+                            double *ssq, double *count) {
+        if (ssq) return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
+        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, cut2, s, NULL, NULL);
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
     static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
@@ -202,13 +158,9 @@ cdef extern from *:
     void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,
                         double Iv, double gain, double *a, double *b) nogil
     void pyflm_data_sums(int n, const double *x, const double *y, const double *c, double *s) nogil
-    int pyflm_reject_update(int n, const double *x, const double *y, const double *c, double *u,
-                            double c0, double c1, double c2, double gain, double cut2, double *s) nogil
-    int pyflm_reject_rms(int n, const double *x, const double *y, const double *c, double *u,
-                         double c0, double c1, double c2, double gain, double cut2, double *s, double *ssq,
-                         double *count) nogil
-    double pyflm_rms_sum(int n, const double *x, const double *y, const double *c, const double *u,
-                         double c0, double c1, double c2, double gain, double *count) nogil
+    int pyflm_reject(int n, const double *x, const double *y, const double *c, double *u,
+                     double c0, double c1, double c2, double gain, double cut2, double *s, double *ssq,
+                     double *count) nogil
 
 
 DEF PREFETCH_AHEAD = 6
@@ -268,86 +220,14 @@ cdef inline void _prefetch(pix_t[:, ::1] data, const unsigned char[:, ::1] mask,
             __builtin_prefetch(&bgx[si, f0])
 
 
-cdef inline void _load(pix_t[:, ::1] data, const unsigned char[:, ::1] mask, int use_mask,
-                       const unsigned char[:, ::1] bgx, int use_bgx, const unsigned char[:, ::1] sgx,
-                       int use_sgx, long long cs, long long cf, int nxs, int nys, double *box,
-                       unsigned char *mb) noexcept nogil:
-    """A box's pixels (clipped to the image, as numpy's twin) and mask bits (1 mask, 2 bg_exclude,
-    4 the single-image measurement's bg_exclude)."""
-    cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j, si, fj
-    cdef const pix_t *row
-    cdef const unsigned char *mrow
-    cdef const unsigned char *xrow
-    cdef const unsigned char *grow
-    cdef double *out
-    cdef unsigned char *mout
-    if cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf:
-        # the box on the image (nearly all): whole rows, no clipping per pixel
-        for i in range(nxs):
-            row = &data[cs + i, cf]
-            out = box + i * nys
-            for j in range(nys):
-                out[j] = <double>row[j]
-            mout = mb + i * nys
-            if use_mask and use_bgx and use_sgx:
-                mrow = &mask[cs + i, cf]
-                xrow = &bgx[cs + i, cf]
-                grow = &sgx[cs + i, cf]
-                for j in range(nys):
-                    mout[j] = mrow[j] | (xrow[j] << 1) | (grow[j] << 2)
-                continue
-            if use_mask:
-                mrow = &mask[cs + i, cf]
-                for j in range(nys):
-                    mout[j] = mrow[j]
-            else:
-                for j in range(nys):
-                    mout[j] = 0
-            if use_bgx:
-                mrow = &bgx[cs + i, cf]
-                for j in range(nys):
-                    mout[j] |= mrow[j] << 1
-            if use_sgx:
-                mrow = &sgx[cs + i, cf]
-                for j in range(nys):
-                    mout[j] |= mrow[j] << 2
-        return
-    for i in range(nxs):
-        si = _clip(<Py_ssize_t>(cs + i), ns - 1)
-        for j in range(nys):
-            fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-            box[i * nys + j] = <double>data[si, fj]
-            mb[i * nys + j] = 0
-        if use_mask:
-            for j in range(nys):
-                fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-                mb[i * nys + j] = mask[si, fj]
-        if use_bgx:
-            for j in range(nys):
-                fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-                mb[i * nys + j] |= bgx[si, fj] << 1
-        if use_sgx:
-            for j in range(nys):
-                fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-                mb[i * nys + j] |= sgx[si, fj] << 2
-
-
 cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nxs, int nys,
-                          double *box) noexcept nogil:
-    """A box's pixels only (a neighbouring image's, for the 3-D background)."""
+                          pix_t *box) noexcept nogil:
+    """A box's pixels, clipped to the image (as numpy's twin): a neighbouring image's, for a box off
+    the image."""
     cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j
-    cdef const pix_t *row
-    cdef double *out
-    if cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf:
-        for i in range(nxs):
-            row = &data[cs + i, cf]
-            out = box + i * nys
-            for j in range(nys):
-                out[j] = <double>row[j]
-        return
     for i in range(nxs):
         for j in range(nys):
-            box[i * nys + j] = <double>data[_clip(<Py_ssize_t>(cs + i), ns - 1), _clip(<Py_ssize_t>(cf + j), nf - 1)]
+            box[i * nys + j] = data[_clip(<Py_ssize_t>(cs + i), ns - 1), _clip(<Py_ssize_t>(cf + j), nf - 1)]
 
 
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
@@ -363,7 +243,7 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
     cdef double[3][3] M
     cdef double[3] rhs
     cdef double[9] sums
-    cdef double ss, w, pl, d, I = 0.0, spl = 0.0, sc_pk = 0.0, tot = 0.0, wi = 0.0, wj = 0.0, nbg, var
+    cdef double ss = 0.0, w = 0.0, pl, d, I = 0.0, spl = 0.0, sc_pk = 0.0, tot = 0.0, wi = 0.0, wj = 0.0, nbg, var
     for k in range(9):
         sums[k] = first[k]
     for it in range(n_iter + 1):
@@ -384,9 +264,9 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             if not _solve3(M, rhs, cf3):
                 cf3[0] = cf3[1] = cf3[2] = 0.0
         if want_rms:
-            if not pyflm_reject_rms(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
+            if not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
                 break
-        elif not pyflm_reject_update(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums):
+        elif not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, NULL, NULL):
             break
     # the twin's rms is over the final mask with the last plane's residuals: the last pass's sums
     if want_rms:
@@ -420,30 +300,12 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
     res[7] = wj
 
 
-cdef inline int _gather_one(int n_bg_all, const int *bg_k, const double *bg_x, const double *bg_y,
-                            const double *box, const unsigned char *mb, unsigned char bits, double nullpix,
-                            double *bx, double *by, double *bc, double *bu) noexcept nogil:
-    """The background candidates of one image's box that are in use (mask bits `bits` clear, counts
-    above nullpix), gathered for the plane fit.  Returns their number."""
-    cdef int q, k, nb = 0
-    cdef double c
-    for q in range(n_bg_all):
-        k = bg_k[q]
-        c = box[k]
-        if (c > nullpix) & ((mb[k] & bits) == 0):
-            bx[nb] = bg_x[q]
-            by[nb] = bg_y[q]
-            bc[nb] = c
-            bu[nb] = 1.0
-            nb += 1
-    return nb
-
-
 cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *bg_x, const double *bg_y,
                            const pix_t *d0, const unsigned char *mc, unsigned char bits, double nullpix,
                            double *bx, double *by, double *bc, double *bu) noexcept nogil:
-    """_gather_one for a box on the image, read in place (d0, mc: the image and the mask bits at the
-    box's corner).  (Written branch-free, every candidate stored and the count advanced by its test,
+    """The background candidates of one image's box that are in use (mask bits `bits` clear, counts
+    above nullpix), gathered for the plane fit; returns their number.  d0, mc: the pixels and mask bits at
+    the box's corner (in the image, or in a copy of a box off it), bg_o the candidates' offsets from it.  (Written branch-free, every candidate stored and the count advanced by its test,
     it took more time: the stores' places then wait for each pixel's load.)"""
     cdef int q, nb = 0
     cdef Py_ssize_t o
@@ -491,14 +353,14 @@ cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigne
 
 
 cdef inline void _load_cm(pix_t[:, ::1] data, const unsigned char *cm, long long cs, long long cf, int nxs,
-                          int nys, double *box, unsigned char *mb) noexcept nogil:
+                          int nys, pix_t *box, unsigned char *mb) noexcept nogil:
     """A box's pixels and mask bits, clipped to the image (as numpy's twin): for a box off the image."""
     cdef Py_ssize_t ns = data.shape[0], nf = data.shape[1], i, j, si, fj
     for i in range(nxs):
         si = _clip(<Py_ssize_t>(cs + i), ns - 1)
         for j in range(nys):
             fj = _clip(<Py_ssize_t>(cf + j), nf - 1)
-            box[i * nys + j] = <double>data[si, fj]
+            box[i * nys + j] = data[si, fj]
             mb[i * nys + j] = cm[si * nf + fj]
 
 
@@ -521,8 +383,8 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef int on
     cdef Py_ssize_t base, o
     cdef const pix_t *d0
-    cdef const pix_t *e0
-    cdef const pix_t *e1
+    cdef const pix_t *e0 = NULL
+    cdef const pix_t *e1 = NULL
     cdef const unsigned char *mc
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
@@ -530,10 +392,13 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef double sw, sx, sy, sxx, sxy, syy, sc, sxc, syc, I, spl, sc_pk, var, nbg, w, tot, wi, wj
     cdef double[3] cf3
     cdef double[8] res
-    cdef double *box = <double *>malloc(npix * sizeof(double))
-    cdef double *box0 = <double *>malloc(npix * sizeof(double))
-    cdef double *box1 = <double *>malloc(npix * sizeof(double))
+    # a box off the image: its pixels (and its neighbours') and mask bits copied, clipped, read as in place
+    cdef pix_t *box = <pix_t *>malloc(npix * sizeof(pix_t))
+    cdef pix_t *box0 = <pix_t *>malloc(npix * sizeof(pix_t))
+    cdef pix_t *box1 = <pix_t *>malloc(npix * sizeof(pix_t))
     cdef unsigned char *mb = <unsigned char *>malloc(npix)
+    cdef const Py_ssize_t *po
+    cdef const Py_ssize_t *bo
     # the 3-D background: the plane is fitted to the mean over 1 + n_nb images, sigma^2 = plane.gain/k
     cdef double k_bg = 1 + n_nb, gain_bg = gain / k_bg
     # the box's peak and background pixels (offsets into the box)
@@ -569,10 +434,14 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     # image (1 mask, 2 bg_exclude, 4 the single-image measurement's bg_exclude), read once per pixel
     cdef Py_ssize_t *pk_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
     cdef Py_ssize_t *bg_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *pk_b = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))     # and in a box's copy
+    cdef Py_ssize_t *bg_b = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
     for q in range(n_pk_all):
         pk_o[q] = (pk_k[q] // nys) * nf + pk_k[q] % nys
+        pk_b[q] = pk_k[q]
     for q in range(n_bg_all):
         bg_o[q] = (bg_k[q] // nys) * nf + bg_k[q] % nys
+        bg_b[q] = bg_k[q]
     cdef unsigned char *cm = <unsigned char *>malloc(ns * nf)
     _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, sgx, use_sgx, ns * nf, cm)
     d0 = &data[0, 0]
@@ -603,92 +472,60 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             base = cs * nf + cf
             d0 = &data[0, 0] + base
             mc = cm + base
-            for q in range(n_pk_all):
-                o = pk_o[q]
-                c = <double>d0[o]
-                pc[q] = c
-                pv[q] = (c > nullpix) and not (mc[o] & 1)
-                if not pv[q]:
-                    badpk = 1
-                    if c > nullpix:
-                        nshad += 1
-                    else:
-                        ndead += 1
-                if c >= overload:
-                    over = 1
-            # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
-            if n_nb == 2:
+            if n_nb >= 1:
                 e0 = &nb0[0, 0] + base
+            if n_nb >= 2:
                 e1 = &nb1[0, 0] + base
-                for q in range(n_bg_all):
-                    o = bg_o[q]
-                    c = <double>d0[o]
-                    c0 = <double>e0[o]
-                    c1 = <double>e1[o]
-                    if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
-                        bu[nb] = 1.0
-                        nb += 1
-            elif n_nb == 1:
-                e0 = &nb0[0, 0] + base
-                for q in range(n_bg_all):
-                    o = bg_o[q]
-                    c = <double>d0[o]
-                    c0 = <double>e0[o]
-                    if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = (c + c0) / 2.0
-                        bu[nb] = 1.0
-                        nb += 1
-            else:
-                nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
+            po, bo = pk_o, bg_o
         else:
             _load_cm(data, cm, cs, cf, nxs, nys, box, mb)
+            d0, mc = box, mb
             if n_nb >= 1:
                 _load_px(nb0, cs, cf, nxs, nys, box0)
+                e0 = box0
             if n_nb >= 2:
                 _load_px(nb1, cs, cf, nxs, nys, box1)
-            for q in range(n_pk_all):
-                k = pk_k[q]
-                c = box[k]
-                pc[q] = c
-                pv[q] = (c > nullpix) and not (mb[k] & 1)
-                if not pv[q]:
-                    badpk = 1
-                    if c > nullpix:
-                        nshad += 1
-                    else:
-                        ndead += 1
-                if c >= overload:
-                    over = 1
-            if n_nb == 2:
-                for q in range(n_bg_all):
-                    k = bg_k[q]
-                    c = box[k]
-                    c0 = box0[k]
-                    c1 = box1[k]
-                    if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mb[k] & 3) == 0):
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = ((c + c0) + c1) / 3.0
-                        bu[nb] = 1.0
-                        nb += 1
-            elif n_nb == 1:
-                for q in range(n_bg_all):
-                    k = bg_k[q]
-                    c = box[k]
-                    c0 = box0[k]
-                    if (c > nullpix) & (c0 > nullpix) & ((mb[k] & 3) == 0):
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = (c + c0) / 2.0
-                        bu[nb] = 1.0
-                        nb += 1
-            else:
-                nb = _gather_one(n_bg_all, bg_k, bg_x, bg_y, box, mb, 3, nullpix, bx, by, bc, bu)
+                e1 = box1
+            po, bo = pk_b, bg_b
+        for q in range(n_pk_all):
+            o = po[q]
+            c = <double>d0[o]
+            pc[q] = c
+            pv[q] = (c > nullpix) and not (mc[o] & 1)
+            if not pv[q]:
+                badpk = 1
+                if c > nullpix:
+                    nshad += 1
+                else:
+                    ndead += 1
+            if c >= overload:
+                over = 1
+        # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
+        if n_nb == 2:
+            for q in range(n_bg_all):
+                o = bo[q]
+                c = <double>d0[o]
+                c0 = <double>e0[o]
+                c1 = <double>e1[o]
+                if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
+                    bu[nb] = 1.0
+                    nb += 1
+        elif n_nb == 1:
+            for q in range(n_bg_all):
+                o = bo[q]
+                c = <double>d0[o]
+                c0 = <double>e0[o]
+                if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
+                    bx[nb] = bg_x[q]
+                    by[nb] = bg_y[q]
+                    bc[nb] = (c + c0) / 2.0
+                    bu[nb] = 1.0
+                    nb += 1
+        else:
+            nb = _gather_on(n_bg_all, bo, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         nc = n_pk_all
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
@@ -730,6 +567,8 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(bg_k)
     free(pk_o)
     free(bg_o)
+    free(pk_b)
+    free(bg_b)
     free(cm)
     free(bg_x)
     free(bg_y)
