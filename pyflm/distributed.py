@@ -19,6 +19,7 @@ import os
 import sys
 
 from .errors import ProcessingError
+from ._heap import no_huge_pages
 
 _CLIENTS = {}
 
@@ -138,7 +139,7 @@ def local_pool(n):
     the 6M sweep).  A broken pool (a worker died) is replaced.  They end with the program."""
     ex = _POOLS.get(n)
     if ex is None or getattr(ex, "_broken", False):
-        no_huge_pages()
+        no_huge_pages()          # (tune() at the program's start did it already; a caller's own start may not)
         _import_for_workers()
         ex = _POOLS[n] = _Pool(max_workers=n, initializer=_worker_start)
     return ex
@@ -162,28 +163,6 @@ class _Pool(cf.ProcessPoolExecutor):
     def _finished(self, _):
         with self._count_lock:
             self.outstanding -= 1
-
-
-_NO_THP = False
-
-
-def no_huge_pages():
-    """From the first fork on, this process and the workers it forks (prctl's flag is inherited) take
-    4 kB pages, not transparent huge pages, for their heaps.  Several processes growing a 6M image's
-    ~60 MB of buffers at once had each page fault wait for a 2 MB page: a fresh worker's first image
-    cost 0.25-0.40 s of system time (0.08-0.12 s with 4 kB pages; 6M sweep at NPROC 2, system time of
-    the process tree 1.9 -> 0.9 s, the blocks' user time no higher).  Linux only; elsewhere, or if the
-    kernel refuses, nothing changes.  Not done at NPROC 1, which forks nothing; PYFLM_THP=default leaves
-    the system's setting (as PYFLM_MALLOC=default leaves glibc's malloc)."""
-    global _NO_THP
-    if _NO_THP or not sys.platform.startswith("linux") or os.environ.get("PYFLM_THP", "").strip().lower() == "default":
-        return
-    _NO_THP = True
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)     # PR_SET_THP_DISABLE
-    except (OSError, AttributeError):
-        pass
 
 
 def _worker_start():

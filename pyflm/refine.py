@@ -990,7 +990,7 @@ class _SegmentMeasurer:
         n = min(int(nproc or 1), len(self.segments))
         self.pools = []
         if n > 1:
-            from .distributed import no_huge_pages
+            from ._heap import no_huge_pages
             from .integrate import _ignore_signals
             no_huge_pages()
             # a segment's worker started early has its images decoded already: it keeps the segment
@@ -1068,7 +1068,7 @@ def start_segment_measure(job, crystal, models, first, last, settings, index=Non
         if started[s].key == key:
             return
         started.pop(s).pool.shutdown(wait=False, cancel_futures=True)
-    from .distributed import no_huge_pages
+    from ._heap import no_huge_pages
     no_huge_pages()
     pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
     started[s] = StartedSegment(pool, pool.submit(_measure_segment, *args), key)

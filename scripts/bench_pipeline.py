@@ -363,6 +363,8 @@ def report_main(args, sweep, n_images):
     if not args.no_dials and shutil.which("dials.import"):
         dials = run_dials(sweep, TMP / f"run-{sweep.name}-dials")
         print(f"   DIALS: {dials['total']:.1f} s  ({load()})", flush=True)
+    from pyflm._heap import tune
+    tune()      # fabio decodes with the process settings pyflm runs with (malloc, page size); after DIALS
     dec = fabio_decode(sweep, n_images)
 
     print()
