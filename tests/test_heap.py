@@ -62,6 +62,10 @@ def test_pyflm_malloc_default_leaves_glibc_alone():
 
 
 THP = r"""
+import ctypes
+# the flag is inherited: a test process that ran pyflm in-process (tune() at cli start) would hand it
+# down, so this process starts from the system's setting
+ctypes.CDLL(None).prctl(41, 0, 0, 0, 0)     # PR_SET_THP_DISABLE off
 def thp_enabled():
     for line in open("/proc/self/status"):
         if line.startswith("THP_enabled:"):
