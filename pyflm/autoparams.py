@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import geometry
+from .shoebox import STRONG_ISIG     # the spots that make profiles
 
 SPARSE_SPOTS = 150          # spots per image below which a sweep is treated as sparse
 MIN_PROFILE_SPOTS = 10      # strong fully recorded spots needed to form standard profiles
 MAX_SEARCH = 30             # consecutive images searched at most (the middle of a longer range)
-STRONG_ISIG = 10.0          # as pyflm.shoebox's profile spots
 
 LINK_DTYPE = np.dtype([("first", "i4"), ("last", "i4"), ("fast", "f8"), ("slow", "f8"), ("x_mm", "f8"),
                        ("y_mm", "f8"), ("phi", "f8"), ("phi_sd", "f8"), ("intensity", "f8"),

@@ -125,7 +125,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     regions, n_regions, spread = _profile_regions(detector, part_fast, part_slow)
     out_records, out_stats, out_obs = [], [], []
     # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
-    from .shoebox import block_profiles, foreground_mask, measure, profile_sums, shadow_mask, single_part
+    from .shoebox import (STRONG_ISIG, block_profiles, foreground_mask, measure, profile_sums, shadow_mask,
+                          single_part)
     acc = None
     # every predicted spot's peak on an image (measured or not) is kept out of its neighbours' background
     on_image = {}
@@ -163,10 +164,10 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         # (their union: the kernel ORs them as it reads the masks, no union image is made)
         exclude = tuple(foreground(j) for j in [img] + nb)
         # (from the image alone only those that may be strong enough for the profiles: I/sigma above
-        # half profile_sums' 10 with the 3-D background; the sim sweep's strong ones are all above 9.6)
+        # half of STRONG_ISIG with the 3-D background; the sim sweep's strong ones are all above 9.6)
         m = measure(datas[img], part_fast[sel], part_slow[sel], bg_exclude=exclude,
                     bg_images=[datas[j] for j in nb], single_exclude=foreground(img), single=big,
-                    single_min_isig=5.0, **kw)
+                    single_min_isig=0.5 * STRONG_ISIG, **kw)
         sums = profile_sums(datas[img], part_fast[sel][big], part_slow[sel][big], regions=regions[sel][big],
                             n_regions=n_regions, bg_exclude=foreground(img), measured=single_part(m, big), **kw)
         measured[img] = (sel, nb, exclude, m)

@@ -325,6 +325,9 @@ def fit_profiles(boxes, plane, profiles_for_each, peak_mask, valid, I_start, gai
 # 1/4 pixel^2 each time), which biased profile-fitted intensities of weak spots up by 3 %.
 SUB = 4
 
+# a spot makes the standard profiles when its I/sigma from its image alone is above this
+STRONG_ISIG = 10.0
+
 
 def _fine_coords(fast, slow, raster, sub):
     """Fine-grid coordinates (n, nxs, nys) along slow and fast of every box pixel's offset from its
@@ -444,9 +447,9 @@ def measure_numpy(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-
             "_boxes": boxes, "_plane": plane, "_valid": valid, "_net": net}
 
 
-def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, strong_isig=10.0,
-                 strong_mask=None, grid=3, sub=SUB, mask=None, regions=None, n_regions=None, bg_exclude=None,
-                 measured=None, use_cython=True):
+def profile_sums(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0,
+                 strong_isig=STRONG_ISIG, strong_mask=None, grid=3, sub=SUB, mask=None, regions=None,
+                 n_regions=None, bg_exclude=None, measured=None, use_cython=True):
     """Sums over one image's strong spots of their net peaks (and of their intensities, the weights),
     sampled on the fine grid per detector region: (sums, weights, spot counts).  Added over a block of images they give the
     block's standard profiles (block_profiles).  measured: these spots' measure() results, if known."""
@@ -662,7 +665,7 @@ def _mend_dead_pixels(I, sig, bad_peak, boxes, plane, nullpix, valid, peak_mask,
 
 
 def integrate_image(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, profiles=None,
-                    regions=None, strong_isig=10.0, strong_mask=None, bgratio=3.0, grid=3, mask=None,
+                    regions=None, strong_isig=STRONG_ISIG, strong_mask=None, bgratio=3.0, grid=3, mask=None,
                     bg_exclude=None, bg_images=(), measured=None, use_cython=True):
     """Measure reflections at predicted (fast, slow) pixel positions on one image.
 
