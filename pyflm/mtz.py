@@ -256,11 +256,16 @@ def as_records(records, batches=None):
 
 
 def reduce_to_asu(hkl, space_group):
-    """Indices (n, 3) reduced to the asymmetric unit, and ISYM (CCP4 convention, see the module doc)."""
+    """Indices (n, 3) reduced to the asymmetric unit, and ISYM (CCP4 convention, see the module doc).
+
+    gemmi's ReciprocalAsu.to_asu, on whole arrays: gemmi reduces a (merged) table's indices in one call
+    (Mtz.ensure_asu, the same ASU), and ISYM is the first operator, in gemmi's order, taking the indices
+    there (+R_k(h) before -R_k(h)), as to_asu chooses it: the ASU holds one index of each set of
+    equivalents, so R_k(h) is in it exactly when it equals the reduced one.  The same as to_asu for
+    every space group (tests/test_mtz.py); a per-index loop over to_asu took a quarter of a second of
+    the 6M sweep's MTZ writing."""
     sg = _space_group(space_group)
     hkl = np.asarray(hkl, np.int64).reshape(-1, 3)
-    asu = gemmi.ReciprocalAsu(sg)
-    ops = sg.operations()
     if not len(hkl):
         return hkl.copy(), np.zeros(0, np.int64)
     # the distinct indices by one packed integer each (np.unique over rows sorts rows: 5x slower)
@@ -269,10 +274,29 @@ def reduce_to_asu(hkl, space_group):
     key = ((hkl[:, 0] - lo[0]) * span[1] + (hkl[:, 1] - lo[1])) * span[2] + (hkl[:, 2] - lo[2])
     _, first, inv = np.unique(key, return_index=True, return_inverse=True)
     uniq = hkl[first]
+    table = gemmi.Mtz(with_base=True)
+    table.spacegroup = sg
+    table.set_cell_for_all(gemmi.UnitCell(1, 1, 1, 90, 90, 90))   # (ensure_asu does not use the cell)
+    table.add_dataset("asu")
+    table.add_column("N", "R", dataset_id=1)                      # each row's place, rows may be moved
+    rows = np.empty((len(uniq), 4), np.float32)
+    rows[:, :3] = uniq
+    rows[:, 3] = np.arange(len(uniq))
+    table.set_data(rows)
+    table.ensure_asu()
+    out = np.array(table, copy=False)
     red = np.empty_like(uniq)
-    isym = np.empty(len(uniq), np.int64)
-    for j, h in enumerate(uniq.tolist()):
-        red[j], isym[j] = asu.to_asu(h, ops)
+    red[out[:, 3].astype(np.int64)] = out[:, :3]
+    isym = np.zeros(len(uniq), np.int64)
+    for k, op in enumerate(sg.operations().sym_ops):
+        t = uniq @ (np.array(op.rot, np.int64) // op.DEN)        # gemmi's apply_to_hkl: h . R
+        todo = isym == 0
+        plus = todo & np.all(t == red, axis=1)
+        minus = todo & ~plus & np.all(t == -red, axis=1)
+        isym[plus], isym[minus] = 2 * k + 1, 2 * k + 2
+    if np.any(isym == 0):       # cannot happen for a space group's operators; never written silently
+        raise PyflmError(f"indices {uniq[isym == 0][0].tolist()} have no equivalent in the asymmetric "
+                         f"unit of {sg.xhm()}")
     inv = inv.reshape(-1)
     return red[inv], isym[inv]
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import SHARED, SIM
 from pyflm.errors import InputError, PyflmError
 from pyflm.mtz import (COLUMNS, FLAG_EDGE, FLAG_OVERLOAD, BatchInfo, MtzError, as_records, decode_mpart,
-                       encode_mpart, pack_bgpk, partial_codes, read_unmerged_mtz, unpack_bgpk,
-                       unmerged_mtz_object, write_unmerged_mtz)
+                       encode_mpart, pack_bgpk, partial_codes, read_unmerged_mtz, reduce_to_asu,
+                       unpack_bgpk, unmerged_mtz_object, write_unmerged_mtz)
 
 CELLS = {
     "P 1": (31.0, 42.0, 53.0, 81.0, 97.0, 103.0),
@@ -116,6 +116,27 @@ def test_isym_round_trip_recovers_original_indices(space_group, tmp_path):
         assert b.scan_axis == pytest.approx((0, 0, 1))
         assert b.dataset_id == 1
         assert b.detector_limits == ((0, 1043), (0, 981))
+
+
+def test_indices_reduced_on_arrays_are_gemmis_to_asu_in_every_space_group():
+    """The MTZ's H K L and ISYM, reduced on whole arrays, are what gemmi's to_asu (one index at a time,
+    as POINTLESS's convention) gives, in each of gemmi's 530 settings; repeated indices, Friedel mates
+    and symmetry mates included."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(-12, 13, size=(150, 3))
+    base = base[np.any(base != 0, axis=1)]
+    checked = 0
+    for sg in gemmi.spacegroup_table_itb():
+        ops = sg.operations()
+        mates = [op.apply_to_hkl(h) for op, h in zip(ops.sym_ops * 8, base[:40].tolist())]
+        hkl = np.concatenate([base, -base[:30], np.array(mates), base[:20]])
+        red, isym = reduce_to_asu(hkl, sg)
+        asu = gemmi.ReciprocalAsu(sg)
+        want = [asu.to_asu(h, ops) for h in hkl.tolist()]
+        assert red.tolist() == [list(w[0]) for w in want], sg.xhm()
+        assert isym.tolist() == [w[1] for w in want], sg.xhm()
+        checked += 1
+    assert checked == 530
 
 
 def test_gemmi_puts_records_back_on_their_original_indices(tmp_path):
