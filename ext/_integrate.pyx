@@ -10,7 +10,7 @@ sweep's images.  numpy built (n, 17, 17) float arrays per step and ~40 passes ov
 this reads each pixel once per step."""
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport sqrt, fabs, floor
+from libc.math cimport sqrt, fabs, floor, NAN
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset
 
@@ -638,14 +638,14 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
                const double[:, :, ::1] fine, int sub, int nxs, int nys, const unsigned char[:, ::1] peak,
                const unsigned char[:, ::1] mask, int use_mask, double gain, double overload,
                double nullpix, int n_iter, const cnp.int64_t[::1] order, double[::1] I_o,
-               double[::1] S_o) noexcept nogil:
+               double[::1] S_o, double[::1] D_o, int want_dead) noexcept nogil:
     cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1]
     cdef Py_ssize_t FS = fine.shape[1], FF = fine.shape[2]
     cdef Py_ssize_t b, i, j, k, r, s0, f0, si, fj, q, off
     cdef int npix = nxs * nys, nc = 0, it, on
     cdef long long cs, cf
     cdef double x0 = (nxs - 1) / 2.0, y0 = (nys - 1) / 2.0
-    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0
+    cdef double ds, df, ts, tf, ws, wf, p, c, pl, tot, I, bb, a = 0.0, dead
     cdef const double *fr
     cdef double *P = <double *>malloc(npix * sizeof(double))
     cdef double *NET = <double *>malloc(npix * sizeof(double))
@@ -693,6 +693,7 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
             F0[j] = f0
             WF[j] = tf - f0
         tot = 0.0
+        dead = 0.0
         for q in range(nc):
             i = pi[q]
             j = pj[q]
@@ -718,6 +719,10 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
             NET[q] = c - pl
             # an invalid or overloaded pixel is left out; the profile fills it in
             U[q] = 1.0 if ((c > nullpix) and not (use_mask and mask[si, fj]) and (c < overload)) else 0.0
+            if c <= nullpix:
+                dead += p
+        if want_dead:      # the profile's share on dead pixels (NaN: no profile), for dead-pixel mending
+            D_o[b] = dead / tot if tot > 0 else NAN
         if not tot > 0:
             tot = 1.0
         for k in range(nc):
@@ -780,9 +785,10 @@ def _run_fit(pix_t[:, ::1] data, const double[::1] F, const double[::1] S, const
              const double[::1] T, const cnp.int64_t[::1] R, const double[:, :, ::1] FI, int sub, int nxs,
              int nys, const unsigned char[:, ::1] pk, const unsigned char[:, ::1] m, int um, double gain,
              double overload, double nullpix, int n_iter, const cnp.int64_t[::1] OD, double[::1] I_o,
-             double[::1] S_o):
+             double[::1] S_o, double[::1] D_o, int want_dead):
     with nogil:
-        _fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, OD, I_o, S_o)
+        _fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, OD, I_o, S_o,
+             D_o, want_dead)
 
 
 def _run_quick(pix_t[:, ::1] data, const double[::1] F, const double[::1] S, int nxs, int nys,
@@ -911,9 +917,12 @@ def add_profile_sums(data, fast, slow, coef, I, regions, which, raster, peak, in
     _run_profile_sums(data, F, S, C, T, R, W, nxs, nys, pk, sub, SU, WE)
 
 def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster, peak, mask=None,
-                 double gain=1.0, double overload=1e9, double nullpix=-1.0, int n_iter=3, order=None):
+                 double gain=1.0, double overload=1e9, double nullpix=-1.0, int n_iter=3, order=None,
+                 dead=False):
     """Profile-fitted intensities and sigmas (as pyflm.shoebox.profiles_at + fit_profiles); order: the
-    order to take the boxes in, as measure's."""
+    order to take the boxes in, as measure's.  dead=True: also each profile's share on the box's dead
+    peak pixels (<= nullpix; NaN where the profile is 0 there), as pyflm.shoebox._mend_dead_pixels
+    reads it off profiles_at."""
     data = _image(data)
     cdef const double[::1] F = np.ascontiguousarray(fast, np.float64)
     cdef const double[::1] S = np.ascontiguousarray(slow, np.float64)
@@ -927,10 +936,12 @@ def fit_profiles(data, fast, slow, coef, I_start, regions, fine, int sub, raster
     cdef int um = um_
     cdef int nxs = raster[0], nys = raster[1]
     Ia, Sa = np.empty(F.shape[0]), np.empty(F.shape[0])
-    cdef double[::1] I_o = Ia, S_o = Sa
+    Da = np.empty(F.shape[0] if dead else 1)
+    cdef double[::1] I_o = Ia, S_o = Sa, D_o = Da
     cdef const cnp.int64_t[::1] OD = _order(order, F.shape[0])
-    _run_fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, OD, I_o, S_o)
-    return Ia, Sa
+    _run_fit(data, F, S, C, T, R, FI, sub, nxs, nys, pk, m, um, gain, overload, nullpix, n_iter, OD, I_o, S_o,
+             D_o, 1 if dead else 0)
+    return (Ia, Sa, Da) if dead else (Ia, Sa)
 
 
 def foreground_mask(shape, fast, slow, int ps, int pf):
