@@ -397,6 +397,69 @@ def test_cached_predictions_are_calc_to_the_bit(block_problem):
             assert np.array_equal(a, b, equal_nan=True)
 
 
+def test_the_models_shortcuts_are_unpack_to_the_bit(block_problem):
+    """The kernel's path takes the setting matrix, the frame and the mosaic at x without building the
+    model's crystal and detector (setting_matrix, frame_at, mosaic_at): the same numbers, to the bit,
+    for steps of every parameter, a tilted detector, a swung one and a free cell."""
+    import copy
+    from pyflm import refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    rng = np.random.default_rng(2)
+    for two_theta, tilt, twist, cell in [(0.0, 0.0, 0.0, set()), (0.0, 0.2, -0.1, set()),
+                                         (25.0, 0.1, 0.1, set()), (0.0, 0.1, 0.0, {"A", "C"})]:
+        d = copy.copy(det)
+        d.two_theta, d.tilt, d.twist = two_theta, tilt, twist
+        model = refine._Model(crystal, beam, d, gonio, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), True, cell)
+        for x in [model.x0] + [model.x0 + model.scale * rng.normal(size=len(model.x0)) for _ in range(5)]:
+            det_x, cr_x = model.unpack(x)
+            assert np.array_equal(model.setting_matrix(x), cr_x.A)
+            assert model.mosaic_at(x) == cr_x.mosaic
+            for a, b in zip(model.frame_at(x), det_x.frame()):
+                assert np.array_equal(a, b)
+    held = refine._Model(crystal, beam, det, gonio, {"XCEN"}, set(), False, set())
+    assert held.mosaic_at(held.x0) == held.unpack_crystal(held.x0).mosaic
+
+
+def test_pass_1_refines_from_a_bounded_list_of_the_strongest_spots_spread_over_the_detector(block_problem):
+    """PROCESS's pass 1 measures at most REFINE_PER_IMAGE reflections an image (measure_parts' limit):
+    the strongest by the quick look, from every part of the detector, each with all its parts.  From
+    half of them the block refines to what all of them give: beam, distance, missets and mosaic within
+    2 esds (the detector's) or the scatter between blocks (missets and mosaic: 0.002 degrees),
+    esds at most 1.6 times as large."""
+    from pyflm import refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    from pyflm import images
+    read = lambda i: images.read_image(str(SIM / f"sim_{i:04d}.cbf"))[0]
+    n_all = len(np.unique(parts["refl"]))
+    limit = n_all // 2
+    few = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read, limit=limit)
+    refl = np.unique(few["refl"])
+    assert len(refl) == limit
+    assert np.all(np.bincount(few["refl"])[few["refl"]] == few["n_parts"])       # every part kept
+    assert np.isin(refl, parts["refl"]).all()
+    # the strongest: their parts as measured with the others
+    isig = lambda p: np.bincount(p["refl"], np.maximum(p["I"], 0))[np.unique(p["refl"])] / \
+        np.sqrt(np.bincount(p["refl"], p["sigI"] ** 2)[np.unique(p["refl"])])
+    assert np.median(isig(few)) > 1.5 * np.median(isig(parts))
+    # spread: the detector's four corner sixteenths (the highest resolution, weaker spots, none of them
+    # among the strongest thousand) keep a tenth of the list
+    X, Y = det.size_mm
+    xs, ys = det.pixel_to_mm(few["fast"], few["slow"])
+    corner = (np.abs(xs / X - 0.5) > 0.25) & (np.abs(ys / Y - 0.5) > 0.25)
+    assert len(np.unique(few["refl"][corner])) > limit / 10
+    a = refine.refine_parameters(parts, crystal, beam, det, gonio, scan, refine.Options())
+    b = refine.refine_parameters(few, crystal, beam, det, gonio, scan, refine.Options())
+    ax, bx = refine.direct_beam(a.detector), refine.direct_beam(b.detector)
+    for name, va, vb in [("XCEN", ax[0], bx[0]), ("YCEN", ax[1], bx[1]),
+                         ("DISTANCE", a.detector.distance, b.detector.distance)]:
+        assert abs(vb - va) < 2 * b.esd[name], name
+    for name, va, vb in zip(refine.MISSETS + ("MOSAIC",), a.crystal.missets + (a.crystal.mosaic,),
+                            b.crystal.missets + (b.crystal.mosaic,)):
+        assert abs(vb - va) < max(2 * b.esd[name], 0.002), name
+    for name in a.esd:
+        assert a.esd[name] <= b.esd[name] < 1.6 * a.esd[name], name
+
+
 def test_rotate_z_many_is_the_matrices_product_to_the_bit():
     """The refinement turns its reflections with geometry.rotate_z_many: the numbers of rot_z_many's
     matrices applied by einsum, to the bit (a zero's sign aside: angles over several turns, zero components)."""
