@@ -92,6 +92,7 @@ cdef inline double _median_sorted(double *v, int n) noexcept nogil:
 
 
 DEF HIST = 256
+DEF HALVES = 512       # median5's counts: levels 0, 0.5, ... 255.5
 
 
 cdef double _select(double *v, int n, int k) noexcept nogil:
@@ -389,23 +390,66 @@ def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, con
 
 def median5(const double[:, ::1] coarse):
     """scipy.ndimage.median_filter(coarse, 5, mode="nearest") (its twin in pyflm.shoebox.shadow_mask):
-    each bin's median over the 5 x 5 bins about it, the edges repeated; exact (a selection)."""
-    cdef Py_ssize_t nb = coarse.shape[0], nc = coarse.shape[1], i, j, a, b, ii, jj
-    cdef int k
+    each bin's median over the 5 x 5 bins about it, the edges repeated; exact (a selection, or counts).
+
+    The bins' levels are medians of counts, mostly whole or half numbers below HALVES / 2: along a row
+    of bins whose 5 x 5 windows hold only those, the window's counts of each value are kept as it slides
+    (five values out, five in) and the 13th smallest read off them; other rows select (5x faster on the
+    sim sweep's blocks than selecting everywhere)."""
+    cdef Py_ssize_t nb = coarse.shape[0], nc = coarse.shape[1], i, j, a, b, ii, jj, r
+    cdef int k, h, cum
     cdef double buf[25]
+    cdef int hist[HALVES]
+    cdef double x2
     out = np.empty((nb, nc), np.float64)
+    if nb == 0 or nc == 0:
+        return out
     cdef double[:, ::1] O = out
+    pad = np.pad(np.asarray(coarse), 2, mode="edge")
+    cdef const double[:, ::1] P = pad
+    # the padded grid's values as counts of halves (-1: not one)
+    hv = np.full((nb + 4, nc + 4), -1, np.int32)
+    cdef int[:, ::1] H = hv
+    cdef unsigned char *row_ok = <unsigned char *>malloc(nb + 4)
     with nogil:
+        for h in range(HALVES):
+            hist[h] = 0
+        for r in range(nb + 4):
+            row_ok[r] = 1
+            for jj in range(nc + 4):
+                x2 = 2.0 * P[r, jj]
+                if x2 >= 0 and x2 < HALVES and x2 == <int>x2:
+                    H[r, jj] = <int>x2
+                else:
+                    row_ok[r] = 0
         for i in range(nb):
-            for j in range(nc):
-                k = 0
-                for a in range(-2, 3):
-                    ii = i + a
-                    ii = 0 if ii < 0 else (nb - 1 if ii >= nb else ii)
-                    for b in range(-2, 3):
-                        jj = j + b
-                        jj = 0 if jj < 0 else (nc - 1 if jj >= nc else jj)
-                        buf[k] = coarse[ii, jj]
-                        k += 1
-                O[i, j] = _select(buf, 25, 12)
+            if row_ok[i] and row_ok[i + 1] and row_ok[i + 2] and row_ok[i + 3] and row_ok[i + 4]:
+                for a in range(5):
+                    for b in range(5):
+                        hist[H[i + a, b]] += 1
+                for j in range(nc):
+                    if j:
+                        for a in range(5):
+                            hist[H[i + a, j - 1]] -= 1
+                            hist[H[i + a, j + 4]] += 1
+                    cum = 0
+                    h = 0
+                    while True:
+                        cum += hist[h]
+                        if cum > 12:
+                            break
+                        h += 1
+                    O[i, j] = h / 2.0
+                for a in range(5):
+                    for b in range(nc - 1, nc + 4):
+                        hist[H[i + a, b]] -= 1
+            else:
+                for j in range(nc):
+                    k = 0
+                    for a in range(5):
+                        for b in range(5):
+                            buf[k] = P[i + a, j + b]
+                            k += 1
+                    O[i, j] = _select(buf, 25, 12)
+    free(row_ok)
     return out

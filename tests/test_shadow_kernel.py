@@ -52,6 +52,10 @@ def test_kernel_median_of_5_x_5_bins_is_scipys():
     rng = np.random.default_rng(8)
     imgs = sim_images(31, 5)
     coarse = shoebox._shadow_ext.block_stats(imgs, -1.0, 8)[2]
-    for c in (coarse, rng.poisson(2.0, (13, 7)) / 2.0, rng.normal(size=(3, 40)), rng.normal(size=(1, 1))):
+    # counts of halves (the sliding counts), a few other values among them (those rows select), levels
+    # beyond the counts' range, and values that are no counts at all
+    mixed = rng.poisson(3.0, (17, 23)) / 2.0
+    mixed[8, 5], mixed[2, 20] = 1.3, 400.0
+    for c in (coarse, rng.poisson(2.0, (13, 7)) / 2.0, mixed, rng.normal(size=(3, 40)), rng.normal(size=(1, 1))):
         c = np.ascontiguousarray(c, float)
         assert np.array_equal(shoebox._shadow_ext.median5(c), ndimage.median_filter(c, 5, mode="nearest"))
