@@ -210,14 +210,14 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     here = np.isin(parts["image"], images)
     elsewhere = np.zeros(len(pred), bool)
     elsewhere[parts["index"][~here]] = True
-    parts = parts[here]
+    parts = parts.take(np.flatnonzero(here))      # (take: ~15x faster than a mask on a record array)
     flags = predict.classify(pred, parts, detector, separation=separation, maxwidth=5.0, osc=scan.osc,
                              dmin=dmin, dmax=dmax)
     bad = (flags & (predict.EXCLUDED | predict.OVERLAP | predict.TOO_WIDE)) != 0
     # a reflection with any unusable part cannot give fractions; drop it whole
     bad_refl = elsewhere.copy()
     bad_refl[parts["index"][bad]] = True
-    parts = parts[~bad_refl[parts["index"]]]
+    parts = parts.take(np.flatnonzero(~bad_refl[parts["index"]]))
     out = np.zeros(len(parts), PART_OBS)
     p = predict.fields(pred, parts["index"], ("h", "k", "l", "phi", "fast", "slow"))
     out["refl"] = parts["index"]
@@ -263,7 +263,7 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
         out["I"][sel], out["sigI"][sel] = m["I"], m["SIGI"]
         out["ok"][sel] = m["on"] & ~m["over"] & ~m["bad_peak"] & (m["n_bg"] >= 6)
     # reflections not worth measuring are left out whole, so every kept one keeps all its parts
-    return out[seen[out["refl"]]]
+    return out.take(np.flatnonzero(seen[out["refl"]]))
 
 
 GRID = 4        # _strongest_spread's cells along each side of the detector
@@ -724,7 +724,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     if len(parts) == 0:
         raise ProcessingError("no reflection could be measured for refinement")
     g = _reflections(parts, min_isig)
-    parts = parts[g["strong"][g["inv"]]]         # only strong reflections are used: predict no others
+    parts = parts.take(np.flatnonzero(g["strong"][g["inv"]]))     # only strong ones are used: predict no others
     if len(parts) == 0:
         raise ProcessingError("no strong reflection was measured: nothing to refine against")
     g = _reflections(parts, min_isig)
