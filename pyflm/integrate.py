@@ -108,7 +108,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                                 settings.min_fraction)
     # only this block's images are measured here, and a part's flags depend only on the parts on its own
     # image: the parts on the margin's images (up to MAXWIDTH either side) need no classifying or positions
-    parts = parts[np.isin(parts["image"], block_images)]
+    # (take, not a boolean selection: numpy copies a structured array's masked rows one by one)
+    parts = parts.take(np.flatnonzero(np.isin(parts["image"], block_images)))
     sep = settings.separation
     flags = predict.classify(pred, parts, detector, separation=sep, maxwidth=settings.maxwidth,
                              osc=scan.osc, dmin=dmin, dmax=settings.dmax)
@@ -130,9 +131,15 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     # every predicted spot's peak on an image (measured or not) is kept out of its neighbours' background
     on_image = {}
 
+    # each image's rows, in their order, from one stable sort of the block's parts by image
+    order = np.argsort(parts["image"], kind="stable")
+    on, at = np.unique(parts["image"][order], return_index=True)
+    rows = {int(j): order[a:b] for j, a, b in zip(on, at, list(at[1:]) + [len(order)])}
+    empty = np.zeros(0, np.int64)
+
     def foreground(img):
         if img not in on_image:
-            sel_all = np.flatnonzero(parts["image"] == img)
+            sel_all = rows.get(img, empty)
             on_image[img] = foreground_mask((detector.n_slow, detector.n_fast), part_fast[sel_all],
                                             part_slow[sel_all], raster)
         return on_image[img]
@@ -153,7 +160,8 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     for img in block_images:
         if isinstance(datas[img], Exception):
             continue
-        sel = np.flatnonzero((parts["image"] == img) & measurable)
+        sel = rows.get(img, empty)
+        sel = sel[measurable[sel]]
         big = parts["fraction"][sel] >= 0.5
         # the background planes also from the images either side in the block, their spots kept out;
         # not from one whose background differs (a dim or bright image would pull this one's planes)
@@ -182,13 +190,19 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             out_stats.append(st)
             continue
         sel, nb, exclude, m = measured[img]
-        p = predict.fields(pred, parts["index"][sel], ("h", "k", "l", "lorentz", "polar", "phi", "width", "d"))
         fulls = parts["n_parts"][sel] == 1
         res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], strong_mask=fulls, profiles=profiles,
                               regions=regions[sel], bg_exclude=exclude, bg_images=[datas[j] for j in nb],
                               measured=m, **kw)
-        lp = p["lorentz"] * p["polar"]
-        rec = np.zeros(len(sel), RECORD_DTYPE)
+        # the records of the rows kept only (kept: not rejected, intensities finite as stored, in f4)
+        lp = pred["lorentz"][parts["index"][sel]] * pred["polar"][parts["index"][sel]]
+        ok = ((res["flag"] & 32) == 0) & np.isfinite((res["I"] / lp).astype(np.float32)) & \
+            np.isfinite((res["IPR"] / lp).astype(np.float32))
+        kept = np.flatnonzero(ok)
+        lp, rows_k = lp[kept], sel[kept]
+        p = predict.fields(pred, parts["index"][rows_k], ("h", "k", "l", "phi", "width", "d"))
+        res = {k: res[k][kept] for k in ("I", "SIGI", "IPR", "SIGIPR", "flag", "fast_obs", "slow_obs")}
+        rec = np.zeros(len(kept), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
         rec["batch"] = img
         rec["i"] = res["I"] / lp
@@ -199,21 +213,20 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         # (counting statistics alone make strong reflections look better than they are)
         rec["sigi"] = np.sqrt(rec["sigi"] ** 2 + (settings.sd_add * rec["i"]) ** 2)
         rec["sigipr"] = np.sqrt(rec["sigipr"] ** 2 + (settings.sd_add * rec["ipr"]) ** 2)
-        rec["fractioncalc"] = parts["fraction"][sel]
-        rec["xdet"], rec["ydet"] = part_slow[sel], part_fast[sel]
+        fraction = parts["fraction"][rows_k]
+        rec["fractioncalc"] = fraction
+        rec["xdet"], rec["ydet"] = part_slow[rows_k], part_fast[rows_k]
         rec["rot"] = p["phi"]
         rec["width"] = p["width"]
         rec["lp"] = 1.0 / lp
         rec["flag"] = res["flag"]
-        ok = ((res["flag"] & 32) == 0) & np.isfinite(rec["i"]) & np.isfinite(rec["ipr"])
-        obs = np.zeros(len(sel), OBS_DTYPE)
+        obs = np.zeros(len(kept), OBS_DTYPE)
         obs["h"], obs["k"], obs["l"], obs["image"] = p["h"], p["k"], p["l"], img
         obs["fast"], obs["slow"] = res["fast_obs"], res["slow_obs"]
         obs["I"], obs["sigI"], obs["phi_mid"] = res["I"], res["SIGI"], 0.5 * sum(scan.phi_range(img))
-        obs["fraction"] = parts["fraction"][sel]
-        rec = rec[ok]
-        out_obs.append(obs[ok])
-        n_parts = parts["n_parts"][sel][ok]
+        obs["fraction"] = fraction
+        out_obs.append(obs)
+        n_parts = parts["n_parts"][rows_k]
         st.n_full = int(np.sum(n_parts == 1))
         st.n_partial = int(np.sum(n_parts > 1))
         st.n_overload = int(np.sum(rec["flag"] & 16 != 0))
@@ -223,7 +236,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             st.isig_sum = float(np.mean(rec["i"][good] / rec["sigi"][good]))
             st.isig_pr = float(np.mean(rec["ipr"][good] / np.where(rec["sigipr"][good] > 0,
                                                                      rec["sigipr"][good], np.inf)))
-            d = p["d"][ok][good]
+            d = p["d"][good]
             outer = d <= np.quantile(d, 0.1)
             st.isig_sum_outer = float(np.mean(rec["i"][good][outer] / rec["sigi"][good][outer]))
             sp = rec["sigipr"][good][outer]
