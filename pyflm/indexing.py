@@ -184,21 +184,37 @@ def _predict_spots(A, hkl, phi_obs, wavelength, detector, beam_xy, reverse, rock
     to that phi, its ray through the nearest point of the sphere), as a 3D spot's centroids are
     measured; near the rotation axis a spot runs across the detector while it crosses, so cutting
     its curve off moves its x, y centroid too."""
-    p1, p2, ok = predict.crossings(A, hkl, wavelength, reverse)
+    return _predict_r0(np.asarray(hkl, float) @ np.asarray(A, float).T, phi_obs, wavelength, detector, beam_xy,
+                       reverse, rocking)
+
+
+def _predict_r0(r0, phi_obs, wavelength, detector, beam_xy, reverse, rocking=None):
+    """_predict_spots for the lattice points r0 = A.h (n, 3) at phi 0: each row on its own, so a
+    fit's Jacobian moves every spot's r0 at once (refine_orientation)."""
+    s1, phi, ok = _rays_r0(r0, phi_obs, wavelength, reverse, rocking)
+    x, y, hit = _on_detector(s1, detector, beam_xy)
+    return x, y, phi, ok & hit
+
+
+def _rays_r0(r0, phi_obs, wavelength, reverse, rocking=None):
+    """The diffracted rays s1 of lattice points r0 at their phi (nearer the observed), and whether they cross."""
+    p1, p2, ok = predict.crossings_of(r0, wavelength, reverse)
     d1 = np.abs((p1 - phi_obs + 180) % 360 - 180)
     d2 = np.abs((p2 - phi_obs + 180) % 360 - 180)
     phi = np.where(d1 <= d2, p1, p2)
     phi = phi_obs + ((phi - phi_obs + 180) % 360 - 180)
     sign = -1 if reverse else 1
-    r0 = hkl @ A.T
     s1 = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), r0) + geometry.BEAM_DIRECTION / wavelength
     if rocking is not None:
         phi = rocking.seen(phi, s1)
         s1 = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * phi), r0) + geometry.BEAM_DIRECTION / wavelength
+    return s1, phi, ok
+
+
+def _on_detector(s1, detector, beam_xy):
     frame = _frame(float(detector.distance), float(beam_xy[0]), float(beam_xy[1]), float(detector.two_theta),
                    float(detector.tilt), float(detector.twist), float(detector.omega))
-    x, y, hit = geometry.lab_to_mm(s1, frame)
-    return x, y, phi, ok & hit
+    return geometry.lab_to_mm(s1, frame)
 
 
 class RockingCentroids:
@@ -240,14 +256,15 @@ class RockingCentroids:
 
 def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, reverse=False,
                        refine_beam=True, cell_params=None, phi_weight=None, refine_detector=(),
-                       phi_known=None, rocking=None):
+                       phi_known=None, rocking=None, jacobian="closed"):
     """Least-squares refinement of A (9 free elements, or orientation + constrained cell given by
     cell_params = (lattice, cell)) and the beam centre on spot positions (mm) and phi; refine_detector
     names Detector attributes ('distance', 'omega', 'two_theta') refined as well (Fit.detector).
     phi_known (bool per spot, default all): spots whose phi centroid is an observation; the others
     (cut off by the first or last image of a sweep) are fitted on their positions alone.
     rocking (RockingCentroids): every spot's phi centroid is compared with what its rocking curve
-    puts on the images (phi_known is then not needed: a cut centroid is modelled, not dropped)."""
+    puts on the images (phi_known is then not needed: a cut centroid is modelled, not dropped).
+    jacobian: "closed" (through r0 = A.h, below) or "2-point" (scipy's differences; the tests' check)."""
     import copy
     det_names = tuple(refine_detector)
     det0 = np.array([float(getattr(detector, k)) for k in det_names])
@@ -312,6 +329,61 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
         rp = np.where(ok, (pp - phi_obs) * pw, 1.0)
         return np.concatenate([rx, ry, rp])
 
+    # The Jacobian in closed form through A: a spot's (x, y, phi) depend on A only through its own
+    # r0 = A.h, so three central differences of r0 (every spot's at once, in one stacked prediction)
+    # give d(x, y, phi)/d r0 for all spots, and d r0/dx = h.dA/dx (dA/dx by differences of unpack
+    # alone: no predictions); the beam and detector parameters by one central difference each of
+    # where the rays meet the detector.  With
+    # scipy's 2-point differences every parameter cost a prediction (11-13 a Jacobian): 77 % of the
+    # fit's time went there.
+    H_R0 = 1e-7                                          # 1/A: r0 is 0.01-1, x, y 100s of mm
+    EYE3 = np.eye(3)
+
+    def jac(x):
+        n_a = n_main - (2 if refine_beam else 0)         # the parameters of A
+        try:
+            Am, b = unpack(x[:n_main])
+            if cell_params is not None:                  # dA/dx: forward differences of unpack (3 x 3)
+                dA = []
+                for k in range(n_a):
+                    h = 1.5e-8 * max(1.0, abs(x[k]))
+                    xk = x[:n_main].copy()
+                    xk[k] += h
+                    dA.append((unpack(xk)[0] - Am) / h)
+        except (ValueError, np.linalg.LinAlgError):
+            from scipy.optimize._numdiff import approx_derivative
+            return approx_derivative(resid, x)
+        n = len(hkl)
+        hf = np.asarray(hkl, float)
+        r0 = hf @ Am.T
+        det = det_of(x)
+        stack = np.concatenate([r0] + [r0 + s * H_R0 * EYE3[i] for i in range(3) for s in (1, -1)])
+        s1, ps, oks = _rays_r0(stack, np.tile(phi_obs, 7), wavelength, reverse, rocking)
+        xs, ys, hit = _on_detector(s1, det, b)
+        good = (oks & hit).reshape(7, n).all(0)
+        P = np.stack([xs, ys, ps * np.tile(pw, 7)])[:, n:].reshape(3, 3, 2, n)  # (x|y|phi, r0_i, +|-, spot)
+        D = np.where(good, (P[:, :, 0] - P[:, :, 1]) / (2 * H_R0), 0.0)       # (3, 3, n)
+        J = np.empty((3 * n, len(x)))
+        if cell_params is None:                          # x[3i + j] is A[i, j]: d r0_i / dA_ij = h_j
+            J[:, :9] = (D[:, :, None, :] * hf.T[None, None]).reshape(3, 9, n).transpose(0, 2, 1).reshape(3 * n, 9)
+        else:
+            dr0 = np.einsum("nj,kij->kni", hf, np.array(dA))                    # (k, n, 3)
+            J[:, :n_a] = np.einsum("cin,kni->cnk", D, dr0).reshape(3 * n, n_a)
+        # beam centre, then detector parameters: they move where the rays meet the detector, not the rays
+        s1 = s1[:n]
+        for k in range(n_a, len(x)):
+            h = 6e-6 * max(1.0, abs(x[k]))
+            cols, gk = [], good.copy()
+            for s in (1, -1):
+                xk = x.copy()
+                xk[k] += s * h
+                xp_, yp_, hit = _on_detector(s1, det_of(xk), xk[n_main - 2:n_main] if k < n_main else b)
+                gk &= hit
+                cols.append(np.concatenate([xp_, yp_]))
+            J[:2 * n, k] = np.where(np.tile(gk, 2), (cols[0] - cols[1]) / (2 * h), 0.0)
+            J[2 * n:, k] = 0.0
+        return J
+
     # imported here, not with the module: with NPROC > 1 run_autoindex imports it while a worker
     # searches an image (a sixth of a second, on the path to the first result otherwise)
     from scipy.optimize import least_squares
@@ -319,7 +391,8 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
     use = np.ones(len(all_hkl), bool)
     for cycle in range(3):
         hkl, x_obs, y_obs, phi_obs, pw = all_hkl[use], all_x[use], all_y[use], all_phi[use], all_pw[use]
-        res = least_squares(resid, x0, x_scale=scale, loss="soft_l1", f_scale=0.3, max_nfev=200)
+        res = least_squares(resid, x0, jac=jac if jacobian == "closed" else jacobian, x_scale=scale,
+                            loss="soft_l1", f_scale=0.3, max_nfev=200)
         x0 = res.x
         Am, b = unpack(res.x[:n_main])
         detector = det_of(res.x)
