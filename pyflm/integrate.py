@@ -133,7 +133,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
 
     # each image's rows, in their order, from one stable sort of the block's parts by image
     order = np.argsort(parts["image"], kind="stable")
-    on, at = np.unique(parts["image"][order], return_index=True)
+    on, at = np.unique(parts["image"].take(order), return_index=True)
     rows = {int(j): order[a:b] for j, a, b in zip(on, at, list(at[1:]) + [len(order)])}
     empty = np.zeros(0, np.int64)
 
@@ -162,7 +162,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             continue
         sel = rows.get(img, empty)
         sel = sel[measurable[sel]]
-        big = parts["fraction"][sel] >= 0.5
+        big = parts["fraction"].take(sel) >= 0.5
         # the background planes also from the images either side in the block, their spots kept out;
         # not from one whose background differs (a dim or bright image would pull this one's planes)
         nb = [j for j in (img - 1, img + 1) if j in datas and not isinstance(datas[j], Exception)
@@ -190,17 +190,18 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             out_stats.append(st)
             continue
         sel, nb, exclude, m = measured[img]
-        fulls = parts["n_parts"][sel] == 1
+        fulls = parts["n_parts"].take(sel) == 1
         res, _ = integrate_fn(data, part_fast[sel], part_slow[sel], strong_mask=fulls, profiles=profiles,
                               regions=regions[sel], bg_exclude=exclude, bg_images=[datas[j] for j in nb],
                               measured=m, **kw)
         # the records of the rows kept only (kept: not rejected, intensities finite as stored, in f4)
-        lp = pred["lorentz"][parts["index"][sel]] * pred["polar"][parts["index"][sel]]
+        at_pred = parts["index"].take(sel)
+        lp = pred["lorentz"].take(at_pred) * pred["polar"].take(at_pred)
         ok = ((res["flag"] & 32) == 0) & np.isfinite((res["I"] / lp).astype(np.float32)) & \
             np.isfinite((res["IPR"] / lp).astype(np.float32))
         kept = np.flatnonzero(ok)
         lp, rows_k = lp[kept], sel[kept]
-        p = predict.fields(pred, parts["index"][rows_k], ("h", "k", "l", "phi", "width", "d"))
+        p = predict.fields(pred, at_pred[kept], ("h", "k", "l", "phi", "width", "d"))
         res = {k: res[k][kept] for k in ("I", "SIGI", "IPR", "SIGIPR", "flag", "fast_obs", "slow_obs")}
         rec = np.zeros(len(kept), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
@@ -213,7 +214,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         # (counting statistics alone make strong reflections look better than they are)
         rec["sigi"] = np.sqrt(rec["sigi"] ** 2 + (settings.sd_add * rec["i"]) ** 2)
         rec["sigipr"] = np.sqrt(rec["sigipr"] ** 2 + (settings.sd_add * rec["ipr"]) ** 2)
-        fraction = parts["fraction"][rows_k]
+        fraction = parts["fraction"].take(rows_k)
         rec["fractioncalc"] = fraction
         rec["xdet"], rec["ydet"] = part_slow[rows_k], part_fast[rows_k]
         rec["rot"] = p["phi"]
@@ -226,7 +227,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         obs["I"], obs["sigI"], obs["phi_mid"] = res["I"], res["SIGI"], 0.5 * sum(scan.phi_range(img))
         obs["fraction"] = fraction
         out_obs.append(obs)
-        n_parts = parts["n_parts"][rows_k]
+        n_parts = parts["n_parts"].take(rows_k)
         st.n_full = int(np.sum(n_parts == 1))
         st.n_partial = int(np.sum(n_parts > 1))
         st.n_overload = int(np.sum(rec["flag"] & 16 != 0))

@@ -274,8 +274,9 @@ def width_from_terms(terms, mosaic):
 
 def fields(pred, index, names):
     """{name: pred[name][index]}: the fields a caller needs of some reflections (a gather of whole
-    PRED_DTYPE records is ten times slower than of their fields one by one)."""
-    return {n: pred[n][index] for n in names}
+    PRED_DTYPE records is ten times slower than of their fields one by one, and take is three times
+    faster than indexing a field's strided view)."""
+    return {n: pred[n].take(index) for n in names}
 
 
 PART_DTYPE = np.dtype([("index", "i8"), ("image", "i4"), ("fraction", "f8"), ("n_parts", "i4"),
@@ -339,7 +340,8 @@ def positions_at(crystal, beam, detector, goniometer, pred, phi):
     from its crossing lies (near the rotation axis a spot moves across the detector as it rocks)."""
     hkl = np.stack([pred["h"], pred["k"], pred["l"]], 1).astype(float)
     sign = -1 if goniometer.reverse_phi else 1
-    r = np.einsum("nij,nj->ni", geometry.rot_z_many(sign * np.asarray(phi, float)), hkl @ crystal.A.T)
+    # (rotate_z_many: einsum's products and sums with rot_z_many's matrices, to the bit, without them)
+    r = geometry.rotate_z_many(sign * np.asarray(phi, float), hkl @ crystal.A.T)
     s1 = r + geometry.BEAM_DIRECTION / beam.wavelength
     x, y, _ = geometry.lab_to_mm(s1, detector.frame())
     return detector.mm_to_pixel(x, y)
