@@ -78,7 +78,7 @@ cdef extern from *:
     }
     /* One rejection pass with this plane.  With ssq given, also the squared residuals in sigma units of
        the pixels kept, and their number (*count): the last pass's sums are the fit's rms, with no pass
-       of its own.  pyflm_reject calls it with ssq NULL or not, so each case is a loop of its own. */
+       of its own. */
     static inline __attribute__((always_inline)) int pyflm_reject_(int n, const double *x, const double *y, const double *c, double *u,
                                    double c0, double c1, double c2, double gain, double cut2, double *s,
                                    double *ssq, double *count) {
@@ -126,8 +126,7 @@ cdef extern from *:
     static int pyflm_reject(int n, const double *x, const double *y, const double *c, double *u,
                             double c0, double c1, double c2, double gain, double cut2, double *s,
                             double *ssq, double *count) {
-        if (ssq) return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
-        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, cut2, s, NULL, NULL);
+        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
     static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
@@ -240,12 +239,11 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
                                 double gain_bg, double cut2, int nc, double *pi, double *pj, double *pc,
                                 unsigned char *pv, double x0, double y0, double gain, double k_bg,
-                                const double *first, double *cf3, double *res, int want_rms) noexcept nogil:
+                                const double *first, double *cf3, double *res) noexcept nogil:
     """Background plane over the candidates (least squares, rejecting those > cutoff sigma) and the
     summation over the valid peak pixels: res = rms, n_bg, I, sigma, n_peak, and the centroid's
     sums (total, along slow, along fast) of the positive net counts.  first: the first fit's nine sums
-    (every candidate in use), which the caller has.  want_rms 0: res[0] is not computed (the single-image
-    measurement does not keep it; n_bg is then the plane sums' count, which the rejections keep exact)."""
+    (every candidate in use), which the caller has."""
     cdef int it, nnew, npk = 0, k
     cdef double[3][3] M
     cdef double[3] rhs
@@ -270,18 +268,11 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             rhs[2] = sums[8]
             if not _solve3(M, rhs, cf3):
                 cf3[0] = cf3[1] = cf3[2] = 0.0
-        if want_rms:
-            if not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
-                break
-        elif not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, NULL, NULL):
+        if not pyflm_reject(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
             break
     # the twin's rms is over the final mask with the last plane's residuals: the last pass's sums
-    if want_rms:
-        nnew = <int>w
-        res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
-    else:
-        nnew = <int>sums[0]
-        res[0] = 0.0
+    nnew = <int>w
+    res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
     res[1] = nnew
     for k in range(nc):
         if pv[k]:
@@ -331,8 +322,7 @@ cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *b
 
 cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigned char[:, ::1] bgx,
                    int use_bgx, const unsigned char[:, ::1] bgx2, int use_bgx2,
-                   const unsigned char[:, ::1] bgx3, int use_bgx3, const unsigned char[:, ::1] sgx,
-                   int use_sgx, Py_ssize_t npx, unsigned char *cm) noexcept nogil:
+                   const unsigned char[:, ::1] bgx3, int use_bgx3, Py_ssize_t npx, unsigned char *cm) noexcept nogil:
     """The mask bits of every pixel of the image (those masks not given are 0); bg_exclude may come as
     up to three masks (a block's images' peaks), whose union is bit 2."""
     cdef Py_ssize_t k
@@ -340,7 +330,6 @@ cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigne
     cdef const unsigned char *x = &bgx[0, 0]
     cdef const unsigned char *x2 = &bgx2[0, 0]
     cdef const unsigned char *x3 = &bgx3[0, 0]
-    cdef const unsigned char *g = &sgx[0, 0]
     memset(cm, 0, npx)
     if use_mask:
         for k in range(npx):
@@ -354,9 +343,6 @@ cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigne
     if use_bgx3:
         for k in range(npx):
             cm[k] |= x3[k] << 1
-    if use_sgx:
-        for k in range(npx):
-            cm[k] |= g[k] << 2
 
 
 cdef inline void _load_cm(pix_t[:, ::1] data, const unsigned char *cm, long long cs, long long cf, int nxs,
@@ -376,13 +362,12 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                    const unsigned char[:, ::1] mask, int use_mask,
                    const unsigned char[:, ::1] bgx, int use_bgx, const unsigned char[:, ::1] bgx2,
                    int use_bgx2, const unsigned char[:, ::1] bgx3, int use_bgx3, pix_t[:, ::1] nb0,
-                   pix_t[:, ::1] nb1, int n_nb, const unsigned char[:, ::1] sgx, int use_sgx,
-                   const unsigned char[::1] single,
+                   pix_t[:, ::1] nb1, int n_nb,
                    const cnp.int64_t[::1] order, double gain, double overload, double nullpix, int n_iter,
-                   double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
+                   double cutoff, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                    cnp.int32_t[::1] NP_o, cnp.int32_t[::1] NB_o, double[::1] SO_o, double[::1] FO_o,
                    long long[::1] CS_o, long long[::1] CF_o, unsigned char[:, ::1] FL_o,
-                   double[::1] I1_o, double[::1] S1_o, double[:, ::1] C1_o, cnp.int32_t[:, ::1] DS_o) noexcept nogil:
+                   cnp.int32_t[:, ::1] DS_o) noexcept nogil:
     cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1]
     cdef Py_ssize_t b, i, j, k, q
     cdef int npix = nxs * nys, nb, nc, it, changed, nnew, npk, badpk, over, n_pk_all = 0, n_bg_all = 0
@@ -438,7 +423,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 bg_y[n_bg_all] = j - y0
                 n_bg_all += 1
     # the same pixels' offsets in the image from a box's corner, and the three masks as the bits of one
-    # image (1 mask, 2 bg_exclude, 4 the single-image measurement's bg_exclude), read once per pixel
+    # image (1 mask, 2 bg_exclude), read once per pixel
     cdef Py_ssize_t *pk_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
     cdef Py_ssize_t *bg_o = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))
     cdef Py_ssize_t *pk_b = <Py_ssize_t *>malloc(npix * sizeof(Py_ssize_t))     # and in a box's copy
@@ -450,7 +435,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         bg_o[q] = (bg_k[q] // nys) * nf + bg_k[q] % nys
         bg_b[q] = bg_k[q]
     cdef unsigned char *cm = <unsigned char *>malloc(ns * nf)
-    _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, sgx, use_sgx, ns * nf, cm)
+    _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, ns * nf, cm)
     d0 = &data[0, 0]
     mc = cm
     cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
@@ -542,7 +527,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         DS_o[b, 1] = nshad
         pyflm_data_sums(nb, bx, by, bc, first)
         _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain_bg, cut2, nc, pi, pj, pc, pv, x0, y0, gain, k_bg,
-                       first, cf3, res, 1)
+                       first, cf3, res)
         C_o[b, 0] = cf3[0]
         C_o[b, 1] = cf3[1]
         C_o[b, 2] = cf3[2]
@@ -554,18 +539,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         tot = res[5] if res[5] >= 1e-9 else 1e-9
         SO_o[b] = cs + res[6] / tot
         FO_o[b] = cf + res[7] / tot
-        if use_sgx and single[b] and FL_o[b, 0] and not badpk and not over and I_o[b] > smin * S_o[b]:
-            # the same box measured from this image alone, its own exclusions (the profiles' measurement;
-            # a box off the image, with bad peak pixels or an overload never makes a profile: not measured)
-            nb = _gather_on(n_bg_all, bg_o, bg_x, bg_y, d0, mc, 5, nullpix, bx, by, bc, bu)
-            pyflm_data_sums(nb, bx, by, bc, first)
-            _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain, cut2, nc, pi, pj, pc, pv, x0, y0, gain, 1.0,
-                           first, cf3, res, 0)
-            C1_o[b, 0] = cf3[0]
-            C1_o[b, 1] = cf3[1]
-            C1_o[b, 2] = cf3[2]
-            I1_o[b] = res[2]
-            S1_o[b] = res[3]
     free(box)
     free(box0)
     free(box1)
@@ -761,16 +734,14 @@ def _run_measure(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, const
                  const double[::1] S, int nxs, int nys, const unsigned char[:, ::1] pk,
                  const unsigned char[:, ::1] bg, const unsigned char[:, ::1] m, int um,
                  const unsigned char[:, ::1] x, int ux, const unsigned char[:, ::1] x2, int ux2,
-                 const unsigned char[:, ::1] x3, int ux3, int n_nb, const unsigned char[:, ::1] g, int ug,
-                 const unsigned char[::1] SG, const cnp.int64_t[::1] OD, double gain, double overload, double nullpix, int n_iter,
-                 double cutoff, double smin, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
+                 const unsigned char[:, ::1] x3, int ux3, int n_nb,
+                 const cnp.int64_t[::1] OD, double gain, double overload, double nullpix, int n_iter,
+                 double cutoff, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                  cnp.int32_t[::1] NP, cnp.int32_t[::1] NB, double[::1] SO, double[::1] FO,
-                 long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, double[::1] I1,
-                 double[::1] S1, double[:, ::1] C1, cnp.int32_t[:, ::1] DS):
+                 long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, cnp.int32_t[:, ::1] DS):
     with nogil:
-        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, nb0, nb1, n_nb, g, ug, SG, OD, gain,
-                 overload,
-                 nullpix, n_iter, cutoff, smin, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
+        _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, nb0, nb1, n_nb, OD, gain,
+                 overload, nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, DS)
 
 
 def _run_profile_sums(pix_t[:, ::1] data, const double[::1] F, const double[::1] S,
@@ -832,14 +803,11 @@ def _u8(m):
 
 def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None, double gain=1.0,
             double overload=1e9, double nullpix=-1.0, int n_iter=3, double cutoff=3.0, bg_images=(),
-            single_exclude=None, single=None, double single_min_isig=-np.inf, order=None):
+            order=None):
     """Measure reflections at (fast, slow) on one image: a dict of arrays I, SIGI, coef (n, 3), rms,
     n_peak, n_bg, slow_obs, fast_obs, cs, cf (box origins), on, bad_peak, over (bool).  bg_images: up
     to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy).
-    single_exclude, single (bool per reflection): those reflections measured also from this image
-    alone with that bg_exclude, in the same pass (I1, SIGI1, coef1; NaN for the others and for those off
-    the image, with bad peak pixels or overloaded, which no profile takes), and only those whose 3-D
-    measurement is above single_min_isig sigmas.  order: the order to take the boxes in (a permutation;
+    order: the order to take the boxes in (a permutation;
     the image's rows keep its rows in the cache), each one's results still at its own place."""
     nbs = list(bg_images)
     if len(nbs) > 2:
@@ -873,17 +841,7 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
            "n_peak": np.empty(n, np.int32), "n_bg": np.empty(n, np.int32), "slow_obs": np.empty(n),
            "fast_obs": np.empty(n), "cs": np.empty(n, np.int64), "cf": np.empty(n, np.int64)}
     fl = np.zeros((n, 3), np.uint8)
-    g_, ug_ = _mask(single_exclude, data.shape)
-    cdef const unsigned char[:, ::1] g = g_
-    cdef int ug = ug_
-    sg = np.zeros(n, np.uint8) if single is None else np.ascontiguousarray(single, bool).view(np.uint8)
-    if len(sg) != n:
-        raise ValueError("single needs one value per reflection")
-    cdef const unsigned char[::1] SG = sg
     cdef const cnp.int64_t[::1] OD = _order(order, n)
-    out["I1"], out["SIGI1"], out["coef1"] = np.full(n, np.nan), np.full(n, np.nan), np.full((n, 3), np.nan)
-    cdef double[::1] I1 = out["I1"], S1 = out["SIGI1"]
-    cdef double[:, ::1] C1 = out["coef1"]
     # peak pixels dead (<= nullpix) and shadowed (masked): which reflections dead-pixel mending may mend
     out["n_dead_shadowed"] = np.zeros((n, 2), np.int32)
     cdef cnp.int32_t[:, ::1] DS = out["n_dead_shadowed"]
@@ -893,9 +851,8 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef cnp.int32_t[::1] NP = out["n_peak"], NB = out["n_bg"]
     cdef long long[::1] CS = out["cs"], CF = out["cf"]
     cdef unsigned char[:, ::1] FL = fl
-    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, n_nb, g, ug, SG, OD,
-                 gain, overload,
-                 nullpix, n_iter, cutoff, single_min_isig, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, I1, S1, C1, DS)
+    _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, n_nb, OD,
+                 gain, overload, nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, DS)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out
 

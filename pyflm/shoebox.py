@@ -344,18 +344,12 @@ def fine_shape(raster, sub=SUB):
 
 
 def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None, bg_exclude=None,
-            bg_images=(), single_exclude=None, single=None, single_min_isig=None, use_cython=True):
+            bg_images=(), use_cython=True):
     """Everything of each reflection's measurement but the profile fit: background plane (coef, rms,
     n_bg), summation I and SIGI, n_peak, centroid (slow_obs, fast_obs), box origins (cs, cf) and
     whether the box is on the image (on), has invalid peak pixels (bad_peak) or overloads (over).
     bg_images: neighbouring images (up to two) whose pixels join the background plane (integrate_image).
     bg_exclude: a mask, or a list of up to three whose union it is (no union image is made for the kernel).
-    single (bool per reflection) with single_exclude: those also measured from this image alone with
-    that bg_exclude (profile_sums' measurement), as I1, SIGI1, coef1 (NaN for the others, and for those
-    off the image, with bad peak pixels or overloaded: no profile takes them); the
-    kernel does it in the same pass over their boxes.  single_min_isig: only those whose measurement
-    (with bg_images) stands above that many sigmas (the profiles take only strong spots: a spot well
-    below their I/sigma with the 3-D background is not strong from the image alone either).
     A dict of arrays; the kernel (ext/_integrate.pyx) when built, else measure_numpy (its twin)."""
     fast, slow = np.asarray(fast, float), np.asarray(slow, float)
     if use_cython and _int_ext is not None and len(bg_images) <= 2:
@@ -365,27 +359,11 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
         order = np.lexsort((fast, slow))
         m = _int_ext.measure(data, fast, slow, raster, peak_mask, bg_mask, mask, bg_exclude,
                              float(gain), float(overload), float(nullpix), bg_images=list(bg_images),
-                             single_exclude=single_exclude, single=single,
-                             single_min_isig=-np.inf if single_min_isig is None else float(single_min_isig),
                              order=order)
         m["_row_order"] = order          # integrate_image's profile fit takes them in the same order
         return m
-    m = measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
-                      mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
-    n = len(fast)
-    m["I1"], m["SIGI1"], m["coef1"] = np.full(n, np.nan), np.full(n, np.nan), np.full((n, 3), np.nan)
-    w = np.zeros(0, np.int64)
-    if single is not None and single_exclude is not None:
-        # not those no profile takes (off the image, bad peak pixels, overloaded), as the kernel
-        w = np.asarray(single, bool) & m["on"] & ~m["bad_peak"] & ~m["over"]
-        if single_min_isig is not None:
-            w &= m["I"] > single_min_isig * m["SIGI"]
-        w = np.flatnonzero(w)
-    if len(w):
-        m1 = measure_numpy(data, fast[w], slow[w], raster=raster, gain=gain, overload=overload,
-                           nullpix=nullpix, mask=mask, bg_exclude=single_exclude)
-        m["I1"][w], m["SIGI1"][w], m["coef1"][w] = m1["I"], m1["SIGI"], m1["coef"]
-    return m
+    return measure_numpy(data, fast, slow, raster=raster, gain=gain, overload=overload, nullpix=nullpix,
+                         mask=mask, bg_exclude=bg_exclude, bg_images=bg_images)
 
 
 def quick_sums(data, fast, slow, raster, nullpix=-1.0, use_cython=True):
@@ -406,13 +384,6 @@ def quick_sums_numpy(data, fast, slow, raster, nullpix=-1.0):
     pk, rim = peak[None] & valid, bgm[None] & valid
     return np.stack([np.where(pk, boxes, 0).sum((1, 2)), pk.sum((1, 2)), np.where(rim, boxes, 0).sum((1, 2)),
                      rim.sum((1, 2))], 1).astype(np.float64)
-
-
-def single_part(m, which):
-    """measure()'s single-image results (I1, SIGI1, coef1) of reflections `which` as a measure() dict
-    of their own, for profile_sums (the peak's flags are the same for both measurements)."""
-    return {"I": m["I1"][which], "SIGI": m["SIGI1"][which], "coef": m["coef1"][which],
-            "on": m["on"][which], "bad_peak": m["bad_peak"][which], "over": m["over"][which]}
 
 
 def measure_numpy(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, mask=None,

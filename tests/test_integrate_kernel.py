@@ -97,25 +97,6 @@ def test_kernel_measures_what_the_numpy_twin_measures_on_a_sim_image(scene, neig
     assert_close(mk["coef"].ravel(), mn["coef"].ravel())
     # the test can fail: every kind of box is there
     assert mk["on"].sum() > 1500 and (~mk["on"]).any() and mk["bad_peak"].any()
-    if "bg_images" in kw:
-        # the same pass measures a subset from this image alone, with its own exclusions (the profiles')
-        some = np.arange(len(fast)) % 3 != 0
-        m2 = shoebox.measure(data, fast, slow, single_exclude=fg, single=some, **kw)
-        one = shoebox.measure_numpy(data, fast[some], slow[some], **dict(kw, bg_exclude=fg, bg_images=()))
-        assert_close(m2["I1"][some], one["I"])
-        assert_close(m2["SIGI1"][some], one["SIGI"])
-        assert_close(m2["coef1"][some].ravel(), one["coef"].ravel())
-        assert np.isnan(m2["I1"][~some]).all() and np.array_equal(m2["I"], mk["I"])
-        # only those above 5 sigma with the 3-D background (the profiles' candidates), as the twin does
-        m3 = shoebox.measure(data, fast, slow, single_exclude=fg, single=some, single_min_isig=5.0, **kw)
-        n3 = shoebox.measure(data, fast, slow, single_exclude=fg, single=some, single_min_isig=5.0,
-                             use_cython=False, **kw)
-        done = ~np.isnan(m3["I1"])
-        assert np.array_equal(done, ~np.isnan(n3["I1"]))
-        assert 0 < done.sum() < (~np.isnan(m2["I1"])).sum()
-        assert not (m3["I"][done] <= 5.0 * m3["SIGI"][done]).any()
-        assert np.array_equal(m3["I1"][done], m2["I1"][done])
-        assert_close(m3["I1"][done], n3["I1"][done])
     if variant in ("damaged", "float32", "uint16"):
         assert mk["over"].any()
 
