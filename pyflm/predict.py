@@ -283,14 +283,17 @@ PART_DTYPE = np.dtype([("index", "i8"), ("image", "i4"), ("fraction", "f8"), ("n
                        ("part", "i4")])
 
 
-def image_parts(pred, phi0, osc, first, last, min_fraction=0.0):
+def image_parts(pred, phi0, osc, first, last, min_fraction=0.0, *, only=None):
     """Split each predicted reflection over the images it touches: rows (index into pred, image,
-    fraction on that image, number of images it spans inside [first, last], which part this is)."""
+    fraction on that image, number of images it spans inside [first, last], which part this is).
+
+    only=(i0, i1): the parts on images i0..i1 alone (each the same as without it); n_parts and part
+    then count those alone, right for a reflection with no part outside them."""
     lo, hi = phi_extent(pred)
     i_lo = np.floor((lo - phi0) / osc).astype(np.int64) + first
     i_hi = np.floor((hi - phi0) / osc).astype(np.int64) + first
-    i_lo = np.maximum(i_lo, first)
-    i_hi = np.minimum(i_hi, last)
+    i_lo = np.maximum(i_lo, first if only is None else max(first, only[0]))
+    i_hi = np.minimum(i_hi, last if only is None else min(last, only[1]))
     n = np.maximum(i_hi - i_lo + 1, 0)
     idx = np.repeat(np.arange(len(pred)), n)
     offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)

@@ -201,7 +201,11 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     lo, hi = scan.phi_range(images[0])[0], scan.phi_range(images[-1])[1]
     wide = max(1.5 * (crystal.mosaic or 0.3), (crystal.mosaic or 0.3) + 0.3)
     pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, dmin, dmax, mosaic=wide, margin=5.0)
-    parts = predict.image_parts(pred, scan.phi_start, scan.osc, scan.first, scan.last, 0.005)
+    # the parts on the block's images and on the one either side of it: a reflection's share per image
+    # falls away from its centre (a single-peaked rocking curve), so one with a part on any other image
+    # has one on those two or none on the block (either way it is not measured: dropped whole below)
+    parts = predict.image_parts(pred, scan.phi_start, scan.osc, scan.first, scan.last, 0.005,
+                                only=(images[0] - 1, images[-1] + 1))
     if separation is None:
         separation = (4 * detector.pixel_slow, 4 * detector.pixel_fast)
     # refinement uses only reflections recorded wholly on these images (complete: _reflections), so the

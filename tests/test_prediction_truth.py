@@ -84,6 +84,21 @@ def test_each_reflection_is_predicted_on_its_image_or_a_neighbour(sweep_predicti
     assert n > 50000 and bad == 0
 
 
+def test_parts_of_a_block_and_its_two_neighbours_tell_which_reach_beyond(sweep_prediction):
+    # pass 1 (refine.measure_parts) splits reflections over a block's images and the one either side only
+    full = predict.image_parts(sweep_prediction, 0.0, 1.0, 1, 60, min_fraction=0.005)
+    some = predict.image_parts(sweep_prediction, 0.0, 1.0, 1, 60, min_fraction=0.005, only=(20, 26))
+    near = (full["image"] >= 20) & (full["image"] <= 26)
+    for f in ("index", "image", "fraction"):
+        assert np.array_equal(some[f], full[f][near])
+    # a reflection on the block (21-25) with a part beyond 20-26 has one on 20 or 26 too
+    block = np.unique(full["index"][(full["image"] >= 21) & (full["image"] <= 25)])
+    beyond = np.unique(full["index"][~near])
+    edge = np.unique(some["index"][(some["image"] == 20) | (some["image"] == 26)])
+    reach = np.intersect1d(block, beyond)
+    assert len(reach) > 100 and np.all(np.isin(reach, edge))
+
+
 def test_lorentz_and_polarisation_match_the_simulation(sweep_prediction, csv_rows):
     pairs = [(r, j) for r, j in _match(sweep_prediction, csv_rows[:20000]) if j is not None]
     lor = np.array([sweep_prediction["lorentz"][j] / float(r["lorentz"]) for r, j in pairs])
