@@ -296,11 +296,13 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
         U0 = uu @ vv
         free = _free_cell(lat, cell0)
 
+        def rot_of(v):
+            return geometry.rot_about(v / (np.linalg.norm(v) + 1e-30), np.degrees(np.linalg.norm(v))) \
+                if np.linalg.norm(v) > 0 else np.eye(3)
+
         def unpack(x):
-            rot = geometry.rot_about(x[:3] / (np.linalg.norm(x[:3]) + 1e-30), np.degrees(np.linalg.norm(x[:3]))) \
-                if np.linalg.norm(x[:3]) > 0 else np.eye(3)
             cell = free(x[3:3 + free.n])
-            Am = rot @ U0 @ geometry.b_matrix(cell)
+            Am = rot_of(x[:3]) @ U0 @ geometry.b_matrix(cell)
             return Am, (x[3 + free.n:5 + free.n] if refine_beam else beam0)
         x0 = np.concatenate([np.zeros(3), free.x0, beam0 if refine_beam else []])
         scale = np.concatenate([np.full(3, 1e-3), np.abs(free.x0) * 1e-3 + 1e-3,
@@ -343,13 +345,25 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
         n_a = n_main - (2 if refine_beam else 0)         # the parameters of A
         try:
             Am, b = unpack(x[:n_main])
-            if cell_params is not None:                  # dA/dx: forward differences of unpack (3 x 3)
-                dA = []
-                for k in range(n_a):
-                    h = 1.5e-8 * max(1.0, abs(x[k]))
-                    xk = x[:n_main].copy()
+            if cell_params is not None:
+                # A = R(v) U0 B(cell): dR/dv_k = [J(v) e_k]x R, J the rotation vector's (left) Jacobian;
+                # dB/dcell by forward differences of the 3 x 3 B
+                v, t = x[:3], float(np.linalg.norm(x[:3]))
+                K = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+                if t < 1e-3:
+                    c1, c2 = 0.5 - t * t / 24, 1 / 6 - t * t / 120
+                else:
+                    c1, c2 = (1 - np.cos(t)) / t ** 2, (t - np.sin(t)) / t ** 3
+                Jv = np.eye(3) + c1 * K + c2 * (K @ K)
+                dA = [np.cross(Jv[:, k], Am, axisa=0, axisb=0, axisc=0) for k in range(3)]
+                RU = rot_of(v) @ U0
+                xc = x[3:3 + free.n]
+                B = geometry.b_matrix(free(xc))
+                for k in range(free.n):
+                    h = 1.5e-8 * max(1.0, abs(xc[k]))
+                    xk = xc.copy()
                     xk[k] += h
-                    dA.append((unpack(xk)[0] - Am) / h)
+                    dA.append(RU @ ((geometry.b_matrix(free(xk)) - B) / h))
         except (ValueError, np.linalg.LinAlgError):
             from scipy.optimize._numdiff import approx_derivative
             return approx_derivative(resid, x)
