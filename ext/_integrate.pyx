@@ -330,17 +330,25 @@ cdef void _combine(const unsigned char[:, ::1] mask, int use_mask, const unsigne
     cdef const unsigned char *x = &bgx[0, 0]
     cdef const unsigned char *x2 = &bgx2[0, 0]
     cdef const unsigned char *x3 = &bgx3[0, 0]
-    memset(cm, 0, npx)
-    if use_mask:
+    # two passes over the image at most (pass 2 gives all four masks: one pass each had been five)
+    if use_mask and use_bgx:
+        for k in range(npx):
+            cm[k] = m[k] | (x[k] << 1)
+    elif use_mask:
         for k in range(npx):
             cm[k] = m[k]
-    if use_bgx:
+    elif use_bgx:
         for k in range(npx):
-            cm[k] |= x[k] << 1
-    if use_bgx2:
+            cm[k] = x[k] << 1
+    else:
+        memset(cm, 0, npx)
+    if use_bgx2 and use_bgx3:
+        for k in range(npx):
+            cm[k] |= (x2[k] | x3[k]) << 1
+    elif use_bgx2:
         for k in range(npx):
             cm[k] |= x2[k] << 1
-    if use_bgx3:
+    elif use_bgx3:
         for k in range(npx):
             cm[k] |= x3[k] << 1
 
