@@ -839,11 +839,15 @@ def estimate_mosaic(crystal, beam, detector, goniometer, spots, phi_range, dmin,
         dist[fin], near[fin] = cKDTree(np.stack([ok["x_mm"], ok["y_mm"]], 1)).query(
             pos[fin], distance_upper_bound=3 * detector.pixel_fast)
     found = np.isfinite(dist)
+    # only crossings with a spot near count, and only the spread changes between the grid's steps:
+    # the widths' other terms once, for those crossings alone (rocking_width_xds's arithmetic)
+    terms = predict.rocking_width_terms(s1u[found], goniometer.axis, beam)
+    ph, near = ph[found], near[found]
     fracs = []
     for eta in grid:
-        width = predict.rocking_width_xds(s1u, goniometer.axis, float(eta), beam)
+        width = predict.width_from_terms(terms, float(eta))
         on = (ph + predict.EXTENT * width > a) & (ph - predict.EXTENT * width < b)
-        fracs.append(len(np.unique(near[on & found])) / len(ok) if on.any() else 0.0)
+        fracs.append(len(np.unique(near[on])) / len(ok))
     fracs = np.array(fracs)
     plateau = fracs.max()
     if plateau < 0.3:
