@@ -94,6 +94,16 @@ def rotate_z_many(deg, v):
     return np.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1], v[:, 2]], 1)
 
 
+def cross_rows(a, v):
+    """np.cross(a, v) of one vector a with the rows of v (n, 3): numpy's products and differences in
+    its order, so the same numbers to the bit (tests/test_prediction_truth.py), formed as whole columns
+    (np.cross writes each component through a strided view: 1.8 ms for 36 000 rows against 0.2)."""
+    a0, a1, a2 = (float(x) for x in np.asarray(a, float))
+    v = np.asarray(v, float)
+    v0, v1, v2 = v[:, 0], v[:, 1], v[:, 2]
+    return np.stack([a1 * v2 - a2 * v1, a2 * v0 - a0 * v2, a0 * v1 - a1 * v0], 1)
+
+
 def misset_matrix(phix, phiy, phiz):
     """MOSFLM's missetting rotation [PHIZ][PHIY][PHIX]: applied in front of U.B (angles in degrees)."""
     return rot_z(phiz) @ rot_y(phiy) @ rot_x(phix)

@@ -189,3 +189,22 @@ def test_divergence_widens_the_rocking_curve_by_how_far_it_turns_each_crossing(s
     assert near.sum() > 10 and np.allclose(wide[near], mosaic_only[near], rtol=0.012)
     # w is the diffracted ray's component along the axis: none on the equator
     assert np.allclose(wide * terms[2], 0.3 * np.abs(s1u[:, 2]))
+
+
+def test_cross_rows_and_rocking_terms_are_numpys_to_the_bit():
+    """Prediction's Lorentz factors and rocking widths take their cross products with geometry.cross_rows
+    and the width's sin 2theta as a sum of the squares in np.linalg.norm's order: the same numbers as
+    np.cross and np.linalg.norm to the bit (zeros' signs included), for the beam, either scan axis and
+    a tilted one, over rows of every scale."""
+    rng = np.random.default_rng(7)
+    axes = (geometry.BEAM_DIRECTION, geometry.ROTATION_AXIS, -geometry.ROTATION_AXIS, rng.normal(size=3))
+    for scale in (1e-3, 1.0, 1e3):
+        v = rng.normal(size=(3000, 3)) * scale
+        v[::7, 1], v[::11, 2], v[::13, 0] = 0.0, -0.0, np.nan
+        for a in axes:
+            ref, got = np.cross(a, v), geometry.cross_rows(a, v)
+            assert np.array_equal(ref, got, equal_nan=True) and np.array_equal(np.signbit(ref), np.signbit(got))
+    s = rng.normal(size=(3000, 3))
+    s /= np.linalg.norm(s, axis=1)[:, None]
+    sin2t = predict.rocking_width_terms(s, axes[3] / np.linalg.norm(axes[3]), Beam(wavelength=1.0))[0]
+    assert np.array_equal(sin2t, np.linalg.norm(np.cross(geometry.BEAM_DIRECTION, s), axis=1))
