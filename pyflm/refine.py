@@ -200,7 +200,13 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     dmin = dmin or predict.corner_resolution(detector, beam.wavelength)
     lo, hi = scan.phi_range(images[0])[0], scan.phi_range(images[-1])[1]
     wide = max(1.5 * (crystal.mosaic or 0.3), (crystal.mosaic or 0.3) + 0.3)
-    pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, dmin, dmax, mosaic=wide, margin=5.0)
+    # the search's margin beyond the block: a reflection centred d past it puts more than 0.005 of itself
+    # (image_parts' least part) on the block only if its width exceeds d / 1.09, and any such is dropped
+    # whole (it has a part off the block; at an end of the scan it is not recorded whole); the margin finds
+    # those up to 3.7 times as wide as an equatorial one (~wide), kept as neighbours for the overlap test,
+    # and is at most MAXWIDTH-like 5
+    margin = min(5.0, max(2.5, 4.0 * wide))
+    pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, dmin, dmax, mosaic=wide, margin=margin)
     # the parts on the block's images and on the one either side of it: a reflection's share per image
     # falls away from its centre (a single-peaked rocking curve), so one with a part on any other image
     # has one on those two or none on the block (either way it is not measured: dropped whole below)
