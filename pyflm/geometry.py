@@ -175,6 +175,29 @@ def header_beam_to_mosflm(kind, header_beam, pixel_fast, pixel_slow, image_size=
 
 # ---- lab <-> detector ------------------------------------------------------------------------------
 
+def detector_axes(distance, tilt=0.0, twist=0.0, omega=0.0):
+    """The unswung detector's foot of the normal (the beam position for two-theta 0) and its unit
+    vectors along X (slow), Y (fast) and the normal: detector_frame's, before the BEAM point places
+    the origin (frame_through) and two_theta swings it."""
+    ex = np.array([0.0, -1.0, 0.0])   # detector X direction (along slow)
+    ey = np.array([0.0, 0.0, 1.0])    # detector Y direction (along fast), parallel to the rotation axis
+    n = np.array([1.0, 0.0, 0.0])     # normal, towards the detector from the crystal
+    if omega:
+        r = rot_about(n, omega)
+        ex, ey = r @ ex, r @ ey
+    if tilt or twist:
+        r = rot_about(ex, tilt) @ rot_about(ey, twist)
+        ex, ey, n = r @ ex, r @ ey, r @ n
+    return distance * n, ex, ey, n
+
+
+def frame_through(axes, beam_x, beam_y):
+    """The unswung frame (origin, ex, ey, n) of detector_axes' axes with the point (beam_x, beam_y) at
+    the foot of the normal: moving the BEAM point moves the origin within the plane, nothing else."""
+    centre, ex, ey, n = axes
+    return centre - beam_x * ex - beam_y * ey, ex, ey, n
+
+
 def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0, omega=0.0):
     """Origin (corner of the image, mm) and unit vectors along detector X (slow) and Y (fast) and the
     normal, all in MOSFLM's lab frame.
@@ -186,17 +209,7 @@ def detector_frame(distance, beam_x, beam_y, two_theta=0.0, tilt=0.0, twist=0.0,
     90 puts detector X (slow) along -Z (a vertical goniometer on a standard Pilatus mounting), 270 along
     +Z.
     """
-    ex = np.array([0.0, -1.0, 0.0])   # detector X direction (along slow)
-    ey = np.array([0.0, 0.0, 1.0])    # detector Y direction (along fast), parallel to the rotation axis
-    n = np.array([1.0, 0.0, 0.0])     # normal, towards the detector from the crystal
-    if omega:
-        r = rot_about(n, omega)
-        ex, ey = r @ ex, r @ ey
-    if tilt or twist:
-        r = rot_about(ex, tilt) @ rot_about(ey, twist)
-        ex, ey, n = r @ ex, r @ ey, r @ n
-    centre = distance * n             # the foot of the normal: the beam position for two-theta 0
-    origin = centre - beam_x * ex - beam_y * ey
+    origin, ex, ey, n = frame_through(detector_axes(distance, tilt, twist, omega), beam_x, beam_y)
     if two_theta:
         r = rot_z(two_theta)
         origin, ex, ey, n = r @ origin, r @ ex, r @ ey, r @ n

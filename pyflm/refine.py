@@ -308,20 +308,33 @@ def direct_beam(detector):
     keeps the beam centre from trading against tilt and twist."""
     if detector.two_theta:          # a swung detector: MOSFLM's BEAM is that of the unswung one
         return float(detector.beam_x), float(detector.beam_y)
-    x, y, ok = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], detector.frame())
+    hit = _beam_hit(detector.frame())
+    return hit if hit is not None else (float(detector.beam_x), float(detector.beam_y))
+
+
+def _beam_hit(frame):
+    """Where the direct beam meets a detector frame (mm), or None where it misses it."""
+    x, y, ok = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], frame)
     if not (ok[0] and np.isfinite(x[0]) and np.isfinite(y[0])):
-        return float(detector.beam_x), float(detector.beam_y)
+        return None
     return float(x[0]), float(y[0])
 
 
+def _beam_point(frame_at, x, y):
+    """The BEAM point that puts the direct beam at (x, y) mm on an unswung detector whose frame with
+    the BEAM point at (bx, by) is frame_at(bx, by).  Exact in one step: a shift of the BEAM point
+    moves the frame's origin within the plane."""
+    hit = _beam_hit(frame_at(x, y))
+    return (x, y) if hit is None else (2 * x - hit[0], 2 * y - hit[1])
+
+
 def set_direct_beam(detector, x, y):
-    """Move the detector in its plane so the direct beam meets it at (x, y) mm (exact in one step:
-    a shift of the BEAM point moves the frame's origin within the plane)."""
+    """Move the detector in its plane so the direct beam meets it at (x, y) mm."""
     detector.beam_x, detector.beam_y = x, y
     if detector.two_theta:
         return
-    hx, hy = direct_beam(detector)
-    detector.beam_x, detector.beam_y = 2 * x - hx, 2 * y - hy
+    axes = geometry.detector_axes(detector.distance, detector.tilt, detector.twist, detector.omega)
+    detector.beam_x, detector.beam_y = _beam_point(lambda bx, by: geometry.frame_through(axes, bx, by), x, y)
 
 
 # ---- the model being refined -----------------------------------------------------------------------
@@ -397,21 +410,18 @@ class _Model:
         return max(x[self.names.index("MOSAIC")], 1e-3)
 
     def frame_at(self, x):
-        """unpack_detector(x).frame() with one computation of the plane's axes (set_direct_beam's two
-        frames differ only in their origin, which is detector_frame's own sum over the same axes)."""
+        """unpack_detector(x).frame() without the detector's copy, the plane's axes computed once
+        (set_direct_beam's frames differ only in where the BEAM point puts the origin)."""
         d0 = self.d0
         if d0.two_theta:
             return self.unpack_detector(x).frame()
         v = dict(zip(self.names, x))
-        dist = v.get("DISTANCE", d0.distance)
-        centre, ex, ey, nrm = geometry.detector_frame(dist, 0.0, 0.0, 0.0, v.get("TILT", d0.tilt),
-                                                      v.get("TWIST", d0.twist), d0.omega)
-        bx, by = v.get("XCEN", self.beam0[0]), v.get("YCEN", self.beam0[1])
-        frame = (centre - bx * ex - by * ey, ex, ey, nrm)
-        hx, hy, ok = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], frame)
-        if ok[0] and np.isfinite(hx[0]) and np.isfinite(hy[0]):       # as direct_beam
-            bx, by = 2 * bx - float(hx[0]), 2 * by - float(hy[0])
-        return centre - bx * ex - by * ey, ex, ey, nrm
+        axes = geometry.detector_axes(v.get("DISTANCE", d0.distance), v.get("TILT", d0.tilt),
+                                      v.get("TWIST", d0.twist), d0.omega)
+
+        def at(bx, by):
+            return geometry.frame_through(axes, bx, by)
+        return at(*_beam_point(at, v.get("XCEN", self.beam0[0]), v.get("YCEN", self.beam0[1])))
 
     def unpack_crystal(self, x):
         """The crystal at x: missets, mosaic and cell."""
