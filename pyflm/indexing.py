@@ -364,9 +364,9 @@ def refine_orientation(A, hkl, x_obs, y_obs, phi_obs, wavelength, detector, *, r
                     xk = xc.copy()
                     xk[k] += h
                     dA.append(RU @ ((geometry.b_matrix(free(xk)) - B) / h))
-        except (ValueError, np.linalg.LinAlgError):
-            from scipy.optimize._numdiff import approx_derivative
-            return approx_derivative(resid, x)
+        except (ValueError, np.linalg.LinAlgError):      # an impossible cell: differences of resid
+            from scipy.optimize import approx_fprime
+            return approx_fprime(x, resid)
         n = len(hkl)
         hf = np.asarray(hkl, float)
         r0 = hf @ Am.T

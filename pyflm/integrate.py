@@ -197,18 +197,19 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         # the records of the rows kept only (kept: not rejected, intensities finite as stored, in f4)
         at_pred = parts["index"].take(sel)
         lp = pred["lorentz"].take(at_pred) * pred["polar"].take(at_pred)
-        ok = ((res["flag"] & 32) == 0) & np.isfinite((res["I"] / lp).astype(np.float32)) & \
-            np.isfinite((res["IPR"] / lp).astype(np.float32))
+        i_lp, ipr_lp = res["I"] / lp, res["IPR"] / lp
+        ok = ((res["flag"] & 32) == 0) & np.isfinite(i_lp.astype(np.float32)) & \
+            np.isfinite(ipr_lp.astype(np.float32))
         kept = np.flatnonzero(ok)
-        lp, rows_k = lp[kept], sel[kept]
+        lp, rows_k, i_lp, ipr_lp = lp[kept], sel[kept], i_lp[kept], ipr_lp[kept]
         p = predict.fields(pred, at_pred[kept], ("h", "k", "l", "phi", "width", "d"))
         res = {k: res[k][kept] for k in ("I", "SIGI", "IPR", "SIGIPR", "flag", "fast_obs", "slow_obs")}
         rec = np.zeros(len(kept), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
         rec["batch"] = img
-        rec["i"] = res["I"] / lp
+        rec["i"] = i_lp
         rec["sigi"] = res["SIGI"] / lp
-        rec["ipr"] = res["IPR"] / lp
+        rec["ipr"] = ipr_lp
         rec["sigipr"] = res["SIGIPR"] / lp
         # error model: a fraction of the intensity for the errors of the profile and partiality models
         # (counting statistics alone make strong reflections look better than they are)

@@ -302,16 +302,10 @@ def image_parts(pred, phi0, osc, first, last, min_fraction=0.0, *, only=None):
     img = np.repeat(i_lo, n) + offs
     a = phi0 + (img - first) * osc
     tail = _tail(pred)
-    if not np.any(tail):
-        # fraction_inside's arithmetic, the same to the bit, with each reflection's scale formed once
-        # for its parts (repeated, not gathered: a structured array's fields gather slowly)
-        from scipy.special import erf
-        phi = np.repeat(pred["phi"], n)
-        scale = np.repeat(np.sqrt(2.0) * (np.maximum(pred["width"], 1e-9) / 2.3548), n)
-        f = 0.5 * (1.0 + erf(((a + osc) - phi) / scale)) - 0.5 * (1.0 + erf((a - phi) / scale))
-    else:
-        f = fraction_inside(np.repeat(pred["phi"], n), np.repeat(pred["width"], n), a, a + osc,
-                            np.repeat(tail, n) if np.ndim(tail) else tail)
+    # (the reflections' fields repeated for their parts, not gathered: a structured array's fields
+    # gather slowly)
+    f = fraction_inside(np.repeat(pred["phi"], n), np.repeat(pred["width"], n), a, a + osc,
+                        np.repeat(tail, n) if np.ndim(tail) else tail)
     keep = np.flatnonzero(f > min_fraction)
     out = np.zeros(len(keep), PART_DTYPE)
     out["index"], out["image"], out["fraction"] = idx[keep], img[keep], f[keep]
