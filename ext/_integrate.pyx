@@ -178,6 +178,105 @@ cdef extern from *:
 DEF ROWS_AHEAD = 8
 
 
+cdef extern from *:
+    """
+    /* One image row of the background candidates, formed once for every box over it (a dense image's
+       boxes read each row's pixels of three images and four masks ~17 times, one pixel at a time, each
+       read waiting on the cache): the sum of the pixel's counts on the nimg images, (a + b) + c as the
+       twin's np.mean adds them, where each is above nullpix and none of the masks m0..m3 marks it; NaN
+       elsewhere.  Two pixels per SSE2 instruction, the rows read in order. */
+    #include <math.h>
+    #include <string.h>
+    #define PYFLM_BGPAIR(LOAD2, K, OK) { \
+            __m128d ok = _mm_castsi128_pd(OK), s = LOAD2(a + (K)); \
+            ok = _mm_and_pd(ok, _mm_cmpgt_pd(s, nul)); \
+            if (nimg > 1) { __m128d u_ = LOAD2(b + (K)); ok = _mm_and_pd(ok, _mm_cmpgt_pd(u_, nul)); \
+                            s = _mm_add_pd(s, u_); } \
+            if (nimg > 2) { __m128d u_ = LOAD2(c + (K)); ok = _mm_and_pd(ok, _mm_cmpgt_pd(u_, nul)); \
+                            s = _mm_add_pd(s, u_); } \
+            _mm_storeu_pd(out + (K), _mm_or_pd(_mm_and_pd(ok, s), _mm_andnot_pd(ok, nan))); }
+    #define PYFLM_BGROW(NAME, T, LOAD2) \
+    static void NAME(Py_ssize_t nf, int nimg, const T *a, const T *b, const T *c, \
+                     const unsigned char *m0, const unsigned char *m1, const unsigned char *m2, \
+                     const unsigned char *m3, double nullpix, double *out) { \
+        const __m128d nul = _mm_set1_pd(nullpix), nan = _mm_set1_pd(NAN); \
+        const __m128i zero = _mm_setzero_si128(); \
+        Py_ssize_t j = 0; \
+        /* 16 pixels at a time: the four masks' bytes ORed, tested, and widened to the pairs' lanes */ \
+        for (; j + 16 <= nf; j += 16) { \
+            __m128i w = _mm_or_si128(_mm_or_si128(_mm_loadu_si128((const __m128i *)(m0 + j)), \
+                                                  _mm_loadu_si128((const __m128i *)(m1 + j))), \
+                                     _mm_or_si128(_mm_loadu_si128((const __m128i *)(m2 + j)), \
+                                                  _mm_loadu_si128((const __m128i *)(m3 + j)))); \
+            __m128i z = _mm_cmpeq_epi8(w, zero); \
+            __m128i zl = _mm_unpacklo_epi8(z, z), zh = _mm_unpackhi_epi8(z, z); \
+            __m128i q[4] = {_mm_unpacklo_epi16(zl, zl), _mm_unpackhi_epi16(zl, zl), \
+                            _mm_unpacklo_epi16(zh, zh), _mm_unpackhi_epi16(zh, zh)}; \
+            for (int t = 0; t < 4; t++) { \
+                PYFLM_BGPAIR(LOAD2, j + 4 * t, _mm_unpacklo_epi32(q[t], q[t])) \
+                PYFLM_BGPAIR(LOAD2, j + 4 * t + 2, _mm_unpackhi_epi32(q[t], q[t])) \
+            } \
+        } \
+        for (; j + 2 <= nf; j += 2) { \
+            unsigned short w0, w1, w2, w3; \
+            memcpy(&w0, m0 + j, 2); memcpy(&w1, m1 + j, 2); memcpy(&w2, m2 + j, 2); memcpy(&w3, m3 + j, 2); \
+            unsigned w = (unsigned)(w0 | w1 | w2 | w3); \
+            PYFLM_BGPAIR(LOAD2, j, _mm_set_epi64x(-(long long)((w >> 8) == 0), -(long long)((w & 0xff) == 0))) \
+        } \
+        for (; j < nf; j++) { \
+            double s = (double)a[j]; \
+            int ok = s > nullpix && !(m0[j] | m1[j] | m2[j] | m3[j]); \
+            if (nimg > 1) { double t = (double)b[j]; ok = ok && t > nullpix; s = s + t; } \
+            if (nimg > 2) { double t = (double)c[j]; ok = ok && t > nullpix; s = s + t; } \
+            out[j] = ok ? s : NAN; \
+        } \
+    }
+    #define PYFLM_BG_I32(p) _mm_cvtepi32_pd(_mm_loadl_epi64((const __m128i *)(p)))
+    static inline __m128d pyflm_bg_u16(const unsigned short *p) {
+        int v; memcpy(&v, p, 4);
+        return _mm_cvtepi32_pd(_mm_unpacklo_epi16(_mm_cvtsi32_si128(v), _mm_setzero_si128()));
+    }
+    #define PYFLM_BG_F32(p) _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p))))
+    #define PYFLM_BG_F64(p) _mm_loadu_pd(p)
+    PYFLM_BGROW(pyflm_bgrow_i32, int, PYFLM_BG_I32)
+    PYFLM_BGROW(pyflm_bgrow_u16, unsigned short, pyflm_bg_u16)
+    PYFLM_BGROW(pyflm_bgrow_f32, float, PYFLM_BG_F32)
+    PYFLM_BGROW(pyflm_bgrow_f64, double, PYFLM_BG_F64)
+    """
+    void pyflm_bgrow_i32(Py_ssize_t nf, int nimg, const cnp.int32_t *a, const cnp.int32_t *b,
+                         const cnp.int32_t *c, const unsigned char *m0, const unsigned char *m1,
+                         const unsigned char *m2, const unsigned char *m3, double nullpix, double *out) nogil
+    void pyflm_bgrow_u16(Py_ssize_t nf, int nimg, const cnp.uint16_t *a, const cnp.uint16_t *b,
+                         const cnp.uint16_t *c, const unsigned char *m0, const unsigned char *m1,
+                         const unsigned char *m2, const unsigned char *m3, double nullpix, double *out) nogil
+    void pyflm_bgrow_f32(Py_ssize_t nf, int nimg, const float *a, const float *b, const float *c,
+                         const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
+                         const unsigned char *m3, double nullpix, double *out) nogil
+    void pyflm_bgrow_f64(Py_ssize_t nf, int nimg, const double *a, const double *b, const double *c,
+                         const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
+                         const unsigned char *m3, double nullpix, double *out) nogil
+
+
+cdef inline void _bg_row(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, int nimg, Py_ssize_t r,
+                         const unsigned char **mk, const Py_ssize_t *mstep, double nullpix,
+                         double *out) noexcept nogil:
+    """Row r of the background candidates (pyflm_bgrow) into out; mk, mstep: the four masks' first rows
+    and row steps (0: a row of zeros standing in for a mask not given)."""
+    cdef Py_ssize_t nf = data.shape[1]
+    cdef const unsigned char *m0 = mk[0] + r * mstep[0]
+    cdef const unsigned char *m1 = mk[1] + r * mstep[1]
+    cdef const unsigned char *m2 = mk[2] + r * mstep[2]
+    cdef const unsigned char *m3 = mk[3] + r * mstep[3]
+    if pix_t is cnp.int32_t:
+        pyflm_bgrow_i32(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+    elif pix_t is cnp.uint16_t:
+        pyflm_bgrow_u16(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+    elif pix_t is float:
+        pyflm_bgrow_f32(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+    else:
+        pyflm_bgrow_f64(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+
+
 cdef inline Py_ssize_t _prefetch_rows(const void *a, const void *b, const void *c, const void *d,
                                       Py_ssize_t row, Py_ssize_t upto, Py_ssize_t ns,
                                       Py_ssize_t row_bytes, Py_ssize_t mrow_bytes) noexcept nogil:
@@ -236,6 +335,15 @@ cdef inline void _load_px(pix_t[:, ::1] data, long long cs, long long cf, int nx
             box[i * nys + j] = data[_clip(<Py_ssize_t>(cs + i), ns - 1), _clip(<Py_ssize_t>(cf + j), nf - 1)]
 
 
+cdef inline void _load_mask(const unsigned char[:, ::1] m, long long cs, long long cf, int nxs, int nys,
+                            unsigned char *box) noexcept nogil:
+    """A box's mask bytes, clipped to the image (_load_px's for a mask)."""
+    cdef Py_ssize_t ns = m.shape[0], nf = m.shape[1], i, j
+    for i in range(nxs):
+        for j in range(nys):
+            box[i * nys + j] = m[_clip(<Py_ssize_t>(cs + i), ns - 1), _clip(<Py_ssize_t>(cf + j), nf - 1)]
+
+
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
                                 double gain_bg, double cut2, int nc, double *pi, double *pj, double *pc,
                                 unsigned char *pv, double x0, double y0, double gain, double k_bg,
@@ -282,10 +390,12 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             spl += pl
             sc_pk += pc[k]
             npk += 1
-            if d > 0:
-                tot += d
-                wi += d * (pi[k] + (x0 + 0.5))      # (i - x0) + (x0 + 0.5): i + 0.5 exactly
-                wj += d * (pj[k] + (y0 + 0.5))
+            # the positive net counts, with no branch (their signs are noise for weak spots, and the
+            # branch was mispredicted): adding 0 leaves the sums as they were, to the bit
+            d = d if d > 0 else 0.0
+            tot += d
+            wi += d * (pi[k] + (x0 + 0.5))      # (i - x0) + (x0 + 0.5): i + 0.5 exactly
+            wj += d * (pj[k] + (y0 + 0.5))
     nbg = nnew * k_bg if nnew * k_bg > 1 else 1
     var = gain * (sc_pk if sc_pk > 0 else 0.0)
     d = spl / (npk if npk > 1 else 1)
@@ -375,7 +485,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                    double cutoff, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                    cnp.int32_t[::1] NP_o, cnp.int32_t[::1] NB_o, double[::1] SO_o, double[::1] FO_o,
                    long long[::1] CS_o, long long[::1] CF_o, unsigned char[:, ::1] FL_o,
-                   cnp.int32_t[:, ::1] DS_o) noexcept nogil:
+                   cnp.int32_t[:, ::1] DS_o, int dense) noexcept nogil:
     cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1]
     cdef Py_ssize_t b, i, j, k, q
     cdef int npix = nxs * nys, nb, nc, it, changed, nnew, npk, badpk, over, n_pk_all = 0, n_bg_all = 0
@@ -442,8 +552,42 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     for q in range(n_bg_all):
         bg_o[q] = (bg_k[q] // nys) * nf + bg_k[q] % nys
         bg_b[q] = bg_k[q]
-    cdef unsigned char *cm = <unsigned char *>malloc(ns * nf)
-    _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, ns * nf, cm)
+    # dense: the background candidates' rows formed once (_bg_row) into a ring of R rows, kept while
+    # boxes still reach them; the rim read row by row (rim_row: where each box row's rim pixels start)
+    cdef int *rim_row = <int *>malloc((nxs + 1) * sizeof(int))
+    cdef int *bg_j = <int *>malloc(npix * sizeof(int))
+    cdef Py_ssize_t R = 1, ring_lo = 0, ring_hi = 0, lo, hi, r
+    while R < 2 * nxs:
+        R *= 2
+    cdef double *ring = NULL
+    cdef const double *rowp
+    cdef unsigned char *zrow = NULL
+    cdef const unsigned char *mk[4]
+    cdef Py_ssize_t mstep[4]
+    cdef const unsigned char *mm = NULL
+    cdef unsigned char *cm = NULL
+    if dense:
+        for i in range(nxs + 1):
+            rim_row[i] = n_bg_all
+        for q in range(n_bg_all - 1, -1, -1):
+            rim_row[bg_k[q] // nys] = <int>q
+            bg_j[q] = bg_k[q] % nys
+        for i in range(nxs - 1, -1, -1):
+            if rim_row[i] > rim_row[i + 1]:
+                rim_row[i] = rim_row[i + 1]
+        ring = <double *>malloc(R * nf * sizeof(double))
+        zrow = <unsigned char *>calloc(nf, 1)
+        mk[0] = &mask[0, 0] if use_mask else zrow
+        mk[1] = &bgx[0, 0] if use_bgx else zrow
+        mk[2] = &bgx2[0, 0] if use_bgx2 else zrow
+        mk[3] = &bgx3[0, 0] if use_bgx3 else zrow
+        mstep[0] = nf if use_mask else 0
+        mstep[1] = nf if use_bgx else 0
+        mstep[2] = nf if use_bgx2 else 0
+        mstep[3] = nf if use_bgx3 else 0
+    else:
+        cm = <unsigned char *>malloc(ns * nf)
+        _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, ns * nf, cm)
     d0 = &data[0, 0]
     mc = cm
     cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
@@ -454,9 +598,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         b = order[qq]        # the boxes in the image's row order; each one's results at its own place
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
-        if cs > pf_row:
-            pf_row = cs if cs < ns else ns
-        pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, cm, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
         CS_o[b] = cs
         CF_o[b] = cf
         on = (cs >= 0) and (cf >= 0) and (cs + nxs <= ns) and (cf + nys <= nf)
@@ -466,66 +607,126 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         over = 0
         ndead = 0
         nshad = 0
-        if on:
-            # the box on the image (nearly all): its pixels read where they are, through the offsets of
-            # the peak and rim pixels from the box's corner (no copy of the box, no mask bits per pixel)
-            base = cs * nf + cf
-            d0 = &data[0, 0] + base
-            mc = cm + base
-            if n_nb >= 1:
-                e0 = &nb0[0, 0] + base
-            if n_nb >= 2:
-                e1 = &nb1[0, 0] + base
-            po, bo = pk_o, bg_o
-        else:
-            _load_cm(data, cm, cs, cf, nxs, nys, box, mb)
-            d0, mc = box, mb
-            if n_nb >= 1:
-                _load_px(nb0, cs, cf, nxs, nys, box0)
-                e0 = box0
-            if n_nb >= 2:
-                _load_px(nb1, cs, cf, nxs, nys, box1)
-                e1 = box1
-            po, bo = pk_b, bg_b
-        for q in range(n_pk_all):
-            o = po[q]
-            c = <double>d0[o]
-            pc[q] = c
-            pv[q] = (c > nullpix) and not (mc[o] & 1)
-            if not pv[q]:
-                badpk = 1
-                if c > nullpix:
-                    nshad += 1
+        if dense:
+            # the box's rows of background candidates formed, if they are not yet in the ring
+            lo = _clip(<Py_ssize_t>cs, ns - 1)
+            hi = _clip(<Py_ssize_t>(cs + nxs - 1), ns - 1) + 1
+            if lo < ring_lo or lo > ring_hi:      # out of row order, or past the rows formed: start again
+                ring_lo = ring_hi = lo
+            while ring_hi < hi:
+                _bg_row(data, nb0, nb1, 1 + n_nb, ring_hi, mk, mstep, nullpix, ring + (ring_hi & (R - 1)) * nf)
+                ring_hi += 1
+            if ring_hi - ring_lo > R:
+                ring_lo = ring_hi - R
+            if on:
+                base = cs * nf + cf
+                d0 = &data[0, 0] + base
+                if use_mask:
+                    mm = &mask[0, 0] + base
+                po = pk_o
+            else:
+                _load_px(data, cs, cf, nxs, nys, box)
+                if use_mask:
+                    _load_mask(mask, cs, cf, nxs, nys, mb)
+                d0, mm, po = box, mb, pk_b
+            for q in range(n_pk_all):
+                o = po[q]
+                c = <double>d0[o]
+                pc[q] = c
+                pv[q] = (c > nullpix) and not (use_mask and mm[o])
+                if not pv[q]:
+                    badpk = 1
+                    if c > nullpix:
+                        nshad += 1
+                    else:
+                        ndead += 1
+                if c >= overload:
+                    over = 1
+            for i in range(nxs):
+                if on:
+                    rowp = ring + ((cs + i) & (R - 1)) * nf + cf
+                    for q in range(rim_row[i], rim_row[i + 1]):
+                        c = rowp[bg_j[q]]
+                        if c == c:
+                            bx[nb] = bg_x[q]
+                            by[nb] = bg_y[q]
+                            bc[nb] = c / k_bg      # the twin's np.mean: the sum in order, divided
+                            bu[nb] = 1.0
+                            nb += 1
                 else:
-                    ndead += 1
-            if c >= overload:
-                over = 1
-        # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
-        if n_nb == 2:
-            for q in range(n_bg_all):
-                o = bo[q]
-                c = <double>d0[o]
-                c0 = <double>e0[o]
-                c1 = <double>e1[o]
-                if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
-                    bu[nb] = 1.0
-                    nb += 1
-        elif n_nb == 1:
-            for q in range(n_bg_all):
-                o = bo[q]
-                c = <double>d0[o]
-                c0 = <double>e0[o]
-                if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
-                    bx[nb] = bg_x[q]
-                    by[nb] = bg_y[q]
-                    bc[nb] = (c + c0) / 2.0
-                    bu[nb] = 1.0
-                    nb += 1
+                    rowp = ring + (_clip(<Py_ssize_t>(cs + i), ns - 1) & (R - 1)) * nf
+                    for q in range(rim_row[i], rim_row[i + 1]):
+                        c = rowp[_clip(<Py_ssize_t>(cf + bg_j[q]), nf - 1)]
+                        if c == c:
+                            bx[nb] = bg_x[q]
+                            by[nb] = bg_y[q]
+                            bc[nb] = c / k_bg
+                            bu[nb] = 1.0
+                            nb += 1
         else:
-            nb = _gather_on(n_bg_all, bo, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
+            if cs > pf_row:
+                pf_row = cs if cs < ns else ns
+            pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, cm, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
+            if on:
+                # the box on the image (nearly all): its pixels read where they are, through the offsets of
+                # the peak and rim pixels from the box's corner (no copy of the box, no mask bits per pixel)
+                base = cs * nf + cf
+                d0 = &data[0, 0] + base
+                mc = cm + base
+                if n_nb >= 1:
+                    e0 = &nb0[0, 0] + base
+                if n_nb >= 2:
+                    e1 = &nb1[0, 0] + base
+                po, bo = pk_o, bg_o
+            else:
+                _load_cm(data, cm, cs, cf, nxs, nys, box, mb)
+                d0, mc = box, mb
+                if n_nb >= 1:
+                    _load_px(nb0, cs, cf, nxs, nys, box0)
+                    e0 = box0
+                if n_nb >= 2:
+                    _load_px(nb1, cs, cf, nxs, nys, box1)
+                    e1 = box1
+                po, bo = pk_b, bg_b
+            for q in range(n_pk_all):
+                o = po[q]
+                c = <double>d0[o]
+                pc[q] = c
+                pv[q] = (c > nullpix) and not (mc[o] & 1)
+                if not pv[q]:
+                    badpk = 1
+                    if c > nullpix:
+                        nshad += 1
+                    else:
+                        ndead += 1
+                if c >= overload:
+                    over = 1
+            # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
+            if n_nb == 2:
+                for q in range(n_bg_all):
+                    o = bo[q]
+                    c = <double>d0[o]
+                    c0 = <double>e0[o]
+                    c1 = <double>e1[o]
+                    if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
+                        bu[nb] = 1.0
+                        nb += 1
+            elif n_nb == 1:
+                for q in range(n_bg_all):
+                    o = bo[q]
+                    c = <double>d0[o]
+                    c0 = <double>e0[o]
+                    if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = (c + c0) / 2.0
+                        bu[nb] = 1.0
+                        nb += 1
+            else:
+                nb = _gather_on(n_bg_all, bo, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         nc = n_pk_all
         if overload <= 0:          # the twin tests the box with zeros outside the peak
             over = 1
@@ -558,6 +759,10 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     free(pk_b)
     free(bg_b)
     free(cm)
+    free(ring)
+    free(zrow)
+    free(rim_row)
+    free(bg_j)
     free(bg_x)
     free(bg_y)
     free(bx)
@@ -733,6 +938,8 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
 
 
 _ONE = np.zeros((1, 1), np.uint8)
+# boxes' pixels over the image's at which measure forms the rows of background candidates once
+DENSE_COVER = 0.3
 
 
 # The kernels on an image of any pixel type: each wrapper's fused `data` argument makes Cython pick the
@@ -746,10 +953,11 @@ def _run_measure(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, const
                  const cnp.int64_t[::1] OD, double gain, double overload, double nullpix, int n_iter,
                  double cutoff, double[::1] I_o, double[::1] S_o, double[:, ::1] C_o, double[::1] R_o,
                  cnp.int32_t[::1] NP, cnp.int32_t[::1] NB, double[::1] SO, double[::1] FO,
-                 long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, cnp.int32_t[:, ::1] DS):
+                 long long[::1] CS, long long[::1] CF, unsigned char[:, ::1] FL, cnp.int32_t[:, ::1] DS,
+                 int dense):
     with nogil:
         _measure(data, F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, nb0, nb1, n_nb, OD, gain,
-                 overload, nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, DS)
+                 overload, nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, DS, dense)
 
 
 def _run_profile_sums(pix_t[:, ::1] data, const double[::1] F, const double[::1] S,
@@ -811,12 +1019,14 @@ def _u8(m):
 
 def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None, double gain=1.0,
             double overload=1e9, double nullpix=-1.0, int n_iter=3, double cutoff=3.0, bg_images=(),
-            order=None):
+            order=None, dense=None):
     """Measure reflections at (fast, slow) on one image: a dict of arrays I, SIGI, coef (n, 3), rms,
     n_peak, n_bg, slow_obs, fast_obs, cs, cf (box origins), on, bad_peak, over (bool).  bg_images: up
     to two neighbouring images whose pixels join the background (pyflm.shoebox.measure_numpy).
     order: the order to take the boxes in (a permutation;
-    the image's rows keep its rows in the cache), each one's results still at its own place."""
+    the image's rows keep its rows in the cache), each one's results still at its own place.
+    dense: form each image row's background candidates once for all its boxes (True), or read each box's
+    from the images and masks (False); None: by how much of the image the boxes cover.  The same results."""
     nbs = list(bg_images)
     if len(nbs) > 2:
         raise ValueError("at most two neighbouring images join a background")
@@ -859,8 +1069,11 @@ def measure(data, fast, slow, raster, peak, bg_mask, mask=None, bg_exclude=None,
     cdef cnp.int32_t[::1] NP = out["n_peak"], NB = out["n_bg"]
     cdef long long[::1] CS = out["cs"], CF = out["cf"]
     cdef unsigned char[:, ::1] FL = fl
+    if dense is None:
+        dense = n * nxs * nys >= DENSE_COVER * data.shape[0] * data.shape[1]
     _run_measure(data, nbs[0], nbs[1], F, S, nxs, nys, pk, bg, m, um, x, ux, x2, ux2, x3, ux3, n_nb, OD,
-                 gain, overload, nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, DS)
+                 gain, overload, nullpix, n_iter, cutoff, I_o, S_o, C_o, R_o, NP, NB, SO, FO, CS, CF, FL, DS,
+                 1 if dense else 0)
     out["on"], out["bad_peak"], out["over"] = (fl[:, k].view(np.bool_) for k in range(3))
     return out
 

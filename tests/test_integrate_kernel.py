@@ -166,6 +166,39 @@ def test_quick_look_kernel_sums_what_the_twin_sums_at_the_edges_too(scene, varia
 
 
 
+@pytest.mark.parametrize("variant", ["3-D background", "one neighbour", "float32", "uint16", "alone",
+                                     "no masks", "any order"])
+def test_kernel_measures_the_same_from_rows_of_background_candidates_as_box_by_box(scene, neighbours, variant):
+    """measure's two ways of reading the rims (each image row's candidates formed once, for images the
+    boxes cover densely; or each box's pixels from the images and masks) give the same numbers to the
+    bit: boxes over the edges, dead and overloaded pixels, and boxes out of row order included."""
+    from pyflm._ext import _integrate
+    data, fast, slow, shadow, fg, regions = scene
+    nbs, fg3 = neighbours
+    f = np.concatenate([fast, [-3.2, 2.0, data.shape[1] - 1.5, 5.0, np.nan]])
+    s = np.concatenate([slow, [4.0, -2.7, data.shape[0] + 2.2, data.shape[0] - 3.1, 7.0]])
+    data, nbs = damaged(data), [damaged(nbs[0], 9), nbs[1]]
+    mask, excl = shadow, [fg, fg3]
+    if variant == "one neighbour":
+        nbs = nbs[1:]
+    elif variant == "float32":
+        data, nbs = data.astype(np.float32) + np.float32(0.25), [d.astype(np.float32) for d in nbs]
+    elif variant == "uint16":
+        data, nbs = np.clip(data, 0, 65535).astype(np.uint16), [np.clip(nbs[0], 0, 65535).astype(np.uint16)]
+    elif variant == "alone":
+        nbs, excl = [], fg
+    elif variant == "no masks":
+        mask, excl = None, None
+    order = np.random.default_rng(5).permutation(len(f)) if variant == "any order" else np.lexsort((f, s))
+    peak, bgm = shoebox.box_masks(RASTER)
+    overload = 6e4 if variant == "uint16" else 1e6
+    out = [_integrate.measure(data, f, s, RASTER, peak, bgm, mask, excl, 1.3, overload, -1.0, bg_images=nbs,
+                              order=order, dense=dense) for dense in (True, False)]
+    for key in out[1]:
+        assert np.array_equal(out[0][key], out[1][key], equal_nan=True), key
+    assert (~out[0]["on"]).sum() >= 5 and out[0]["bad_peak"].any() and out[0]["over"].any()
+
+
 def test_kernel_takes_a_block_s_peaks_as_separate_masks_as_their_union(scene, neighbours):
     # pass 2 gives the peaks of the image and of its two neighbours as three masks, not their union
     data, fast, slow, shadow, fg, regions = scene
