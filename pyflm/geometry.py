@@ -109,6 +109,20 @@ def misset_matrix(phix, phiy, phiz):
     return rot_z(phiz) @ rot_y(phiy) @ rot_x(phix)
 
 
+def _skew(a):
+    """[a]x: the matrix of v -> a x v."""
+    return np.array([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]])
+
+
+def misset_rates(phix, phiy, phiz):
+    """d misset_matrix / d(PHIX, PHIY, PHIZ), per degree: a right-handed rotation R about a unit axis a
+    grows as [a]x R per radian, in its place in the product."""
+    rx, ry, rz = rot_x(phix), rot_y(phiy), rot_z(phiz)
+    k = np.radians(1.0)
+    e = np.eye(3)
+    return (k * (rz @ ry @ _skew(e[0]) @ rx), k * (rz @ _skew(e[1]) @ ry @ rx), k * (_skew(e[2]) @ rz @ ry @ rx))
+
+
 def b_matrix(cell):
     """Busing & Levy B (a* along x, b* in the xy plane), in 1/Angstrom, from (a, b, c, al, be, ga)."""
     a, b, c, al, be, ga = [float(x) for x in cell]
@@ -179,16 +193,33 @@ def detector_axes(distance, tilt=0.0, twist=0.0, omega=0.0):
     """The unswung detector's foot of the normal (the beam position for two-theta 0) and its unit
     vectors along X (slow), Y (fast) and the normal: detector_frame's, before the BEAM point places
     the origin (frame_through) and two_theta swings it."""
+    ex, ey, n = _untilted_axes(omega)
+    if tilt or twist:
+        r = rot_about(ex, tilt) @ rot_about(ey, twist)
+        ex, ey, n = r @ ex, r @ ey, r @ n
+    return distance * n, ex, ey, n
+
+
+def _untilted_axes(omega):
     ex = np.array([0.0, -1.0, 0.0])   # detector X direction (along slow)
     ey = np.array([0.0, 0.0, 1.0])    # detector Y direction (along fast), parallel to the rotation axis
     n = np.array([1.0, 0.0, 0.0])     # normal, towards the detector from the crystal
     if omega:
         r = rot_about(n, omega)
         ex, ey = r @ ex, r @ ey
-    if tilt or twist:
-        r = rot_about(ex, tilt) @ rot_about(ey, twist)
-        ex, ey, n = r @ ex, r @ ey, r @ n
-    return distance * n, ex, ey, n
+    return ex, ey, n
+
+
+def tilt_twist_axes(tilt=0.0, omega=0.0, two_theta=0.0):
+    """The unit lab axes about which detector_frame's vectors turn as TILT and as TWIST grow (its
+    rotations about detector X, then Y, swung by two_theta): with the BEAM point held, each of the
+    frame's vectors v (the origin too) moves by (pi/180) a x v per degree."""
+    ex, ey, _ = _untilted_axes(omega)
+    a_tilt, a_twist = ex, rot_about(ex, tilt) @ ey
+    if two_theta:
+        r = rot_z(two_theta)
+        a_tilt, a_twist = r @ a_tilt, r @ a_twist
+    return a_tilt, a_twist
 
 
 def frame_through(axes, beam_x, beam_y):

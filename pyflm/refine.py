@@ -403,6 +403,22 @@ class _Model:
         m = [v.get(n, self.c0.missets[i]) for i, n in enumerate(MISSETS)]
         return geometry.misset_matrix(*m) @ self._UB[0] @ self._UB[1]
 
+    def value(self, x, name, held):
+        """Parameter `name` at x, or `held` where it is not refined."""
+        return x[self.names.index(name)] if name in self.names else held
+
+    def missets_at(self, x):
+        return tuple(self.value(x, n, self.c0.missets[i]) for i, n in enumerate(MISSETS))
+
+    def orientation(self, x):
+        """(U, B) at x: B that of the cell at x."""
+        if self.cell_idx:
+            cr = self.unpack_crystal(x)
+            return cr.U, cr.B
+        if self._UB is None:
+            self._UB = (self.c0.U, self.c0.B)
+        return self._UB
+
     def mosaic_at(self, x):
         """unpack_crystal(x).mosaic"""
         if "MOSAIC" not in self.names:
@@ -488,10 +504,19 @@ class _Predictions:
         """dA/dx (k, 3, 3) for the crystal's parameters and d(frame)/dx (kd, 4, 3) for the detector's."""
         m = self.model
         dA = np.zeros((len(self.cry_idx), 3, 3))
+        rates = None
         for q, j in enumerate(self.cry_idx):
+            if m.names[j] in MISSETS:
+                # A = M(missets) U B: the missets' rotations' rates in the product (the cell's B held)
+                if rates is None:
+                    U, B = m.orientation(x)
+                    rates = [r @ U @ B for r in geometry.misset_rates(*m.missets_at(x))]
+                dA[q] = rates[MISSETS.index(m.names[j])]
+                continue
             h = 1e-5 * max(1.0, abs(x[j]))
             dA[q] = (m.setting_matrix(_stepped(x, j, h)) - m.setting_matrix(_stepped(x, j, -h))) / (2 * h)
         dF = np.zeros((len(self.det_idx), 4, 3))
+        turns = None
         for q, j in enumerate(self.det_idx):
             if m.names[j] in ("XCEN", "YCEN"):
                 # the direct beam's point moves in the detector plane, the origin with it (set_direct_beam)
@@ -506,10 +531,20 @@ class _Predictions:
                     b = geometry.BEAM_DIRECTION
                     dF[q, 0] += ((b @ ex) * ex + (b @ ey) * ey) / (b @ nrm)
                 continue
-            h = 1e-5 * max(1.0, abs(x[j]))
-            fa = m.frame_at(_stepped(x, j, h))
-            fb = m.frame_at(_stepped(x, j, -h))
-            dF[q] = [(u - v) / (2 * h) for u, v in zip(fa, fb)]
+            # TILT, TWIST: the frame turns about the crystal (geometry.tilt_twist_axes), and set_direct_beam
+            # moves the origin within the plane to keep the direct beam at (XCEN, YCEN): by distance x
+            # d((b.e)/(b.n)) along each in-plane axis e
+            d0 = m.d0
+            if turns is None:
+                turns = geometry.tilt_twist_axes(m.value(x, "TILT", d0.tilt), d0.omega, d0.two_theta)
+            dF[q] = geometry.cross_rows(np.radians(1.0) * turns[m.names[j] == "TWIST"], np.array(frame))
+            if not d0.two_theta:
+                b = geometry.BEAM_DIRECTION
+                origin, ex, ey, nrm = frame
+                dex, dey, dn = dF[q, 1], dF[q, 2], dF[q, 3]
+                bn, dist = b @ nrm, origin @ nrm
+                dF[q, 0] += dist * (((b @ dex) / bn - (b @ ex) * (b @ dn) / (bn * bn)) * ex +
+                                    ((b @ dey) / bn - (b @ ey) * (b @ dn) / (bn * bn)) * ey)
         return dA, dF
 
     def _state(self, x):

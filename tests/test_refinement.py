@@ -310,22 +310,28 @@ def test_closed_form_derivatives_are_the_predictions_derivatives(block_problem, 
 
 
 def test_the_detector_frames_derivatives_swung_and_tilted(block_problem):
-    """The frame's derivatives the closed form takes (XCEN, YCEN and DISTANCE in closed form, with the
-    direct beam held where XCEN YCEN put it; TILT and TWIST by central differences) are those of the
-    frame the model builds, for a detector swung by two-theta either way and tilted."""
+    """The frame's derivatives in closed form (XCEN, YCEN, DISTANCE, TILT and TWIST, with the direct
+    beam held where XCEN YCEN put it) are those of the frame the model builds (central differences),
+    for a detector swung by two-theta either way, tilted and turned by DETECTOR OMEGA; so are the
+    setting matrix's for the missets."""
     import copy
     from pyflm import refine
     parts, crystal, beam, det, gonio, scan = block_problem
-    for two_theta, tilt, twist in [(30.0, 0.2, -0.1), (0.0, 0.2, -0.1), (-20.0, 0.0, 0.3)]:
+    for two_theta, tilt, twist, omega in [(30.0, 0.2, -0.1, 0.0), (0.0, 0.2, -0.1, 0.0), (-20.0, 0.0, 0.3, 0.0),
+                                          (0.0, -0.3, 0.15, 90.0), (15.0, 0.1, 0.2, 270.0)]:
         d = copy.copy(det)
-        d.two_theta, d.tilt, d.twist = two_theta, tilt, twist
-        model = refine._Model(crystal, beam, d, gonio, set(refine.DETECTOR_PARAMS), set(), False, set())
+        d.two_theta, d.tilt, d.twist, d.omega = two_theta, tilt, twist, omega
+        model = refine._Model(crystal, beam, d, gonio, set(refine.DETECTOR_PARAMS), set(refine.MISSETS), False,
+                              set())
+        x = model.x0 + 0.3 * model.scale
         calc = refine._Predictions(model, np.zeros((1, 3)), np.zeros(1))
-        _, dF = calc._parameter_derivatives(model.x0, model.unpack_detector(model.x0).frame())
+        dA, dF = calc._parameter_derivatives(x, model.unpack_detector(x).frame())
         for q, j in enumerate(calc.det_idx):
-            fd = _central(lambda y: np.array(model.unpack_detector(y).frame()), model.x0, j,
-                          1e-5 * max(1.0, abs(model.x0[j])))
-            assert np.max(np.abs(fd - dF[q])) < 1e-8, (two_theta, model.names[j])
+            fd = _central(lambda y: np.array(model.unpack_detector(y).frame()), x, j, 1e-5 * max(1.0, abs(x[j])))
+            assert np.max(np.abs(fd - dF[q])) < 1e-8, (two_theta, omega, model.names[j])
+        for q, j in enumerate(calc.cry_idx):
+            fd = _central(lambda y: model.unpack_crystal(y).A, x, j, 1e-5)
+            assert np.max(np.abs(fd - dA[q])) < 1e-10 * np.max(np.abs(fd)) + 1e-12, model.names[j]
 
 
 def test_the_fit_ends_at_the_minimum_scipy_finds(block_problem, monkeypatch):
