@@ -170,8 +170,8 @@ def test_quick_look_kernel_sums_what_the_twin_sums_at_the_edges_too(scene, varia
                                      "no masks", "any order"])
 def test_kernel_measures_the_same_from_rows_of_background_candidates_as_box_by_box(scene, neighbours, variant):
     """measure's two ways of reading the rims (each image row's candidates formed once, for images the
-    boxes cover densely; or each box's pixels from the images and masks) give the same numbers to the
-    bit: boxes over the edges, dead and overloaded pixels, and boxes out of row order included."""
+    boxes cover densely; or each box's pixels from the images and masks), and AVX2 or SSE2, give the same
+    numbers to the bit: boxes over the edges, dead and overloaded pixels, boxes out of row order included."""
     from pyflm._ext import _integrate
     data, fast, slow, shadow, fg, regions = scene
     nbs, fg3 = neighbours
@@ -192,10 +192,17 @@ def test_kernel_measures_the_same_from_rows_of_background_candidates_as_box_by_b
     order = np.random.default_rng(5).permutation(len(f)) if variant == "any order" else np.lexsort((f, s))
     peak, bgm = shoebox.box_masks(RASTER)
     overload = 6e4 if variant == "uint16" else 1e6
-    out = [_integrate.measure(data, f, s, RASTER, peak, bgm, mask, excl, 1.3, overload, -1.0, bg_images=nbs,
-                              order=order, dense=dense) for dense in (True, False)]
-    for key in out[1]:
-        assert np.array_equal(out[0][key], out[1][key], equal_nan=True), key
+    out = []
+    for dense, simd in ((True, -1), (False, -1), (True, 0)):     # simd 0: SSE2 only, not AVX2
+        old = _integrate._set_simd(simd)
+        try:
+            out.append(_integrate.measure(data, f, s, RASTER, peak, bgm, mask, excl, 1.3, overload, -1.0,
+                                          bg_images=nbs, order=order, dense=dense))
+        finally:
+            _integrate._set_simd(old)
+    for other in out[1:]:
+        for key in out[0]:
+            assert np.array_equal(out[0][key], other[key], equal_nan=True), key
     assert (~out[0]["on"]).sum() >= 5 and out[0]["bad_peak"].any() and out[0]["over"].any()
 
 
