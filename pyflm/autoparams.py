@@ -24,9 +24,6 @@ Plain API: ``find_sweep_spots`` -> ``link_spots`` -> ``choose``; ``apply_to_proc
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -496,59 +493,55 @@ def _probe_key(read_image, detector, img):
 
 
 def _probe_task(read_image, detector, scan, img):
-    """A probe's search on a worker: _probe_view of the spots PROCESS's probe would find.  Early work:
-    it runs in a thread of the worker at nice 19, so that indexing's own work in the main process (the
-    beam search, while both workers probe) keeps its core; the thread ends with it, so the worker's
-    blocks run at the usual priority (a process cannot lower its nice again without privileges)."""
-    import threading
-    out = {}
-
-    def run():
-        try:
-            if sys.platform.startswith("linux"):        # a thread's own nice: Linux only
-                with contextlib.suppress(OSError, AttributeError):
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            sp = _search_image(read_image, detector, scan, img)
-            out["v"] = _probe_view(_empty() if sp is None else sp)
-        except BaseException as e:       # raised in the worker's own thread, as before
-            out["e"] = e
-    t = threading.Thread(target=run, name="probe")
-    t.start()
-    t.join()
-    if "e" in out:
-        raise out["e"]
-    return out["v"]
+    """A probe's search on a worker: _probe_view of the spots PROCESS's probe would find."""
+    sp = _search_image(read_image, detector, scan, img)
+    return _probe_view(_empty() if sp is None else sp)
 
 
 class EarlyProbes:
-    """Probe searches run by the job's worker pool (distributed.local_pool), one per worker now and the
-    next each time a PROCESS takes one: that PROCESS has queued its blocks by then, so a later PROCESS's
-    probe waits behind them (where the segments' few blocks leave the workers idle) rather than holding
-    up indexing's fits or the blocks.  In the pool, not a process of its own: one fewer heap to grow,
-    and the worker that would otherwise be fresh at the first block has grown its own on the probes.
-    take(key) gives a probe's result, waiting for it if it is being searched, else None (one not started
-    is then not started at all; the caller searches itself, as it would without)."""
+    """Probe searches run by the job's worker pool (distributed.local_pool), one at a time in the order
+    the deck's PROCESS actions need them: the next is submitted when one ends (or when a PROCESS takes
+    one, if that comes first), so it queues behind whatever the workers were given meanwhile (a
+    segment's blocks) rather than ahead of it.  One worker probes while indexing keeps this process
+    busy on its own; the other stays free for indexing's fits.  take(key) gives a probe's result,
+    waiting for it if it is being searched, else None (one not started is then not started at all; the
+    caller searches itself, as it would without).  (One per worker at once, the second in a thread at
+    nice 19 so that the beam search kept its core, left the first with half a core, and once a
+    segment's block and measurements ran, the nice-19 one with none: on the 6M sweep the first segment
+    waited 0.2-0.5 s for its probe, the second up to 0.4 s, a worker held meanwhile.)"""
 
     def __init__(self, tasks, nproc):
+        import threading
         from .distributed import local_pool
         self.pool = local_pool(nproc)
-        tasks = [(k, a) for k, a in tasks if k is not None]
-        now, self.pending = tasks[:nproc], tasks[nproc:]
-        self.futures = {k: self.pool.submit(_probe_task, *a) for k, a in now}
+        self.pending = [(k, a) for k, a in tasks if k is not None]
+        self.futures, self._lock = {}, threading.Lock()
+        self._next()
+
+    def _next(self, done=None):
+        """Submit the next probe (a probe's done-callback, or take's)."""
+        if done is not None and done.cancelled():
+            return
+        with self._lock:          # (take's and a callback's: each probe submitted once)
+            if not self.pending:
+                return
+            k, a = self.pending.pop(0)
+            try:
+                f = self.futures[k] = self.pool.submit(_probe_task, *a)
+            except Exception:     # a broken or stopped pool: that PROCESS searches itself
+                return
+        f.add_done_callback(self._next)
 
     def cancel(self):
         """No more probes (the job is ending): those not started are not."""
-        self.pending = []
-        for f in self.futures.values():
+        with self._lock:
+            self.pending = []
+        for f in list(self.futures.values()):
             f.cancel()
 
     def take(self, key):
-        if self.pending:          # the next probe, behind the blocks the caller has just queued
-            k, a = self.pending.pop(0)
-            try:
-                self.futures[k] = self.pool.submit(_probe_task, *a)
-            except Exception:     # a broken or stopped pool: that PROCESS searches itself
-                pass
+        if key not in self.futures:     # its turn has not come: the next behind the caller's blocks
+            self._next()
         f = self.futures.get(key)
         if f is None or f.cancel():
             return None

@@ -16,7 +16,6 @@ import collections
 import concurrent.futures as cf
 import threading
 import os
-import sys
 
 from .errors import ProcessingError
 from ._heap import no_huge_pages
@@ -172,13 +171,6 @@ def _worker_start():
     from .integrate import _ignore_signals
     _ignore_signals()
     tune()
-    # one malloc arena: an early probe's thread (autoparams._probe_task) takes its buffers from the
-    # heap the worker's blocks reuse, not from an arena of its own grown and faulted in afresh
-    import contextlib
-    import ctypes
-    with contextlib.suppress(OSError, AttributeError):
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None).mallopt(-8, 1)                 # M_ARENA_MAX
 
 
 # what the workers' tasks import (indexing's fits, the blocks' kernels): imported here before they are
