@@ -499,16 +499,16 @@ def _probe_task(read_image, detector, scan, img):
 
 
 class EarlyProbes:
-    """Probe searches run by the job's worker pool (distributed.local_pool), one at a time in the order
-    the deck's PROCESS actions need them: the next is submitted when one ends (or when a PROCESS takes
-    one, if that comes first), so it queues behind whatever the workers were given meanwhile (a
-    segment's blocks) rather than ahead of it.  One worker probes while indexing keeps this process
-    busy on its own; the other stays free for indexing's fits.  take(key) gives a probe's result,
-    waiting for it if it is being searched, else None (one not started is then not started at all; the
-    caller searches itself, as it would without).  (One per worker at once, the second in a thread at
-    nice 19 so that the beam search kept its core, left the first with half a core, and once a
-    segment's block and measurements ran, the nice-19 one with none: on the 6M sweep the first segment
-    waited 0.2-0.5 s for its probe, the second up to 0.4 s, a worker held meanwhile.)"""
+    """Probe searches run by the job's worker pool (distributed.local_pool), in the order the deck's
+    PROCESS actions need them: while indexing runs one at a time, the next submitted when one ends, so
+    one worker probes while indexing keeps this process busy on its own and the other stays free for
+    indexing's fits; once a PROCESS takes one, the rest at once, behind the blocks it has queued.
+    take(key) gives a probe's result, waiting for it if it is being searched, else None (one not
+    started is then not started at all; the caller searches itself, as it would without).  (One per
+    worker at once, the second in a thread at nice 19 so that the beam search kept its core, left the
+    first with half a core, and once a segment's block and measurements ran, the nice-19 one with
+    none: on the 6M sweep the first segment waited 0.2-0.5 s for its probe, the second up to 0.4 s, a
+    worker held meanwhile.)"""
 
     def __init__(self, tasks, nproc):
         import threading
@@ -540,7 +540,9 @@ class EarlyProbes:
             f.cancel()
 
     def take(self, key):
-        if key not in self.futures:     # its turn has not come: the next behind the caller's blocks
+        # a PROCESS has begun, so indexing is over: the probes still to come are all queued now, behind
+        # the blocks it has just queued (left to the chain, a worker sat idle while the next waited)
+        while self.pending:
             self._next()
         f = self.futures.get(key)
         if f is None or f.cancel():
