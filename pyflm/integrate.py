@@ -614,8 +614,8 @@ def _ignore_signals():
 
 def read_image_data(template, directory, extension, number):
     """Image data by number (module level so worker processes can be handed it)."""
-    from .images import image_path, read_image
-    return read_image(image_path(template, directory, number, extension))[0]
+    from .images import image_path, read_pixels
+    return read_pixels(image_path(template, directory, number, extension))
 
 
 def job_image_reader(job):

@@ -66,3 +66,38 @@ def test_streams_with_every_escape_decode_as_fabio_decodes_them():
     assert _cbf.dec_cbf32(memoryview(big).cast("B"), 1) is None      # a 64-bit delta goes to fabio
     a, _ = images.read_image(str(SIM / "sim_0031.cbf"))
     assert np.array_equal(a, fabio.open(str(SIM / "sim_0031.cbf")).data)
+
+
+def test_pixels_alone_are_read_images_pixels_and_a_bad_file_still_fails_as_it(tmp_path):
+    """read_pixels (integration's read: the binary section alone) gives read_image's array for every sim
+    image, and leaves to read_image whatever is not a plain byte-offset miniCBF or is wrong: a flipped
+    bit (the same checksum error), a short file, sizes that disagree, another element type."""
+    for path in sorted(SIM.glob("sim_*.cbf")):
+        ours = images._plain_cbf_pixels(str(path))
+        ref = images.read_image(str(path))[0]
+        assert ours is not None and ours.dtype == ref.dtype and ours.shape == ref.shape, path.name
+        assert np.array_equal(ours, ref) and ours.flags.c_contiguous, path.name
+    raw = (SIM / "sim_0007.cbf").read_bytes()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    at = raw.find(b"\x0c\x1a\x04\xd5")
+    bad = {"flip_0001.cbf": bytes(flipped), "short_0001.cbf": raw[:at + 1000],
+           "count_0001.cbf": raw.replace(b"X-Binary-Number-of-Elements: 1023183",
+                                         b"X-Binary-Number-of-Elements: 1023184"),
+           "type_0001.cbf": raw.replace(b'"signed 32-bit integer"', b'"unsigned 16-bit integer"')}
+    for name, content in bad.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        assert images._plain_cbf_pixels(str(p)) is None, name
+        try:
+            expected = ("read", images.read_image(str(p))[0])
+        except ImageError as e:
+            expected = ("error", str(e))
+        try:
+            got = ("read", images.read_pixels(str(p)))
+        except ImageError as e:
+            got = ("error", str(e))
+        assert got[0] == expected[0], name
+        assert got[1] == expected[1] if got[0] == "error" else np.array_equal(got[1], expected[1]), name
+    with pytest.raises(ImageError, match="checksum does not match"):
+        images.read_pixels(str(tmp_path / "flip_0001.cbf"))
