@@ -10,12 +10,17 @@ cnp.import_array()
 
 def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, double[::1] ex,
                    double[::1] ey, double[::1] nrm, int axis_sign, double phi_lo, double phi_hi,
-                   double dmin, double dmax, int hmax, int kmax, int lmax, bint prune=True):
+                   double dmin, double dmax, int hmax, int kmax, int lmax, bint prune=True, reach=None):
     """Crossings with phi in [phi_lo, phi_hi) (phi_hi - phi_lo <= 360).
 
     Returns arrays (hkl int32 (n,3), phi deg, s1 unit (n,3), x mm, y mm, hit bool, d).
     prune=False: without the quick rejection of reflections that cross outside a narrow window (the
-    same results, tested)."""
+    same results, tested).
+    reach=(lo, hi, extent, mosaic, dh, dv, dispersion, axis (3), unit e x s0^ (3)): only the crossings
+    whose rocking curve, extent widths either side of phi, may reach [lo, hi]: the width as
+    predict.rocking_width_xds forms it, to rounding, and a margin far beyond that rounding, so that
+    every crossing predict keeps is among them (predict keeps a window's few crossings near the
+    rotation axis, which rock far, and drops the rest of its margin)."""
     cdef Py_ssize_t cap = 1024, n = 0
     # an array per quantity, grown by doubling: whole-array copies (rows of a 2-D array were copied one
     # call at a time, and so were the strided columns handed back: 15 % of the kernel)
@@ -53,6 +58,14 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
     cdef double ri2 = (inv_lam - delta) * (inv_lam - delta) if inv_lam > delta else 0.0
     cdef double pc, pp
     cdef int la0, lb0, la1, lb1, la, lb, seg
+    cdef bint use_reach = reach is not None
+    cdef double k_lo = 0, k_hi = 0, k_ext = 0, k_mos = 0, k_dh = 0, k_dv = 0, k_disp = 0
+    cdef double k_ay = 0, k_az = 0, k_uy = 0, k_uz = 0, zeta, wv, width, far
+    if use_reach:
+        k_lo, k_hi, k_ext, k_mos, k_dh, k_dv, k_disp = (float(v) for v in reach[:7])
+        # s0^ x s1^ = (0, -sz, sy) for s0^ along X: the axes' X components never enter
+        k_ay, k_az, k_uy, k_uz = float(reach[8]), float(reach[9]), float(reach[11]), float(reach[12])
+        k_disp = k_disp * 180.0 / M_PI
     for h in range(-hmax, hmax + 1):
         for k in range(-kmax, kmax + 1):
             # only the l inside the resolution sphere: |b + l c*|^2 <= rmax2, a quadratic in l
@@ -162,6 +175,17 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
                         sx = (qx + inv_lam) * wavelength
                         sy = qy * wavelength
                         sz = rz * wavelength
+                        if use_reach:
+                            # rocking_width_terms and width_from_terms in C: zeta, sin 2theta, w, cos 2theta
+                            zeta = fabs(sy * k_az - sz * k_ay)
+                            if zeta < 1e-6:
+                                zeta = 1e-6
+                            wv = sy * k_uz - sz * k_uy
+                            width = (sqrt(k_mos * k_mos * (sz * sz + sy * sy) + (k_dv * zeta) * (k_dv * zeta)
+                                          + (k_dh * wv) * (k_dh * wv)) + k_disp * (1.0 - sx)) / zeta
+                            far = k_ext * width * (1.0 + 1e-6) + 1e-9
+                            if phi + far <= k_lo or phi - far >= k_hi:
+                                continue
                         if n == cap:
                             cap *= 2
                             grown = np.empty((cap, 3), np.int32)

@@ -183,15 +183,18 @@ def hkl_limits(A, dmin):
     return np.floor(np.linalg.norm(real, axis=0) / dmin).astype(int)
 
 
-def predict_window_cython(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None, prune=True):
+def predict_window_cython(A, wavelength, frame, axis_sign, phi_lo, phi_hi, dmin, dmax=None, prune=True,
+                          reach=None):
     """The Cython kernel with predict_numpy's signature and results (in another order).  prune=False
     turns off its quick rejection of reflections crossing outside the window (for the test that it
-    changes nothing)."""
+    changes nothing); reach (predict's) leaves out crossings whose rocking curve cannot reach a window
+    inside this one (see the kernel)."""
     lim = hkl_limits(A, dmin)
     origin, ex, ey, n = (np.ascontiguousarray(v, float) for v in frame)
     return _ext.predict_window(np.ascontiguousarray(A, float), float(wavelength), origin, ex, ey, n,
                                int(axis_sign), float(phi_lo), float(phi_hi), float(dmin),
-                               float(dmax or 0.0), int(lim[0]), int(lim[1]), int(lim[2]), bool(prune))
+                               float(dmax or 0.0), int(lim[0]), int(lim[1]), int(lim[2]), bool(prune),
+                               reach=None if reach is None else tuple(float(v) for v in reach))
 
 
 def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=None, *, mosaic=None,
@@ -207,11 +210,22 @@ def predict(crystal, beam, detector, goniometer, phi_start, phi_end, dmin, dmax=
     dmin = max(float(dmin), 0.5 * beam.wavelength)
     frame = detector.frame()
     sign = -1 if goniometer.reverse_phi else 1
-    window = predict_window_cython if (use_cython and _ext is not None) else predict_numpy
-    hh, ph, s1u, x, y, hit, d = window(A, beam.wavelength, frame, sign, phi_start - margin,
-                                       phi_end + margin, dmin, dmax)
-    width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)
     tail = float(getattr(crystal, "tail", 0.0) or 0.0)
+    if use_cython and _ext is not None:
+        # the kernel leaves out the margin's crossings that rock too little to reach the window (on
+        # the sim sweep 16 000 of a block's 29 000); the keep test below decides the rest, as before
+        axis = np.asarray(goniometer.axis, float)
+        u = np.cross(axis, geometry.BEAM_DIRECTION)
+        u = u / max(np.linalg.norm(u), 1e-12)
+        dh, dv = (float(v) for v in beam.divergence)
+        reach = None if np.ndim(mosaic) else (
+            phi_start, phi_end, float(extent(tail)), float(mosaic), dh, dv, float(beam.dispersion), *axis, *u)
+        hh, ph, s1u, x, y, hit, d = predict_window_cython(A, beam.wavelength, frame, sign, phi_start - margin,
+                                                          phi_end + margin, dmin, dmax, reach=reach)
+    else:
+        hh, ph, s1u, x, y, hit, d = predict_numpy(A, beam.wavelength, frame, sign, phi_start - margin,
+                                                  phi_end + margin, dmin, dmax)
+    width = rocking_width_xds(s1u, goniometer.axis, mosaic, beam)
     lo = ph - extent(tail) * width
     hi = ph + extent(tail) * width
     keep = (hi > phi_start) & (lo < phi_end)

@@ -64,3 +64,42 @@ def test_quick_rejection_outside_the_window_drops_no_reflection():
                 # windows that start on a crossing: the reflection there is kept (phi_lo is inside)
                 n_cut += int(np.any(a[1] == lo))
     assert n_cut >= 6
+
+
+def test_crossings_that_cannot_reach_the_window_left_out_change_no_prediction():
+    """predict's kernel leaves out the margin's crossings whose rocking curve cannot reach the window
+    (reach): the predictions are those of the numpy twin's window, all of it, to the bit, for blocks
+    across the sweep, either sense of rotation, a wide and a narrow mosaic, with and without tails."""
+    from pyflm.model import Beam, Detector, Goniometer
+    c = read_matrix(str(SIM / "truth.mat"))
+    beam = Beam(0.9795)
+    det = Detector(120.0, 89.66, 84.73, 0.172, 0.172, 981, 1043)
+    n_left = 0
+    for reverse in (False, True):
+        gonio = Goniometer(reverse_phi=reverse)
+        for lo, mosaic, tail in ((0.0, 0.3, 0.0), (27.0, 0.05, 0.0), (133.5, 0.8, 0.0), (58.0, 0.3, 0.02)):
+            c.mosaic, c.tail = mosaic, tail
+            a = predict.predict(c, beam, det, gonio, lo, lo + 5.0, 1.3, margin=5.0)
+            b = predict.predict(c, beam, det, gonio, lo, lo + 5.0, 1.3, margin=5.0, use_cython=False)
+            assert len(a) > 1000 and len(a) == len(b)
+            ka = np.lexsort((a["phi"], a["l"], a["k"], a["h"]))
+            kb = np.lexsort((b["phi"], b["l"], b["k"], b["h"]))
+            for n in ("h", "k", "l", "on_detector"):
+                assert np.array_equal(a[n][ka], b[n][kb])
+            for n in ("phi", "width", "d", "lorentz", "polar"):
+                assert np.allclose(a[n][ka], b[n][kb], rtol=1e-12, atol=1e-12)
+            # and to the bit against the kernel's whole window, the reach test off
+            full = predict.predict_window_cython
+            try:
+                predict.predict_window_cython = lambda *args, reach=None, **kw: full(*args, **kw)
+                w = predict.predict(c, beam, det, gonio, lo, lo + 5.0, 1.3, margin=5.0)
+            finally:
+                predict.predict_window_cython = full
+            assert w.tobytes() == a.tobytes()
+            sign = -1 if reverse else 1
+            window = full(c.A, 0.9795, det.frame(), sign, lo - 5.0, lo + 10.0, 1.3)
+            n_left += len(window[1]) - len(a)
+            # some of the margin's crossings reach the window: the wide ones, near the rotation axis
+            margin = (a["phi"] < lo - 0.5) | (a["phi"] > lo + 5.5)
+            assert np.any(margin) and np.all(a["width"][margin] > 0.5 / predict.extent(tail) - 1e-9)
+    assert n_left > 50000
