@@ -273,3 +273,86 @@ def overlaps(const cnp.int64_t[::1] img, const double[::1] u, const double[::1] 
                         O[i] = 1
                         O[j] = 1
     return out.view(np.bool_)
+
+
+cdef packed struct part_t:        # predict.PART_DTYPE, field for field
+    cnp.int64_t index
+    cnp.int32_t image
+    double fraction
+    cnp.int32_t n_parts
+    cnp.int32_t part
+
+
+def part_arguments(const double[::1] phi, const double[::1] width, double extent, double phi0, double osc,
+                   Py_ssize_t first, Py_ssize_t img_lo, Py_ssize_t img_hi):
+    """predict.image_parts' candidates, before its error functions (Gaussian rocking curves): every
+    (reflection, image) whose range meets the curve out to `extent` widths either side, images clipped to
+    [img_lo, img_hi], and the arguments of erf at the image's two ends, formed as image_parts forms them
+    (the same operations in its order: the same numbers).  Returns (index, image, x_lo, x_hi); the
+    caller takes erf of x_lo and x_hi (scipy's, as image_parts does) and hands them to part_rows."""
+    cdef Py_ssize_t n = phi.shape[0], i, j, m = 0, lo, hi
+    cdef double e, s, a, w
+    cdef double SQ2 = sqrt(2.0)
+    lo_a = np.empty(n, np.int64)
+    cnt_a = np.empty(n, np.int64)
+    cdef cnp.int64_t[::1] LO = lo_a, CNT = cnt_a
+    for i in range(n):
+        e = extent * width[i]
+        lo = <Py_ssize_t>floor(((phi[i] - e) - phi0) / osc) + first
+        hi = <Py_ssize_t>floor(((phi[i] + e) - phi0) / osc) + first
+        if lo < img_lo:
+            lo = img_lo
+        if hi > img_hi:
+            hi = img_hi
+        LO[i] = lo
+        CNT[i] = hi - lo + 1 if hi >= lo else 0
+        m += CNT[i]
+    idx_a = np.empty(m, np.int64)
+    img_a = np.empty(m, np.int64)
+    xlo_a = np.empty(m, np.float64)
+    xhi_a = np.empty(m, np.float64)
+    cdef cnp.int64_t[::1] IDX = idx_a, IMG = img_a
+    cdef double[::1] XLO = xlo_a, XHI = xhi_a
+    m = 0
+    for i in range(n):
+        w = width[i] if width[i] > 1e-9 else 1e-9
+        s = SQ2 * (w / 2.3548)
+        for j in range(LO[i], LO[i] + CNT[i]):
+            a = phi0 + <double>(j - first) * osc
+            IDX[m] = i
+            IMG[m] = j
+            XLO[m] = (a - phi[i]) / s
+            XHI[m] = ((a + osc) - phi[i]) / s
+            m += 1
+    return idx_a, img_a, xlo_a, xhi_a
+
+
+def part_rows(const cnp.int64_t[::1] idx, const cnp.int64_t[::1] img, const double[::1] erf_lo,
+              const double[::1] erf_hi, double min_fraction, out_dtype):
+    """image_parts' rows from part_arguments' candidates and erf of their arguments: the fraction on the
+    image (the difference of the two ends' cumulative Gaussians, as image_parts forms it), the rows above
+    min_fraction, each numbered within its reflection's kept rows (part, n_parts)."""
+    cdef Py_ssize_t m = idx.shape[0], i, k = 0, g0, r
+    frac_a = np.empty(m, np.float64)
+    cdef double[::1] F = frac_a
+    for i in range(m):
+        F[i] = 0.5 * (1.0 + erf_hi[i]) - 0.5 * (1.0 + erf_lo[i])
+        if F[i] > min_fraction:
+            k += 1
+    out = np.zeros(k, out_dtype)
+    cdef part_t[::1] P = out
+    k = 0
+    for i in range(m):
+        if F[i] > min_fraction:
+            P[k].index = idx[i]
+            P[k].image = <cnp.int32_t>img[i]
+            P[k].fraction = F[i]
+            k += 1
+    g0 = 0                                   # the first row of the current reflection's kept rows
+    for i in range(k + 1):
+        if i == k or (i > 0 and P[i].index != P[i - 1].index):
+            for r in range(g0, i):
+                P[r].part = <cnp.int32_t>(r - g0 + 1)
+                P[r].n_parts = <cnp.int32_t>(i - g0)
+            g0 = i
+    return out

@@ -299,23 +299,38 @@ PART_DTYPE = np.dtype([("index", "i8"), ("image", "i4"), ("fraction", "f8"), ("n
                        ("part", "i4")])
 
 
-def image_parts(pred, phi0, osc, first, last, min_fraction=0.0, *, only=None):
+def image_parts(pred, phi0, osc, first, last, min_fraction=0.0, *, only=None, use_cython=True):
     """Split each predicted reflection over the images it touches: rows (index into pred, image,
     fraction on that image, number of images it spans inside [first, last], which part this is).
 
     only=(i0, i1): the parts on images i0..i1 alone (each the same as without it); n_parts and part
-    then count those alone, right for a reflection with no part outside them."""
+    then count those alone, right for a reflection with no part outside them.
+
+    Gaussian rocking curves (no tail) go to the kernel (ext/_predict.pyx: the candidates and erf's
+    arguments, scipy's erf, then the fractions and rows), which forms the same numbers in the same
+    order as the numpy below, its twin (tested to the bit): a sim block's 1.9 -> 1.25 ms, half of it
+    scipy's erf (29 000 candidates, twice)."""
+    tail = _tail(pred)
+    img_lo = first if only is None else max(first, only[0])
+    img_hi = last if only is None else min(last, only[1])
+    if use_cython and hasattr(_ext, "part_rows") and not np.any(tail):
+        phi = np.ascontiguousarray(pred["phi"], float)
+        width = np.ascontiguousarray(pred["width"], float)
+        if np.isfinite(phi).all() and np.isfinite(width).all():     # (the kernel casts image numbers)
+            from scipy.special import erf
+            idx, img, x_lo, x_hi = _ext.part_arguments(phi, width, EXTENT, float(phi0), float(osc),
+                                                       int(first), int(img_lo), int(img_hi))
+            return _ext.part_rows(idx, img, erf(x_lo), erf(x_hi), float(min_fraction), PART_DTYPE)
     lo, hi = phi_extent(pred)
     i_lo = np.floor((lo - phi0) / osc).astype(np.int64) + first
     i_hi = np.floor((hi - phi0) / osc).astype(np.int64) + first
-    i_lo = np.maximum(i_lo, first if only is None else max(first, only[0]))
-    i_hi = np.minimum(i_hi, last if only is None else min(last, only[1]))
+    i_lo = np.maximum(i_lo, img_lo)
+    i_hi = np.minimum(i_hi, img_hi)
     n = np.maximum(i_hi - i_lo + 1, 0)
     idx = np.repeat(np.arange(len(pred)), n)
     offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
     img = np.repeat(i_lo, n) + offs
     a = phi0 + (img - first) * osc
-    tail = _tail(pred)
     # (the reflections' fields repeated for their parts, not gathered: a structured array's fields
     # gather slowly)
     f = fraction_inside(np.repeat(pred["phi"], n), np.repeat(pred["width"], n), a, a + osc,

@@ -103,3 +103,28 @@ def test_crossings_that_cannot_reach_the_window_left_out_change_no_prediction():
             margin = (a["phi"] < lo - 0.5) | (a["phi"] > lo + 5.5)
             assert np.any(margin) and np.all(a["width"][margin] > 0.5 / predict.extent(tail) - 1e-9)
     assert n_left > 50000
+
+
+def test_parts_kernel_gives_the_numpy_twins_rows_to_the_bit():
+    """image_parts' kernel (the candidates and erf's arguments, then the fractions and rows) against its
+    numpy twin: the same rows to the bit, for the sim sweep's predictions with every min_fraction the
+    passes use, images clipped (only), an oscillation and start that are not whole numbers, a mosaic of
+    nothing (widths from the divergence alone) and one wide enough for parts over many images."""
+    from pyflm.model import Beam, Detector, Goniometer
+    assert hasattr(predict._ext, "part_rows"), "the Cython kernel is not built"
+    c = read_matrix(str(SIM / "truth.mat"))
+    beam = Beam(0.9795)
+    det = Detector(120.0, 89.66, 84.73, 0.172, 0.172, 981, 1043)
+    n_multi = 0
+    for mosaic in (0.3, 0.0, 2.5):
+        c.mosaic = mosaic
+        pred = predict.predict(c, beam, det, Goniometer(), 10.0, 30.0, 1.3, margin=5.0)
+        for phi0, osc, first, last in ((0.0, 1.0, 1, 60), (0.3, 0.7, 1, 80), (-2.1, 0.25, 5, 300)):
+            mid = int((20.0 - phi0) / osc) + first          # images about phi 20 for `only`
+            for min_fraction, only in ((0.0, None), (0.005, None), (0.01, None), (0.005, (mid, mid + 6))):
+                a = predict.image_parts(pred, phi0, osc, first, last, min_fraction, only=only)
+                b = predict.image_parts(pred, phi0, osc, first, last, min_fraction, only=only,
+                                        use_cython=False)
+                assert a.dtype == b.dtype and len(a) > 1000 and a.tobytes() == b.tobytes()
+                n_multi += int(np.sum(a["n_parts"] > 3))
+    assert n_multi > 1000
