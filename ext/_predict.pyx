@@ -66,6 +66,10 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
         # s0^ x s1^ = (0, -sz, sy) for s0^ along X: the axes' X components never enter
         k_ay, k_az, k_uy, k_uz = float(reach[8]), float(reach[9]), float(reach[11]), float(reach[12])
         k_disp = k_disp * 180.0 / M_PI
+    # the inner window's ends as rotation angles (theta = axis_sign * phi), their cosines and sines
+    cdef double tk_lo = (k_lo if axis_sign > 0 else -k_hi) * M_PI / 180.0
+    cdef double tk_hi = (k_hi if axis_sign > 0 else -k_lo) * M_PI / 180.0
+    cdef double kl_c = cos(tk_lo), kl_s = sin(tk_lo), kh_c = cos(tk_hi), kh_s = sin(tk_hi)
     for h in range(-hmax, hmax + 1):
         for k in range(-kmax, kmax + 1):
             # only the l inside the resolution sphere: |b + l c*|^2 <= rmax2, a quadratic in l
@@ -163,12 +167,6 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
                                 continue
                         c = c / rho
                         s = s / rho
-                        phi = atan2(s, c) / rad
-                        if axis_sign < 0:
-                            phi = -phi
-                        phi = phi_lo + (phi - phi_lo) - 360.0 * floor((phi - phi_lo) / 360.0)
-                        if phi >= phi_hi:
-                            continue
                         # (c, s) are the cosine and sine of the rotation R_z that brings r onto the sphere
                         qx = c * rx - s * ry
                         qy = s * rx + c * ry
@@ -184,8 +182,19 @@ def predict_window(double[:, ::1] A, double wavelength, double[::1] origin, doub
                             width = (sqrt(k_mos * k_mos * (sz * sz + sy * sy) + (k_dv * zeta) * (k_dv * zeta)
                                           + (k_dh * wv) * (k_dh * wv)) + k_disp * (1.0 - sx)) / zeta
                             far = k_ext * width * (1.0 + 1e-6) + 1e-9
-                            if phi + far <= k_lo or phi - far >= k_hi:
+                            # most of the margin's crossings go before their atan2: the sine of the angle
+                            # to the inner window's nearer end above far (radians) puts the angle beyond
+                            # far (sin d <= d), whichever side
+                            if narrow and (c * kl_s - s * kl_c > far * rad or s * kh_c - c * kh_s > far * rad):
                                 continue
+                        phi = atan2(s, c) / rad
+                        if axis_sign < 0:
+                            phi = -phi
+                        phi = phi_lo + (phi - phi_lo) - 360.0 * floor((phi - phi_lo) / 360.0)
+                        if phi >= phi_hi:
+                            continue
+                        if use_reach and (phi + far <= k_lo or phi - far >= k_hi):
+                            continue
                         if n == cap:
                             cap *= 2
                             grown = np.empty((cap, 3), np.int32)
