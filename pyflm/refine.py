@@ -678,6 +678,7 @@ def _cum_derivatives(x, phi, width, tail=0.0):
 
 
 FIT_TOL = 1e-5
+REJECT_TOL = 0.25             # the first fit's, before the first rejection of outliers (refine_parameters)
 F_SCALE = 3.0                 # soft-L1 loss: residuals (in sigma) beyond this count less and less
 
 
@@ -773,16 +774,29 @@ def _reflections(parts, min_isig):
                 slow=slow, image=best)
 
 
+def _kept_reflections(g, keep, rows):
+    """_reflections of the parts `rows` (in order), which hold every part of the reflections `keep` and
+    no other: each reflection's sums are over the same parts in the same order, so they are taken as
+    they are (the same numbers as _reflections of those parts), only the numbering is new."""
+    renumber = np.cumsum(keep) - 1
+    row_at = np.full(len(g["inv"]), -1)
+    row_at[rows] = np.arange(len(rows))
+    out = {k: v[keep] for k, v in g.items() if k not in ("inv", "first")}
+    out.update(inv=renumber[g["inv"][rows]], first=row_at[g["first"][keep]])
+    return out
+
+
 def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *, free_cell=(),
                       min_isig=10.0):
     """Positional and post-refinement on measured parts (measure_parts).  Returns Refined."""
     if len(parts) == 0:
         raise ProcessingError("no reflection could be measured for refinement")
     g = _reflections(parts, min_isig)
-    parts = parts.take(np.flatnonzero(g["strong"][g["inv"]]))     # only strong ones are used: predict no others
+    rows = np.flatnonzero(g["strong"][g["inv"]])
+    parts = parts.take(rows)     # only strong ones are used: predict no others
     if len(parts) == 0:
         raise ProcessingError("no strong reflection was measured: nothing to refine against")
-    g = _reflections(parts, min_isig)
+    g = _kept_reflections(g, g["strong"], rows)
     first = g["first"]
     hkl_all = np.stack([parts["h"][first], parts["k"][first], parts["l"][first]], 1).astype(float)
     phi_ref = parts["phi_pred"][first]
@@ -828,7 +842,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         Jacobian at the same point, which the fit asks for next)."""
         key = (phi.tobytes(), width.tobytes())
         if last_f.get("key") != key:
-            f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_img + scan.osc, tail)
+            f = predict.fraction_inside(phi[pr_refl], width[pr_refl], a_img, a_hi, tail)
             tot = np.maximum(np.bincount(pr_refl, f, minlength=len(hkl_all)), 1e-9)
             last_f.update(key=key, f=f, tot=tot)
         return last_f["f"], last_f["tot"]
@@ -838,19 +852,27 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     def select(use_pos, use_frac):
         """The spots and fractions the residuals are of (each round of rejection chooses anew)."""
         i = np.flatnonzero(use_pos)
-        sel.update(i=i, xo=xo[i], yo=yo[i], sig=pos_sig[i], frac=use_frac)
+        sel.update(i=i, xo=xo[i], yo=yo[i], sig=pos_sig[i], sig_col=pos_sig[i][:, None], frac=use_frac)
+
+    def masked(keep, v, other):
+        """np.where(keep, v, other), without the copy when everything is kept (the usual case)."""
+        return v if keep.all() else np.where(keep, v, other)
+
+    a_hi = a_img + scan.osc
+    # dtot's bins: (reflection, parameter) of every fraction row's derivatives
+    tot_bins = (pr_refl[:, None] * len(model.x0) + np.arange(len(model.x0))).ravel()
 
     def positional(xm, ym, ok):
         i = sel["i"]
-        return (np.where(ok[i], (xm[i] - sel["xo"]) / sel["sig"], 10.0),
-                np.where(ok[i], (ym[i] - sel["yo"]) / sel["sig"], 10.0))
+        keep = ok[i]
+        return masked(keep, (xm[i] - sel["xo"]) / sel["sig"], 10.0), masked(keep, (ym[i] - sel["yo"]) / sel["sig"], 10.0)
 
     def resid(x):
         xm, ym, phi, width, ok = calc(x)
         out = list(positional(xm, ym, ok))
         if len(prow) and postref:
             f, tot = fractions(phi, width)
-            out.append(np.where(sel["frac"], (f / tot[pr_refl] - p_obs) / p_sig, 0.0))
+            out.append(masked(sel["frac"], (f / tot[pr_refl] - p_obs) / p_sig, 0.0))
         return np.concatenate(out)
 
     def jac(x):
@@ -858,19 +880,18 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         dX, dY, dphi, dW = calc.derivatives(x)
         i = sel["i"]
         keep = ok[i][:, None]
-        out = [np.where(keep, dX[i] / sel["sig"][:, None], 0.0), np.where(keep, dY[i] / sel["sig"][:, None], 0.0)]
+        out = [masked(keep, dX[i] / sel["sig_col"], 0.0), masked(keep, dY[i] / sel["sig_col"], 0.0)]
         if len(prow) and postref:
             ph, wd = phi[pr_refl], width[pr_refl]
             f, tot = fractions(phi, width)
-            hp, hw = _cum_derivatives(a_img + scan.osc, ph, wd, tail)
+            hp, hw = _cum_derivatives(a_hi, ph, wd, tail)
             lp, lw = _cum_derivatives(a_img, ph, wd, tail)
             df = (hp - lp)[:, None] * dphi.take(pr_refl, 0) + (hw - lw)[:, None] * dW.take(pr_refl, 0)
             p = len(x)
-            dtot = np.bincount((pr_refl[:, None] * p + np.arange(p)).ravel(), df.ravel(),
-                               minlength=len(hkl_all) * p).reshape(-1, p)
+            dtot = np.bincount(tot_bins, df.ravel(), minlength=len(hkl_all) * p).reshape(-1, p)
             T = tot[pr_refl][:, None]
             dp = df / T - f[:, None] * dtot[pr_refl] / (T * T)
-            out.append(np.where(sel["frac"][:, None], dp / p_sig[:, None], 0.0))
+            out.append(masked(sel["frac"][:, None], dp / p_sig[:, None], 0.0))
         return np.concatenate(out, 0)
 
     res = None
@@ -879,9 +900,12 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
     if "MOSAIC" in model.names:
         lb[model.names.index("MOSAIC")] = 0.01
     if len(x):
-        for rnd in range(3):
+        for rnd in range(4):
             select(use_pos, use_frac)
-            x, r_fit, J_fit = _fit(resid, jac, x, lb, ub)
+            # the first fit only comes within REJECT_TOL esd of the minimum, where the outliers are those
+            # of the minimum (residuals of 5-10 sigma against shifts of a tenth of an esd): every fit after
+            # the first rejection runs to the minimum itself (~2 of a block's ~9 evaluations saved)
+            x, r_fit, J_fit = _fit(resid, jac, x, lb, ub, tol=FIT_TOL if rnd else REJECT_TOL)
             res = (r_fit, J_fit)
             # reject outliers (REFINEMENT RESIDUAL, POSTREF MAXRESIDUAL) and fit again
             xm, ym, phi, width, ok = calc(x)
@@ -897,7 +921,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
                 off = np.abs(f / tot[pr_refl] - p_obs) / p_sig > opts.maxresidual
                 # a reflection with one part off is off as a whole (its other fractions share the error)
                 new_frac = np.bincount(pr_refl, off, minlength=len(hkl_all))[pr_refl] == 0
-            if np.array_equal(new_pos, use_pos) and np.array_equal(new_frac, use_frac):
+            if rnd and np.array_equal(new_pos, use_pos) and np.array_equal(new_frac, use_frac):
                 break
             use_pos, use_frac = new_pos, new_frac
     det, cr = model.unpack(x)
