@@ -202,7 +202,9 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
             np.isfinite(ipr_lp.astype(np.float32))
         kept = np.flatnonzero(ok)
         lp, rows_k, i_lp, ipr_lp = lp[kept], sel[kept], i_lp[kept], ipr_lp[kept]
-        p = predict.fields(pred, at_pred[kept], ("h", "k", "l", "phi", "width", "d"))
+        # (whole records gathered, their fields read as views: 6 takes from the block's fields cost
+        # twice as much on the sim sweep's 2 000 rows of 12 000)
+        p = pred.take(at_pred[kept])
         res = {k: res[k][kept] for k in ("I", "SIGI", "IPR", "SIGIPR", "flag", "fast_obs", "slow_obs")}
         rec = np.zeros(len(kept), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
@@ -235,18 +237,33 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         st.n_bad = int(np.sum(rec["flag"] & ~16 != 0))
         good = rec["sigi"] > 0
         if good.any():
-            st.isig_sum = float(np.mean(rec["i"][good] / rec["sigi"][good]))
-            st.isig_pr = float(np.mean(rec["ipr"][good] / np.where(rec["sigipr"][good] > 0,
-                                                                     rec["sigipr"][good], np.inf)))
+            gi, gs, gp, gsp = (rec[f][good] for f in ("i", "sigi", "ipr", "sigipr"))
+            st.isig_sum = float(np.mean(gi / gs))
+            st.isig_pr = float(np.mean(gp / np.where(gsp > 0, gsp, np.inf)))
             d = p["d"][good]
-            outer = d <= np.quantile(d, 0.1)
-            st.isig_sum_outer = float(np.mean(rec["i"][good][outer] / rec["sigi"][good][outer]))
-            sp = rec["sigipr"][good][outer]
-            st.isig_pr_outer = float(np.mean(rec["ipr"][good][outer] / np.where(sp > 0, sp, np.inf)))
+            outer = d <= _quantile(d, 0.1)
+            st.isig_sum_outer = float(np.mean(gi[outer] / gs[outer]))
+            sp = gsp[outer]
+            st.isig_pr_outer = float(np.mean(gp[outer] / np.where(sp > 0, sp, np.inf)))
         st.seconds = time.time() - t0
         out_records.append(rec)
         out_stats.append(st)
     return out_records, out_stats, out_obs
+
+
+def _quantile(v, q):
+    """np.quantile(v, q) of a 1-D float array, the same number (its index, neighbours and
+    interpolation, in its order) from one partition: ~10 us an image's 2 000 values, np.quantile ~100."""
+    n = len(v)
+    vi = (n - 1) * q
+    if n == 0 or vi >= n - 1 or not np.isfinite(v).all():
+        return np.quantile(v, q)
+    lo = int(np.floor(vi))
+    part = np.partition(v, [lo, lo + 1])
+    a, b = part[lo], part[lo + 1]
+    g = vi - lo
+    diff = b - a
+    return b - diff * (1 - g) if g >= 0.5 else a + diff * g
 
 
 def background_level(data, nullpix=-1.0, step=8):
