@@ -515,3 +515,23 @@ def test_the_strong_reflections_grouping_is_that_of_their_parts(block_problem):
     assert want.keys() == got.keys()
     for k in want:
         assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
+
+
+def test_pass_1_looks_no_further_out_than_spots_stand_out(block_problem):
+    """Pass 1 (measure_parts with a limit) leaves out the reflections past the resolution where the
+    block's middle image has no spot standing out (_standing_resolution): every strong reflection of the
+    whole detector is inside it, and it is well inside the corners; a blank image sets no limit."""
+    from pyflm import geometry, images, predict, refine
+    parts, crystal, beam, det, gonio, scan = block_problem
+    read = lambda i: images.read_image(str(SIM / f"sim_{i:04d}.cbf"))[0]
+    dmin = predict.corner_resolution(det, beam.wavelength)
+    pred = predict.predict(crystal, beam, det, gonio, 0.0, 5.0, dmin, mosaic=0.6, margin=2.5)
+    d_lim = refine._standing_resolution(pred, range(1, 6), scan, read, det, refine.RASTER)
+    assert d_lim is not None and d_lim > 1.1 * dmin
+    g = refine._reflections(parts, 10.0)          # every reflection of the block measured, no limit
+    d = geometry.d_spacing(crystal.A, np.stack([parts["h"], parts["k"], parts["l"]], 1)[g["first"]])
+    assert g["strong"].sum() > 500 and d[g["strong"]].min() > d_lim
+    few = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read, limit=1000)
+    assert geometry.d_spacing(crystal.A, np.stack([few["h"], few["k"], few["l"]], 1)).min() >= d_lim
+    blank = lambda i: np.zeros((det.n_slow, det.n_fast))
+    assert refine._standing_resolution(pred, range(1, 6), scan, blank, det, refine.RASTER) is None
