@@ -15,6 +15,7 @@ cdef extern from *:
     /* SSE2's minsd and maxsd: no branch (gcc made the conditional expressions a branch) */
     #include <emmintrin.h>
     #include <string.h>
+    #include <math.h>
     static inline double pyflm_min(double a, double b) {
         return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
     static inline double pyflm_max(double a, double b) {
@@ -305,13 +306,18 @@ cdef extern from *:
                 continue;
             }
             const __m128d lim = _mm_set1_pd(ratio * lv);
+            /* the division only where the test might hold: num >= lim.den.(1 + 2^-45) (rounded) means
+               num / den >= lim (1 + 2^-51) exactly, so its rounded quotient is not below lim either;
+               shadows are rare, and divpd had been half of shadow_test's time (lim > 0 only) */
+            const __m128d limk = _mm_set1_pd(ratio * lv > 0 ? ratio * lv * (1.0 + 0x1p-45) : INFINITY);
             for (; j + 2 <= j1; j += 2) {
                 __m128d den = _mm_add_pd(_mm_add_pd(_mm_loadu_pd(v0 + j), _mm_loadu_pd(v1 + j)),
                                          _mm_loadu_pd(v2 + j));
                 __m128d num = _mm_add_pd(_mm_add_pd(_mm_loadu_pd(m0 + j), _mm_loadu_pd(m1 + j)),
                                          _mm_loadu_pd(m2 + j));
-                __m128d ok = _mm_and_pd(_mm_cmpgt_pd(den, half9),
-                                        _mm_cmplt_pd(_mm_div_pd(num, den), lim));
+                __m128d ok = _mm_and_pd(_mm_cmpgt_pd(den, half9), _mm_cmplt_pd(num, _mm_mul_pd(limk, den)));
+                if (_mm_movemask_pd(ok))
+                    ok = _mm_and_pd(_mm_cmpgt_pd(den, half9), _mm_cmplt_pd(_mm_div_pd(num, den), lim));
                 int bits = _mm_movemask_pd(ok);
                 hit[j] = (bits & 1) && valid[j];
                 hit[j + 1] = ((bits >> 1) & 1) && valid[j + 1];

@@ -59,3 +59,20 @@ def test_kernel_median_of_5_x_5_bins_is_scipys():
     for c in (coarse, rng.poisson(2.0, (13, 7)) / 2.0, mixed, rng.normal(size=(3, 40)), rng.normal(size=(1, 1))):
         c = np.ascontiguousarray(c, float)
         assert np.array_equal(shoebox._shadow_ext.median5(c), ndimage.median_filter(c, 5, mode="nearest"))
+
+
+def test_kernel_test_agrees_with_the_twin_at_the_limit_to_the_last_bit():
+    # shadow_test divides only where num < lim.den.(1 + 2^-45): pixels whose 3 x 3 mean lies a few ulps
+    # either side of ratio x level (and exactly on it) come out as the twin's division says
+    ratio, level = 0.25, 3.7
+    lim = ratio * level
+    steps = np.r_[-40:41, 100:300:7, -300:-100:7]      # (the division is skipped beyond ~128 ulps)
+    vals = np.array([lim * (1 + k * 2.0 ** -52) for k in steps] + [np.nextafter(lim, 0), lim,
+                                                                  np.nextafter(lim, 2)])
+    med = np.repeat(np.repeat(vals[:, None], 8, 0), 8, 1)       # blocks of one value: 3 x 3 means of it
+    valid = np.ones(med.shape, bool)
+    lv = np.full(((med.shape[0] + 7) // 8, 1), level)
+    a = shoebox.shadow_test_numpy(valid, med, lv, 8, ratio, 0.5, 0)
+    b = shoebox._shadow_ext.shadow_test(valid.view(np.uint8), med, lv, 8, ratio, 0.5, 0)
+    assert np.array_equal(a, b)
+    assert a.any() and not a.all()                              # both sides of the limit are there
