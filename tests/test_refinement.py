@@ -451,11 +451,17 @@ def test_pass_1_refines_from_a_bounded_list_of_the_strongest_spots_spread_over_t
         np.sqrt(np.bincount(p["refl"], p["sigI"] ** 2)[np.unique(p["refl"])])
     assert np.median(isig(few)) > 1.5 * np.median(isig(parts))
     # spread: the detector's four corner sixteenths (the highest resolution, weaker spots, none of them
-    # among the strongest thousand) keep a tenth of the list
+    # among the strongest thousand) keep a twentieth of the list, and in it (nearly) every one of their
+    # reflections that the whole measurement finds strong
     X, Y = det.size_mm
-    xs, ys = det.pixel_to_mm(few["fast"], few["slow"])
-    corner = (np.abs(xs / X - 0.5) > 0.25) & (np.abs(ys / Y - 0.5) > 0.25)
-    assert len(np.unique(few["refl"][corner])) > limit / 10
+
+    def corner(p):
+        xs, ys = det.pixel_to_mm(p["fast"], p["slow"])
+        return np.unique(p["refl"][(np.abs(xs / X - 0.5) > 0.25) & (np.abs(ys / Y - 0.5) > 0.25)])
+    assert len(corner(few)) > limit / 20
+    g = refine._reflections(parts, 10.0)
+    strong_corner = np.intersect1d(corner(parts), np.unique(parts["refl"])[g["strong"]])
+    assert len(strong_corner) > 20 and np.isin(strong_corner, few["refl"]).mean() >= 0.9
     a = refine.refine_parameters(parts, crystal, beam, det, gonio, scan, refine.Options())
     b = refine.refine_parameters(few, crystal, beam, det, gonio, scan, refine.Options())
     ax, bx = refine.direct_beam(a.detector), refine.direct_beam(b.detector)
