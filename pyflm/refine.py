@@ -207,11 +207,11 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     # and is at most MAXWIDTH-like 5
     margin = min(5.0, max(2.5, 4.0 * wide))
     pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, dmin, dmax, mosaic=wide, margin=margin)
-    kept = None
+    kept, probe = None, None
     if limit is not None:
         # a bounded list of strong reflections has none beyond the resolution where the spots stop
         # standing out: those are neither looked at nor measured (nor, far from any that is, neighbours)
-        d_lim = _standing_resolution(pred, images, scan, read_image, detector, raster)
+        d_lim, probe = _standing_resolution(pred, images, scan, read_image, detector, raster)
         if d_lim is not None:
             kept = np.flatnonzero(pred["d"] >= d_lim)       # (`refl` still numbers the whole prediction)
             pred = pred.take(kept)
@@ -265,7 +265,19 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
             continue
         datas[img] = (sel, data)
         look = sel[largest[sel]]
-        pk, n_pk, rim, n_rim = quick_sums(data, p["fast"][look], p["slow"][look], raster, detector.nullpix).T
+        fast, slow = p["fast"][look], p["slow"][look]
+        if probe is not None and img == probe[0]:
+            # the probe looked at these boxes already (the same image, positions and raster)
+            refl = out["refl"][look] if kept is None else kept[out["refl"][look]]
+            at = np.minimum(np.searchsorted(probe[1], refl), len(probe[1]) - 1)
+            done = probe[1][at] == refl
+            sums = np.empty((len(look), 4))
+            sums[done] = probe[2][at[done]]
+            rest = np.flatnonzero(~done)
+            sums[rest] = quick_sums(data, fast[rest], slow[rest], raster, detector.nullpix)
+        else:
+            sums = quick_sums(data, fast, slow, raster, detector.nullpix)
+        pk, n_pk, rim, n_rim = sums.T
         quick = pk - rim / np.maximum(n_rim, 1) * n_pk
         root = np.sqrt(np.maximum(pk, 1.0))
         # a bounded list (pass 1) is spent on reflections that can be strong: those standing out
@@ -298,9 +310,10 @@ D_MARGIN = 0.95     # the limit is this fraction of the highest-resolution stand
 
 
 def _standing_resolution(pred, images, scan, read_image, detector, raster):
-    """The resolution (A) past which pass 1 need not look: D_MARGIN x the d of the highest-resolution
-    reflection that stands out (quick I/sigma >= STANDING at its predicted centre) on the block's middle
-    image; None (no limit) when fewer than PROBE_MIN stand out there or the image cannot be read.  One
+    """(d, probe): the resolution d (A) past which pass 1 need not look, D_MARGIN x the d of the
+    highest-resolution reflection that stands out (quick I/sigma > STANDING at its predicted centre) on
+    the block's middle image, None (no limit) when fewer than PROBE_MIN stand out there or the image
+    cannot be read; probe (image, indices into pred, quick_sums rows) what was looked at, or None.  One
     bright spot far out (an ice ring, a zinger) only takes the limit out to it.  The margin keeps every
     reflection within 5 % in d of the standing ones, their overlapping neighbours among them (5 % of d is
     millimetres on the detector, a separation a fraction of one)."""
@@ -311,15 +324,16 @@ def _standing_resolution(pred, images, scan, read_image, detector, raster):
     try:
         data = read_image(img)
     except Exception:
-        return None
+        return None, None
     if len(on) < PROBE_MIN or data.shape != (detector.n_slow, detector.n_fast):
-        return None
-    pk, n_pk, rim, n_rim = quick_sums(data, pred["fast"].take(on), pred["slow"].take(on), raster,
-                                      detector.nullpix).T
-    standing = pk - rim / np.maximum(n_rim, 1) * n_pk >= STANDING * np.sqrt(np.maximum(pk, 1.0))
+        return None, None
+    sums = quick_sums(data, pred["fast"].take(on), pred["slow"].take(on), raster, detector.nullpix)
+    pk, n_pk, rim, n_rim = sums.T
+    standing = pk - rim / np.maximum(n_rim, 1) * n_pk > STANDING * np.sqrt(np.maximum(pk, 1.0))
+    probe = (img, on, sums)
     if standing.sum() < PROBE_MIN:
-        return None
-    return D_MARGIN * float(pred["d"].take(on)[standing].min())
+        return None, probe
+    return D_MARGIN * float(pred["d"].take(on)[standing].min()), probe
 
 
 def _strongest_spread(seen, score, x_mm, y_mm, detector, limit):

@@ -532,7 +532,7 @@ def test_pass_1_looks_no_further_out_than_spots_stand_out(block_problem):
     read = lambda i: images.read_image(str(SIM / f"sim_{i:04d}.cbf"))[0]
     dmin = predict.corner_resolution(det, beam.wavelength)
     pred = predict.predict(crystal, beam, det, gonio, 0.0, 5.0, dmin, mosaic=0.6, margin=2.5)
-    d_lim = refine._standing_resolution(pred, range(1, 6), scan, read, det, refine.RASTER)
+    d_lim, probe = refine._standing_resolution(pred, range(1, 6), scan, read, det, refine.RASTER)
     assert d_lim is not None and d_lim > 1.1 * dmin
     g = refine._reflections(parts, 10.0)          # every reflection of the block measured, no limit
     d = geometry.d_spacing(crystal.A, np.stack([parts["h"], parts["k"], parts["l"]], 1)[g["first"]])
@@ -540,4 +540,26 @@ def test_pass_1_looks_no_further_out_than_spots_stand_out(block_problem):
     few = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read, limit=1000)
     assert geometry.d_spacing(crystal.A, np.stack([few["h"], few["k"], few["l"]], 1)).min() >= d_lim
     blank = lambda i: np.zeros((det.n_slow, det.n_fast))
-    assert refine._standing_resolution(pred, range(1, 6), scan, blank, det, refine.RASTER) is None
+    assert refine._standing_resolution(pred, range(1, 6), scan, blank, det, refine.RASTER)[0] is None
+
+
+def test_the_quick_look_takes_the_probes_boxes_as_they_were(block_problem, monkeypatch):
+    """measure_parts takes the middle image's boxes the probe looked at (_standing_resolution) instead
+    of looking again: the same parts, to the bit, as when every box is looked at anew, from fewer looks."""
+    from pyflm import images, refine, shoebox
+    parts, crystal, beam, det, gonio, scan = block_problem
+    read = lambda i: images.read_image(str(SIM / f"sim_{i:04d}.cbf"))[0]
+    looked, quick = [], shoebox.quick_sums
+
+    def counting(data, fast, slow, *a, **k):
+        looked.append(len(fast))
+        return quick(data, fast, slow, *a, **k)
+    monkeypatch.setattr(shoebox, "quick_sums", counting)
+    reused = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read, limit=1000)
+    n_reused = sum(looked)
+    probe = refine._standing_resolution
+    monkeypatch.setattr(refine, "_standing_resolution", lambda *a: (probe(*a)[0], None))
+    looked.clear()
+    anew = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read, limit=1000)
+    assert reused.tobytes() == anew.tobytes()
+    assert n_reused < sum(looked) - 200
