@@ -168,7 +168,8 @@ def partial_codes(hkl, batch, fraction=None, full_fraction=0.95):
     mpart = np.zeros(n, np.int64)
     if n == 0:
         return mpart.astype(np.int32)
-    order = np.lexsort((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
+    from .integrate import lexsort_ints        # (integrate imports this module)
+    order = lexsort_ints((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
     h, b = hkl[order], batch[order]
     same = np.all(h[1:] == h[:-1], axis=1) & (b[1:] == b[:-1] + 1)
     start = np.ones(n, bool)
