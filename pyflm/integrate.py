@@ -316,7 +316,8 @@ def _profile_regions(detector, fast, slow, n_rings=4, n_sectors=1):
     rings' wider profiles lost 0.01-0.03 of cc_truth at 1.37-1.27 A on the sim sweep.)"""
     from . import geometry
     from .shoebox import ring_regions
-    x, y, _ = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], detector.frame())
+    frame = detector.frame()
+    x, y, _ = geometry.lab_to_mm(geometry.BEAM_DIRECTION[None], frame)
     bf, bs = detector.mm_to_pixel(x, y)
     centre = (float(np.ravel(bf)[0]), float(np.ravel(bs)[0]))
     corners_f = np.array([0, detector.n_fast, 0, detector.n_fast]) - centre[0]
@@ -325,14 +326,18 @@ def _profile_regions(detector, fast, slow, n_rings=4, n_sectors=1):
     regions = ring_regions(fast, slow, centre, r_max, n_rings, n_sectors)
     n = n_rings * n_sectors
     x, y = detector.pixel_to_mm(np.asarray(fast, float), np.asarray(slow, float))
-    _, wt = geometry.spot_spread(x, y, detector.frame(), 0.5 * (detector.pixel_fast + detector.pixel_slow))
+    _, wt = geometry.spot_spread(x, y, frame, 0.5 * (detector.pixel_fast + detector.pixel_slow))
     # the tangential term: the sim sweep's spot widths follow it (psf plus 0.108 deg of mosaic spread
     # from 3.2 to 1.4 A) while radially they grow more slowly than the obliquity would say (0.065-0.08
     # deg); the mean of both squares gave wider profiles and 0.5-3 % more noise at 1.4-1.27 A
     sq = wt ** 2
     ok = np.isfinite(sq)
-    cnt = np.bincount(regions[ok], minlength=n)
-    spread = np.bincount(regions[ok], sq[ok], minlength=n) / np.maximum(cnt, 1)
+    if not ok.all():        # (else the same sums without two boolean takes)
+        regions_ok, sq = regions[ok], sq[ok]
+    else:
+        regions_ok = regions
+    cnt = np.bincount(regions_ok, minlength=n)
+    spread = np.bincount(regions_ok, sq, minlength=n) / np.maximum(cnt, 1)
     spread[cnt == 0] = np.nan
     return regions, n, spread
 

@@ -287,6 +287,8 @@ def ring_regions(fast, slow, centre, r_max, n_rings=4, n_sectors=1):
     # a position that is not finite (no pixel) goes to the outer ring, sector 0, rather than a bad cast
     r = np.nan_to_num(np.hypot(df, ds) / r_max * n_rings, nan=n_rings, posinf=n_rings, neginf=0.0)
     ring = np.clip(r.astype(int), 0, n_rings - 1)
+    if n_sectors == 1:          # every angle's sector is 0: no arctan2
+        return ring
     a = np.nan_to_num((np.arctan2(ds, df) + np.pi) / (2 * np.pi) * n_sectors, nan=0.0)
     sector = np.clip(a.astype(int), 0, n_sectors - 1)
     return ring * n_sectors + sector

@@ -45,3 +45,30 @@ def test_record_helpers_give_numpys_results():
                 rng.integers(-200, 200, n).astype(np.int64)]
         for ks in (keys, keys[:1], keys + [rng.integers(-2 ** 40, 2 ** 40, n)]):
             assert np.array_equal(lexsort_ints(tuple(ks)), np.lexsort(tuple(ks)))
+
+
+def test_profile_region_helpers_to_the_bit():
+    """mm_to_lab's points and spot_spread's ray lengths are broadcasting's and np.linalg.norm's (its sum of squares in its order); ring_regions
+    with one sector (no arctan2) gives the rings that two sectors are cut from."""
+    from pyflm import geometry
+    from pyflm.shoebox import ring_regions
+    rng = np.random.default_rng(11)
+    for frame in (geometry.detector_frame(150.0, 160.0, 158.0),
+                  geometry.detector_frame(90.0, 100.0, 110.0, two_theta=25.0, tilt=0.4, twist=-0.3)):
+        x, y = rng.uniform(-20.0, 340.0, 20000), rng.uniform(-20.0, 340.0, 20000)
+        p = geometry.mm_to_lab(x, y, frame)
+        origin, ex, ey, _ = frame                     # mm_to_lab's sums are broadcasting's
+        assert p.tobytes() == (origin + x[:, None] * ex + y[:, None] * ey).tobytes()
+        assert geometry.mm_to_lab(x[:6].reshape(2, 3), 7.5, frame).tobytes() == \
+            (origin + x[:6].reshape(2, 3, 1) * ex + 7.5 * ey).tobytes()
+        assert geometry.mm_to_lab(3.0, -2.0, frame).tobytes() == (origin + 3.0 * ex - 2.0 * ey).tobytes()
+        L = np.linalg.norm(p, axis=-1)
+        two_sin = 2.0 * np.sqrt(np.maximum(0.5 * (1.0 - np.clip(p[..., 0] / L, -1.0, 1.0)), 0.0))
+        t = two_sin * L / 0.172
+        radial, tangential = geometry.spot_spread(x, y, frame, 0.172)
+        assert np.array_equal(tangential, t)
+        assert np.array_equal(radial, t / np.maximum(np.abs(p @ frame[3]) / L, 1e-3))
+    f, s = rng.uniform(-50.0, 2500.0, 5000), rng.uniform(-50.0, 2500.0, 5000)
+    f[:3], s[3:5] = np.nan, np.inf
+    one, two = ring_regions(f, s, (1230.5, 1260.2), 1800.0), ring_regions(f, s, (1230.5, 1260.2), 1800.0, 4, 2)
+    assert one.dtype == two.dtype and np.array_equal(one, two // 2) and len(np.unique(one)) == 4
