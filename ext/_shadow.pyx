@@ -136,93 +136,104 @@ cdef double _median(double *v, int n) noexcept nogil:
     return (lo + hi) / 2.0
 
 
-cdef void _stats(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double nullpix, int bin_,
-                 unsigned char[:, ::1] V, double[:, ::1] M, double[:, ::1] C) noexcept nogil:
-    cdef Py_ssize_t i, j, t, u, bi, bj, n, off
+cdef void _stats_bins(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double nullpix, int bin_,
+                      Py_ssize_t bi, Py_ssize_t nbc, unsigned char *V, double *M, double *C, double *buf,
+                      double *bb, int *hist) noexcept nogil:
+    """block_stats of the pixel rows of the bi-th row of bins: validity and median into V and M (laid out
+    from that row of bins' first pixel row, nf a row) and the bins' medians into C[0:nbc]; hist is all 0
+    on entry and exit."""
+    cdef Py_ssize_t i, j, t, u, bj, n, off
     cdef int nv
     cdef double x, y
-    cdef double *buf = <double *>malloc(k * sizeof(double))
-    cdef double *bb = <double *>malloc(bin_ * bin_ * sizeof(double))
-    cdef Py_ssize_t r0, r1
-    cdef int hist[HIST]
+    cdef Py_ssize_t r0 = bi * bin_, r1 = min(r0 + bin_, ns)
     cdef int small, top, h, cum, lo_rank, hi_rank
     cdef double lo_v, hi_v
+    # the pixels of this row of bins first, while they are in the cache for their bins' medians
+    if k == 5:
+        if pix_t is cnp.int32_t:
+            pyflm_med5_i32((r1 - r0) * nf, <const int *>st[0] + r0 * nf, <const int *>st[1] + r0 * nf,
+                           <const int *>st[2] + r0 * nf, <const int *>st[3] + r0 * nf,
+                           <const int *>st[4] + r0 * nf, nullpix, V, M)
+        elif pix_t is float:
+            pyflm_med5_f32((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
+                           st[3] + r0 * nf, st[4] + r0 * nf, nullpix, V, M)
+        else:
+            pyflm_med5_f64((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
+                           st[3] + r0 * nf, st[4] + r0 * nf, nullpix, V, M)
+    for i in range(r0 if k != 5 else r1, r1):
+        for j in range(nf):
+            off = i * nf + j
+            nv = 0
+            for t in range(k):
+                x = st[t][off]
+                nv += x > nullpix
+                buf[t] = x if x > 0 else 0.0
+            # odd-even transposition sort of the k values: branch-free compare-exchanges (the
+            # values' order is random, so an insertion sort's branches were mispredicted at every pixel)
+            for u in range(k):
+                for t in range(u % 2, k - 1, 2):
+                    x = buf[t]
+                    y = buf[t + 1]
+                    buf[t] = pyflm_min(x, y)
+                    buf[t + 1] = pyflm_max(x, y)
+            off = (i - r0) * nf + j
+            if 2 * nv > k:
+                V[off] = 1
+                M[off] = _median_sorted(buf, <int>k)
+            else:
+                V[off] = 0
+                M[off] = 0.0
+    for bj in range(nbc):
+        n = 0
+        small = 1
+        top = 0
+        for i in range(r1 - r0):
+            for j in range(bj * bin_, min((bj + 1) * bin_, nf)):
+                if V[i * nf + j]:
+                    x = M[i * nf + j]
+                    bb[n] = x
+                    n += 1
+                    # medians of counts are mostly small whole numbers: counted, not sorted
+                    if small and x < HIST and x == <int>x:
+                        hist[<int>x] += 1
+                        if <int>x > top:
+                            top = <int>x
+                    else:
+                        small = 0
+        if n == 0:
+            C[bj] = 0.0
+        elif small:
+            # the values of rank (n-1)//2 and n//2 (0-based) from the counts: the sorted middle
+            lo_rank = (n - 1) // 2
+            hi_rank = n // 2
+            cum = 0
+            lo_v = hi_v = -1.0
+            for h in range(top + 1):
+                cum += hist[h]
+                if lo_v < 0 and cum > lo_rank:
+                    lo_v = h
+                if cum > hi_rank:
+                    hi_v = h
+                    break
+            C[bj] = (lo_v + hi_v) / 2.0 if n % 2 == 0 else hi_v
+        else:
+            C[bj] = _median(bb, <int>n)
+        for h in range(top + 1):
+            hist[h] = 0
+
+
+cdef void _stats(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double nullpix, int bin_,
+                 unsigned char[:, ::1] V, double[:, ::1] M, double[:, ::1] C) noexcept nogil:
+    cdef double *buf = <double *>malloc(k * sizeof(double))
+    cdef double *bb = <double *>malloc(bin_ * bin_ * sizeof(double))
+    cdef int hist[HIST]
+    cdef Py_ssize_t bi
+    cdef int h
     for h in range(HIST):
         hist[h] = 0
     for bi in range(C.shape[0]):
-        # the pixels of this row of bins first, while they are in the cache for their bins' medians
-        r0 = bi * bin_
-        r1 = min(r0 + bin_, ns)
-        if k == 5:
-            if pix_t is cnp.int32_t:
-                pyflm_med5_i32((r1 - r0) * nf, <const int *>st[0] + r0 * nf, <const int *>st[1] + r0 * nf,
-                               <const int *>st[2] + r0 * nf, <const int *>st[3] + r0 * nf,
-                               <const int *>st[4] + r0 * nf, nullpix, &V[r0, 0], &M[r0, 0])
-            elif pix_t is float:
-                pyflm_med5_f32((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
-                               st[3] + r0 * nf, st[4] + r0 * nf, nullpix, &V[r0, 0], &M[r0, 0])
-            else:
-                pyflm_med5_f64((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
-                               st[3] + r0 * nf, st[4] + r0 * nf, nullpix, &V[r0, 0], &M[r0, 0])
-        for i in range(r0 if k != 5 else r1, r1):
-            for j in range(nf):
-                off = i * nf + j
-                nv = 0
-                for t in range(k):
-                    x = st[t][off]
-                    nv += x > nullpix
-                    buf[t] = x if x > 0 else 0.0
-                # odd-even transposition sort of the k values: branch-free compare-exchanges (the
-                # values' order is random, so an insertion sort's branches were mispredicted at every pixel)
-                for u in range(k):
-                    for t in range(u % 2, k - 1, 2):
-                        x = buf[t]
-                        y = buf[t + 1]
-                        buf[t] = pyflm_min(x, y)
-                        buf[t + 1] = pyflm_max(x, y)
-                if 2 * nv > k:
-                    V[i, j] = 1
-                    M[i, j] = _median_sorted(buf, <int>k)
-                else:
-                    V[i, j] = 0
-                    M[i, j] = 0.0
-        for bj in range(C.shape[1]):
-            n = 0
-            small = 1
-            top = 0
-            for i in range(bi * bin_, min((bi + 1) * bin_, ns)):
-                for j in range(bj * bin_, min((bj + 1) * bin_, nf)):
-                    if V[i, j]:
-                        x = M[i, j]
-                        bb[n] = x
-                        n += 1
-                        # medians of counts are mostly small whole numbers: counted, not sorted
-                        if small and x < HIST and x == <int>x:
-                            hist[<int>x] += 1
-                            if <int>x > top:
-                                top = <int>x
-                        else:
-                            small = 0
-            if n == 0:
-                C[bi, bj] = 0.0
-            elif small:
-                # the values of rank (n-1)//2 and n//2 (0-based) from the counts: the sorted middle
-                lo_rank = (n - 1) // 2
-                hi_rank = n // 2
-                cum = 0
-                lo_v = hi_v = -1.0
-                for h in range(top + 1):
-                    cum += hist[h]
-                    if lo_v < 0 and cum > lo_rank:
-                        lo_v = h
-                    if cum > hi_rank:
-                        hi_v = h
-                        break
-                C[bi, bj] = (lo_v + hi_v) / 2.0 if n % 2 == 0 else hi_v
-            else:
-                C[bi, bj] = _median(bb, <int>n)
-            for h in range(top + 1):
-                hist[h] = 0
+        _stats_bins(st, k, ns, nf, nullpix, bin_, bi, C.shape[1], &V[bi * bin_, 0], &M[bi * bin_, 0],
+                    &C[bi, 0], buf, bb, hist)
     free(buf)
     free(bb)
 
@@ -343,6 +354,18 @@ cdef inline void _row_sums(const double[:, ::1] med, const unsigned char[:, ::1]
     pyflm_row_sums(nf, &med[r, 0], &valid[r, 0], rm, rv)
 
 
+cdef void _grow(Py_ssize_t *hits, Py_ssize_t n, Py_ssize_t ns, Py_ssize_t nf, int grow,
+                unsigned char[:, ::1] O) noexcept nogil:
+    cdef Py_ssize_t a, b, i, j, ii, jj
+    for a in range(n):
+        i = hits[a] // nf
+        j = hits[a] % nf
+        for ii in range(max(i - grow, 0), min(i + grow, ns - 1) + 1):
+            b = grow - (ii - i if ii > i else i - ii)
+            for jj in range(max(j - b, 0), min(j + b, nf - 1) + 1):
+                O[ii, jj] = 1
+
+
 def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, const double[:, ::1] level,
                 int bin_, double ratio, double min_level, int grow):
     """The shadow from block_stats' results and the smoothed coarse level (pyflm.shoebox.shadow_mask's
@@ -380,18 +403,67 @@ def shadow_test(const unsigned char[:, ::1] valid, const double[:, ::1] med, con
             # row sums, then the column of them: the twin's order of additions
             pyflm_shadow_row(nf, bin_, &valid[i, 0], lrow, m0, m1, m2, v0, v1, v2, ratio, min_level, hrow)
             n = pyflm_collect(nf, hrow, i * nf, hits, n)
-        for a in range(n):
-            i = hits[a] // nf
-            j = hits[a] % nf
-            for ii in range(max(i - grow, 0), min(i + grow, ns - 1) + 1):
-                b = grow - (ii - i if ii > i else i - ii)
-                for jj in range(max(j - b, 0), min(j + b, nf - 1) + 1):
-                    O[ii, jj] = 1
+        _grow(hits, n, ns, nf, grow, O)
     free(hits)
     free(RM)
     free(RV)
     free(hrow)
     return out.view(np.bool_)
+
+
+cdef int _pad_row(const double *c, Py_ssize_t nc, double *P, int *H) noexcept nogil:
+    """median5's padded row of bins: c's nc levels with two repeated at each end into P (nc + 4), and
+    in H as counts of halves (-1: not one); 1 if all are such counts."""
+    cdef Py_ssize_t jj
+    cdef int ok = 1
+    cdef double x2
+    for jj in range(nc + 4):
+        P[jj] = c[min(max(jj - 2, 0), nc - 1)]
+        x2 = 2.0 * P[jj]
+        if x2 >= 0 and x2 < HALVES and x2 == <int>x2:
+            H[jj] = <int>x2
+        else:
+            H[jj] = -1
+            ok = 0
+    return ok
+
+
+cdef void _median5_row(const double **P, const int **H, int counts, Py_ssize_t nc, double *out,
+                       int *hist) noexcept nogil:
+    """median5's row of bins from the five padded rows about it (_pad_row's P and H, edge rows
+    repeated); counts: all five are counts of halves (then slid, else selected); hist all 0 on entry
+    and exit."""
+    cdef Py_ssize_t j, a, b
+    cdef int k, h, cum
+    cdef double buf[25]
+    if counts:
+        for a in range(5):
+            for b in range(5):
+                hist[H[a][b]] += 1
+        for j in range(nc):
+            if j:
+                for a in range(5):
+                    hist[H[a][j - 1]] -= 1
+                    hist[H[a][j + 4]] += 1
+            cum = 0
+            h = 0
+            while True:
+                cum += hist[h]
+                if cum > 12:
+                    break
+                h += 1
+            out[j] = h / 2.0
+        for a in range(5):
+            for b in range(nc - 1, nc + 4):
+                hist[H[a][b]] -= 1
+    else:
+        for j in range(nc):
+            k = 0
+            for a in range(5):
+                for b in range(5):
+                    buf[k] = P[a][j + b]
+                    k += 1
+            out[j] = _select(buf, 25, 12)
 
 
 def median5(const double[:, ::1] coarse):
@@ -402,60 +474,152 @@ def median5(const double[:, ::1] coarse):
     of bins whose 5 x 5 windows hold only those, the window's counts of each value are kept as it slides
     (five values out, five in) and the 13th smallest read off them; other rows select (5x faster on the
     sim sweep's blocks than selecting everywhere)."""
-    cdef Py_ssize_t nb = coarse.shape[0], nc = coarse.shape[1], i, j, a, b, ii, jj, r
-    cdef int k, h, cum
-    cdef double buf[25]
+    cdef Py_ssize_t nb = coarse.shape[0], nc = coarse.shape[1], i, a, r
     cdef int hist[HALVES]
-    cdef double x2
+    cdef int counts, h
+    cdef const double *P5[5]
+    cdef const int *H5[5]
     out = np.empty((nb, nc), np.float64)
     if nb == 0 or nc == 0:
         return out
     cdef double[:, ::1] O = out
-    pad = np.pad(np.asarray(coarse), 2, mode="edge")
-    cdef const double[:, ::1] P = pad
-    # the padded grid's values as counts of halves (-1: not one)
-    hv = np.full((nb + 4, nc + 4), -1, np.int32)
-    cdef int[:, ::1] H = hv
-    cdef unsigned char *row_ok = <unsigned char *>malloc(nb + 4)
+    cdef double *P = <double *>malloc(nb * (nc + 4) * sizeof(double))
+    cdef int *H = <int *>malloc(nb * (nc + 4) * sizeof(int))
+    cdef unsigned char *row_ok = <unsigned char *>malloc(nb)
     with nogil:
         for h in range(HALVES):
             hist[h] = 0
-        for r in range(nb + 4):
-            row_ok[r] = 1
-            for jj in range(nc + 4):
-                x2 = 2.0 * P[r, jj]
-                if x2 >= 0 and x2 < HALVES and x2 == <int>x2:
-                    H[r, jj] = <int>x2
-                else:
-                    row_ok[r] = 0
+        for r in range(nb):
+            row_ok[r] = _pad_row(&coarse[r, 0], nc, P + r * (nc + 4), H + r * (nc + 4))
         for i in range(nb):
-            if row_ok[i] and row_ok[i + 1] and row_ok[i + 2] and row_ok[i + 3] and row_ok[i + 4]:
-                for a in range(5):
-                    for b in range(5):
-                        hist[H[i + a, b]] += 1
-                for j in range(nc):
-                    if j:
-                        for a in range(5):
-                            hist[H[i + a, j - 1]] -= 1
-                            hist[H[i + a, j + 4]] += 1
-                    cum = 0
-                    h = 0
-                    while True:
-                        cum += hist[h]
-                        if cum > 12:
-                            break
-                        h += 1
-                    O[i, j] = h / 2.0
-                for a in range(5):
-                    for b in range(nc - 1, nc + 4):
-                        hist[H[i + a, b]] -= 1
-            else:
-                for j in range(nc):
-                    k = 0
-                    for a in range(5):
-                        for b in range(5):
-                            buf[k] = P[i + a, j + b]
-                            k += 1
-                    O[i, j] = _select(buf, 25, 12)
+            counts = 1
+            for a in range(5):
+                r = min(max(i - 2 + a, 0), nb - 1)
+                P5[a] = P + r * (nc + 4)
+                H5[a] = H + r * (nc + 4)
+                counts = counts and row_ok[r]
+            _median5_row(P5, H5, counts, nc, &O[i, 0], hist)
+    free(P)
+    free(H)
     free(row_ok)
     return out
+
+
+ctypedef fused ring_t:
+    unsigned char
+    double
+
+
+cdef inline ring_t *_ring_row(ring_t *ring, Py_ssize_t r, int bin_, Py_ssize_t nf) noexcept nogil:
+    """Pixel row r's place in a ring of four rows of bins."""
+    return ring + (((r // bin_) % 4) * bin_ + r % bin_) * nf
+
+
+cdef Py_ssize_t _block(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double nullpix, int bin_,
+                       double ratio, double min_level, Py_ssize_t *hits) noexcept nogil:
+    """shadow_block's test, streamed: rows of bins' statistics into a ring of four (a row of bins' test
+    needs the level of the 5 x 5 bins about it, so the statistics run two rows of bins ahead, and the
+    row above for the 3 x 3 sums), each level row from the five padded coarse rows about it; the
+    places of the shadow's pixels (before growing) into hits, their number returned."""
+    cdef Py_ssize_t nbr = (ns + bin_ - 1) // bin_, nbc = (nf + bin_ - 1) // bin_, slot = bin_ * nf
+    cdef Py_ssize_t bi, nxt = 0, need, a, r, i, n = 0
+    cdef int counts, h
+    cdef int hist[HIST]
+    cdef int hist5[HALVES]
+    cdef const double *P5[5]
+    cdef const int *H5[5]
+    cdef unsigned char *Vr = <unsigned char *>malloc(4 * slot)
+    cdef double *Mr = <double *>malloc(4 * slot * sizeof(double))
+    cdef double *C = <double *>malloc(nbc * sizeof(double))
+    cdef double *P = <double *>malloc(nbr * (nbc + 4) * sizeof(double))
+    cdef int *H = <int *>malloc(nbr * (nbc + 4) * sizeof(int))
+    cdef unsigned char *row_ok = <unsigned char *>malloc(nbr)
+    cdef double *lrow = <double *>malloc(nbc * sizeof(double))
+    cdef double *buf = <double *>malloc(k * sizeof(double))
+    cdef double *bb = <double *>malloc(bin_ * bin_ * sizeof(double))
+    # sums along rows of 3 of the last three rows, in a ring (as shadow_test)
+    cdef double *RM = <double *>malloc(3 * nf * sizeof(double))
+    cdef double *RV = <double *>malloc(3 * nf * sizeof(double))
+    cdef unsigned char *hrow = <unsigned char *>malloc(nf)
+    for h in range(HIST):
+        hist[h] = 0
+    for h in range(HALVES):
+        hist5[h] = 0
+    for bi in range(nbr):
+        need = min(bi + 2, nbr - 1)
+        while nxt <= need:
+            _stats_bins(st, k, ns, nf, nullpix, bin_, nxt, nbc, Vr + (nxt % 4) * slot, Mr + (nxt % 4) * slot,
+                        C, buf, bb, hist)
+            row_ok[nxt] = _pad_row(C, nbc, P + nxt * (nbc + 4), H + nxt * (nbc + 4))
+            nxt += 1
+        counts = 1
+        for a in range(5):
+            r = min(max(bi - 2 + a, 0), nbr - 1)
+            P5[a] = P + r * (nbc + 4)
+            H5[a] = H + r * (nbc + 4)
+            counts = counts and row_ok[r]
+        _median5_row(P5, H5, counts, nbc, lrow, hist5)
+        if bi == 0:
+            for r in range(min(2, ns)):
+                pyflm_row_sums(nf, _ring_row(Mr, r, bin_, nf), _ring_row(Vr, r, bin_, nf),
+                               RM + (r % 3) * nf, RV + (r % 3) * nf)
+        for i in range(bi * bin_, min((bi + 1) * bin_, ns)):
+            if i + 1 < ns and i >= 1:
+                pyflm_row_sums(nf, _ring_row(Mr, i + 1, bin_, nf), _ring_row(Vr, i + 1, bin_, nf),
+                               RM + ((i + 1) % 3) * nf, RV + ((i + 1) % 3) * nf)
+            a = (i - 1 if i > 0 else 0) % 3
+            r = (i + 1 if i + 1 < ns else ns - 1) % 3
+            pyflm_shadow_row(nf, bin_, _ring_row(Vr, i, bin_, nf), lrow, RM + a * nf, RM + (i % 3) * nf,
+                             RM + r * nf, RV + a * nf, RV + (i % 3) * nf, RV + r * nf, ratio, min_level, hrow)
+            n = pyflm_collect(nf, hrow, i * nf, hits, n)
+    free(Vr)
+    free(Mr)
+    free(C)
+    free(P)
+    free(H)
+    free(row_ok)
+    free(lrow)
+    free(buf)
+    free(bb)
+    free(RM)
+    free(RV)
+    free(hrow)
+    return n
+
+
+def shadow_block(images, double nullpix=-1.0, int bin_=8, double ratio=0.25, double min_level=0.5,
+                 int grow=2):
+    """shadow_mask of a block in one streaming pass: block_stats, median5 and shadow_test's mask (the
+    same to the bit) without the block's arrays of medians and validity, which shadow_test read back
+    from memory (8 MB of medians a sim block); their rows of bins pass through a ring in the cache."""
+    dt = images[0].dtype
+    if dt not in (np.int32, np.float32, np.float64) or any(d.dtype != dt for d in images):
+        dt = np.float64
+    arrs = [np.ascontiguousarray(d, dt) for d in images]
+    cdef Py_ssize_t k = len(arrs), ns = arrs[0].shape[0], nf = arrs[0].shape[1], t, n = 0
+    if any(a.shape != (ns, nf) for a in arrs):
+        raise ValueError("the images of a block differ in size")
+    out = np.zeros((ns, nf), np.uint8)
+    if ns == 0 or nf == 0:
+        return out.view(np.bool_)
+    cdef unsigned char[:, ::1] O = out
+    cdef void **ptr = <void **>malloc(k * sizeof(void *))
+    cdef Py_ssize_t *hits = <Py_ssize_t *>malloc(ns * nf * sizeof(Py_ssize_t))
+    cdef cnp.ndarray a
+    for t in range(k):
+        a = arrs[t]
+        ptr[t] = cnp.PyArray_DATA(a)
+    cdef int code = 0 if dt == np.int32 else 1 if dt == np.float32 else 2
+    try:
+        with nogil:
+            if code == 0:
+                n = _block(<cnp.int32_t **>ptr, k, ns, nf, nullpix, bin_, ratio, min_level, hits)
+            elif code == 1:
+                n = _block(<float **>ptr, k, ns, nf, nullpix, bin_, ratio, min_level, hits)
+            else:
+                n = _block(<double **>ptr, k, ns, nf, nullpix, bin_, ratio, min_level, hits)
+            _grow(hits, n, ns, nf, grow, O)
+    finally:
+        free(ptr)
+        free(hits)
+    return out.view(np.bool_)

@@ -124,15 +124,12 @@ def shadow_mask(images, nullpix=-1.0, bin_=8, ratio=0.25, min_level=0.5, grow=2,
     from scipy import ndimage
     if not len(images):
         return None
-    kernel = use_cython and _shadow_ext is not None
-    if kernel:    # the kernel (ext/_shadow.pyx): the same three arrays
-        valid, mean, coarse = _shadow_ext.block_stats(list(images), float(nullpix), int(bin_))
-    else:
-        valid, mean, coarse = shadow_stats_numpy(images, nullpix, bin_)
-    level = _shadow_ext.median5(coarse) if kernel else ndimage.median_filter(coarse, 5, mode="nearest")
-    if kernel:
-        return _shadow_ext.shadow_test(valid.view(np.uint8), mean, level, int(bin_), float(ratio),
-                                       float(min_level), int(grow))
+    if use_cython and _shadow_ext is not None:
+        # the kernel (ext/_shadow.pyx): block_stats, median5 and shadow_test streamed in one pass
+        return _shadow_ext.shadow_block(list(images), float(nullpix), int(bin_), float(ratio),
+                                        float(min_level), int(grow))
+    valid, mean, coarse = shadow_stats_numpy(images, nullpix, bin_)
+    level = ndimage.median_filter(coarse, 5, mode="nearest")
     return shadow_test_numpy(valid, mean, level, bin_, ratio, min_level, grow)
 
 

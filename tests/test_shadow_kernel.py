@@ -76,3 +76,29 @@ def test_kernel_test_agrees_with_the_twin_at_the_limit_to_the_last_bit():
     b = shoebox._shadow_ext.shadow_test(valid.view(np.uint8), med, lv, 8, ratio, 0.5, 0)
     assert np.array_equal(a, b)
     assert a.any() and not a.all()                              # both sides of the limit are there
+
+
+def test_streamed_block_is_the_three_kernels_and_the_twin():
+    # shadow_block (statistics, level and test through a ring of rows of bins) against block_stats,
+    # median5 and shadow_test on whole arrays and against the numpy twin: sizes below, at and just
+    # past a few rows of bins, one row, general k, floats, shadows near the edges
+    from scipy import ndimage
+    rng = np.random.default_rng(11)
+    ext = shoebox._shadow_ext
+    n_shadow = 0
+    for ns, nf, k, bin_, dt in ((75, 61, 5, 8, np.int32), (75, 61, 6, 5, np.float32), (1, 40, 5, 8, np.int32),
+                                (9, 9, 3, 8, np.float64), (33, 17, 5, 4, np.int32), (40, 3, 4, 1, np.int32)):
+        imgs = [rng.poisson(6.0, (ns, nf)).astype(dt) for _ in range(k)]
+        for d in imgs:
+            d[: ns // 3, nf // 2:] = rng.poisson(0.5, d[: ns // 3, nf // 2:].shape)   # a shadow at an edge
+            d[-3:, :2] = 0
+        imgs[0][:, 5:7] = -1
+        v, m, c = ext.block_stats(imgs, -1.0, bin_)
+        level = ext.median5(c)
+        a = ext.shadow_test(v.view(np.uint8), m, level, bin_, 0.25, 0.5, 2)
+        b = ext.shadow_block(imgs, -1.0, bin_, 0.25, 0.5, 2)
+        v2, m2, c2 = shoebox.shadow_stats_numpy(imgs, -1.0, bin_)
+        t = shoebox.shadow_test_numpy(v2, m2, ndimage.median_filter(c2, 5, mode="nearest"), bin_, 0.25, 0.5, 2)
+        assert b.shape == (ns, nf) and np.array_equal(a, b) and np.array_equal(b, t)
+        n_shadow += b.sum()
+    assert n_shadow > 0
