@@ -102,3 +102,24 @@ def test_streamed_block_is_the_three_kernels_and_the_twin():
         assert b.shape == (ns, nf) and np.array_equal(a, b) and np.array_equal(b, t)
         n_shadow += b.sum()
     assert n_shadow > 0
+
+
+def test_avx2_median_of_5_is_sse2s_to_the_bit():
+    # block_stats' five-image pass four pixels at a time (AVX2, where the CPU has it) and two (SSE2):
+    # the same validity and medians, tails of 1-3 pixels, negatives, NaN and every pixel type
+    ext = shoebox._shadow_ext
+    rng = np.random.default_rng(5)
+    for ns, nf in ((37, 29), (8, 8), (3, 1)):
+        base = [rng.normal(2.0, 3.0, (ns, nf)) for _ in range(5)]
+        base[1][0, 0] = np.nan
+        base[3][-1, -1] = np.nan
+        for imgs in ([d.round().astype(np.int32) for d in base], [d.astype(np.float32) for d in base], base):
+            old = ext.set_simd(0)
+            try:
+                a = ext.block_stats(imgs, -1.0, 8)
+            finally:
+                ext.set_simd(old)
+            b = ext.block_stats(imgs, -1.0, 8)
+            for x, y in zip(a, b):
+                assert x.tobytes() == y.tobytes()
+            assert a[0].any() and (ns < 30 or not a[0].all())       # some pixels not valid
