@@ -133,3 +133,31 @@ def predictions(const double[:, ::1] hkl, const double[::1] phi_ref, const doubl
             if mos_col >= 0:
                 D[3, i, mos_col] = mosaic * sin2t * sin2t / (Q * zeta)
     return out[0], out[1], out[2], out[3], okv.view(np.bool_), D_arr
+
+
+def fraction_rows(const double[::1] d_phi, const double[::1] d_w, const double[:, ::1] dphi,
+                  const double[:, ::1] dW, const cnp.int64_t[::1] refl, const double[::1] f,
+                  const double[::1] tot, const double[::1] sig):
+    """The fraction rows of refine_parameters' Jacobian (pyflm.refine._fraction_rows_numpy is the twin,
+    to the bit): row i of reflection r = refl[i], with df = d_phi[i] dphi[r] + d_w[i] dW[r] (the part's
+    calculated fraction's derivatives) and dtot the sum of its reflection's df in the rows' order,
+    (df / tot[r] - f[i] dtot / tot[r]^2) / sig[i].  One pass to sum, one to form the rows, without the
+    twin's (n, p) temporaries."""
+    cdef Py_ssize_t n = refl.shape[0], p = dphi.shape[1], i, j, r
+    out = np.empty((n, p))
+    dtot_arr = np.zeros((dphi.shape[0], p))
+    cdef double[:, ::1] O = out
+    cdef double[:, ::1] S = dtot_arr
+    cdef double T, TT
+    for i in range(n):
+        r = refl[i]
+        for j in range(p):
+            O[i, j] = d_phi[i] * dphi[r, j] + d_w[i] * dW[r, j]
+            S[r, j] += O[i, j]
+    for i in range(n):
+        r = refl[i]
+        T = tot[r]
+        TT = T * T
+        for j in range(p):
+            O[i, j] = (O[i, j] / T - f[i] * S[r, j] / TT) / sig[i]
+    return out

@@ -737,6 +737,20 @@ def _cum_derivatives(x, phi, width, tail=0.0):
     return d_phi, np.where(width > 1e-9, d_w, 0.0)
 
 
+def _fraction_rows_numpy(d_phi, d_w, dphi, dW, refl, f, tot, sig):
+    """The fraction rows of refine_parameters' Jacobian, each part's (its calculated fraction f / tot of
+    its reflection's total, less the observed, over sig) derivatives: the twin of
+    ext/_refine.pyx's fraction_rows.  d_phi, d_w: d f / d(phi, width) of each row; dphi, dW: the
+    reflections' d(phi, width)/dx; refl: each row's reflection."""
+    df = d_phi[:, None] * dphi.take(refl, 0) + d_w[:, None] * dW.take(refl, 0)
+    p = dphi.shape[1]
+    bins = (refl[:, None] * p + np.arange(p)).ravel()         # (reflection, parameter) of each df
+    dtot = np.bincount(bins, df.ravel(), minlength=len(dphi) * p).reshape(-1, p)
+    T = tot[refl][:, None]
+    dp = df / T - f[:, None] * dtot[refl] / (T * T)
+    return dp / sig[:, None]
+
+
 FIT_TOL = 1e-5
 REJECT_TOL = 0.25             # the first fit's, before the first rejection of outliers (refine_parameters)
 F_SCALE = 3.0                 # soft-L1 loss: residuals (in sigma) beyond this count less and less
@@ -919,8 +933,7 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
         return v if keep.all() else np.where(keep, v, other)
 
     a_hi = a_img + scan.osc
-    # dtot's bins: (reflection, parameter) of every fraction row's derivatives
-    tot_bins = (pr_refl[:, None] * len(model.x0) + np.arange(len(model.x0))).ravel()
+    pr_refl = np.ascontiguousarray(pr_refl, np.int64)      # (the fraction_rows kernel's index type)
 
     def positional(xm, ym, ok):
         i = sel["i"]
@@ -946,12 +959,9 @@ def refine_parameters(parts, crystal, beam, detector, goniometer, scan, opts, *,
             f, tot = fractions(phi, width)
             hp, hw = _cum_derivatives(a_hi, ph, wd, tail)
             lp, lw = _cum_derivatives(a_img, ph, wd, tail)
-            df = (hp - lp)[:, None] * dphi.take(pr_refl, 0) + (hw - lw)[:, None] * dW.take(pr_refl, 0)
-            p = len(x)
-            dtot = np.bincount(tot_bins, df.ravel(), minlength=len(hkl_all) * p).reshape(-1, p)
-            T = tot[pr_refl][:, None]
-            dp = df / T - f[:, None] * dtot[pr_refl] / (T * T)
-            out.append(masked(sel["frac"][:, None], dp / p_sig[:, None], 0.0))
+            rows_of = _fraction_rows_numpy if _ref_ext is None else _ref_ext.fraction_rows
+            dp = rows_of(hp - lp, hw - lw, dphi, dW, pr_refl, f, tot, p_sig)
+            out.append(masked(sel["frac"][:, None], dp, 0.0))
         return np.concatenate(out, 0)
 
     res = None

@@ -388,6 +388,31 @@ def test_the_kernel_is_its_numpy_twin(block_problem):
         assert np.array_equal(k(x)[4], t(x)[4]) and not t(x)[4][-1] and t(x)[4].sum() > 100
 
 
+def test_the_fraction_rows_kernel_is_its_numpy_twin_to_the_bit():
+    """ext/_refine.pyx's fraction_rows gives _fraction_rows_numpy's Jacobian rows to the bit (the same
+    products, quotients and sums in the same order): reflections of one to four parts in runs and out of
+    order, some with none, derivatives of every size and zeros."""
+    from pyflm import refine
+    if refine._ref_ext is None:
+        pytest.skip("the refinement kernel is not built")
+    rng = np.random.default_rng(7)
+    n_refl, p = 300, 9
+    refl = np.repeat(rng.permutation(n_refl)[:200], rng.integers(1, 5, 200))
+    refl = np.concatenate([np.sort(refl[:300]), refl[300:]]).astype(np.int64)
+    n = len(refl)
+    dphi = rng.normal(size=(n_refl, p)) * 10.0 ** rng.integers(-8, 3, (n_refl, p))
+    dW = rng.normal(size=(n_refl, p))
+    dphi[:, 2] = dW[:, 2] = 0.0                     # a parameter nothing depends on
+    d_phi, d_w = rng.normal(size=n), rng.normal(size=n) * 1e-3
+    f = rng.uniform(0, 1, n)
+    tot = np.maximum(np.bincount(refl, f, minlength=n_refl), 1e-9)
+    sig = rng.uniform(0.02, 0.2, n)
+    args = (d_phi, d_w, dphi, dW, refl, f, tot, sig)
+    a, b = refine._ref_ext.fraction_rows(*args), refine._fraction_rows_numpy(*args)
+    assert a.shape == (n, p) and a.tobytes() == b.tobytes()
+    assert np.abs(b).max() > 0 and not b[:, 2].any()
+
+
 def test_cached_predictions_are_calc_to_the_bit(block_problem):
     """_Predictions' numpy twin gives model.calc's numbers for steps of each parameter alone and of all
     together."""
