@@ -132,6 +132,23 @@ def test_kernel_forms_profiles_itself_as_the_twin_does_when_none_are_given(scene
         assert_close(ik[key], inn[key])
 
 
+def test_profile_fit_with_avx2_is_sse2s_to_the_bit(scene):
+    # the fit's sums four pixels at a time (AVX2) keep SSE2's two lane sums and their order
+    from pyflm._ext import _integrate
+    data, fast, slow, shadow, fg, regions = scene
+    kw = dict(raster=(15, 15, 3, 4, 4), overload=1e6, mask=shadow, strong_mask=np.arange(len(fast)) % 2 == 0)
+    out = []
+    for simd in (-1, 0):
+        old = _integrate._set_simd(simd)
+        try:
+            out.append(shoebox.integrate_image(data, fast, slow, **kw)[0])
+        finally:
+            _integrate._set_simd(old)
+    for key in ("I", "SIGI", "IPR", "SIGIPR", "flag"):
+        assert out[0][key].tobytes() == out[1][key].tobytes(), key
+    assert np.isfinite(out[0]["IPR"]).sum() > 1000
+
+
 def test_foreground_kernel_marks_the_peaks_the_twin_marks_at_the_edges_and_for_missing_positions(scene):
     data, fast, slow, *_ = scene
     f = np.concatenate([fast, [-3.2, 2.0, data.shape[1] - 1.5, np.nan, np.inf, 1e300]])
