@@ -803,9 +803,18 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef Py_ssize_t pf_row = 0, row_bytes = nf * sizeof(pix_t)
     cdef const void *pf_b = <const void *>&nb0[0, 0] if n_nb >= 1 else NULL
     cdef const void *pf_c = <const void *>&nb1[0, 0] if n_nb >= 2 else NULL
-    cdef Py_ssize_t qq
+    cdef Py_ssize_t qq, bn
     for qq in range(n):
         b = order[qq]        # the boxes in the image's row order; each one's results at its own place
+        if qq + PREFETCH_AHEAD < n:
+            # a coming box's position and result places, in the list's order: cache misses (as the fit's)
+            bn = order[qq + PREFETCH_AHEAD]
+            __builtin_prefetch(&slow[bn])
+            __builtin_prefetch(&fast[bn])
+            __builtin_prefetch(&C_o[bn, 0])
+            __builtin_prefetch(&FL_o[bn, 0])
+            __builtin_prefetch(&I_o[bn])
+            __builtin_prefetch(&SO_o[bn])
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
         CS_o[b] = cs
