@@ -83,13 +83,14 @@ cdef extern from *:
     /* One rejection pass with this plane.  With ssq given, also the squared residuals in sigma units of
        the pixels kept, and their number (*count): the last pass's sums are the fit's rms, with no pass
        of its own. */
-    static inline __attribute__((always_inline)) int pyflm_reject_(int n, const double *x, const double *y, const double *c, double *u,
-                                   double c0, double c1, double c2, double gain, double cut2, double *s,
-                                   double *ssq, double *count) {
+    /* (from pixel k on, the squared residuals' two lanes ss, nu and `changed` carried in: the whole
+       pass from 0, and pyflm_reject4's pixels after its last four) */
+    static inline __attribute__((always_inline)) int pyflm_reject_from(int k, int n, const double *x,
+            const double *y, const double *c, double *u, double c0, double c1, double c2, double gain,
+            double cut2, double *s, double *ssq, double *count, __m128d ss, __m128d nu, int changed) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
         const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
-        __m128d ss = _mm_setzero_pd(), nu = ss;
-        int k = 0, changed = 0, mm;
+        int mm;
         for (; k + 2 <= n; k += 2) {
             __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
                                     _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
@@ -126,6 +127,12 @@ cdef extern from *:
             *count = m;
         }
         return changed;
+    }
+    static inline __attribute__((always_inline)) int pyflm_reject_(int n, const double *x, const double *y, const double *c, double *u,
+                                   double c0, double c1, double c2, double gain, double cut2, double *s,
+                                   double *ssq, double *count) {
+        return pyflm_reject_from(0, n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count, _mm_setzero_pd(),
+                                 _mm_setzero_pd(), 0);
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
     static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
@@ -404,44 +411,7 @@ cdef extern from *:
             }
         }
         /* the rest as pyflm_reject_ does, its lanes carried on */
-        const __m128d C0s = _mm_set1_pd(c0), C1s = _mm_set1_pd(c1), C2s = _mm_set1_pd(c2);
-        const __m128d Gs = _mm_set1_pd(gain), Ks = _mm_set1_pd(cut2), ONEs = _mm_set1_pd(1.0);
-        for (; k + 2 <= n; k += 2) {
-            __m128d pl = _mm_add_pd(_mm_add_pd(C0s, _mm_mul_pd(C1s, _mm_loadu_pd(x + k))),
-                                    _mm_mul_pd(C2s, _mm_loadu_pd(y + k)));
-            __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
-            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONEs), Gs);
-            __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(Ks, v)), ONEs);
-            if (ssq) {
-                ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
-                nu = _mm_add_pd(nu, keep);
-            }
-            mm = _mm_movemask_pd(_mm_cmpneq_pd(keep, _mm_loadu_pd(u + k)));
-            if (mm) {
-                double kv[2];
-                _mm_storeu_pd(kv, keep);
-                if (mm & 1) { pyflm_flip(k, kv[0] - u[k], x, y, c, s); u[k] = kv[0]; }
-                if (mm & 2) { pyflm_flip(k + 1, kv[1] - u[k + 1], x, y, c, s); u[k + 1] = kv[1]; }
-                changed = 1;
-            }
-        }
-        double t = pyflm_hsum(ss), m = pyflm_hsum(nu);
-        for (; k < n; k++) {
-            double pl = c0 + c1 * x[k] + c2 * y[k];
-            double d = c[k] - pl;
-            double v = (pl > 1.0 ? pl : 1.0) * gain;
-            double keep = (d * d <= cut2 * v) ? 1.0 : 0.0;
-            if (keep != u[k]) { pyflm_flip(k, keep - u[k], x, y, c, s); u[k] = keep; changed = 1; }
-            if (ssq) {
-                t += u[k] * (d * d / v);
-                m += u[k];
-            }
-        }
-        if (ssq) {
-            *ssq = t;
-            *count = m;
-        }
-        return changed;
+        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count, ss, nu, changed);
     }
     static int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
                                  double c0, double c1, double c2, double gain, double cut2, double *s,
