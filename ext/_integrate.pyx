@@ -135,11 +135,12 @@ cdef extern from *:
                                  _mm_setzero_pd(), 0);
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
-    static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
-                               const double *U, double Iv, double gain, double *a, double *b) {
+    /* (from pixel k on, the two lanes' sums sa, sb carried in: the whole sum from 0, and
+       pyflm_fit_sums4's pixels after its last four) */
+    static inline __attribute__((always_inline)) void pyflm_fit_sums_from(int k, int n, const double *P,
+            const double *PL, const double *NET, const double *U, double Iv, double gain, double *a,
+            double *b, __m128d sa, __m128d sb) {
         const __m128d IV = _mm_set1_pd(Iv), G = _mm_set1_pd(gain), HALF = _mm_set1_pd(0.5);
-        __m128d sa = _mm_setzero_pd(), sb = sa;
-        int k = 0;
         for (; k + 2 <= n; k += 2) {
             __m128d p = _mm_loadu_pd(P + k);
             __m128d v = _mm_add_pd(_mm_loadu_pd(PL + k), _mm_mul_pd(IV, p));
@@ -158,6 +159,10 @@ cdef extern from *:
         }
         *a = ra;
         *b = rb;
+    }
+    static void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET,
+                               const double *U, double Iv, double gain, double *a, double *b) {
+        pyflm_fit_sums_from(0, n, P, PL, NET, U, Iv, gain, a, b, _mm_setzero_pd(), _mm_setzero_pd());
     }
     """
     void pyflm_fit_sums(int n, const double *P, const double *PL, const double *NET, const double *U,
@@ -323,25 +328,7 @@ cdef extern from *:
             sa = _mm_add_pd(_mm_add_pd(sa, _mm256_castpd256_pd128(ta)), _mm256_extractf128_pd(ta, 1));
             sb = _mm_add_pd(_mm_add_pd(sb, _mm256_castpd256_pd128(tb)), _mm256_extractf128_pd(tb, 1));
         }
-        const __m128d IV2 = _mm_set1_pd(Iv), G2 = _mm_set1_pd(gain), HALF2 = _mm_set1_pd(0.5);
-        for (; k + 2 <= n; k += 2) {
-            __m128d p = _mm_loadu_pd(P + k);
-            __m128d v = _mm_add_pd(_mm_loadu_pd(PL + k), _mm_mul_pd(IV2, p));
-            v = _mm_mul_pd(G2, _mm_max_pd(v, HALF2));
-            __m128d w = _mm_div_pd(_mm_loadu_pd(U + k), v);
-            sa = _mm_add_pd(sa, _mm_mul_pd(_mm_mul_pd(p, p), w));
-            sb = _mm_add_pd(sb, _mm_mul_pd(_mm_mul_pd(p, _mm_loadu_pd(NET + k)), w));
-        }
-        double ra = pyflm_hsum(sa), rb = pyflm_hsum(sb);
-        for (; k < n; k++) {
-            double v = PL[k] + Iv * P[k];
-            v = gain * (v > 0.5 ? v : 0.5);
-            double w = U[k] / v;
-            ra += P[k] * P[k] * w;
-            rb += P[k] * NET[k] * w;
-        }
-        *a = ra;
-        *b = rb;
+        pyflm_fit_sums_from(k, n, P, PL, NET, U, Iv, gain, a, b, sa, sb);     /* the rest as SSE2 does */
     }
     """
     int pyflm_avx2() nogil
