@@ -516,6 +516,22 @@ cdef void _median5_row(const double **P, const int **H, int counts, Py_ssize_t n
             out[j] = _select(buf, 25, 12)
 
 
+
+cdef void _median5_at(const double *P, const int *H, const unsigned char *row_ok, Py_ssize_t i,
+                      Py_ssize_t nb, Py_ssize_t nc, double *out, int *hist) noexcept nogil:
+    """median5's row i of bins from the padded rows (_pad_row's P, H and row_ok) of all nb rows of bins,
+    the edge rows repeated."""
+    cdef const double *P5[5]
+    cdef const int *H5[5]
+    cdef int counts = 1
+    cdef Py_ssize_t a, r
+    for a in range(5):
+        r = min(max(i - 2 + a, 0), nb - 1)
+        P5[a] = P + r * (nc + 4)
+        H5[a] = H + r * (nc + 4)
+        counts = counts and row_ok[r]
+    _median5_row(P5, H5, counts, nc, out, hist)
+
 def median5(const double[:, ::1] coarse):
     """scipy.ndimage.median_filter(coarse, 5, mode="nearest") (its twin in pyflm.shoebox.shadow_mask):
     each bin's median over the 5 x 5 bins about it, the edges repeated; exact (a selection, or counts).
@@ -526,9 +542,7 @@ def median5(const double[:, ::1] coarse):
     sim sweep's blocks than selecting everywhere)."""
     cdef Py_ssize_t nb = coarse.shape[0], nc = coarse.shape[1], i, a, r
     cdef int hist[HALVES]
-    cdef int counts, h
-    cdef const double *P5[5]
-    cdef const int *H5[5]
+    cdef int h
     out = np.empty((nb, nc), np.float64)
     if nb == 0 or nc == 0:
         return out
@@ -542,13 +556,7 @@ def median5(const double[:, ::1] coarse):
         for r in range(nb):
             row_ok[r] = _pad_row(&coarse[r, 0], nc, P + r * (nc + 4), H + r * (nc + 4))
         for i in range(nb):
-            counts = 1
-            for a in range(5):
-                r = min(max(i - 2 + a, 0), nb - 1)
-                P5[a] = P + r * (nc + 4)
-                H5[a] = H + r * (nc + 4)
-                counts = counts and row_ok[r]
-            _median5_row(P5, H5, counts, nc, &O[i, 0], hist)
+            _median5_at(P, H, row_ok, i, nb, nc, &O[i, 0], hist)
     free(P)
     free(H)
     free(row_ok)
@@ -573,11 +581,9 @@ cdef Py_ssize_t _block(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, d
     places of the shadow's pixels (before growing) into hits, their number returned."""
     cdef Py_ssize_t nbr = (ns + bin_ - 1) // bin_, nbc = (nf + bin_ - 1) // bin_, slot = bin_ * nf
     cdef Py_ssize_t bi, nxt = 0, need, a, r, i, n = 0
-    cdef int counts, h
+    cdef int h
     cdef int hist[HIST]
     cdef int hist5[HALVES]
-    cdef const double *P5[5]
-    cdef const int *H5[5]
     cdef unsigned char *Vr = <unsigned char *>malloc(4 * slot)
     cdef double *Mr = <double *>malloc(4 * slot * sizeof(double))
     cdef double *C = <double *>malloc(nbc * sizeof(double))
@@ -602,13 +608,7 @@ cdef Py_ssize_t _block(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, d
                         C, buf, bb, hist)
             row_ok[nxt] = _pad_row(C, nbc, P + nxt * (nbc + 4), H + nxt * (nbc + 4))
             nxt += 1
-        counts = 1
-        for a in range(5):
-            r = min(max(bi - 2 + a, 0), nbr - 1)
-            P5[a] = P + r * (nbc + 4)
-            H5[a] = H + r * (nbc + 4)
-            counts = counts and row_ok[r]
-        _median5_row(P5, H5, counts, nbc, lrow, hist5)
+        _median5_at(P, H, row_ok, bi, nbr, nbc, lrow, hist5)
         if bi == 0:
             for r in range(min(2, ns)):
                 pyflm_row_sums(nf, _ring_row(Mr, r, bin_, nf), _ring_row(Vr, r, bin_, nf),
