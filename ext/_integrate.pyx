@@ -297,6 +297,21 @@ cdef extern from *:
     PYFLM_BGROW_AVX2(pyflm_bgrow4_u16, pyflm_bgrow_u16, unsigned short, PYFLM_BG4_U16)
     PYFLM_BGROW_AVX2(pyflm_bgrow4_f32, pyflm_bgrow_f32, float, PYFLM_BG4_F32)
     PYFLM_BGROW_AVX2(pyflm_bgrow4_f64, pyflm_bgrow_f64, double, PYFLM_BG4_F64)
+    /* the eight as one entry for the kernels: kind 0 int32, 1 uint16, 2 float32, 3 float64; avx2 as
+       pyflm_avx2() said */
+    #define PYFLM_BGROW_CALL(F4, F, T) \
+        if (avx2) F4(nf, nimg, (const T *)a, (const T *)b, (const T *)c, m0, m1, m2, m3, nullpix, out); \
+        else F(nf, nimg, (const T *)a, (const T *)b, (const T *)c, m0, m1, m2, m3, nullpix, out);
+    static void pyflm_bgrow_any(int kind, int avx2, Py_ssize_t nf, int nimg, const void *a, const void *b,
+            const void *c, const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
+            const unsigned char *m3, double nullpix, double *out) {
+        switch (kind) {
+        case 0: PYFLM_BGROW_CALL(pyflm_bgrow4_i32, pyflm_bgrow_i32, int) break;
+        case 1: PYFLM_BGROW_CALL(pyflm_bgrow4_u16, pyflm_bgrow_u16, unsigned short) break;
+        case 2: PYFLM_BGROW_CALL(pyflm_bgrow4_f32, pyflm_bgrow_f32, float) break;
+        default: PYFLM_BGROW_CALL(pyflm_bgrow4_f64, pyflm_bgrow_f64, double) break;
+        }
+    }
     /* v[0:n] / k, each correctly rounded (the same as one at a time) */
     __attribute__((target("avx2"))) static void pyflm_div4(int n, double *v, double k) {
         const __m256d K = _mm256_set1_pd(k);
@@ -336,30 +351,9 @@ cdef extern from *:
     void pyflm_div(int n, double *v, double k) nogil
     void pyflm_fit_sums4(int n, const double *P, const double *PL, const double *NET, const double *U,
                          double Iv, double gain, double *a, double *b) nogil
-    void pyflm_bgrow4_i32(Py_ssize_t nf, int nimg, const cnp.int32_t *a, const cnp.int32_t *b,
-                          const cnp.int32_t *c, const unsigned char *m0, const unsigned char *m1,
-                          const unsigned char *m2, const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow4_u16(Py_ssize_t nf, int nimg, const cnp.uint16_t *a, const cnp.uint16_t *b,
-                          const cnp.uint16_t *c, const unsigned char *m0, const unsigned char *m1,
-                          const unsigned char *m2, const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow4_f32(Py_ssize_t nf, int nimg, const float *a, const float *b, const float *c,
-                          const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
-                          const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow4_f64(Py_ssize_t nf, int nimg, const double *a, const double *b, const double *c,
-                          const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
-                          const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow_i32(Py_ssize_t nf, int nimg, const cnp.int32_t *a, const cnp.int32_t *b,
-                         const cnp.int32_t *c, const unsigned char *m0, const unsigned char *m1,
+    void pyflm_bgrow_any(int kind, int avx2, Py_ssize_t nf, int nimg, const void *a, const void *b,
+                         const void *c, const unsigned char *m0, const unsigned char *m1,
                          const unsigned char *m2, const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow_u16(Py_ssize_t nf, int nimg, const cnp.uint16_t *a, const cnp.uint16_t *b,
-                         const cnp.uint16_t *c, const unsigned char *m0, const unsigned char *m1,
-                         const unsigned char *m2, const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow_f32(Py_ssize_t nf, int nimg, const float *a, const float *b, const float *c,
-                         const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
-                         const unsigned char *m3, double nullpix, double *out) nogil
-    void pyflm_bgrow_f64(Py_ssize_t nf, int nimg, const double *a, const double *b, const double *c,
-                         const unsigned char *m0, const unsigned char *m1, const unsigned char *m2,
-                         const unsigned char *m3, double nullpix, double *out) nogil
 
 
 cdef extern from *:
@@ -421,26 +415,14 @@ cdef inline void _bg_row(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb
     cdef const unsigned char *m1 = mk[1] + r * mstep[1]
     cdef const unsigned char *m2 = mk[2] + r * mstep[2]
     cdef const unsigned char *m3 = mk[3] + r * mstep[3]
+    cdef int kind = 3
     if pix_t is cnp.int32_t:
-        if avx2:
-            pyflm_bgrow4_i32(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
-        else:
-            pyflm_bgrow_i32(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+        kind = 0
     elif pix_t is cnp.uint16_t:
-        if avx2:
-            pyflm_bgrow4_u16(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
-        else:
-            pyflm_bgrow_u16(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+        kind = 1
     elif pix_t is float:
-        if avx2:
-            pyflm_bgrow4_f32(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
-        else:
-            pyflm_bgrow_f32(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
-    else:
-        if avx2:
-            pyflm_bgrow4_f64(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
-        else:
-            pyflm_bgrow_f64(nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
+        kind = 2
+    pyflm_bgrow_any(kind, avx2, nf, nimg, &data[r, 0], &nb0[r, 0], &nb1[r, 0], m0, m1, m2, m3, nullpix, out)
 
 
 cdef inline Py_ssize_t _prefetch_rows(const void *a, const void *b, const void *c, const void *d,
