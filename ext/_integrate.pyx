@@ -204,20 +204,22 @@ cdef extern from *:
             if (nimg > 2) { __m128d u_ = LOAD2(c + (K)); ok = _mm_and_pd(ok, _mm_cmpgt_pd(u_, nul)); \
                             s = _mm_add_pd(s, u_); } \
             _mm_storeu_pd(out + (K), _mm_or_pd(_mm_and_pd(ok, s), _mm_andnot_pd(ok, nan))); }
+    /* 16 pixels' bytes of the four masks ORed: 0xff where none marks the pixel (SSE2 and AVX2 rows) */
+    static inline __attribute__((always_inline)) __m128i pyflm_unmasked16(const unsigned char *m0,
+            const unsigned char *m1, const unsigned char *m2, const unsigned char *m3) {
+        __m128i w = _mm_or_si128(_mm_or_si128(_mm_loadu_si128((const __m128i *)m0), _mm_loadu_si128((const __m128i *)m1)),
+                                 _mm_or_si128(_mm_loadu_si128((const __m128i *)m2), _mm_loadu_si128((const __m128i *)m3)));
+        return _mm_cmpeq_epi8(w, _mm_setzero_si128());
+    }
     #define PYFLM_BGROW(NAME, T, LOAD2) \
     static void NAME(Py_ssize_t nf, int nimg, const T *a, const T *b, const T *c, \
                      const unsigned char *m0, const unsigned char *m1, const unsigned char *m2, \
                      const unsigned char *m3, double nullpix, double *out) { \
         const __m128d nul = _mm_set1_pd(nullpix), nan = _mm_set1_pd(NAN); \
-        const __m128i zero = _mm_setzero_si128(); \
         Py_ssize_t j = 0; \
         /* 16 pixels at a time: the four masks' bytes ORed, tested, and widened to the pairs' lanes */ \
         for (; j + 16 <= nf; j += 16) { \
-            __m128i w = _mm_or_si128(_mm_or_si128(_mm_loadu_si128((const __m128i *)(m0 + j)), \
-                                                  _mm_loadu_si128((const __m128i *)(m1 + j))), \
-                                     _mm_or_si128(_mm_loadu_si128((const __m128i *)(m2 + j)), \
-                                                  _mm_loadu_si128((const __m128i *)(m3 + j)))); \
-            __m128i z = _mm_cmpeq_epi8(w, zero); \
+            __m128i z = pyflm_unmasked16(m0 + j, m1 + j, m2 + j, m3 + j); \
             __m128i zl = _mm_unpacklo_epi8(z, z), zh = _mm_unpackhi_epi8(z, z); \
             __m128i q[4] = {_mm_unpacklo_epi16(zl, zl), _mm_unpackhi_epi16(zl, zl), \
                             _mm_unpacklo_epi16(zh, zh), _mm_unpackhi_epi16(zh, zh)}; \
@@ -274,14 +276,9 @@ cdef extern from *:
             const T *c, const unsigned char *m0, const unsigned char *m1, const unsigned char *m2, \
             const unsigned char *m3, double nullpix, double *out) { \
         const __m256d nul = _mm256_set1_pd(nullpix), nan = _mm256_set1_pd(NAN); \
-        const __m128i zero = _mm_setzero_si128(); \
         Py_ssize_t j = 0; \
         for (; j + 16 <= nf; j += 16) { \
-            __m128i w = _mm_or_si128(_mm_or_si128(_mm_loadu_si128((const __m128i *)(m0 + j)), \
-                                                  _mm_loadu_si128((const __m128i *)(m1 + j))), \
-                                     _mm_or_si128(_mm_loadu_si128((const __m128i *)(m2 + j)), \
-                                                  _mm_loadu_si128((const __m128i *)(m3 + j)))); \
-            __m128i z = _mm_cmpeq_epi8(w, zero); \
+            __m128i z = pyflm_unmasked16(m0 + j, m1 + j, m2 + j, m3 + j); \
             PYFLM_BGQUAD(LOAD4, j, _mm256_cvtepi8_epi64(z)) \
             PYFLM_BGQUAD(LOAD4, j + 4, _mm256_cvtepi8_epi64(_mm_srli_si128(z, 4))) \
             PYFLM_BGQUAD(LOAD4, j + 8, _mm256_cvtepi8_epi64(_mm_srli_si128(z, 8))) \
