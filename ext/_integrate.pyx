@@ -620,6 +620,30 @@ cdef inline void _load_cm(pix_t[:, ::1] data, const unsigned char *cm, long long
             mb[i * nys + j] = cm[si * nf + fj]
 
 
+cdef inline void _peak_pixels(const pix_t *d0, const Py_ssize_t *po, int n, const unsigned char *mk,
+                              unsigned char bit, double nullpix, double overload, double *pc,
+                              unsigned char *pv, int *badpk, int *over, int *nshad, int *ndead) noexcept nogil:
+    """A box's peak pixels (offsets po from d0) into pc, and whether each is usable into pv (above
+    nullpix and, with mk, not marked by mk's `bit`); a bad one sets badpk and counts as shadowed
+    (masked) or dead (at or below nullpix); one at or above overload sets over."""
+    cdef int q
+    cdef Py_ssize_t o
+    cdef double c
+    for q in range(n):
+        o = po[q]
+        c = <double>d0[o]
+        pc[q] = c
+        pv[q] = (c > nullpix) and not (mk != NULL and (mk[o] & bit))
+        if not pv[q]:
+            badpk[0] = 1
+            if c > nullpix:
+                nshad[0] += 1
+            else:
+                ndead[0] += 1
+        if c >= overload:
+            over[0] = 1
+
+
 cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slow,
                    int nxs, int nys, const unsigned char[:, ::1] peak, const unsigned char[:, ::1] bgm,
                    const unsigned char[:, ::1] mask, int use_mask,
@@ -785,19 +809,8 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 if use_mask:
                     _load_mask(mask, cs, cf, nxs, nys, mb)
                 d0, mm, po = box, mb, pk_b
-            for q in range(n_pk_all):
-                o = po[q]
-                c = <double>d0[o]
-                pc[q] = c
-                pv[q] = (c > nullpix) and not (use_mask and mm[o])
-                if not pv[q]:
-                    badpk = 1
-                    if c > nullpix:
-                        nshad += 1
-                    else:
-                        ndead += 1
-                if c >= overload:
-                    over = 1
+            _peak_pixels(d0, po, n_pk_all, mm if use_mask else NULL, 0xff, nullpix, overload, pc, pv,
+                         &badpk, &over, &nshad, &ndead)
             for i in range(nxs):
                 if on:
                     rowp = ring + ((cs + i) & (R - 1)) * nf + cf
@@ -846,19 +859,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     _load_px(nb1, cs, cf, nxs, nys, box1)
                     e1 = box1
                 po, bo = pk_b, bg_b
-            for q in range(n_pk_all):
-                o = po[q]
-                c = <double>d0[o]
-                pc[q] = c
-                pv[q] = (c > nullpix) and not (mc[o] & 1)
-                if not pv[q]:
-                    badpk = 1
-                    if c > nullpix:
-                        nshad += 1
-                    else:
-                        ndead += 1
-                if c >= overload:
-                    over = 1
+            _peak_pixels(d0, po, n_pk_all, mc, 1, nullpix, overload, pc, pv, &badpk, &over, &nshad, &ndead)
             # a candidate is above nullpix on every image, outside the mask and bg_exclude: one test of all
             if n_nb == 2:
                 for q in range(n_bg_all):
