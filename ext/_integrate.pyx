@@ -553,6 +553,16 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
     res[7] = wj
 
 
+cdef inline int _append(int nb, double x, double y, double c, double *bx, double *by, double *bc,
+                        double *bu) noexcept nogil:
+    """A background candidate c at (x, y) appended to the plane fit's lists (in use); their new length."""
+    bx[nb] = x
+    by[nb] = y
+    bc[nb] = c
+    bu[nb] = 1.0
+    return nb + 1
+
+
 cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *bg_x, const double *bg_y,
                            const pix_t *d0, const unsigned char *mc, unsigned char bits, double nullpix,
                            double *bx, double *by, double *bc, double *bu) noexcept nogil:
@@ -567,11 +577,7 @@ cdef inline int _gather_on(int n_bg_all, const Py_ssize_t *bg_o, const double *b
         o = bg_o[q]
         c = <double>d0[o]
         if (c > nullpix) & ((mc[o] & bits) == 0):
-            bx[nb] = bg_x[q]
-            by[nb] = bg_y[q]
-            bc[nb] = c
-            bu[nb] = 1.0
-            nb += 1
+            nb = _append(nb, bg_x[q], bg_y[q], c, bx, by, bc, bu)
     return nb
 
 
@@ -817,21 +823,13 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     for q in range(rim_row[i], rim_row[i + 1]):
                         c = rowp[bg_j[q]]
                         if c == c:
-                            bx[nb] = bg_x[q]
-                            by[nb] = bg_y[q]
-                            bc[nb] = c
-                            bu[nb] = 1.0
-                            nb += 1
+                            nb = _append(nb, bg_x[q], bg_y[q], c, bx, by, bc, bu)
                 else:
                     rowp = ring + (_clip(<Py_ssize_t>(cs + i), ns - 1) & (R - 1)) * nf
                     for q in range(rim_row[i], rim_row[i + 1]):
                         c = rowp[_clip(<Py_ssize_t>(cf + bg_j[q]), nf - 1)]
                         if c == c:
-                            bx[nb] = bg_x[q]
-                            by[nb] = bg_y[q]
-                            bc[nb] = c
-                            bu[nb] = 1.0
-                            nb += 1
+                            nb = _append(nb, bg_x[q], bg_y[q], c, bx, by, bc, bu)
             if n_nb:        # the twin's np.mean: the sum in order, divided (all at once, SIMD)
                 pyflm_div(nb, bc, k_bg)
         else:
@@ -868,22 +866,15 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     c0 = <double>e0[o]
                     c1 = <double>e1[o]
                     if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = ((c + c0) + c1) / 3.0      # the twin's np.mean: the sum in order, divided
-                        bu[nb] = 1.0
-                        nb += 1
+                        # the twin's np.mean: the sum in order, divided
+                        nb = _append(nb, bg_x[q], bg_y[q], ((c + c0) + c1) / 3.0, bx, by, bc, bu)
             elif n_nb == 1:
                 for q in range(n_bg_all):
                     o = bo[q]
                     c = <double>d0[o]
                     c0 = <double>e0[o]
                     if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = (c + c0) / 2.0
-                        bu[nb] = 1.0
-                        nb += 1
+                        nb = _append(nb, bg_x[q], bg_y[q], (c + c0) / 2.0, bx, by, bc, bu)
             else:
                 nb = _gather_on(n_bg_all, bo, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         nc = n_pk_all
