@@ -158,6 +158,23 @@ def unpack_bgpk(bgpk):
     return 0.1 * (whole - ipk * 100), 0.01 * ipk, v - whole
 
 
+def lexsort_ints(keys):
+    """np.lexsort(keys) of integer arrays (the last the primary key), the same order: one stable argsort
+    of the keys packed into an int64 when their ranges fit in 62 bits (a sim block's 21 000 records by
+    h, k, l and batch: 0.4 ms against 2.0), else np.lexsort itself."""
+    keys = [np.asarray(k) for k in keys]
+    if not len(keys) or not len(keys[0]) or any(k.dtype.kind not in "iu" for k in keys):
+        return np.lexsort(keys)
+    lows = [int(k.min()) for k in keys]
+    spans = [int(k.max()) - lo + 1 for k, lo in zip(keys, lows)]
+    if np.prod([float(v) for v in spans]) >= 2.0 ** 62:
+        return np.lexsort(keys)
+    packed = np.zeros(len(keys[0]), np.int64)
+    for k, lo, span in zip(keys[::-1], lows[::-1], spans[::-1]):      # primary first
+        packed = packed * span + (k.astype(np.int64) - lo)
+    return np.argsort(packed, kind="stable")
+
+
 def partial_codes(hkl, batch, fraction=None, full_fraction=0.95):
     """MPART for records of one sweep: records with the same original indices on consecutive batches
     are the parts of one reflection (numbered in batch order); a lone record is a full, unless its
@@ -168,7 +185,6 @@ def partial_codes(hkl, batch, fraction=None, full_fraction=0.95):
     mpart = np.zeros(n, np.int64)
     if n == 0:
         return mpart.astype(np.int32)
-    from .integrate import lexsort_ints        # (integrate imports this module)
     order = lexsort_ints((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
     h, b = hkl[order], batch[order]
     same = np.all(h[1:] == h[:-1], axis=1) & (b[1:] == b[:-1] + 1)

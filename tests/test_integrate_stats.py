@@ -27,7 +27,8 @@ def test_quantile_is_numpys_to_the_bit():
 def test_record_helpers_give_numpys_results():
     """concat_rows gives np.concatenate's bytes; lexsort_ints np.lexsort's order (ties, negative keys,
     one key, keys too wide to pack)."""
-    from pyflm.integrate import OBS_DTYPE, concat_rows, lexsort_ints
+    from pyflm.integrate import OBS_DTYPE, concat_rows
+    from pyflm.mtz import lexsort_ints
     from pyflm.mtz import RECORD_DTYPE
     rng = np.random.default_rng(3)
     for dtype in (RECORD_DTYPE, OBS_DTYPE):
