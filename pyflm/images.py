@@ -219,6 +219,13 @@ _STARTER = b"\x0c\x1a\x04\xd5"
 _BINARY_KEY = re.compile(rb"^\s*([A-Za-z0-9-]+)\s*[:=]\s*(.*?)\s*$", re.M)
 
 
+
+def _md5_matches(blob, md5):
+    """Whether the binary section's bytes hash to its header's Content-MD5 (base64)."""
+    import base64
+    import hashlib
+    return base64.b64encode(hashlib.md5(blob).digest()).decode() == md5
+
 def _plain_cbf_pixels(path):
     if sys.byteorder != "little":
         return None
@@ -245,10 +252,8 @@ def _plain_cbf_pixels(path):
             or h.get("X-Binary-Element-Byte-Order", "LITTLE_ENDIAN") != "LITTLE_ENDIAN"
             or fast <= 0 or slow <= 0 or n != fast * slow or len(raw) < at + 4 + size):
         return None
-    import base64
-    import hashlib
     blob = memoryview(raw)[at + 4:at + 4 + size]
-    if base64.b64encode(hashlib.md5(blob).digest()).decode() != md5:
+    if not _md5_matches(blob, md5):
         return None
     data = _cbf.dec_cbf32(blob.cast("B"), n)
     return None if data is None else data.reshape(slow, fast)
@@ -296,17 +301,15 @@ def _check_truncated(img, path, data):
     md5 = h.get("Content-MD5")
     if md5 and size is not None:
         # fabio only logs a checksum mismatch; corrupt pixel data must not pass as an image
-        import base64
-        import hashlib
         cbs, at = getattr(img, "cbs", None), getattr(img, "start_binary", None)
-        if isinstance(cbs, bytes) and at is not None and cbs[at:at + 4] == b"\x0c\x1a\x04\xd5":
+        if isinstance(cbs, bytes) and at is not None and cbs[at:at + 4] == _STARTER:
             start, raw = at, cbs               # the binary section fabio has just read: not read again
         else:
             raw = _raw_bytes(path, -1)
-            start = raw.find(b"\x0c\x1a\x04\xd5")
+            start = raw.find(_STARTER)
         if start >= 0:
             blob = memoryview(raw)[start + 4:start + 4 + int(size)]      # a view: no copy to hash
-            if base64.b64encode(hashlib.md5(blob).digest()).decode() != md5.strip():
+            if not _md5_matches(blob, md5.strip()):
                 raise ImageError(path, "the image data is corrupt (its checksum does not match)")
 
 
