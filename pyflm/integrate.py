@@ -744,11 +744,7 @@ def run_process(job, args):
         block_args = (spec, beam, det, gonio, scan, range(first, last + 1), plain, reader, integrate_image)
         started = take_early_blocks(job, block_args) or start_blocks(*block_args)
     try:
-        if started is not None:    # a cell-refinement segment: its first measurement can start now too
-            from .refine import refinement_pending, start_segment_measure
-            segs = list(job.results.get("cellref_segments") or []) + [(first, last)]
-            if not refinement_pending(job, segs, (beam, det, gonio, scan)):    # else measured already
-                start_segment_measure(job, spec, (beam, det, gonio, scan), first, last, plain)
+        if started is not None:
             _start_next_segment(job, spec, first, last)
         auto = autoparams.apply_to_process(job, crystal, beam, det, gonio, scan, first, last, reader,
                                            probe_nproc=1 if started else None, on_sparse=started.cancel if started else None)
@@ -876,7 +872,6 @@ def _start_next_segment(job, spec, first, last):
         return
     if b < a or scan.first > a or scan.last < b or (a, b) == (first, last):
         return
-    from .refine import start_segment_measure
     from .shoebox import integrate_image
     cancel_early_blocks(job)
     try:
@@ -885,9 +880,6 @@ def _start_next_segment(job, spec, first, last):
                       integrate_image)
         job.results["early_blocks"] = (_blocks_key(block_args), start_blocks(*block_args))
         job.results["next_segment"] = ((a, b), (beam, det, gonio, scan))
-        # and its first measurement for the refinement, as that PROCESS would start it (else the
-        # refinement's first cycle waits for it once that PROCESS has begun)
-        start_segment_measure(job, spec, (beam, det, gonio, scan), a, b, settings, index=done + 1)
     except Exception:          # early work only: that PROCESS starts its own
         pass
 
@@ -913,25 +905,26 @@ def cancel_early_blocks(job):
         early[1].cancel()
 
 
-def _last_segment_early(job, crystal, models, first, last, settings, started):
-    """Cell refinement's work for this process while a segment's blocks run on workers: in the segment
-    before the last, when the last one's blocks and measurement were started with it
-    (_start_next_segment), the whole refinement (pyflm.refine.refine_cell_early: this process would
-    otherwise refine alone, the workers idle, after the last segment's blocks); in the last segment, its
-    first cycle (pyflm.refine.first_cycle_early), unless refined already.  None otherwise."""
+def _last_segment_early(job, models, first, last, started):
+    """Cell refinement's work for this process while a segment's blocks run on workers (it would
+    otherwise refine alone, the workers idle, after the last segment's blocks): the whole refinement
+    (pyflm.refine.refine_cell_early), as the last segment's PROCESS will ask for it if nothing changes
+    before then.  In the segment before the last when the last one's blocks were started with it
+    (_start_next_segment), with that PROCESS's geometry; in the last segment, unless refined already.
+    None otherwise."""
     postref = job.kw.get("POSTREF") or {}
     segs = list(job.results.get("cellref_segments") or []) + [(first, last)]
     nxt = job.results.pop("next_segment", None)
     if started is None or not (postref.get("MULTI") or postref.get("SEGMENTS")):
         return None
     need = int(postref.get("SEGMENTS", 2))
-    from .refine import first_cycle_early, refine_cell_early, refinement_pending
+    from .refine import refine_cell_early, refinement_pending
     if len(segs) == need - 1 and nxt is not None and "early_blocks" in job.results:
         (a, b), next_models = nxt
         return lambda: refine_cell_early(job, segs + [(a, b)], next_models)
     if len(segs) != need or refinement_pending(job, segs, models[1:]):
         return None
-    return lambda: first_cycle_early(job, crystal, models[1:], segs, settings)
+    return lambda: refine_cell_early(job, segs, models[1:])
 
 
 def _process_streamed(job, stream, writer, hklout, models, first, last, settings, reader, integrate_image,
@@ -953,8 +946,7 @@ def _process_streamed(job, stream, writer, hklout, models, first, last, settings
     try:
         result = integrate_images(crystal, beam, det, gonio, scan, range(first, last + 1), settings,
                                   reader, integrate_image, on_image=on_image, stream=stream, started=started,
-                                  meanwhile=_last_segment_early(job, crystal, models, first, last, settings,
-                                                                started))
+                                  meanwhile=_last_segment_early(job, models, first, last, started))
         for s_ in result.stats:     # a signal can stop the reports part-way through a finished block
             if s_.image not in reported:
                 try:

@@ -50,7 +50,6 @@ sigmas), OFF (no post-refinement: missets, mosaic and cell held).
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1133,69 +1132,35 @@ def table_rows(st, detector, crystal):
 # ---- cell refinement -------------------------------------------------------------------------------
 
 def refine_cell(segments, crystal, beam, detector, goniometer, scan, read_image, opts, max_cycles=5,
-                settings=None, started=None, first_cycle=None):
+                settings=None):
     """segments: [(first, last)].  Cycles of (measure, refine everything free) as MOSFLM's cell
-    refinement.  Returns a dict of the refinement's figures.  `started`: first-cycle measurements
-    already running ({segment index: StartedSegment}, start_segment_measure); `first_cycle`: the
-    first cycle already refined (first_cycle_early), taken if it was refined from the same."""
+    refinement, in this process (the segments' few images decoded once for every cycle).  Returns a
+    dict of the refinement's figures."""
     cell_free = set(CELL_NAMES) - opts.cell_fixed if opts.postref else set()
     cycles = []
     cell0 = tuple(crystal.cell)
     cr, det = copy.copy(crystal), copy.copy(detector)
     kw = {} if settings is None else dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster,
                                           separation=settings.separation)
-    ref, first_taken = None, False
-    measure = _SegmentMeasurer(segments, read_image, getattr(settings, "nproc", 1), started)
-    try:
-        for cycle in range(1, max_cycles + 1):
-            parts = np.concatenate(measure(cr, beam, det, goniometer, scan, kw))
-            if cycle == 1 and first_cycle is not None and first_cycle[0] == _cycle_key(
-                    parts, segments, cr, beam, det, goniometer, scan, opts, cell_free):
-                ref, done = first_cycle[1], first_cycle[2]
-                cycles.append(first_cycle[3])
-                first_taken = True
-            else:
-                ref, done = _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles,
-                                   cycle)
-            cr, det = ref.crystal, ref.detector
-            if done:
-                break
-    finally:
-        measure.close()
+    ref = None
+    # (with NPROC > 1 each segment was measured in a worker process of its own, which kept its images:
+    # a new process's first decode page-faulted its heap in, 0.4 s of system time a segment on the 6M
+    # sweep, twice what this process, its heap warm, takes for both segments' every cycle)
+    from .integrate import decode_once
+    segment_image, _ = decode_once(read_image)
+    for cycle in range(1, max_cycles + 1):
+        parts = np.concatenate([measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), segment_image,
+                                              **kw) for a, b in segments])
+        ref, done = _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle)
+        cr, det = ref.crystal, ref.detector
+        if done:
+            break
     # missets folded into U, as MOSFLM's NEWMAT carries them
     U = geometry.misset_matrix(*cr.missets) @ cr.U
     uu, _, vv = np.linalg.svd(U)
     return {"start": cell0, "cell": tuple(cr.cell), "esd": cycles[-1]["esd"], "U": uu @ vv,
             "cycles": cycles, "n": ref.n_pos, "detector": det, "mosaic": cr.mosaic,
-            "missets": cr.missets, "rms": ref.rms_mm, "early": measure.taken,
-            "first_cycle_early": first_taken}
-
-
-def _cycle_key(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free):
-    return _task_key((parts.tobytes(), parts.dtype.descr, list(segments), cr, beam, det, goniometer, scan,
-                      opts, sorted(cell_free)))
-
-
-def first_cycle_early(job, crystal, models, segments, settings):
-    """While the last segment's PROCESS waits for its integration, the refinement's first cycle from the
-    segments' first measurements (started with their PROCESS): what refine_cell's first cycle would
-    compute, if asked the same (it checks: _cycle_key).  Kept in job.results; nothing if the
-    measurements were not all started early or the cycle fails (refine_cell then does it, and reports)."""
-    started = job.results.get("cellref_started") or {}
-    if any(s not in started for s in range(len(segments))):
-        return
-    try:
-        parts = np.concatenate([started[s].future.result() for s in range(len(segments))])
-        beam, det, gonio, scan = models
-        opts = options_from(job.kw)
-        cell_free = set(CELL_NAMES) - opts.cell_fixed if opts.postref else set()
-        cr, det = copy.copy(crystal), copy.copy(det)
-        key = _cycle_key(parts, segments, cr, beam, det, gonio, scan, opts, cell_free)
-        cycles = []
-        ref, done = _cycle(parts, list(segments), cr, beam, det, gonio, scan, opts, cell_free, cycles, 1)
-    except Exception:          # refine_cell meets it again, and says what it is
-        return
-    job.results["cellref_first_cycle"] = (key, ref, done, cycles[0])
+            "missets": cr.missets, "rms": ref.rms_mm}
 
 
 def _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cycles, cycle):
@@ -1216,66 +1181,6 @@ def _cycle(parts, segments, cr, beam, det, goniometer, scan, opts, cell_free, cy
     return ref, cycle > 1 and np.all(shift <= 2.5 * np.maximum(ref.cell_esd, 1e-6))
 
 
-class _SegmentMeasurer:
-    """Each cycle's measurement of the segments' parts: in this process, or with NPROC > 1 each
-    segment in a worker process of its own (the same one every cycle, so it decodes its images once).
-    The segments are independent and their parts are put together in segment order: the same parts
-    whatever the number of processes.  A segment's first measurement may have been started while its
-    PROCESS ran (start_segment_measure): it is taken if it was started with exactly these arguments."""
-
-    def __init__(self, segments, read_image, nproc=1, started=None):
-        self.segments = list(segments)
-        self.read_image = read_image
-        self.started = dict(started or {})
-        n = min(int(nproc or 1), len(self.segments))
-        self.pools = []
-        if n > 1:
-            from ._heap import no_huge_pages
-            from .integrate import _ignore_signals
-            no_huge_pages()
-            # a segment's worker started early has its images decoded already: it keeps the segment
-            self.pools = [self.started[s].pool if s in self.started else
-                          ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals) for s in range(n)]
-        else:
-            from .integrate import decode_once
-            self.segment_image, _ = decode_once(read_image)    # the segments' few images, every cycle
-        self._extra = [st.pool for s, st in self.started.items() if not (s < len(self.pools))]
-        self.first = True
-        self.taken = 0             # first measurements taken from the early start
-
-    def __call__(self, cr, beam, det, goniometer, scan, kw):
-        if not self.pools:
-            return [measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), self.segment_image, **kw)
-                    for a, b in self.segments]
-        futures = []
-        for s, (a, b) in enumerate(self.segments):
-            args = (cr, beam, det, goniometer, scan, a, b, self.read_image, kw)
-            early = self.started.get(s) if self.first else None
-            if early is not None and early.future is not None and early.key == _task_key(args):
-                futures.append(early.future)
-                self.taken += 1
-            else:
-                if early is not None and early.future is not None:
-                    early.future.cancel()
-                futures.append(self.pools[s % len(self.pools)].submit(_measure_segment, *args))
-        self.first = False
-        return [f.result() for f in futures]
-
-    def close(self):
-        # the segments' workers end on their own (their tasks are all done or cancelled): waiting for
-        # each to exit (~50 ms on the 6M sweep, its heap unmapped) held up the next PROCESS's blocks
-        for p in self.pools + self._extra:
-            p.shutdown(wait=False, cancel_futures=True)
-
-
-class StartedSegment:
-    """A segment's first cell-refinement measurement, started in a worker of its own while the segment's
-    PROCESS ran; `key` says what it was started with."""
-
-    def __init__(self, pool, future, key):
-        self.pool, self.future, self.key = pool, future, key
-
-
 def _task_key(args):
     """The arguments of a measurement as bytes: equal bytes, equal arguments (so the same parts)."""
     import pickle
@@ -1283,55 +1188,6 @@ def _task_key(args):
         return pickle.dumps(args, protocol=4)
     except Exception:          # not picklable: never taken for another
         return object()
-
-
-def start_segment_measure(job, crystal, models, first, last, settings, index=None):
-    """At the start of a cell-refinement segment's PROCESS with NPROC > 1: its first-cycle measurement
-    (what refine_cell will ask of this segment, if nothing changes before it runs) starts now in the
-    worker that will measure this segment in every cycle, beside the segment's integration.
-    refine_cell takes it only if its own arguments are the same (_SegmentMeasurer).  `index`: the
-    segment's number when it is not the PROCESS now running (the next segment, started early by
-    pyflm.integrate); one started early with other arguments than its PROCESS's is replaced."""
-    postref = job.kw.get("POSTREF") or {}
-    if not (postref.get("MULTI") or postref.get("SEGMENTS")) or settings.nproc < 2 or settings.scheduler:
-        return
-    s = len(job.results.get("cellref_segments") or []) if index is None else index
-    need = int(postref.get("SEGMENTS", 2))
-    started = job.results.setdefault("cellref_started", {})
-    if s >= min(settings.nproc, need):
-        return
-    from .integrate import _ignore_signals, job_image_reader
-    beam, det, gonio, scan = models
-    reader = job_image_reader(job)
-    kw = dict(dmin=settings.dmin, dmax=settings.dmax, raster=settings.raster, separation=settings.separation)
-    args = (copy.copy(crystal), beam, copy.copy(det), gonio, scan, first, last, reader, kw)
-    key = _task_key(args)
-    if s in started:
-        if started[s].key == key:
-            return
-        started.pop(s).pool.shutdown(wait=False, cancel_futures=True)
-    from ._heap import no_huge_pages
-    no_huge_pages()
-    pool = ProcessPoolExecutor(max_workers=1, initializer=_ignore_signals)
-    started[s] = StartedSegment(pool, pool.submit(_measure_segment, *args), key)
-
-
-_WORKER_READERS = {}
-
-
-def _measure_segment(cr, beam, det, goniometer, scan, a, b, read_image, kw):
-    """measure_parts in a segment's worker, its images decoded on the first cycle and kept."""
-    from .integrate import decode_once
-    key = (getattr(read_image, "func", read_image), getattr(read_image, "args", ()))
-    try:
-        reader = _WORKER_READERS.get(key)
-    except TypeError:            # an unhashable reader: no cache
-        key, reader = None, None
-    if reader is None:
-        reader, _ = decode_once(read_image)
-        if key is not None:
-            _WORKER_READERS[key] = reader
-    return measure_parts(cr, beam, det, goniometer, scan, range(a, b + 1), reader, **kw)
 
 
 def cycle_lines(result, scan):
@@ -1382,10 +1238,9 @@ def _refinement_args(job, segments, models):
             repeat, settings_from_job(job, det))
 
 
-def _refine_with(args, started=None, first_cycle=None):
+def _refine_with(args):
     segs, crystal, beam, det, gonio, scan, reader, opts, repeat, settings = args
-    return refine_cell(segs, crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat, settings=settings,
-                       started=started, first_cycle=first_cycle)
+    return refine_cell(segs, crystal, beam, det, gonio, scan, reader, opts, max_cycles=repeat, settings=settings)
 
 
 def refinement_pending(job, segments, models):
@@ -1396,15 +1251,15 @@ def refinement_pending(job, segments, models):
 
 
 def refine_cell_early(job, segments, models):
-    """With NPROC > 1, while the segment before the last waits for its blocks: the whole refinement of
-    `segments` (the last one's measurement and blocks already started, pyflm.integrate), as the last
-    segment's PROCESS would do it if nothing changes before it (`models`: that PROCESS's geometry).
-    Kept with its arguments' bytes; cell_refinement_segment takes it only if its own are the same.
-    A failure is left for that PROCESS to meet and report."""
+    """With NPROC > 1, while a segment's PROCESS waits for its blocks on the workers: the whole
+    refinement of `segments` as the last segment's PROCESS would do it if nothing changes before then
+    (`models`: that PROCESS's geometry; pyflm.integrate._last_segment_early says when).  Kept with its
+    arguments' bytes; cell_refinement_segment takes it only if its own are the same.  A failure is
+    left for that PROCESS to meet and report."""
     try:
         args = _refinement_args(job, segments, models)
         key = _task_key(args)
-        res = _refine_with(args, started=job.results.pop("cellref_started", None))
+        res = _refine_with(args)
     except Exception:
         return
     job.results["cellref_early"] = (key, res)
@@ -1422,17 +1277,11 @@ def cell_refinement_segment(job, result, models, first, last):
         return
     job.results["cellref_segments"] = []
     segs_args = _refinement_args(job, segs, models)
-    settings = segs_args[-1]
-    if min(settings.nproc, len(segs)) > 1:
-        log.line(f" Cell refinement: the {len(segs)} segments are measured in {min(settings.nproc, len(segs))}"
-                 " processes")
     early = job.results.pop("cellref_early", None)
     if early is not None and early[0] == _task_key(segs_args):     # refined already, from the very same
         res = dict(early[1], refined_early=True)
-        job.results.pop("cellref_first_cycle", None)
     else:
-        res = dict(_refine_with(segs_args, started=job.results.pop("cellref_started", None),
-                                first_cycle=job.results.pop("cellref_first_cycle", None)), refined_early=False)
+        res = dict(_refine_with(segs_args), refined_early=False)
     for ln in cycle_lines(res, scan) + format_tables(res):
         log.line(ln)
     log.line(f" Refined mosaic spread (excluding safety factor): {res['mosaic']:6.2f}")
