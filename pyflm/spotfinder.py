@@ -126,12 +126,13 @@ def _assemble(shape, parts):
 
 def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None, max_size_ratio=10.0,
                rmin=None, rmax=None, wavelength=None, ice_rings=False, separation=None, sigma_b=6.0,
-               kernel=7, mask=None, pixels=None):
+               kernel=7, mask=None, pixels=None, row0=0):
     """Spots on one image -> spot list (pyflm.spots.SPOT_DTYPE), brightest first.
 
     threshold is the I/sigma a spot must reach to be kept (FINDSPOTS THRESHOLD); min_pix defaults to
     MOSFLM's 6, or 3 for small pixels that see small spots.  pixels: (spot-pixel mask, background
-    mean) when already found (find_spots_split)."""
+    mean) when already found (find_spots_split); with row0, data (and pixels) are the image's rows
+    from row0 on (find_spots_in_rows), the positions the image's."""
     data = np.asarray(data)
     valid = data > detector.nullpix
     if mask is not None:
@@ -159,7 +160,7 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
     sig = np.sqrt(np.maximum(var, 1e-9))
     w = np.maximum(net, 0)
     wsum = np.maximum(np.bincount(lab, w, n), 1e-9)
-    cs = np.bincount(lab, w * (ss + 0.5), n) / wsum
+    cs = np.bincount(lab, w * (ss + (0.5 + row0)), n) / wsum
     cf = np.bincount(lab, w * (ff + 0.5), n) / wsum
     objs = ndimage.find_objects(labels)
     size_s = np.array([o[0].stop - o[0].start for o in objs], float)
@@ -211,6 +212,36 @@ def find_spots(data, detector, *, image=0, phi=0.0, threshold=3.0, min_pix=None,
     spots["flag"] = flag
     order = np.argsort(-spots["intensity"] / np.maximum(spots["sigma"], 1e-9))
     return spots[order]
+
+
+def find_spots_in_rows(data, detector, r0, r1, *, kernel=7, sigma_b=6.0, mask=None, **kwargs):
+    """find_spots of the spots lying wholly in rows r0..r1 of the image, each as the whole image's search
+    finds it (its pixels, sums, position and TOO_SMALL flag: the band's mask rows are the image's, see
+    _rows_pixels); a spot touching the band's first or last row may go on beyond it and is left out
+    (unless that row is the image's edge).  The flags that weigh spots against each other (TOO_BIG,
+    TOO_CLOSE) are the band's.  For questions a part of the image answers, at a part of the cost."""
+    data = np.asarray(data)
+    ny = data.shape[0]
+    h = kernel // 2 + 4                    # _rows_pixels' margin
+    lo, hi = max(0, r0 - h), min(ny, r1 + h)
+    slab = data[lo:hi]
+    valid = slab > detector.nullpix
+    if mask is not None:
+        valid &= ~mask[lo:hi]
+    band, idx, vals = _rows_pixels(slab, valid, slab >= detector.overload, r0 - lo, r1 - lo, detector.gain,
+                                   kernel, sigma_b)
+    labels, _ = ndimage.label(band, structure=np.ones((3, 3)))
+    edge = [labels[0]] if r0 > 0 else []
+    if r1 < ny:
+        edge.append(labels[-1])
+    cut = np.unique(np.concatenate(edge)) if edge else np.zeros(0, labels.dtype)
+    cut = cut[cut > 0]
+    if len(cut):
+        band &= ~np.isin(labels, cut)
+    bgmean = np.zeros(band.shape)          # (only the spot pixels' values are read)
+    bgmean.ravel()[idx] = vals
+    return find_spots(data[r0:r1], detector, kernel=kernel, sigma_b=sigma_b, pixels=(band, bgmean), row0=r0,
+                      **kwargs)
 
 
 def find_spots_in_file(path, detector, kwargs):

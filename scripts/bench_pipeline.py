@@ -196,6 +196,7 @@ def child(deck_path, workdir, profile):
     # with NPROC > 1 the searches run on worker processes: the wait for them is spot finding too
     sf.find_spots_in_files = st.wrap(sf.find_spots_in_files, "spots")
     sf.find_spots_split = st.wrap(sf.find_spots_split, "spots")
+    sf.find_spots_in_rows = st.wrap(sf.find_spots_in_rows, "spots")      # PROCESS's probe, a band first
     # PROCESS writes the MTZ as the blocks come (finishing their records, writing their rows) and its
     # header at the end: MTZ writing, unless in cell refinement's PROCESS segments (cell refinement)
     import pyflm.integrate as integ_mod

@@ -262,8 +262,8 @@ def test_process_probes_searched_during_indexing_are_the_ones_process_would_sear
     from pyflm.cli import run_batch
     from pyflm.integrate import job_image_reader
     calls = []
-    real = autoparams.find_sweep_spots
-    monkeypatch.setattr(autoparams, "find_sweep_spots", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = autoparams._search_image
+    monkeypatch.setattr(autoparams, "_search_image", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     monkeypatch.chdir(tmp_path)
     job = JobState()
     job.files["HKLOUT"] = "p.mtz"
@@ -274,6 +274,6 @@ def test_process_probes_searched_during_indexing_are_the_ones_process_would_sear
     assert "DISTANCE" in job.kw and "BEAM" in job.kw     # indexing moved the detector after the probe
     reader = job_image_reader(job)
     early = autoparams.take_early_probe(job, reader, det, 2)
-    here = autoparams._probe_view(real(reader, det, scan, [2])[0])
+    here = autoparams._probe_view(real(reader, det, scan, 2, probe=True))
     assert len(here) > 100 and np.array_equal(early, here)
     assert autoparams.take_early_probe(job, reader, det, 3) is None      # not a probe PROCESS asked for

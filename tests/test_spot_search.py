@@ -73,3 +73,23 @@ def test_findspots_deck_prints_the_lines_xia2_reads(workdir):
     assert 1.2 < float(line.split()[-2]) < 2.5
     assert "Number stored as OK" in r.stdout and "parameters have been set to" in r.stdout
     assert (workdir / "x.spt").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("path", [SIM / "sim_0030.cbf", DATA / "real-pilatus6m-singles" / "example_004.cbf.gz"])
+def test_a_band_of_rows_gives_the_whole_images_spots_that_lie_in_it(path):
+    """PROCESS's probe asks a band of rows first: each spot found there is the whole search's spot
+    (position, pixels, sums, TOO_SMALL), and every whole-image spot well inside the band is found."""
+    data, det, h = detector_of(path)
+    kw = dict(image=30, phi=1.0, threshold=2.0, min_pix=2)
+    whole = spotfinder.find_spots(data, det, **kw)
+    ny = data.shape[0]
+    r0, r1 = 3 * ny // 8, 5 * ny // 8
+    band = spotfinder.find_spots_in_rows(data, det, r0, r1, **kw)
+    assert len(band) > 50
+    key = lambda s: {(round(float(f), 9), round(float(sl), 9)): (int(n), float(i), float(sg), int(fl) & 1)
+                     for f, sl, n, i, sg, fl in zip(s["fast"], s["slow"], s["npix"], s["intensity"],
+                                                    s["sigma"], s["flag"])}
+    kb, kwhole = key(band), key(whole)
+    assert all(k in kwhole and kwhole[k] == v for k, v in kb.items())
+    inside = [k for k in kwhole if r0 + 15 <= k[1] <= r1 - 15]
+    assert len(inside) > 50 and all(k in kb for k in inside)
