@@ -14,7 +14,8 @@ two 3-image segments, PROCESS every image) in a fresh child process, which times
 spot finding, indexing (with the mosaic estimate), cell refinement, integration and MTZ writing.  DIALS
 runs dials.import, find_spots, index (space group given, as pyflm's deck gives SYMMETRY), refine,
 integrate and export, all with nproc=1, in the same run.  Printed: seconds per image of the sweep for
-each stage and the ratio pyflm/DIALS; fabio's decode time per image and integration's ratio to it; the
+each stage and the ratio pyflm/DIALS; fabio's decode time per image (timed just before and after each
+1-process run: the machine's speed drifts) and integration's ratio to it; the
 peak resident memory of pyflm's process tree (getrusage of the child, and of its children: the worker
 processes); the scores of both MTZs (../shared/tools/score_mtz.py, --dmax 10); the machine load
 (os.getloadavg), since the cores may be shared; and, with --profile (default), the top cProfile lines of
@@ -30,6 +31,7 @@ import os
 import pathlib
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -278,7 +280,8 @@ def run_dials(sweep, workdir):
 # ---- the rest --------------------------------------------------------------------------------------
 
 def fabio_decode(sweep, n_images, n_sample=10):
-    """Seconds per image for fabio to open and decode an image of the sweep (median of a sample)."""
+    """Seconds for fabio to open and decode each of a sample of the sweep's images (their median is the
+    decode time per image)."""
     import fabio
     nums = sorted({1 + round(i * (n_images - 1) / max(1, n_sample - 1)) for i in range(n_sample)})
     ts = []
@@ -287,8 +290,7 @@ def fabio_decode(sweep, n_images, n_sample=10):
         t0 = time.perf_counter()
         fabio.open(str(p)).data.sum()
         ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return ts
 
 
 def score(mtz, sweep):
@@ -332,13 +334,23 @@ def report_main(args, sweep, n_images):
     print(f"   {load()}")
     nprocs = [int(x) for x in args.nproc.split(",")]
     runs, all_runs = {}, {p: [] for p in nprocs}
+    from pyflm._heap import tune
+    tune()      # fabio decodes with the process settings pyflm runs with (malloc, page size)
+    fabio_decode(sweep, n_images, 2)           # (fabio's first open imports its CBF reader)
     # --repeat n: each worker count n times, taking turns (a shared machine's load then falls alike on
-    # each); the run of median total is the one reported
+    # each); the run of median total is the one reported.  fabio's decode is timed just before and just
+    # after each run on nproc[0] (a shared machine's speed drifts from minute to minute), and that run's
+    # integration is compared with the median of those decodes
     for rep in range(max(1, args.repeat)):
         for p in nprocs:
+            before = fabio_decode(sweep, n_images) if p == nprocs[0] else []
             r = run_pyflm(sweep, n_images, TMP / (f"run-{sweep.name}-pyflm-np{p}" + (f"-{rep}" if rep else "")), nproc=p)
+            if p == nprocs[0]:
+                r["decode"] = statistics.median(before + fabio_decode(sweep, n_images))
             all_runs[p].append(r)
-            print(f"   pyflm nproc {p}: {r['total']:.1f} s  ({load()})", flush=True)
+            print(f"   pyflm nproc {p}: {r['total']:.1f} s  ({load()})"
+                  + (f"; integration {r['stages']['integrate'] / n_images / r['decode']:.2f} x fabio decode "
+                     f"({r['decode']:.4f} s/image, timed beside it)" if p == nprocs[0] else ""), flush=True)
     for p in nprocs:
         ordered = sorted(all_runs[p], key=lambda r: r["total"])
         runs[p] = ordered[(len(ordered) - 1) // 2]
@@ -364,9 +376,7 @@ def report_main(args, sweep, n_images):
     if not args.no_dials and shutil.which("dials.import"):
         dials = run_dials(sweep, TMP / f"run-{sweep.name}-dials")
         print(f"   DIALS: {dials['total']:.1f} s  ({load()})", flush=True)
-    from pyflm._heap import tune
-    tune()      # fabio decodes with the process settings pyflm runs with (malloc, page size); after DIALS
-    dec = fabio_decode(sweep, n_images)
+    dec = py["decode"]
 
     print()
     print(f"   seconds per image ({n_images} images; pyflm on {nprocs[0]} process, DIALS nproc=1)")
@@ -387,8 +397,8 @@ def report_main(args, sweep, n_images):
           + (f"{dials['total'] / n_images:10.4f}{tot_ratio:13.3f}" if dials else ""))
     print(f"   total seconds: pyflm {py['total']:.2f}" + (f", DIALS {dials['total']:.2f}" if dials else ""))
     integ = py["stages"]["integrate"] / n_images
-    print(f"   fabio decode {dec:.4f} s/image; pyflm integration {integ:.4f} s/image = "
-          f"{integ / dec:.2f} x decode")
+    print(f"   fabio decode {dec:.4f} s/image (timed beside the run reported); pyflm integration {integ:.4f}"
+          f" s/image = {integ / dec:.2f} x decode")
     print(f"   peak RSS of pyflm (nproc {nprocs[0]}): {py['peak_rss_mb']:.0f} MB "
           f"(process {py['maxrss_self_mb']:.0f} MB, largest worker {py['maxrss_children_mb']:.0f} MB); "
           "peak within each stage: " + ", ".join(f"{k} {v:.0f}" for k, v in py["rss_after"].items()))
@@ -432,7 +442,10 @@ def report_main(args, sweep, n_images):
         print(f"   total time pyflm/DIALS {tot_ratio:.3f} (goal <= 0.333: {'yes' if tot_ratio <= 1 / 3 else 'no'});"
               f" cc_truth pyflm {sp['cc_truth']:.6f} vs DIALS {sd['cc_truth']:.6f}"
               f" ({'no worse' if sp['cc_truth'] >= sd['cc_truth'] else 'WORSE'})")
-    print(f"   integration {integ / dec:.2f} x fabio decode (goal <= 5: {'yes' if integ / dec <= 5 else 'no'})")
+    ratios = [r["stages"]["integrate"] / n_images / r["decode"] for r in all_runs[nprocs[0]]]
+    med = statistics.median(ratios)
+    print(f"   integration {integ / dec:.2f} x fabio decode in the run reported; in each run on {nprocs[0]} process: "
+          + " ".join(f"{x:.2f}" for x in ratios) + f", median {med:.2f} (goal <= 5: {'yes' if med <= 5 else 'no'})")
     print(f"   {load()}")
     if args.profile:
         prof = run_pyflm(sweep, n_images, TMP / f"run-{sweep.name}-pyflm-prof", profile=True)
