@@ -89,11 +89,13 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
     from . import predict
     # each image is decoded once: pass 1 (refinement, up to three measurements) and pass 2 read it here
     block_image, datas = decode_once(lambda img: check_image(read_image(img), detector))
-    for img in block_images:
+    for img, data in zip(block_images, read_images(read_image, block_images)):
         try:
-            block_image(img)
-        except Exception:                # a bad image is skipped and reported (datas keeps why)
-            pass
+            if isinstance(data, Exception):
+                raise data
+            datas[img] = check_image(data, detector)
+        except Exception as e:           # a bad image is skipped and reported (datas keeps why)
+            datas[img] = e
     refined = {}
     if settings.refine is not None:      # pass 1: positional and post-refinement on the block
         from .refine import refine_block
@@ -655,6 +657,23 @@ def read_image_data(template, directory, extension, number):
     """Image data by number (module level so worker processes can be handed it)."""
     from .images import image_path, read_pixels
     return read_pixels(image_path(template, directory, number, extension))
+
+
+def read_images(read_image, numbers):
+    """read_image(n) of each n: its pixels, or the exception it raised.  image_reader's readers read
+    them together (read_pixels_many: their CBF checksums at once)."""
+    if isinstance(read_image, functools.partial) and read_image.func is read_image_data and \
+            len(read_image.args) == 3 and not read_image.keywords:
+        from .images import image_path, read_pixels_many
+        template, directory, extension = read_image.args
+        return read_pixels_many([image_path(template, directory, n, extension) for n in numbers])
+    out = []
+    for n in numbers:
+        try:
+            out.append(read_image(n))
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 def job_image_reader(job):

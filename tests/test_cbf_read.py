@@ -101,3 +101,57 @@ def test_pixels_alone_are_read_images_pixels_and_a_bad_file_still_fails_as_it(tm
         assert got[1] == expected[1] if got[0] == "error" else np.array_equal(got[1], expected[1]), name
     with pytest.raises(ImageError, match="checksum does not match"):
         images.read_pixels(str(tmp_path / "flip_0001.cbf"))
+
+
+@pytest.mark.parametrize("level", [2, 1])
+def test_md5_lanes_give_hashlibs_digests(level):
+    """md5_many (a buffer in each SIMD lane, AVX-512VL's or AVX2's) gives hashlib's digests for buffers
+    of every length about the block and padding boundaries, unequal lengths side by side, more than
+    eight (two groups), one alone, and the sim images' binary sections."""
+    import hashlib
+    from pyflm._ext import _cbf
+    old = _cbf.md5_set_simd(level)
+    try:
+        rng = np.random.default_rng(5)
+        lengths = [0, 1, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 4096, 100_003]
+        bufs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
+        sims = [(SIM / f"sim_{i:04d}.cbf").read_bytes() for i in (1, 2, 3)]
+        for group in (bufs, bufs[:1], bufs[-3:], sims, [memoryview(s)[100:] for s in sims]):
+            got = _cbf.md5_many(group)
+            if got is None:
+                pytest.skip("this CPU has no such lanes")
+            assert got == [hashlib.md5(b).digest() for b in group]
+    finally:
+        _cbf.md5_set_simd(old)
+    _cbf.md5_set_simd(0)
+    try:
+        assert _cbf.md5_many(bufs) is None          # none: the caller's hashlib
+        assert images._md5_digests(bufs) == [hashlib.md5(b).digest() for b in bufs]
+    finally:
+        _cbf.md5_set_simd(old)
+
+
+def test_pixels_read_together_are_each_ones_read_pixels(tmp_path):
+    """read_pixels_many (a block's images, their checksums at once) gives each path's read_pixels: the
+    same array, or the same error for a flipped bit, a short file, a missing one, another format."""
+    raw = (SIM / "sim_0007.cbf").read_bytes()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    at = raw.find(b"\x0c\x1a\x04\xd5")
+    (tmp_path / "flip_0001.cbf").write_bytes(bytes(flipped))
+    (tmp_path / "short_0001.cbf").write_bytes(raw[:at + 1000])
+    (tmp_path / "type_0001.cbf").write_bytes(raw.replace(b'"signed 32-bit integer"',
+                                                         b'"unsigned 16-bit integer"'))
+    paths = [str(SIM / f"sim_{i:04d}.cbf") for i in (1, 2)] + \
+        [str(tmp_path / n) for n in ("flip_0001.cbf", "short_0001.cbf", "type_0001.cbf", "none_0001.cbf")] + \
+        [str(SIM / "sim_0003.cbf")]
+    got = images.read_pixels_many(paths)
+    assert len(got) == len(paths)
+    for p, g in zip(paths, got):
+        try:
+            expected = images.read_pixels(p)
+        except Exception as e:
+            assert type(g) is type(e) and str(g) == str(e), p
+            continue
+        assert isinstance(g, np.ndarray) and g.dtype == expected.dtype and np.array_equal(g, expected), p
+    assert sum(isinstance(g, np.ndarray) for g in got) >= 3
