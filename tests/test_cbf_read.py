@@ -31,7 +31,16 @@ def _decoders():
     return _cbf, compression
 
 
-def test_every_sim_image_decodes_to_fabios_pixels_to_the_bit():
+@pytest.fixture(params=[-1, 0], ids=["avx2", "scalar"])
+def cbf_simd(request):
+    """dec_cbf32's runs of plain words in AVX2 (where the CPU has it) and in the scalar loop."""
+    from pyflm._ext import _cbf
+    old = _cbf.set_simd(request.param)
+    yield request.param
+    _cbf.set_simd(old)
+
+
+def test_every_sim_image_decodes_to_fabios_pixels_to_the_bit(cbf_simd):
     """pyflm's byte-offset kernel (ext/_cbf.pyx) against fabio's decoder on all 60 images."""
     _cbf, compression = _decoders()
     for path in sorted(SIM.glob("sim_*.cbf")):
@@ -41,7 +50,7 @@ def test_every_sim_image_decodes_to_fabios_pixels_to_the_bit():
         assert ours is not None and ours.dtype == ref.dtype and np.array_equal(ours, ref), path.name
 
 
-def test_streams_with_every_escape_decode_as_fabio_decodes_them():
+def test_streams_with_every_escape_decode_as_fabio_decodes_them(cbf_simd):
     """Deltas of every size (8, 16 and 32 bits, the escapes' own boundary values), a stream shorter and
     longer than the image, and the cases the kernel leaves to fabio (a 64-bit delta, a cut escape)."""
     _cbf, compression = _decoders()
