@@ -205,15 +205,25 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
     # those up to 3.7 times as wide as an equatorial one (~wide), kept as neighbours for the overlap test,
     # and is at most MAXWIDTH-like 5
     margin = min(5.0, max(2.5, 4.0 * wide))
-    pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, dmin, dmax, mosaic=wide, margin=margin)
-    kept, probe = None, None
+    probe = None
+    d_pred = dmin
     if limit is not None:
         # a bounded list of strong reflections has none beyond the resolution where the spots stop
-        # standing out: those are neither looked at nor measured (nor, far from any that is, neighbours)
-        d_lim, probe = _standing_resolution(pred, images, scan, read_image, detector, raster)
+        # standing out: those are neither looked at nor measured (nor, far from any that is, neighbours),
+        # nor predicted (a sim block: 2.4 ms to that resolution, 3.9 to the corners, the probe 1.2).  The
+        # probe predicts its image alone: the same crossings of that image (to the rounding of its ends),
+        # their positions and d to the bit (a crossing's ray does not depend on the window searched)
+        a, b = scan.phi_range(images[len(images) // 2])
+        d_lim, probe = _standing_resolution(
+            predict.predict(crystal, beam, detector, goniometer, a, b, dmin, dmax, mosaic=wide, margin=0.0),
+            images, scan, read_image, detector, raster)
         if d_lim is not None:
-            kept = np.flatnonzero(pred["d"] >= d_lim)       # (`refl` still numbers the whole prediction)
-            pred = pred.take(kept)
+            # (a hair finer than the limit, which is applied below as before: no reflection at it is lost
+            # to the rounding of the prediction's resolution test)
+            d_pred = max(dmin, d_lim * (1.0 - 1e-6))
+    pred = predict.predict(crystal, beam, detector, goniometer, lo, hi, d_pred, dmax, mosaic=wide, margin=margin)
+    if d_pred != dmin:
+        pred = pred.take(np.flatnonzero(pred["d"] >= d_lim))
     # the parts on the block's images and on the one either side of it: a reflection's share per image
     # falls away from its centre (a single-peaked rocking curve), so one with a part on any other image
     # has one on those two or none on the block (either way it is not measured: dropped whole below)
@@ -269,12 +279,12 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
         look = sel[largest[sel]]
         fast, slow = p["fast"][look], p["slow"][look]
         if probe is not None and img == probe[0]:
-            # the probe looked at these boxes already (the same image, positions and raster)
-            refl = out["refl"][look] if kept is None else kept[out["refl"][look]]
-            at = np.minimum(np.searchsorted(probe[1], refl), len(probe[1]) - 1)
-            done = probe[1][at] == refl
+            # the probe looked at these boxes already (the same image and raster): a box at the very same
+            # position (fast, slow) has the same sums
+            at = np.minimum(np.searchsorted(probe[1], fast), len(probe[1]) - 1)
+            done = (probe[1][at] == fast) & (probe[2][at] == slow)
             sums = np.empty((len(look), 4))
-            sums[done] = probe[2][at[done]]
+            sums[done] = probe[3][at[done]]
             rest = np.flatnonzero(~done)
             sums[rest] = quick_sums(data, fast[rest], slow[rest], raster, detector.nullpix)
         else:
@@ -296,10 +306,7 @@ def measure_parts(crystal, beam, detector, goniometer, scan, images, read_image,
         out["I"][sel], out["sigI"][sel] = m["I"], m["SIGI"]
         out["ok"][sel] = m["on"] & ~m["over"] & ~m["bad_peak"] & (m["n_bg"] >= 6)
     # reflections not worth measuring are left out whole, so every kept one keeps all its parts
-    out = out.take(np.flatnonzero(seen[out["refl"]]))
-    if kept is not None:
-        out["refl"] = kept[out["refl"]]
-    return out
+    return out.take(np.flatnonzero(seen[out["refl"]]))
 
 
 GRID = 4        # _strongest_spread's cells along each side of the detector
@@ -315,7 +322,7 @@ def _standing_resolution(pred, images, scan, read_image, detector, raster):
     """(d, probe): the resolution d (A) past which pass 1 need not look, D_MARGIN x the d of the
     highest-resolution reflection that stands out (quick I/sigma > STANDING at its predicted centre) on
     the block's middle image, None (no limit) when fewer than PROBE_MIN stand out there or the image
-    cannot be read; probe (image, indices into pred, quick_sums rows) what was looked at, or None.  One
+    cannot be read; probe (image, fast, slow, quick_sums rows; by fast) what was looked at, or None.  One
     bright spot far out (an ice ring, a zinger) only takes the limit out to it.  The margin keeps every
     reflection within 5 % in d of the standing ones, their overlapping neighbours among them (5 % of d is
     millimetres on the detector, a separation a fraction of one)."""
@@ -329,10 +336,12 @@ def _standing_resolution(pred, images, scan, read_image, detector, raster):
         return None, None
     if len(on) < PROBE_MIN or data.shape != (detector.n_slow, detector.n_fast):
         return None, None
-    sums = quick_sums(data, pred["fast"].take(on), pred["slow"].take(on), raster, detector.nullpix)
+    fast, slow = pred["fast"].take(on), pred["slow"].take(on)
+    sums = quick_sums(data, fast, slow, raster, detector.nullpix)
     pk, n_pk, rim, n_rim = sums.T
     standing = pk - rim / np.maximum(n_rim, 1) * n_pk > STANDING * np.sqrt(np.maximum(pk, 1.0))
-    probe = (img, on, sums)
+    by_fast = np.argsort(fast, kind="stable")
+    probe = (img, fast[by_fast], slow[by_fast], sums[by_fast])
     if standing.sum() < PROBE_MIN:
         return None, probe
     return D_MARGIN * float(pred["d"].take(on)[standing].min()), probe

@@ -467,6 +467,11 @@ def test_pass_1_refines_from_a_bounded_list_of_the_strongest_spots_spread_over_t
     n_all = len(np.unique(parts["refl"]))
     limit = n_all // 2
     few = refine.measure_parts(crystal, beam, det, gonio, scan, range(1, 6), read, limit=limit)
+    # (with a limit only the reflections inside its resolution are predicted, and `refl` numbers those:
+    # the list's reflections numbered as in the whole measurement, by their indices and crossing)
+    number = {(*hkl, phi): r for *hkl, phi, r in zip(parts["h"], parts["k"], parts["l"], parts["phi_pred"],
+                                                      parts["refl"])}
+    few["refl"] = [number.get((*hkl, phi), -1) for *hkl, phi in zip(few["h"], few["k"], few["l"], few["phi_pred"])]
     refl = np.unique(few["refl"])
     assert len(refl) == limit
     assert np.all(np.bincount(few["refl"])[few["refl"]] == few["n_parts"])       # every part kept
