@@ -222,14 +222,7 @@ def find_spots_in_rows(data, detector, r0, r1, *, kernel=7, sigma_b=6.0, mask=No
     TOO_CLOSE) are the band's.  For questions a part of the image answers, at a part of the cost."""
     data = np.asarray(data)
     ny = data.shape[0]
-    h = kernel // 2 + 4                    # _rows_pixels' margin
-    lo, hi = max(0, r0 - h), min(ny, r1 + h)
-    slab = data[lo:hi]
-    valid = slab > detector.nullpix
-    if mask is not None:
-        valid &= ~mask[lo:hi]
-    band, idx, vals = _rows_pixels(slab, valid, slab >= detector.overload, r0 - lo, r1 - lo, detector.gain,
-                                   kernel, sigma_b)
+    band, idx, vals = _slab_pixels(data, detector, r0, r1, kernel, sigma_b, mask)
     labels, _ = ndimage.label(band, structure=np.ones((3, 3)))
     edge = [labels[0]] if r0 > 0 else []
     if r1 < ny:
@@ -262,11 +255,19 @@ def _band_pixels(read, detector, r0, r1, kernel, sigma_b):
         data = read()
     except Exception:                # said by the caller, which reads the image itself
         return None
-    h = kernel // 2 + 4
+    return _slab_pixels(data, detector, r0, r1, kernel, sigma_b)
+
+
+def _slab_pixels(data, detector, r0, r1, kernel, sigma_b, mask=None):
+    """_rows_pixels of rows r0..r1, from those rows and its margin only (valid and overloaded pixels
+    found there, not over the whole image)."""
+    h = kernel // 2 + 4                    # _rows_pixels' margin
     lo, hi = max(0, r0 - h), min(data.shape[0], r1 + h)
     sub = data[lo:hi]
-    return _rows_pixels(sub, sub > detector.nullpix, sub >= detector.overload, r0 - lo, r1 - lo,
-                        detector.gain, kernel, sigma_b)
+    valid = sub > detector.nullpix
+    if mask is not None:
+        valid &= ~mask[lo:hi]
+    return _rows_pixels(sub, valid, sub >= detector.overload, r0 - lo, r1 - lo, detector.gain, kernel, sigma_b)
 
 
 def find_spots_split(read, detector, nproc, scheduler=None, *, kernel=7, sigma_b=6.0, **kwargs):
