@@ -874,14 +874,14 @@ def _spots_for(job, image, threshold, keep_weak=False, found=None):
     """Spots of one image, logged as MOSFLM logs them.  keep_weak keeps every connected group of
     spot pixels (threshold 0, one pixel) for merging into 3D spots; the log still counts the spots
     that pass on their own.  `found`: the same search's result from a worker process, if there is one."""
-    from .images import read_image
+    from .images import read_pixels
     from .spotfinder import TOO_SMALL, find_spots, log_spot_search
     beam, det, gonio, scan = job.experiment(image)
     a, b = scan.phi_range(image)
     spots = found
     if spots is None:
         path, det_, kw = _find_kwargs(job, image, keep_weak)
-        spots = find_spots(read_image(path)[0], det_, **kw)
+        spots = find_spots(read_pixels(path), det_, **kw)
     shown = spots
     if keep_weak:
         shown = spots.copy()

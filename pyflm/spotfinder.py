@@ -240,9 +240,9 @@ def find_spots_in_rows(data, detector, r0, r1, *, kernel=7, sigma_b=6.0, mask=No
 def find_spots_in_file(path, detector, kwargs):
     """find_spots on the image at `path` (decoded here: worker processes are given paths, not arrays).
     None when the image cannot be read; the caller reads it again to report why."""
-    from .images import read_image
+    from .images import read_pixels
     try:
-        data = read_image(path)[0]
+        data = read_pixels(path)
     except Exception:            # pyflm's errors do not survive the trip back from a worker
         return None
     return find_spots(data, detector, **kwargs)
@@ -410,12 +410,12 @@ def spot_statistics(spots, detector, wavelength):
 
 def run_findspots(job, args):
     """FINDSPOTS [FIND n] [THRESHOLD r] [RMIN r] [RMAX r] [MINPIX i] ...: search the current image."""
-    from .images import current_path, read_image
+    from .images import current_path, read_pixels
     from .shoebox import choose_raster
     image = int(args.get("FIND", args.get("IMAGE", job.image or 0)) or 0) or None
     beam, det, gonio, scan = job.experiment(image)
     image = image or scan.first
-    data = read_image(current_path(job, image))[0]
+    data = read_pixels(current_path(job, image))
     a, b = scan.phi_range(image)
     spots_kw = dict(job.kw.get("SPOTS") or {})
     spots_kw.update(args)

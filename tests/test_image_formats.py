@@ -88,6 +88,57 @@ def test_a_cbf_header_read_alone_is_the_header_of_the_whole_read(src, tmp_path):
     assert vars(alone) == vars(whole)
 
 
+CBF_FILES = sorted(p for p in DATA.rglob("*.cbf*") if p.suffix in (".cbf", ".gz", ".bz2"))
+
+
+def _plain(p, tmp_path):
+    raw = p.read_bytes()
+    raw = gzip.decompress(raw) if p.suffix == ".gz" else bz2.decompress(raw) if p.suffix == ".bz2" else raw
+    q = tmp_path / (p.stem if p.suffix in (".gz", ".bz2") else p.name)
+    q.write_bytes(raw)
+    return q
+
+
+def test_a_plain_minicbf_header_is_read_without_fabio_as_fabio_reads_it(tmp_path):
+    # every shared CBF: the header read without fabio (a plain miniCBF) is the whole read's, raw fields
+    # and all; a full imgCIF (loops) goes to fabio
+    plain = 0
+    for p in CBF_FILES:
+        q = _plain(p, tmp_path)
+        fields = images._plain_minicbf_fields(str(q))
+        if fields is None:
+            assert b"loop_" in q.read_bytes()[:1 << 16], p.name
+            continue
+        plain += 1
+        alone = images._cbf_header_only(str(q))
+        images._HEADER_CACHE.pop(str(q), None)
+        assert vars(alone) == vars(images.read_image(str(q))[1]), p.name
+    assert plain >= 60                  # the sim sweep, the 6M singles and stills at least
+
+
+def test_a_minicbf_with_a_line_this_does_not_read_goes_to_fabio(tmp_path):
+    raw = (DATA / "sim-p212121-cbf" / "sim_0001.cbf").read_bytes()
+    q = tmp_path / "odd_0001.cbf"
+    q.write_bytes(raw.replace(b"_array_data.header_convention", b"? _array_data.header_convention", 1))
+    assert images._plain_minicbf_fields(str(q)) is None
+    assert images._cbf_header_only(str(q)) is not None          # fabio reads it, as before
+
+
+def test_a_pilatus_sweep_is_indexed_without_importing_fabio(tmp_path):
+    # a plain CBF's header and pixels are read by pyflm itself: fabio's import (a tenth of a second)
+    # is not part of such a run
+    import subprocess
+    import sys
+    code = ("import sys; from pyflm import images, spotfinder;"
+            f"p = {str(DATA / 'sim-p212121-cbf' / 'sim_0001.cbf')!r};"
+            "h = images._cbf_header_only(p); d = images.read_pixels(p);"
+            "assert d.shape == (h.n_slow, h.n_fast);"
+            "print('fabio' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
 def test_a_truncated_cbf_is_still_reported_where_its_pixels_are_read(tmp_path):
     raw = (DATA / "sim-p212121-cbf" / "sim_0001.cbf").read_bytes()
     p = tmp_path / "t_0001.cbf"
