@@ -25,9 +25,6 @@ from .errors import Interrupted, ProcessingError
 
 from .mtz import RECORD_DTYPE, lexsort_ints
 
-# what refinement needs of each measured part: observed centroid and intensity
-OBS_DTYPE = np.dtype([("h", "i4"), ("k", "i4"), ("l", "i4"), ("image", "i4"), ("fast", "f8"),
-                      ("slow", "f8"), ("I", "f8"), ("sigI", "f8"), ("phi_mid", "f8"), ("fraction", "f8")])
 
 
 @dataclass
@@ -126,7 +123,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
                                                 predict.part_phi(pred, parts, scan.phi_start, scan.osc,
                                                                  scan.first))
     regions, n_regions, spread = _profile_regions(detector, part_fast, part_slow)
-    out_records, out_stats, out_obs = [], [], []
+    out_records, out_stats = [], []
     # pass 2 of MOSFLM: standard profiles from the strong fully recorded reflections of the whole block
     from .shoebox import block_profiles, foreground_mask, measure, profile_sums, shadow_mask
     acc = None
@@ -211,7 +208,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         # twice as much on the sim sweep's 2 000 rows of 12 000)
         p = pred.take(at_pred[kept])
         res = {k: res[k].take(kept, axis=0)
-               for k in ("I", "SIGI", "IPR", "SIGIPR", "flag", "fast_obs", "slow_obs")}
+               for k in ("I", "SIGI", "IPR", "SIGIPR", "flag")}
         rec = np.zeros(len(kept), RECORD_DTYPE)
         rec["h"], rec["k"], rec["l"] = p["h"], p["k"], p["l"]
         rec["batch"] = img
@@ -230,12 +227,6 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         rec["width"] = p["width"]
         rec["lp"] = 1.0 / lp
         rec["flag"] = res["flag"]
-        obs = np.zeros(len(kept), OBS_DTYPE)
-        obs["h"], obs["k"], obs["l"], obs["image"] = p["h"], p["k"], p["l"], img
-        obs["fast"], obs["slow"] = res["fast_obs"], res["slow_obs"]
-        obs["I"], obs["sigI"], obs["phi_mid"] = res["I"], res["SIGI"], 0.5 * sum(scan.phi_range(img))
-        obs["fraction"] = fraction
-        out_obs.append(obs)
         n_parts = parts["n_parts"].take(rows_k)
         st.n_full = int(np.sum(n_parts == 1))
         st.n_partial = int(np.sum(n_parts > 1))
@@ -254,7 +245,7 @@ def integrate_block(crystal, beam, detector, goniometer, scan, block_images, set
         st.seconds = time.time() - t0
         out_records.append(rec)
         out_stats.append(st)
-    return out_records, out_stats, out_obs
+    return out_records, out_stats
 
 
 def _quantile(v, q):
@@ -478,16 +469,14 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
     `started` (start_blocks with these same arguments) holds the block tasks already submitted;
     `meanwhile()` is run here once they are all submitted, before their results are awaited."""
     blocks = _block_ranges(images, max(1, settings.block)) if started is None else started.blocks
-    stats, observations = [], []
+    stats = []
     done = []
     kept = RecordStream(done.append, detector.gain) if stream is None else stream
     args = (crystal, beam, detector, goniometer, scan)
     interrupted = None
 
-    def take(block, recs, sts, obs_):
+    def take(block, recs, sts):
         kept.add(recs, block[-1])
-        if stream is None:            # what refinement would need of each part; not kept when streaming
-            observations.extend(obs_)
         stats.extend(sts)
         for s in sts:
             on_image and on_image(s)
@@ -524,7 +513,6 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
         rec = None
     result = Result(rec, stats)
     result.interrupted = interrupted
-    result.observations = concat_rows(observations, OBS_DTYPE)
     return result
 
 

@@ -55,7 +55,7 @@ def main():
         s.refine = settings.refine if with_refinement else None
         return integrate.integrate_block(crystal, beam, det, gonio, scan, block, s, reader, integrate_image)
     t_plain, _ = best_of(lambda: run(False), a.repeat)
-    t_ref, (_, stats, _) = best_of(lambda: run(True), a.repeat)
+    t_ref, (_, stats) = best_of(lambda: run(True), a.repeat)
     r = stats[0].refined
     print(f"block of {len(block)} images, integration alone      : {t_plain:7.2f} s CPU")
     print(f"block of {len(block)} images, refinement + integration: {t_ref:7.2f} s CPU")

@@ -27,11 +27,12 @@ def test_quantile_is_numpys_to_the_bit():
 def test_record_helpers_give_numpys_results():
     """concat_rows gives np.concatenate's bytes; lexsort_ints np.lexsort's order (ties, negative keys,
     one key, keys too wide to pack)."""
-    from pyflm.integrate import OBS_DTYPE, concat_rows
+    from pyflm.integrate import concat_rows
     from pyflm.mtz import lexsort_ints
     from pyflm.mtz import RECORD_DTYPE
+    from pyflm.refine import PART_OBS
     rng = np.random.default_rng(3)
-    for dtype in (RECORD_DTYPE, OBS_DTYPE):
+    for dtype in (RECORD_DTYPE, PART_OBS):
         parts = []
         for n in (0, 5, 1000, 1):
             a = np.zeros(n, dtype)
