@@ -161,3 +161,38 @@ def fraction_rows(const double[::1] d_phi, const double[::1] d_w, const double[:
         for j in range(p):
             O[i, j] = (O[i, j] / T - f[i] * S[r, j] / TT) / sig[i]
     return out
+
+
+def dps_histogram(const double[:, ::1] proj, double pmax, Py_ssize_t n_bins):
+    """indexing.dps_scan's histograms of the spots' projections: (n_dir, n_bins) counts, as floats
+    (what the FFT takes), from proj (n_spots, n_dir).  Each projection's bin is the twin's:
+    ((p + pmax) / (2 pmax) * n_bins) truncated, clipped to the histogram (a NaN to bin 0).  Directions
+    are taken a block at a time: their bins formed together (in SIMD lanes), then counted into their
+    histograms' rows, which stay in cache while every spot is binned into them."""
+    cdef Py_ssize_t ns = proj.shape[0], nd = proj.shape[1], i, d, d0, n, k
+    out = np.zeros((nd, n_bins))
+    if nd == 0 or n_bins <= 0:
+        return out
+    cdef double[:, ::1] H = out
+    cdef double two = 2 * pmax, nb = <double>n_bins, top = <double>(n_bins - 1), v
+    # 64 directions at a time (6M sweep's 522 spots, 5249 directions: 8.6 ms; 16 at a time 13.8,
+    # 256 11.3: fewer rows in cache, or each spot's row read in shorter runs)
+    cdef int[64] idx
+    cdef Py_ssize_t blk = 64
+    cdef const double *row
+    cdef double *h0 = &H[0, 0]
+    with nogil:
+        d0 = 0
+        while d0 < nd:
+            n = nd - d0 if nd - d0 < blk else blk
+            for i in range(ns):
+                row = &proj[i, d0]
+                for k in range(n):
+                    v = (row[k] + pmax) / two * nb
+                    v = v if v > 0.0 else 0.0           # (a NaN too)
+                    v = v if v < top else top
+                    idx[k] = <int>v
+                for k in range(n):
+                    h0[(d0 + k) * n_bins + idx[k]] += 1.0
+            d0 += n
+    return out

@@ -22,6 +22,11 @@ import numpy as np
 from . import geometry, lattice, predict
 from .errors import ProcessingError
 
+try:
+    from ._ext import _refine as _ref_ext
+except ImportError:            # not built: the numpy twins
+    _ref_ext = None
+
 
 # ---- reciprocal space -----------------------------------------------------------------------------
 
@@ -48,16 +53,24 @@ def hemisphere(step_deg):
     return np.concatenate(out)
 
 
-def dps_scan(r, directions, max_cell, n_bins=None):
+def dps_histogram(proj, pmax, n_bins, use_cython=True):
+    """The histograms of the spots' projections on each direction, (n_dir, n_bins) counts: the kernel
+    (ext/_refine.pyx, as floats) when built, else numpy's bincount (its twin; the same counts)."""
+    if use_cython and hasattr(_ref_ext, "dps_histogram"):
+        return _ref_ext.dps_histogram(np.ascontiguousarray(proj, float), float(pmax), int(n_bins))
+    bins = np.clip(((proj + pmax) / (2 * pmax) * n_bins).astype(np.int64), 0, n_bins - 1)
+    flat = bins + np.arange(proj.shape[1])[None, :] * n_bins
+    return np.bincount(flat.ravel(), minlength=proj.shape[1] * n_bins).reshape(-1, n_bins)
+
+
+def dps_scan(r, directions, max_cell, n_bins=None, use_cython=True):
     """For each direction, the strongest FFT peak of the projection histogram: (score, length Å)."""
     pmax = np.max(np.linalg.norm(r, axis=1)) * 1.001
     if n_bins is None:
         n_bins = int(2 ** np.ceil(np.log2(max(4 * pmax * max_cell * 2, 256))))
     proj = r @ directions.T                                       # (n_spots, n_dir)
-    bins = np.clip(((proj + pmax) / (2 * pmax) * n_bins).astype(np.int64), 0, n_bins - 1)
-    flat = bins + np.arange(directions.shape[0])[None, :] * n_bins
-    hist = np.bincount(flat.ravel(), minlength=directions.shape[0] * n_bins).reshape(-1, n_bins)
-    amp = np.abs(np.fft.rfft(hist, axis=1))
+    # (the FFT of the counts as floats is the FFT of them as integers, which it converts first)
+    amp = np.abs(np.fft.rfft(dps_histogram(proj, pmax, n_bins, use_cython), axis=1))
     freq_len = np.arange(amp.shape[1]) / (2 * pmax)               # Å per cycle
     # a period must repeat several times across the projections to be trusted (and 2.5 Å is no cell edge)
     lo = np.searchsorted(freq_len, max(2.5, 6.0 / (2 * pmax)))

@@ -67,6 +67,30 @@ def test_solution_n_selects_that_row_of_the_table(sim_spots, truth):
     assert np.allclose(sorted(cell[:3]), sorted(truth["cell"][:3]), rtol=0.003)
 
 
+def test_dps_histogram_kernel_counts_as_its_numpy_twin(sim_spots):
+    # the DPS scan's histograms of the spots' projections on every direction: the kernel's counts are
+    # numpy's bincount's, at the histogram's edges too, and the scan's scores and lengths the same bits
+    from pyflm.indexing import dps_histogram, dps_scan, hemisphere
+    spots, (beam, det, gonio, scan) = sim_spots
+    rng = np.random.default_rng(5)
+    dirs = hemisphere(2.0)
+    for r in (rng.normal(size=(1, 3)), rng.normal(size=(700, 3)) * 0.3, rng.uniform(-1, 1, (50, 3))):
+        pmax = np.max(np.linalg.norm(r, axis=1)) * 1.001
+        proj = r @ dirs.T
+        for n_bins in (256, 512, 1000):
+            assert np.array_equal(dps_histogram(proj, pmax, n_bins), dps_histogram(proj, pmax, n_bins, False))
+        a, b = dps_scan(r, dirs, 120.0), dps_scan(r, dirs, 120.0, use_cython=False)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    edges = np.array([[-1.0, 1.0, 0.0, 0.999999999, -1.0 + 1e-12, 1.0 - 1e-12]])
+    for n_bins in (4, 7):
+        assert np.array_equal(dps_histogram(edges, 1.0, n_bins), dps_histogram(edges, 1.0, n_bins, False))
+    # and on the sweep's own spots, as indexing scans them
+    r = indexing.spots_to_reciprocal(spots["x_mm"], spots["y_mm"], spots["phi"], beam.wavelength, det.frame(),
+                                     gonio.reverse_phi)
+    a, b = dps_scan(r, dirs, 150.0), dps_scan(r, dirs, 150.0, use_cython=False)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_mosaic_estimate_is_near_the_truth(sim_spots, truth):
     from pyflm.matrix import read_matrix
     spots, (beam, det, gonio, scan) = sim_spots
