@@ -478,6 +478,18 @@ def report_memory(args):
               f" goal < 20 %: {'yes' if abs(hi - lo) / lo < 0.2 else 'no'})")
 
 
+def compile_bytecode():
+    """pyflm's modules compiled to bytecode first, as Python caches them on a package's first import
+    (or pip at a wheel's install): with PYTHONDONTWRITEBYTECODE set, as here, every run would compile
+    its ~14 000 lines again, in its serial start and in its lazy imports, which no installed copy does
+    (DIALS's packages come compiled)."""
+    import compileall
+    compileall.compile_dir(str(ROOT / "pyflm"), quiet=1)
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print("   (PYTHONDONTWRITEBYTECODE is set: pyflm's bytecode compiled here first, as a first run "
+              "would have cached it)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", type=pathlib.Path, default=None, help="a sweep folder (sim_####.cbf)")
@@ -497,6 +509,7 @@ def main():
     args = ap.parse_args()
     if args._child:
         sys.exit(child(*args._child, profile=args.profile and "--profile" in sys.argv))
+    compile_bytecode()
     if args.memory and args.sweep is None and args.sim6m is None:
         report_memory(args)
         return
