@@ -219,6 +219,13 @@ _STARTER = b"\x0c\x1a\x04\xd5"
 _BINARY_KEY = re.compile(rb"^\s*([A-Za-z0-9-]+)\s*[:=]\s*(.*?)\s*$", re.M)
 
 
+def _mime_fields(section_header):
+    """{name: value} of a CBF binary section's MIME header lines (the bytes from its
+    --CIF-BINARY-FORMAT-SECTION-- line to the data's starter), quotes taken off, as fabio gives them."""
+    return {k.decode("ascii", "replace"): v.strip(b'"').decode("ascii", "replace")
+            for k, v in _BINARY_KEY.findall(section_header)}
+
+
 
 def _md5_matches(blob, md5):
     """Whether the binary section's bytes hash to its header's Content-MD5 (base64)."""
@@ -260,8 +267,7 @@ def _plain_cbf_section(path):
     sec = raw.rfind(b"--CIF-BINARY-FORMAT-SECTION--", 0, max(at, 0))
     if at < 0 or sec < 0:
         return None
-    h = {k.decode("ascii", "replace"): v.strip(b'"').decode("ascii", "replace")
-         for k, v in _BINARY_KEY.findall(raw[sec:at])}
+    h = _mime_fields(raw[sec:at])
     try:
         size, n = int(h["X-Binary-Size"]), int(h["X-Binary-Number-of-Elements"])
         fast, slow = int(h["X-Binary-Size-Fastest-Dimension"]), int(h["X-Binary-Size-Second-Dimension"])
@@ -332,7 +338,7 @@ def _cbf_header_only(path):
     try:
         fields = _plain_minicbf_fields(path)
         if fields is not None:
-            hdr = _parse_minicbf(_Fields(fields), path)
+            hdr = _parse_minicbf(fields, path)
         else:
             logging.getLogger("fabio").setLevel(logging.CRITICAL)
             img = _cbf_class()()
@@ -345,13 +351,6 @@ def _cbf_header_only(path):
         return None
     _default_beam(hdr)
     return hdr
-
-
-class _Fields:
-    """What _parse_minicbf reads of a fabio image (its header), from _plain_minicbf_fields."""
-
-    def __init__(self, header):
-        self.header = header
 
 
 _CIF_ITEM = re.compile(r"^(_\S+)(?:[ \t]+(\S.*?))?[ \t]*$")
@@ -406,8 +405,7 @@ def _plain_minicbf_fields(path):
         return None
     if "_array_data.header_contents" not in fields:
         return None
-    for k, v in _BINARY_KEY.findall(head[sec:at]):
-        fields[k.decode("ascii", "replace")] = v.strip(b'"').decode("ascii", "replace")
+    fields.update(_mime_fields(head[sec:at]))
     return fields
 
 
@@ -486,7 +484,7 @@ def _imgcif_axes(header):
 def _parse(img, path):
     kind = type(img).__name__
     if kind == "CbfImage" or isinstance(img, _cbf_class()):
-        return _parse_minicbf(img, path)
+        return _parse_minicbf(img.header, path)
     if kind in ("DtrekImage", "AdscImage", "RaxisImage") or "BEAM_CENTER_X" in img.header:
         if kind == "RaxisImage":
             return _parse_raxis(img, path)
@@ -503,9 +501,10 @@ def _parse(img, path):
 VERTICAL_AXIS = (0.0, 1.0, 0.0)      # a vertical goniometer's scan axis in the imgCIF lab (y up)
 
 
-def _parse_minicbf(img, path):
-    text = img.header.get("_array_data.header_contents", "")
-    h = ImageHeader(path, raw=dict(img.header))
+def _parse_minicbf(header, path):
+    """A miniCBF's ImageHeader from its header fields (fabio's CbfImage.header, or _plain_minicbf_fields)."""
+    text = header.get("_array_data.header_contents", "")
+    h = ImageHeader(path, raw=dict(header))
     lines = {}
     for ln in text.replace("\r", "").split("\n"):
         ln = ln.lstrip("# ").strip()
@@ -521,8 +520,8 @@ def _parse_minicbf(img, path):
     dist = _num(lines.get("Detector_distance"))
     h.distance = dist * 1000 if dist is not None else None
     m = re.findall(r"[-\d.eE+]+", lines.get("Beam_xy", ""))
-    h.n_fast = int(_num(img.header.get("X-Binary-Size-Fastest-Dimension"), 0) or 0)
-    h.n_slow = int(_num(img.header.get("X-Binary-Size-Second-Dimension"), 0) or 0)
+    h.n_fast = int(_num(header.get("X-Binary-Size-Fastest-Dimension"), 0) or 0)
+    h.n_slow = int(_num(header.get("X-Binary-Size-Second-Dimension"), 0) or 0)
     if len(m) >= 2 and h.pixel_fast:
         h.beam = geometry.header_beam_to_mosflm("pixels_fast_slow", (float(m[0]), float(m[1])),
                                                 h.pixel_fast, h.pixel_slow)
@@ -539,7 +538,7 @@ def _parse_minicbf(img, path):
         # and the synchrotron's horizontal electric vector is then across the axis, not along it
         h.polarisation_angle = geometry.polarisation_angle(VERTICAL_AXIS)
     # a full imgCIF header (I19's Pilatus 2M) says it exactly: scan axis, pixel axes and two-theta axis
-    axes = _imgcif_axes(img.header)
+    axes = _imgcif_axes(header)
     if axes is not None:
         tt, h.omega, problem = geometry.imgcif_detector_to_mosflm(*axes)
         h.polarisation_angle = geometry.polarisation_angle(axes[0])
@@ -734,7 +733,11 @@ def header_for(job, image):
     path = current_path(job, image)
     hdr = _HEADER_CACHE.get(path)
     if hdr is None:
-        hdr = _cbf_header_only(path) or read_image(path)[1]
+        hdr = _cbf_header_only(path)
+        if hdr is None:
+            hdr = read_image(path)[1]          # (which keeps it)
+        else:
+            _HEADER_CACHE[path] = hdr           # as read_image keeps the headers it reads
     return hdr
 
 
