@@ -87,15 +87,16 @@ cdef extern from *:
        pass from 0, and pyflm_reject4's pixels after its last four) */
     static inline __attribute__((always_inline)) int pyflm_reject_from(int k, int n, const double *x,
             const double *y, const double *c, double *u, double c0, double c1, double c2, double gain,
-            double cut2, double *s, double *ssq, double *count, __m128d ss, __m128d nu, int changed) {
+            double fl, double cut2, double *s, double *ssq, double *count, __m128d ss, __m128d nu,
+            int changed) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
-        const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
+        const __m128d G = _mm_set1_pd(gain), FL = _mm_set1_pd(fl), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
         int mm;
         for (; k + 2 <= n; k += 2) {
             __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, _mm_loadu_pd(x + k))),
                                     _mm_mul_pd(C2, _mm_loadu_pd(y + k)));
             __m128d d = _mm_sub_pd(_mm_loadu_pd(c + k), pl);
-            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
+            __m128d v = _mm_mul_pd(_mm_max_pd(pl, FL), G);
             __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
             if (ssq) {
                 ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
@@ -114,7 +115,7 @@ cdef extern from *:
         for (; k < n; k++) {
             double pl = c0 + c1 * x[k] + c2 * y[k];
             double d = c[k] - pl;
-            double v = (pl > 1.0 ? pl : 1.0) * gain;
+            double v = (pl > fl ? pl : fl) * gain;
             double keep = (d * d <= cut2 * v) ? 1.0 : 0.0;
             if (keep != u[k]) { pyflm_flip(k, keep - u[k], x, y, c, s); u[k] = keep; changed = 1; }
             if (ssq) {
@@ -129,9 +130,9 @@ cdef extern from *:
         return changed;
     }
     static inline __attribute__((always_inline)) int pyflm_reject_(int n, const double *x, const double *y, const double *c, double *u,
-                                   double c0, double c1, double c2, double gain, double cut2, double *s,
+                                   double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
                                    double *ssq, double *count) {
-        return pyflm_reject_from(0, n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count, _mm_setzero_pd(),
+        return pyflm_reject_from(0, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, _mm_setzero_pd(),
                                  _mm_setzero_pd(), 0);
     }
     /* the profile fit's sums over the pixels in use: a = sum P^2/v, b = sum P.net/v, v = gain.(bg + I.P) */
@@ -359,17 +360,17 @@ cdef extern from *:
        sums brought up to date pixel by pixel in the same order, and the squared residuals added into
        SSE2's two lanes in SSE2's order (pixels k, k + 1, then k + 2, k + 3), so the same numbers. */
     __attribute__((target("avx2"))) static int pyflm_reject4(int n, const double *x, const double *y,
-            const double *c, double *u, double c0, double c1, double c2, double gain, double cut2,
+            const double *c, double *u, double c0, double c1, double c2, double gain, double fl, double cut2,
             double *s, double *ssq, double *count) {
         const __m256d C0 = _mm256_set1_pd(c0), C1 = _mm256_set1_pd(c1), C2 = _mm256_set1_pd(c2);
-        const __m256d G = _mm256_set1_pd(gain), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
+        const __m256d G = _mm256_set1_pd(gain), FL = _mm256_set1_pd(fl), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
         __m128d ss = _mm_setzero_pd(), nu = ss;
         int k = 0, changed = 0, mm;
         for (; k + 4 <= n; k += 4) {
             __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, _mm256_loadu_pd(x + k))),
                                        _mm256_mul_pd(C2, _mm256_loadu_pd(y + k)));
             __m256d d = _mm256_sub_pd(_mm256_loadu_pd(c + k), pl);
-            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, ONE), G);
+            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, FL), G);
             __m256d d2 = _mm256_mul_pd(d, d);
             __m256d keep = _mm256_and_pd(_mm256_cmp_pd(d2, _mm256_mul_pd(K, v), _CMP_LE_OS), ONE);
             if (ssq) {
@@ -389,13 +390,13 @@ cdef extern from *:
             }
         }
         /* the rest as pyflm_reject_ does, its lanes carried on */
-        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count, ss, nu, changed);
+        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu, changed);
     }
     static int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
-                                 double c0, double c1, double c2, double gain, double cut2, double *s,
+                                 double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
                                  double *ssq, double *count) {
-        if (pyflm_avx2()) return pyflm_reject4(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
-        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
+        if (pyflm_avx2()) return pyflm_reject4(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
+        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
     }
     /* The same pass where every one of the plane's sums is exact in any order (counts, or the means of
        two images' counts: integers and halves, times the box's integer or half-integer coordinates):
@@ -408,10 +409,10 @@ cdef extern from *:
         return pyflm_hsum(_mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1)));
     }
     __attribute__((target("avx2"))) static int pyflm_reject4x(int n, const double *x, const double *y,
-            const double *c, double *u, double c0, double c1, double c2, double gain, double cut2,
+            const double *c, double *u, double c0, double c1, double c2, double gain, double fl, double cut2,
             double *s, double *ssq, double *count) {
         const __m256d C0 = _mm256_set1_pd(c0), C1 = _mm256_set1_pd(c1), C2 = _mm256_set1_pd(c2);
-        const __m256d G = _mm256_set1_pd(gain), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
+        const __m256d G = _mm256_set1_pd(gain), FL = _mm256_set1_pd(fl), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
         __m128d ss = _mm_setzero_pd(), nu = ss;
         __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
                 a8 = a0, ch = a0;
@@ -420,7 +421,7 @@ cdef extern from *:
             __m256d X = _mm256_loadu_pd(x + k), Y = _mm256_loadu_pd(y + k), Cc = _mm256_loadu_pd(c + k);
             __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, X)), _mm256_mul_pd(C2, Y));
             __m256d d = _mm256_sub_pd(Cc, pl);
-            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, ONE), G);
+            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, FL), G);
             __m256d d2 = _mm256_mul_pd(d, d);
             __m256d keep = _mm256_and_pd(_mm256_cmp_pd(d2, _mm256_mul_pd(K, v), _CMP_LE_OS), ONE);
             if (ssq) {
@@ -443,14 +444,14 @@ cdef extern from *:
         s[0] += pyflm_hsum4(a0); s[1] += pyflm_hsum4(a1); s[2] += pyflm_hsum4(a2);
         s[3] += pyflm_hsum4(a3); s[4] += pyflm_hsum4(a4); s[5] += pyflm_hsum4(a5);
         s[6] += pyflm_hsum4(a6); s[7] += pyflm_hsum4(a7); s[8] += pyflm_hsum4(a8);
-        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count, ss, nu,
+        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu,
                                  _mm256_movemask_pd(ch) != 0);
     }
     static int pyflm_reject_x(int n, const double *x, const double *y, const double *c, double *u,
-            double c0, double c1, double c2, double gain, double cut2, double *s, double *ssq,
+            double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
             double *count) {
         const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
-        const __m128d G = _mm_set1_pd(gain), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
+        const __m128d G = _mm_set1_pd(gain), FL = _mm_set1_pd(fl), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
         __m128d ss = _mm_setzero_pd(), nu = ss;
         __m128d a0 = _mm_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
                 a8 = a0, ch = a0;
@@ -459,7 +460,7 @@ cdef extern from *:
             __m128d X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k), Cc = _mm_loadu_pd(c + k);
             __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, X)), _mm_mul_pd(C2, Y));
             __m128d d = _mm_sub_pd(Cc, pl);
-            __m128d v = _mm_mul_pd(_mm_max_pd(pl, ONE), G);
+            __m128d v = _mm_mul_pd(_mm_max_pd(pl, FL), G);
             __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
             if (ssq) {
                 ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
@@ -478,21 +479,21 @@ cdef extern from *:
         s[0] += pyflm_hsum(a0); s[1] += pyflm_hsum(a1); s[2] += pyflm_hsum(a2);
         s[3] += pyflm_hsum(a3); s[4] += pyflm_hsum(a4); s[5] += pyflm_hsum(a5);
         s[6] += pyflm_hsum(a6); s[7] += pyflm_hsum(a7); s[8] += pyflm_hsum(a8);
-        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count, ss, nu,
+        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu,
                                  _mm_movemask_pd(ch) != 0);
     }
     static int pyflm_reject_exact(int n, const double *x, const double *y, const double *c, double *u,
-                                  double c0, double c1, double c2, double gain, double cut2, double *s,
+                                  double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
                                   double *ssq, double *count) {
-        if (pyflm_avx2()) return pyflm_reject4x(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
-        return pyflm_reject_x(n, x, y, c, u, c0, c1, c2, gain, cut2, s, ssq, count);
+        if (pyflm_avx2()) return pyflm_reject4x(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
+        return pyflm_reject_x(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
     }
     """
     int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
-                          double c0, double c1, double c2, double gain, double cut2, double *s, double *ssq,
+                          double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
                           double *count) nogil
     int pyflm_reject_exact(int n, const double *x, const double *y, const double *c, double *u,
-                           double c0, double c1, double c2, double gain, double cut2, double *s, double *ssq,
+                           double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
                            double *count) nogil
 
 cdef inline void _bg_row(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, int nimg, Py_ssize_t r,
@@ -583,7 +584,7 @@ cdef inline void _load_mask(const unsigned char[:, ::1] m, long long cs, long lo
 
 
 cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, double *bu, int n_iter,
-                                double gain_bg, double cut2, int nc, double *pi, double *pj, double *pc,
+                                double cut2, int nc, double *pi, double *pj, double *pc,
                                 unsigned char *pv, double x0, double y0, double gain, double k_bg,
                                 const double *first, double *cf3, double *res, int exact) noexcept nogil:
     """Background plane over the candidates (least squares, rejecting those > cutoff sigma) and the
@@ -615,10 +616,14 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             if not _solve3(M, rhs, cf3):
                 cf3[0] = cf3[1] = cf3[2] = 0.0
         if exact:
-            if not pyflm_reject_exact(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
+            if not pyflm_reject_exact(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain, k_bg, cut2, sums, &ss, &w):
                 break
-        elif not pyflm_reject_simd(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain_bg, cut2, sums, &ss, &w):
+        elif not pyflm_reject_simd(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain, k_bg, cut2, sums, &ss, &w):
             break
+    if k_bg != 1.0:         # the plane of the images' sum, as the plane of their mean (one image's)
+        cf3[0] = cf3[0] / k_bg
+        cf3[1] = cf3[1] / k_bg
+        cf3[2] = cf3[2] / k_bg
     # the twin's rms is over the final mask with the last plane's residuals: the last pass's sums
     nnew = <int>w
     res[0] = sqrt(ss / (nnew if nnew > 1 else 1))
@@ -781,10 +786,11 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef const Py_ssize_t *po
     cdef const Py_ssize_t *bo
     # the 3-D background: the plane is fitted to the mean over 1 + n_nb images, sigma^2 = plane.gain/k
-    cdef double k_bg = 1 + n_nb, gain_bg = gain / k_bg
-    # the plane's sums exact in any order: counts, alone or as two images' mean (halves), not a float
-    # image's values nor three images' means (thirds)
-    cdef int exact = (pix_t is cnp.int32_t or pix_t is cnp.uint16_t) and n_nb <= 1
+    # the plane is fitted to the sum of the k images' counts: the mean's plane times k, its variance
+    # gain.max(plane, k) (k times the mean's, gain.max(plane / k, 1) / k), and for counts every one of
+    # its sums is a whole number, exact in any order (pyflm_reject_exact); a float image's are not
+    cdef double k_bg = 1 + n_nb
+    cdef int exact = pix_t is cnp.int32_t or pix_t is cnp.uint16_t
     # the box's peak and background pixels (offsets into the box)
     cdef int *pk_k = <int *>malloc(npix * sizeof(int))
     cdef int *bg_k = <int *>malloc(npix * sizeof(int))
@@ -929,8 +935,6 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                         c = rowp[_clip(<Py_ssize_t>(cf + bg_j[q]), nf - 1)]
                         if c == c:
                             nb = _append(nb, bg_x[q], bg_y[q], c, bx, by, bc, bu)
-            if n_nb:        # the twin's np.mean: the sum in order, divided (all at once, SIMD)
-                pyflm_div(nb, bc, k_bg)
         else:
             if cs > pf_row:
                 pf_row = cs if cs < ns else ns
@@ -965,15 +969,14 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                     c0 = <double>e0[o]
                     c1 = <double>e1[o]
                     if (c > nullpix) & (c0 > nullpix) & (c1 > nullpix) & ((mc[o] & 3) == 0):
-                        # the twin's np.mean: the sum in order, divided
-                        nb = _append(nb, bg_x[q], bg_y[q], ((c + c0) + c1) / 3.0, bx, by, bc, bu)
+                        nb = _append(nb, bg_x[q], bg_y[q], (c + c0) + c1, bx, by, bc, bu)
             elif n_nb == 1:
                 for q in range(n_bg_all):
                     o = bo[q]
                     c = <double>d0[o]
                     c0 = <double>e0[o]
                     if (c > nullpix) & (c0 > nullpix) & ((mc[o] & 3) == 0):
-                        nb = _append(nb, bg_x[q], bg_y[q], (c + c0) / 2.0, bx, by, bc, bu)
+                        nb = _append(nb, bg_x[q], bg_y[q], c + c0, bx, by, bc, bu)
             else:
                 nb = _gather_on(n_bg_all, bo, bg_x, bg_y, d0, mc, 3, nullpix, bx, by, bc, bu)
         nc = n_pk_all
@@ -984,7 +987,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         DS_o[b, 0] = ndead
         DS_o[b, 1] = nshad
         pyflm_data_sums(nb, bx, by, bc, first)
-        _plane_and_sum(nb, bx, by, bc, bu, n_iter, gain_bg, cut2, nc, pi, pj, pc, pv, x0, y0, gain, k_bg,
+        _plane_and_sum(nb, bx, by, bc, bu, n_iter, cut2, nc, pi, pj, pc, pv, x0, y0, gain, k_bg,
                        first, cf3, res, exact)
         C_o[b, 0] = cf3[0]
         C_o[b, 1] = cf3[1]

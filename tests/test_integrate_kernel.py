@@ -223,18 +223,18 @@ def test_kernel_measures_the_same_from_rows_of_background_candidates_as_box_by_b
     assert (~out[0]["on"]).sum() >= 5 and out[0]["bad_peak"].any() and out[0]["over"].any()
 
 
-@pytest.mark.parametrize("variant", ["alone", "one neighbour", "uint16"])
+@pytest.mark.parametrize("variant", ["alone", "one neighbour", "3-D background", "uint16"])
 def test_plane_sums_added_over_a_pass_are_the_pixel_by_pixel_sums_to_the_bit(scene, neighbours, variant):
-    """For counts (and two images' means) the rejection passes add the plane's sums over the whole pass;
-    a float image's values are taken pixel by pixel.  The same counts as int32 (or uint16) and as float64
+    """For counts (the plane is fitted to the images' summed counts) the rejection passes add the plane's
+    sums over the whole pass; a float image's values are taken pixel by pixel.  The same counts as int32 (or uint16) and as float64
     give the same numbers to the bit, rims read densely or box by box, with AVX2 or SSE2 alone."""
     from pyflm._ext import _integrate
     data, fast, slow, shadow, fg, regions = scene
     nbs, fg3 = neighbours
     data = damaged(data)
-    nbs = [] if variant == "alone" else [damaged(nbs[0], 9)]
+    nbs = {"alone": [], "one neighbour": [damaged(nbs[0], 9)]}.get(variant, [damaged(nbs[0], 9), nbs[1]])
     if variant == "uint16":
-        data, nbs = np.clip(data, 0, 65535).astype(np.uint16), [np.clip(nbs[0], 0, 65535).astype(np.uint16)]
+        data, nbs = np.clip(data, 0, 65535).astype(np.uint16), [np.clip(d, 0, 65535).astype(np.uint16) for d in nbs]
     peak, bgm = shoebox.box_masks(RASTER)
     order = np.lexsort((fast, slow))
     out = {}
