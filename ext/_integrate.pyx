@@ -432,14 +432,19 @@ cdef extern from *:
                 nu = _mm_add_pd(nu, _mm256_extractf128_pd(keep, 1));
             }
             __m256d U = _mm256_loadu_pd(u + k);
-            __m256d dl = _mm256_sub_pd(keep, U);
-            _mm256_storeu_pd(u + k, keep);
-            ch = _mm256_or_pd(ch, _mm256_cmp_pd(keep, U, _CMP_NEQ_UQ));
-            __m256d dx = _mm256_mul_pd(dl, X), dy = _mm256_mul_pd(dl, Y);
-            a0 = _mm256_add_pd(a0, dl); a1 = _mm256_add_pd(a1, dx); a2 = _mm256_add_pd(a2, dy);
-            a3 = _mm256_add_pd(a3, _mm256_mul_pd(dx, X)); a4 = _mm256_add_pd(a4, _mm256_mul_pd(dx, Y));
-            a5 = _mm256_add_pd(a5, _mm256_mul_pd(dy, Y)); a6 = _mm256_add_pd(a6, _mm256_mul_pd(dl, Cc));
-            a7 = _mm256_add_pd(a7, _mm256_mul_pd(dx, Cc)); a8 = _mm256_add_pd(a8, _mm256_mul_pd(dy, Cc));
+            __m256d ne = _mm256_cmp_pd(keep, U, _CMP_NEQ_UQ);
+            if (_mm256_movemask_pd(ne)) {
+                /* (only four pixels with a change of use: pass 2's boxes, their neighbours' peaks
+                   kept out, change few; the four lanes at once, not one branch and call a pixel) */
+                __m256d dl = _mm256_sub_pd(keep, U);
+                _mm256_storeu_pd(u + k, keep);
+                ch = ne;
+                __m256d dx = _mm256_mul_pd(dl, X), dy = _mm256_mul_pd(dl, Y);
+                a0 = _mm256_add_pd(a0, dl); a1 = _mm256_add_pd(a1, dx); a2 = _mm256_add_pd(a2, dy);
+                a3 = _mm256_add_pd(a3, _mm256_mul_pd(dx, X)); a4 = _mm256_add_pd(a4, _mm256_mul_pd(dx, Y));
+                a5 = _mm256_add_pd(a5, _mm256_mul_pd(dy, Y)); a6 = _mm256_add_pd(a6, _mm256_mul_pd(dl, Cc));
+                a7 = _mm256_add_pd(a7, _mm256_mul_pd(dx, Cc)); a8 = _mm256_add_pd(a8, _mm256_mul_pd(dy, Cc));
+            }
         }
         s[0] += pyflm_hsum4(a0); s[1] += pyflm_hsum4(a1); s[2] += pyflm_hsum4(a2);
         s[3] += pyflm_hsum4(a3); s[4] += pyflm_hsum4(a4); s[5] += pyflm_hsum4(a5);
@@ -467,14 +472,17 @@ cdef extern from *:
                 nu = _mm_add_pd(nu, keep);
             }
             __m128d U = _mm_loadu_pd(u + k);
-            __m128d dl = _mm_sub_pd(keep, U);
-            _mm_storeu_pd(u + k, keep);
-            ch = _mm_or_pd(ch, _mm_cmpneq_pd(keep, U));
-            __m128d dx = _mm_mul_pd(dl, X), dy = _mm_mul_pd(dl, Y);
-            a0 = _mm_add_pd(a0, dl); a1 = _mm_add_pd(a1, dx); a2 = _mm_add_pd(a2, dy);
-            a3 = _mm_add_pd(a3, _mm_mul_pd(dx, X)); a4 = _mm_add_pd(a4, _mm_mul_pd(dx, Y));
-            a5 = _mm_add_pd(a5, _mm_mul_pd(dy, Y)); a6 = _mm_add_pd(a6, _mm_mul_pd(dl, Cc));
-            a7 = _mm_add_pd(a7, _mm_mul_pd(dx, Cc)); a8 = _mm_add_pd(a8, _mm_mul_pd(dy, Cc));
+            __m128d ne = _mm_cmpneq_pd(keep, U);
+            if (_mm_movemask_pd(ne)) {
+                __m128d dl = _mm_sub_pd(keep, U);
+                _mm_storeu_pd(u + k, keep);
+                ch = ne;
+                __m128d dx = _mm_mul_pd(dl, X), dy = _mm_mul_pd(dl, Y);
+                a0 = _mm_add_pd(a0, dl); a1 = _mm_add_pd(a1, dx); a2 = _mm_add_pd(a2, dy);
+                a3 = _mm_add_pd(a3, _mm_mul_pd(dx, X)); a4 = _mm_add_pd(a4, _mm_mul_pd(dx, Y));
+                a5 = _mm_add_pd(a5, _mm_mul_pd(dy, Y)); a6 = _mm_add_pd(a6, _mm_mul_pd(dl, Cc));
+                a7 = _mm_add_pd(a7, _mm_mul_pd(dx, Cc)); a8 = _mm_add_pd(a8, _mm_mul_pd(dy, Cc));
+            }
         }
         s[0] += pyflm_hsum(a0); s[1] += pyflm_hsum(a1); s[2] += pyflm_hsum(a2);
         s[3] += pyflm_hsum(a3); s[4] += pyflm_hsum(a4); s[5] += pyflm_hsum(a5);
