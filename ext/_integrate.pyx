@@ -934,9 +934,14 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                 if on:
                     rowp = ring + ((cs + i) & (R - 1)) * nf + cf
                     for q in range(rim_row[i], rim_row[i + 1]):
+                        # written in any case, kept (nb moved on) where it is a candidate: no branch on
+                        # the rim's runs of masked pixels (neighbours' peaks), which were mispredicted
                         c = rowp[bg_j[q]]
-                        if c == c:
-                            nb = _append(nb, bg_x[q], bg_y[q], c, bx, by, bc, bu)
+                        bx[nb] = bg_x[q]
+                        by[nb] = bg_y[q]
+                        bc[nb] = c
+                        bu[nb] = 1.0
+                        nb += c == c
                 else:
                     rowp = ring + (_clip(<Py_ssize_t>(cs + i), ns - 1) & (R - 1)) * nf
                     for q in range(rim_row[i], rim_row[i + 1]):
