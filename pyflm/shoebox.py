@@ -354,8 +354,10 @@ def measure(data, fast, slow, *, raster, gain=1.0, overload=1e9, nullpix=-1.0, m
     if use_cython and _int_ext is not None and len(bg_images) <= 2:
         peak_mask, bg_mask = box_masks(raster)
         # in the order of the image's rows: neighbouring boxes share the rows' cache lines and pages
-        # (the kernel takes them in that order and writes each one's results at its own place)
-        order = np.lexsort((fast, slow))
+        # (the kernel takes them in that order and writes each one's results at its own place, so any
+        # order gives the same numbers).  By slow alone: np.lexsort's second key (fast) took 0.2 ms of a
+        # sim image's 2 500 boxes, argsort 0.02, and the boxes of a row are read together either way
+        order = np.argsort(slow)
         m = _int_ext.measure(data, fast, slow, raster, peak_mask, bg_mask, mask, bg_exclude,
                              float(gain), float(overload), float(nullpix), bg_images=list(bg_images),
                              order=order)
