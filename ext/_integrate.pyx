@@ -504,6 +504,56 @@ cdef extern from *:
                            double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
                            double *count) nogil
 
+cdef extern from *:
+    """
+    /* One box row's background candidates from a formed row (NaN: not one) appended to the fit's lists,
+       four at a time with AVX2: the four gathered, the candidates among them moved to the front of the
+       vector (a permutation from their mask) and stored, the lists' length moved on by their number.
+       The scalar loop's stores had a dependency on the count from one pixel to the next. The same
+       lists in the same order (the places beyond the length are not read). */
+    static __m256i pyflm_pack_perm[16];
+    static int pyflm_pack_ready = 0;
+    __attribute__((target("avx2"))) static void pyflm_pack_init(void) {
+        for (int m = 0; m < 16; m++) {
+            int idx[8], n = 0;
+            for (int l = 0; l < 4; l++)
+                if (m & (1 << l)) { idx[2 * n] = 2 * l; idx[2 * n + 1] = 2 * l + 1; n++; }
+            for (; n < 4; n++) { idx[2 * n] = 0; idx[2 * n + 1] = 1; }
+            pyflm_pack_perm[m] = _mm256_setr_epi32(idx[0], idx[1], idx[2], idx[3], idx[4], idx[5], idx[6], idx[7]);
+        }
+        pyflm_pack_ready = 1;
+    }
+    __attribute__((target("avx2"))) static int pyflm_gather_rim4(int q, int q1, const double *rowp,
+            const int *bg_j, const double *gx, const double *gy, double *bx, double *by, double *bc,
+            double *bu, int nb) {
+        if (!pyflm_pack_ready) pyflm_pack_init();
+        const __m256d ONE = _mm256_set1_pd(1.0);
+        for (; q + 4 <= q1; q += 4) {
+            /* (four neighbouring pixels, as a rim row's segments mostly are, by one load) */
+            __m256d c = bg_j[q + 3] - bg_j[q] == 3 ? _mm256_loadu_pd(rowp + bg_j[q])
+                        : _mm256_i32gather_pd(rowp, _mm_loadu_si128((const __m128i *)(bg_j + q)), 8);
+            int m = _mm256_movemask_pd(_mm256_cmp_pd(c, c, _CMP_ORD_Q));
+            __m256i pm = pyflm_pack_perm[m];
+            _mm256_storeu_pd(bc + nb, _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(c), pm)));
+            _mm256_storeu_pd(bx + nb, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                _mm256_castpd_ps(_mm256_loadu_pd(gx + q)), pm)));
+            _mm256_storeu_pd(by + nb, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                _mm256_castpd_ps(_mm256_loadu_pd(gy + q)), pm)));
+            _mm256_storeu_pd(bu + nb, ONE);
+            nb += __builtin_popcount(m);
+        }
+        for (; q < q1; q++) {
+            double c = rowp[bg_j[q]];
+            bx[nb] = gx[q]; by[nb] = gy[q]; bc[nb] = c; bu[nb] = 1.0;
+            nb += c == c;
+        }
+        return nb;
+    }
+    """
+    int pyflm_gather_rim4(int q, int q1, const double *rowp, const int *bg_j, const double *gx,
+                          const double *gy, double *bx, double *by, double *bc, double *bu, int nb) nogil
+
+
 cdef inline void _bg_row(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, int nimg, Py_ssize_t r,
                          const unsigned char **mk, const Py_ssize_t *mstep, double nullpix,
                          double *out, int avx2) noexcept nogil:
@@ -931,7 +981,10 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             _peak_pixels(d0, po, n_pk_all, mm if use_mask else NULL, 0xff, nullpix, overload, pc, pv,
                          &badpk, &over, &nshad, &ndead)
             for i in range(nxs):
-                if on:
+                if on and avx2:
+                    nb = pyflm_gather_rim4(rim_row[i], rim_row[i + 1], ring + ((cs + i) & (R - 1)) * nf + cf,
+                                           bg_j, bg_x, bg_y, bx, by, bc, bu, nb)
+                elif on:
                     rowp = ring + ((cs + i) & (R - 1)) * nf + cf
                     for q in range(rim_row[i], rim_row[i + 1]):
                         # written in any case, kept (nb moved on) where it is a candidate: no branch on
