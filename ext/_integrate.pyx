@@ -359,35 +359,79 @@ cdef extern from *:
     /* pyflm_reject with AVX2 (4 pixels an instruction): the same operations on each pixel, the plane's
        sums brought up to date pixel by pixel in the same order, and the squared residuals added into
        SSE2's two lanes in SSE2's order (pixels k, k + 1, then k + 2, k + 3), so the same numbers. */
-    __attribute__((target("avx2"))) static int pyflm_reject4(int n, const double *x, const double *y,
-            const double *c, double *u, double c0, double c1, double c2, double gain, double fl, double cut2,
-            double *s, double *ssq, double *count) {
+    /* Four pixels' rejection test (kept: 1.0, else 0.0) against the plane c0 + c1 x + c2 y, with the
+       kept ones' squared residuals in sigma units added into SSE2's two lanes in SSE2's order (pixels
+       k, k + 1, then k + 2, k + 3) when want_ssq */
+    static inline __m256d pyflm_keep4(__m256d X, __m256d Y, __m256d Cc, __m256d C0, __m256d C1, __m256d C2,
+            __m256d G, __m256d FL, __m256d K, __m256d ONE, int want_ssq, __m128d *ss, __m128d *nu)
+            __attribute__((target("avx2"), always_inline));
+    static inline __m256d pyflm_keep4(__m256d X, __m256d Y, __m256d Cc, __m256d C0, __m256d C1, __m256d C2,
+            __m256d G, __m256d FL, __m256d K, __m256d ONE, int want_ssq, __m128d *ss, __m128d *nu) {
+        __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, X)), _mm256_mul_pd(C2, Y));
+        __m256d d = _mm256_sub_pd(Cc, pl);
+        __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, FL), G);
+        __m256d d2 = _mm256_mul_pd(d, d);
+        __m256d keep = _mm256_and_pd(_mm256_cmp_pd(d2, _mm256_mul_pd(K, v), _CMP_LE_OS), ONE);
+        if (want_ssq) {
+            __m256d t = _mm256_mul_pd(keep, _mm256_div_pd(d2, v));
+            *ss = _mm_add_pd(*ss, _mm256_castpd256_pd128(t));
+            *ss = _mm_add_pd(*ss, _mm256_extractf128_pd(t, 1));
+            *nu = _mm_add_pd(*nu, _mm256_castpd256_pd128(keep));
+            *nu = _mm_add_pd(*nu, _mm256_extractf128_pd(keep, 1));
+        }
+        return keep;
+    }
+    /* pyflm_reject_exact: the pass where every one of the plane's sums is exact in any order (counts,
+       or several images' summed counts, times the box's integer or half-integer coordinates): a vector
+       of four pixels with a change of use adds its changes into nine vector sums, those into s at the
+       pass's end.  A strong spot's rim flips ~10 pixels a pass, each one a mispredicted branch and a
+       call: 60 % of pass 1's measurement on the sim sweep.  The same use, squared residuals and sums to
+       the bit as pixel by pixel (the residuals in the same lanes). */
+    static inline double pyflm_hsum4(__m256d v) __attribute__((target("avx2")));
+    static inline double pyflm_hsum4(__m256d v) {
+        return pyflm_hsum(_mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1)));
+    }
+    /* exact (the plane's sums exact in any order, see pyflm_reject_exact): a vector's changes of use
+       added into nine vector sums, added to s at the end; else pixel by pixel in their order */
+    __attribute__((target("avx2"))) static inline int pyflm_reject4(int exact, int n, const double *x,
+            const double *y, const double *c, double *u, double c0, double c1, double c2, double gain,
+            double fl, double cut2, double *s, double *ssq, double *count) {
         const __m256d C0 = _mm256_set1_pd(c0), C1 = _mm256_set1_pd(c1), C2 = _mm256_set1_pd(c2);
         const __m256d G = _mm256_set1_pd(gain), FL = _mm256_set1_pd(fl), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
         __m128d ss = _mm_setzero_pd(), nu = ss;
-        int k = 0, changed = 0, mm;
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
+                a8 = a0;
+        int k = 0, changed = 0;
         for (; k + 4 <= n; k += 4) {
-            __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, _mm256_loadu_pd(x + k))),
-                                       _mm256_mul_pd(C2, _mm256_loadu_pd(y + k)));
-            __m256d d = _mm256_sub_pd(_mm256_loadu_pd(c + k), pl);
-            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, FL), G);
-            __m256d d2 = _mm256_mul_pd(d, d);
-            __m256d keep = _mm256_and_pd(_mm256_cmp_pd(d2, _mm256_mul_pd(K, v), _CMP_LE_OS), ONE);
-            if (ssq) {
-                __m256d t = _mm256_mul_pd(keep, _mm256_div_pd(d2, v));
-                ss = _mm_add_pd(ss, _mm256_castpd256_pd128(t));
-                ss = _mm_add_pd(ss, _mm256_extractf128_pd(t, 1));
-                nu = _mm_add_pd(nu, _mm256_castpd256_pd128(keep));
-                nu = _mm_add_pd(nu, _mm256_extractf128_pd(keep, 1));
-            }
-            mm = _mm256_movemask_pd(_mm256_cmp_pd(keep, _mm256_loadu_pd(u + k), _CMP_NEQ_UQ));
-            if (mm) {
-                double kv[4];
+            __m256d X = _mm256_loadu_pd(x + k), Y = _mm256_loadu_pd(y + k), Cc = _mm256_loadu_pd(c + k);
+            __m256d keep = pyflm_keep4(X, Y, Cc, C0, C1, C2, G, FL, K, ONE, ssq != NULL, &ss, &nu);
+            __m256d U = _mm256_loadu_pd(u + k);
+            int mm = _mm256_movemask_pd(_mm256_cmp_pd(keep, U, _CMP_NEQ_UQ));
+            if (!mm)
+                continue;
+            changed = 1;
+            _mm256_storeu_pd(u + k, keep);
+            if (exact) {
+                /* (only a vector with a change of use: pass 2's boxes, their neighbours' peaks kept
+                   out, change few; the four lanes at once, not one branch and call a pixel) */
+                __m256d dl = _mm256_sub_pd(keep, U);
+                __m256d dx = _mm256_mul_pd(dl, X), dy = _mm256_mul_pd(dl, Y);
+                a0 = _mm256_add_pd(a0, dl); a1 = _mm256_add_pd(a1, dx); a2 = _mm256_add_pd(a2, dy);
+                a3 = _mm256_add_pd(a3, _mm256_mul_pd(dx, X)); a4 = _mm256_add_pd(a4, _mm256_mul_pd(dx, Y));
+                a5 = _mm256_add_pd(a5, _mm256_mul_pd(dy, Y)); a6 = _mm256_add_pd(a6, _mm256_mul_pd(dl, Cc));
+                a7 = _mm256_add_pd(a7, _mm256_mul_pd(dx, Cc)); a8 = _mm256_add_pd(a8, _mm256_mul_pd(dy, Cc));
+            } else {
+                double kv[4], uv[4];
                 _mm256_storeu_pd(kv, keep);
+                _mm256_storeu_pd(uv, U);
                 for (int t = 0; t < 4; t++)
-                    if (mm & (1 << t)) { pyflm_flip(k + t, kv[t] - u[k + t], x, y, c, s); u[k + t] = kv[t]; }
-                changed = 1;
+                    if (mm & (1 << t)) pyflm_flip(k + t, kv[t] - uv[t], x, y, c, s);
             }
+        }
+        if (exact) {
+            s[0] += pyflm_hsum4(a0); s[1] += pyflm_hsum4(a1); s[2] += pyflm_hsum4(a2);
+            s[3] += pyflm_hsum4(a3); s[4] += pyflm_hsum4(a4); s[5] += pyflm_hsum4(a5);
+            s[6] += pyflm_hsum4(a6); s[7] += pyflm_hsum4(a7); s[8] += pyflm_hsum4(a8);
         }
         /* the rest as pyflm_reject_ does, its lanes carried on */
         return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu, changed);
@@ -395,106 +439,15 @@ cdef extern from *:
     static int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
                                  double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
                                  double *ssq, double *count) {
-        if (pyflm_avx2()) return pyflm_reject4(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
+        if (pyflm_avx2()) return pyflm_reject4(0, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
         return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
-    }
-    /* The same pass where every one of the plane's sums is exact in any order (counts, or the means of
-       two images' counts: integers and halves, times the box's integer or half-integer coordinates):
-       the pixels' changes of use are added into nine vector sums over the whole pass and those into s
-       at its end, with no branch on a pixel.  A strong spot's rim flips ~10 pixels a pass, each one a
-       mispredicted branch and a call: 60 % of pass 1's measurement on the sim sweep.  The same use,
-       squared residuals and sums to the bit as pyflm_reject_simd (its residuals in the same lanes). */
-    static inline double pyflm_hsum4(__m256d v) __attribute__((target("avx2")));
-    static inline double pyflm_hsum4(__m256d v) {
-        return pyflm_hsum(_mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1)));
-    }
-    __attribute__((target("avx2"))) static int pyflm_reject4x(int n, const double *x, const double *y,
-            const double *c, double *u, double c0, double c1, double c2, double gain, double fl, double cut2,
-            double *s, double *ssq, double *count) {
-        const __m256d C0 = _mm256_set1_pd(c0), C1 = _mm256_set1_pd(c1), C2 = _mm256_set1_pd(c2);
-        const __m256d G = _mm256_set1_pd(gain), FL = _mm256_set1_pd(fl), K = _mm256_set1_pd(cut2), ONE = _mm256_set1_pd(1.0);
-        __m128d ss = _mm_setzero_pd(), nu = ss;
-        __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
-                a8 = a0, ch = a0;
-        int k = 0;
-        for (; k + 4 <= n; k += 4) {
-            __m256d X = _mm256_loadu_pd(x + k), Y = _mm256_loadu_pd(y + k), Cc = _mm256_loadu_pd(c + k);
-            __m256d pl = _mm256_add_pd(_mm256_add_pd(C0, _mm256_mul_pd(C1, X)), _mm256_mul_pd(C2, Y));
-            __m256d d = _mm256_sub_pd(Cc, pl);
-            __m256d v = _mm256_mul_pd(_mm256_max_pd(pl, FL), G);
-            __m256d d2 = _mm256_mul_pd(d, d);
-            __m256d keep = _mm256_and_pd(_mm256_cmp_pd(d2, _mm256_mul_pd(K, v), _CMP_LE_OS), ONE);
-            if (ssq) {
-                __m256d t = _mm256_mul_pd(keep, _mm256_div_pd(d2, v));
-                ss = _mm_add_pd(ss, _mm256_castpd256_pd128(t));
-                ss = _mm_add_pd(ss, _mm256_extractf128_pd(t, 1));
-                nu = _mm_add_pd(nu, _mm256_castpd256_pd128(keep));
-                nu = _mm_add_pd(nu, _mm256_extractf128_pd(keep, 1));
-            }
-            __m256d U = _mm256_loadu_pd(u + k);
-            __m256d ne = _mm256_cmp_pd(keep, U, _CMP_NEQ_UQ);
-            if (_mm256_movemask_pd(ne)) {
-                /* (only four pixels with a change of use: pass 2's boxes, their neighbours' peaks
-                   kept out, change few; the four lanes at once, not one branch and call a pixel) */
-                __m256d dl = _mm256_sub_pd(keep, U);
-                _mm256_storeu_pd(u + k, keep);
-                ch = ne;
-                __m256d dx = _mm256_mul_pd(dl, X), dy = _mm256_mul_pd(dl, Y);
-                a0 = _mm256_add_pd(a0, dl); a1 = _mm256_add_pd(a1, dx); a2 = _mm256_add_pd(a2, dy);
-                a3 = _mm256_add_pd(a3, _mm256_mul_pd(dx, X)); a4 = _mm256_add_pd(a4, _mm256_mul_pd(dx, Y));
-                a5 = _mm256_add_pd(a5, _mm256_mul_pd(dy, Y)); a6 = _mm256_add_pd(a6, _mm256_mul_pd(dl, Cc));
-                a7 = _mm256_add_pd(a7, _mm256_mul_pd(dx, Cc)); a8 = _mm256_add_pd(a8, _mm256_mul_pd(dy, Cc));
-            }
-        }
-        s[0] += pyflm_hsum4(a0); s[1] += pyflm_hsum4(a1); s[2] += pyflm_hsum4(a2);
-        s[3] += pyflm_hsum4(a3); s[4] += pyflm_hsum4(a4); s[5] += pyflm_hsum4(a5);
-        s[6] += pyflm_hsum4(a6); s[7] += pyflm_hsum4(a7); s[8] += pyflm_hsum4(a8);
-        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu,
-                                 _mm256_movemask_pd(ch) != 0);
-    }
-    static int pyflm_reject_x(int n, const double *x, const double *y, const double *c, double *u,
-            double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
-            double *count) {
-        const __m128d C0 = _mm_set1_pd(c0), C1 = _mm_set1_pd(c1), C2 = _mm_set1_pd(c2);
-        const __m128d G = _mm_set1_pd(gain), FL = _mm_set1_pd(fl), K = _mm_set1_pd(cut2), ONE = _mm_set1_pd(1.0);
-        __m128d ss = _mm_setzero_pd(), nu = ss;
-        __m128d a0 = _mm_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
-                a8 = a0, ch = a0;
-        int k = 0;
-        for (; k + 2 <= n; k += 2) {
-            __m128d X = _mm_loadu_pd(x + k), Y = _mm_loadu_pd(y + k), Cc = _mm_loadu_pd(c + k);
-            __m128d pl = _mm_add_pd(_mm_add_pd(C0, _mm_mul_pd(C1, X)), _mm_mul_pd(C2, Y));
-            __m128d d = _mm_sub_pd(Cc, pl);
-            __m128d v = _mm_mul_pd(_mm_max_pd(pl, FL), G);
-            __m128d keep = _mm_and_pd(_mm_cmple_pd(_mm_mul_pd(d, d), _mm_mul_pd(K, v)), ONE);
-            if (ssq) {
-                ss = _mm_add_pd(ss, _mm_mul_pd(keep, _mm_div_pd(_mm_mul_pd(d, d), v)));
-                nu = _mm_add_pd(nu, keep);
-            }
-            __m128d U = _mm_loadu_pd(u + k);
-            __m128d ne = _mm_cmpneq_pd(keep, U);
-            if (_mm_movemask_pd(ne)) {
-                __m128d dl = _mm_sub_pd(keep, U);
-                _mm_storeu_pd(u + k, keep);
-                ch = ne;
-                __m128d dx = _mm_mul_pd(dl, X), dy = _mm_mul_pd(dl, Y);
-                a0 = _mm_add_pd(a0, dl); a1 = _mm_add_pd(a1, dx); a2 = _mm_add_pd(a2, dy);
-                a3 = _mm_add_pd(a3, _mm_mul_pd(dx, X)); a4 = _mm_add_pd(a4, _mm_mul_pd(dx, Y));
-                a5 = _mm_add_pd(a5, _mm_mul_pd(dy, Y)); a6 = _mm_add_pd(a6, _mm_mul_pd(dl, Cc));
-                a7 = _mm_add_pd(a7, _mm_mul_pd(dx, Cc)); a8 = _mm_add_pd(a8, _mm_mul_pd(dy, Cc));
-            }
-        }
-        s[0] += pyflm_hsum(a0); s[1] += pyflm_hsum(a1); s[2] += pyflm_hsum(a2);
-        s[3] += pyflm_hsum(a3); s[4] += pyflm_hsum(a4); s[5] += pyflm_hsum(a5);
-        s[6] += pyflm_hsum(a6); s[7] += pyflm_hsum(a7); s[8] += pyflm_hsum(a8);
-        return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu,
-                                 _mm_movemask_pd(ch) != 0);
     }
     static int pyflm_reject_exact(int n, const double *x, const double *y, const double *c, double *u,
                                   double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
                                   double *ssq, double *count) {
-        if (pyflm_avx2()) return pyflm_reject4x(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
-        return pyflm_reject_x(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
+        if (pyflm_avx2()) return pyflm_reject4(1, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
+        /* (without AVX2 the pixel-by-pixel flips: the sums are exact, so the same bits) */
+        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
     }
     """
     int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
