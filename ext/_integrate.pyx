@@ -356,9 +356,6 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    /* pyflm_reject with AVX2 (4 pixels an instruction): the same operations on each pixel, the plane's
-       sums brought up to date pixel by pixel in the same order, and the squared residuals added into
-       SSE2's two lanes in SSE2's order (pixels k, k + 1, then k + 2, k + 3), so the same numbers. */
     /* Four pixels' rejection test (kept: 1.0, else 0.0) against the plane c0 + c1 x + c2 y, with the
        kept ones' squared residuals in sigma units added into SSE2's two lanes in SSE2's order (pixels
        k, k + 1, then k + 2, k + 3) when want_ssq */
@@ -381,7 +378,7 @@ cdef extern from *:
         }
         return keep;
     }
-    /* pyflm_reject_exact: the pass where every one of the plane's sums is exact in any order (counts,
+    /* The exact pass (pyflm_reject4's exact): every one of the plane's sums is exact in any order (counts,
        or several images' summed counts, times the box's integer or half-integer coordinates): a vector
        of four pixels with a change of use adds its changes into nine vector sums, those into s at the
        pass's end.  A strong spot's rim flips ~10 pixels a pass, each one a mispredicted branch and a
@@ -391,8 +388,10 @@ cdef extern from *:
     static inline double pyflm_hsum4(__m256d v) {
         return pyflm_hsum(_mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1)));
     }
-    /* exact (the plane's sums exact in any order, see pyflm_reject_exact): a vector's changes of use
-       added into nine vector sums, added to s at the end; else pixel by pixel in their order */
+    /* pyflm_reject with AVX2 (4 pixels an instruction): the same test on each pixel, the squared
+       residuals in SSE2's lanes and order, so the same numbers.  exact: a vector's changes of use added
+       into nine vector sums, added to s at the end; else the sums brought up to date pixel by pixel in
+       their order */
     __attribute__((target("avx2"))) static inline int pyflm_reject4(int exact, int n, const double *x,
             const double *y, const double *c, double *u, double c0, double c1, double c2, double gain,
             double fl, double cut2, double *s, double *ssq, double *count) {
@@ -436,26 +435,18 @@ cdef extern from *:
         /* the rest as pyflm_reject_ does, its lanes carried on */
         return pyflm_reject_from(k, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count, ss, nu, changed);
     }
-    static int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
-                                 double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
-                                 double *ssq, double *count) {
-        if (pyflm_avx2()) return pyflm_reject4(0, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
-        return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
-    }
-    static int pyflm_reject_exact(int n, const double *x, const double *y, const double *c, double *u,
-                                  double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
-                                  double *ssq, double *count) {
-        if (pyflm_avx2()) return pyflm_reject4(1, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
-        /* (without AVX2 the pixel-by-pixel flips: the sums are exact, so the same bits) */
+    /* One rejection pass: the plane's variance gain.max(plane, fl); exact as pyflm_reject4 (without
+       AVX2 pixel by pixel, whose sums are then the same bits) */
+    static int pyflm_reject_simd(int exact, int n, const double *x, const double *y, const double *c,
+                                 double *u, double c0, double c1, double c2, double gain, double fl,
+                                 double cut2, double *s, double *ssq, double *count) {
+        if (pyflm_avx2()) return pyflm_reject4(exact, n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
         return pyflm_reject_(n, x, y, c, u, c0, c1, c2, gain, fl, cut2, s, ssq, count);
     }
     """
-    int pyflm_reject_simd(int n, const double *x, const double *y, const double *c, double *u,
-                          double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
-                          double *count) nogil
-    int pyflm_reject_exact(int n, const double *x, const double *y, const double *c, double *u,
-                           double c0, double c1, double c2, double gain, double fl, double cut2, double *s, double *ssq,
-                           double *count) nogil
+    int pyflm_reject_simd(int exact, int n, const double *x, const double *y, const double *c, double *u,
+                          double c0, double c1, double c2, double gain, double fl, double cut2, double *s,
+                          double *ssq, double *count) nogil
 
 cdef extern from *:
     """
@@ -465,7 +456,7 @@ cdef extern from *:
        The scalar loop's stores had a dependency on the count from one pixel to the next. The same
        lists in the same order (the places beyond the length are not read). */
     static __m256i pyflm_pack_perm[16];
-    static int pyflm_pack_ready = 0;
+    /* (built once at the module's import, where the CPU has AVX2) */
     __attribute__((target("avx2"))) static void pyflm_pack_init(void) {
         for (int m = 0; m < 16; m++) {
             int idx[8], n = 0;
@@ -474,12 +465,21 @@ cdef extern from *:
             for (; n < 4; n++) { idx[2 * n] = 0; idx[2 * n + 1] = 1; }
             pyflm_pack_perm[m] = _mm256_setr_epi32(idx[0], idx[1], idx[2], idx[3], idx[4], idx[5], idx[6], idx[7]);
         }
-        pyflm_pack_ready = 1;
+    }
+    /* pixel by pixel: every one written, the count moved on where it is a candidate (no branch on the
+       rim's runs of masked pixels, neighbours' peaks, which were mispredicted) */
+    static inline int pyflm_gather_rim1(int q, int q1, const double *rowp, const int *bg_j,
+            const double *gx, const double *gy, double *bx, double *by, double *bc, double *bu, int nb) {
+        for (; q < q1; q++) {
+            double c = rowp[bg_j[q]];
+            bx[nb] = gx[q]; by[nb] = gy[q]; bc[nb] = c; bu[nb] = 1.0;
+            nb += c == c;
+        }
+        return nb;
     }
     __attribute__((target("avx2"))) static int pyflm_gather_rim4(int q, int q1, const double *rowp,
             const int *bg_j, const double *gx, const double *gy, double *bx, double *by, double *bc,
             double *bu, int nb) {
-        if (!pyflm_pack_ready) pyflm_pack_init();
         const __m256d ONE = _mm256_set1_pd(1.0);
         for (; q + 4 <= q1; q += 4) {
             /* (four neighbouring pixels, as a rim row's segments mostly are, by one load) */
@@ -495,16 +495,22 @@ cdef extern from *:
             _mm256_storeu_pd(bu + nb, ONE);
             nb += __builtin_popcount(m);
         }
-        for (; q < q1; q++) {
-            double c = rowp[bg_j[q]];
-            bx[nb] = gx[q]; by[nb] = gy[q]; bc[nb] = c; bu[nb] = 1.0;
-            nb += c == c;
-        }
-        return nb;
+        return pyflm_gather_rim1(q, q1, rowp, bg_j, gx, gy, bx, by, bc, bu, nb);
     }
+    static int pyflm_gather_rim(int avx2, int q, int q1, const double *rowp, const int *bg_j,
+            const double *gx, const double *gy, double *bx, double *by, double *bc, double *bu, int nb) {
+        if (avx2) return pyflm_gather_rim4(q, q1, rowp, bg_j, gx, gy, bx, by, bc, bu, nb);
+        return pyflm_gather_rim1(q, q1, rowp, bg_j, gx, gy, bx, by, bc, bu, nb);
+    }
+    static int pyflm_cpu_has_avx2(void) { __builtin_cpu_init(); return __builtin_cpu_supports("avx2"); }
     """
-    int pyflm_gather_rim4(int q, int q1, const double *rowp, const int *bg_j, const double *gx,
-                          const double *gy, double *bx, double *by, double *bc, double *bu, int nb) nogil
+    void pyflm_pack_init() nogil
+    int pyflm_cpu_has_avx2() nogil
+    int pyflm_gather_rim(int avx2, int q, int q1, const double *rowp, const int *bg_j, const double *gx,
+                         const double *gy, double *bx, double *by, double *bc, double *bu, int nb) nogil
+
+if pyflm_cpu_has_avx2():
+    pyflm_pack_init()
 
 
 cdef inline void _bg_row(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb1, int nimg, Py_ssize_t r,
@@ -626,10 +632,8 @@ cdef inline void _plane_and_sum(int nb, double *bx, double *by, double *bc, doub
             rhs[2] = sums[8]
             if not _solve3(M, rhs, cf3):
                 cf3[0] = cf3[1] = cf3[2] = 0.0
-        if exact:
-            if not pyflm_reject_exact(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain, k_bg, cut2, sums, &ss, &w):
-                break
-        elif not pyflm_reject_simd(nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain, k_bg, cut2, sums, &ss, &w):
+        if not pyflm_reject_simd(exact, nb, bx, by, bc, bu, cf3[0], cf3[1], cf3[2], gain, k_bg, cut2, sums,
+                                 &ss, &w):
             break
     if k_bg != 1.0:         # the plane of the images' sum, as the plane of their mean (one image's)
         cf3[0] = cf3[0] / k_bg
@@ -796,10 +800,10 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef unsigned char *mb = <unsigned char *>malloc(npix)
     cdef const Py_ssize_t *po
     cdef const Py_ssize_t *bo
-    # the 3-D background: the plane is fitted to the mean over 1 + n_nb images, sigma^2 = plane.gain/k
-    # the plane is fitted to the sum of the k images' counts: the mean's plane times k, its variance
-    # gain.max(plane, k) (k times the mean's, gain.max(plane / k, 1) / k), and for counts every one of
-    # its sums is a whole number, exact in any order (pyflm_reject_exact); a float image's are not
+    # the 3-D background over k = 1 + n_nb images: the plane is fitted to the sum of their counts (the
+    # mean's plane times k), its variance gain.max(plane, k) (k^2 times the mean's gain.max(plane/k, 1)/k);
+    # for counts every one of its sums is a whole number, exact in any order (pyflm_reject4's exact
+    # pass); a float image's are not
     cdef double k_bg = 1 + n_nb
     cdef int exact = pix_t is cnp.int32_t or pix_t is cnp.uint16_t
     # the box's peak and background pixels (offsets into the box)
@@ -934,20 +938,9 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
             _peak_pixels(d0, po, n_pk_all, mm if use_mask else NULL, 0xff, nullpix, overload, pc, pv,
                          &badpk, &over, &nshad, &ndead)
             for i in range(nxs):
-                if on and avx2:
-                    nb = pyflm_gather_rim4(rim_row[i], rim_row[i + 1], ring + ((cs + i) & (R - 1)) * nf + cf,
-                                           bg_j, bg_x, bg_y, bx, by, bc, bu, nb)
-                elif on:
-                    rowp = ring + ((cs + i) & (R - 1)) * nf + cf
-                    for q in range(rim_row[i], rim_row[i + 1]):
-                        # written in any case, kept (nb moved on) where it is a candidate: no branch on
-                        # the rim's runs of masked pixels (neighbours' peaks), which were mispredicted
-                        c = rowp[bg_j[q]]
-                        bx[nb] = bg_x[q]
-                        by[nb] = bg_y[q]
-                        bc[nb] = c
-                        bu[nb] = 1.0
-                        nb += c == c
+                if on:
+                    nb = pyflm_gather_rim(avx2, rim_row[i], rim_row[i + 1], ring + ((cs + i) & (R - 1)) * nf + cf,
+                                          bg_j, bg_x, bg_y, bx, by, bc, bu, nb)
                 else:
                     rowp = ring + (_clip(<Py_ssize_t>(cs + i), ns - 1) & (R - 1)) * nf
                     for q in range(rim_row[i], rim_row[i + 1]):

@@ -186,6 +186,13 @@ def _import_for_workers():
         importlib.import_module(m)
 
 
+def stop_pools(wait=True):
+    """Stop every local pool (their workers reaped when wait): a caller that measures the workers'
+    resource use once the job is done."""
+    for ex in list(_POOLS.values()):
+        drop_pool(ex, wait=wait)
+
+
 def drop_pool(ex, wait=False):
     """Stop a pool of local_pool's (its queued tasks cancelled) and forget it: the next asks for a new one."""
     for n, p in list(_POOLS.items()):

@@ -215,9 +215,8 @@ def child(deck_path, workdir, profile):
     log.close()
     # the worker pool lives until the program ends: stopped and its workers reaped here (after the
     # timing), so that RUSAGE_CHILDREN below holds their peak RSS (it counts only children waited for)
-    from pyflm import distributed
-    for ex in list(distributed._POOLS.values()):
-        distributed.drop_pool(ex, wait=True)
+    from pyflm.distributed import stop_pools
+    stop_pools()
     out = {"status": status, "total": total, "stages": st.t, "cpu": st.cpu, "rss_after": st.rss,
            # the stages' peaks too: resetting VmHWM per stage resets ru_maxrss with it
            "maxrss_self_mb": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
