@@ -151,6 +151,7 @@ class _Pool(cf.ProcessPoolExecutor):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.outstanding, self._count_lock = 0, threading.Lock()
+        _widen_pipe(self._result_queue)
 
     def submit(self, fn, /, *args, **kwargs):
         f = super().submit(fn, *args, **kwargs)
@@ -162,6 +163,23 @@ class _Pool(cf.ProcessPoolExecutor):
     def _finished(self, _):
         with self._count_lock:
             self.outstanding -= 1
+
+
+def _widen_pipe(queue):
+    """The results' pipe widened to 4 MB (where the kernel lets this process: root), else to
+    pipe-max-size (1 MB by default): a block's records (a megabyte on the 6M sweep) are then written
+    in one go and the worker goes on to its next block, instead of waiting for this process, busy
+    writing the MTZ, to read each 64 kB (its core idle meanwhile: 0.08 s a 6M run at NPROC 2, now 0.04,
+    that being pickling)."""
+    import fcntl
+    for size in (4 << 20, None):
+        try:
+            if size is None:
+                size = int(open("/proc/sys/fs/pipe-max-size").read())
+            fcntl.fcntl(queue._writer.fileno(), fcntl.F_SETPIPE_SZ, size)
+            return
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def _worker_start():

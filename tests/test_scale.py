@@ -207,3 +207,24 @@ def test_every_process_of_a_job_uses_the_same_worker_processes(one_process, tmp_
         distributed.drop_pool(distributed.local_pool(2), wait=True)
     assert len(workers) == 2 and len(workers[0]) == 2 and workers[0] == workers[1]
     assert_same_content(one_process, tmp_path / "two.mtz")
+
+
+
+def _megabyte():
+    return b"x" * (1 << 20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are Linux's")
+def test_a_blocks_records_go_back_in_one_write():
+    """A 6M block's records are a megabyte: the pool's result pipe holds one whole, so a worker hands
+    it over and goes on to its next block while this process, busy writing the MTZ, has not read it
+    yet (through a 64 kB pipe the worker waited for each 64 kB to be read, its core idle)."""
+    import fcntl
+    from pyflm import distributed
+    ex = distributed.local_pool(2)
+    try:
+        size = fcntl.fcntl(ex._result_queue._writer.fileno(), 1032)       # F_GETPIPE_SZ
+        assert size >= min(1 << 20, int(open("/proc/sys/fs/pipe-max-size").read()))
+        assert [len(f.result()) for f in [ex.submit(_megabyte) for _ in range(3)]] == [1 << 20] * 3
+    finally:
+        distributed.drop_pool(ex, wait=True)
