@@ -5,6 +5,8 @@
     python3 scripts/bench_pipeline.py --sim6m 100          # a simulated Pilatus 6M sweep (made in /tmp)
     python3 scripts/bench_pipeline.py --nproc 1,2          # integration on 1 and on 2 processes
     python3 scripts/bench_pipeline.py --nproc 1,2 --repeat 3   # each 3 times, in turn: the median run
+    python3 scripts/bench_pipeline.py --nproc 1,2 --together 2  # and two 1-process jobs at once: the
+                                                                # most 2 cores give this work
     python3 scripts/bench_pipeline.py --dask 2             # and on a 2-worker Dask LocalCluster
     python3 scripts/bench_pipeline.py --memory 100,200     # peak memory of 100 vs 200 images
     python3 scripts/bench_pipeline.py --no-dials --no-profile
@@ -18,7 +20,9 @@ each stage and the ratio pyflm/DIALS; fabio's decode time per image (timed just 
 1-process run: the machine's speed drifts) and integration's ratio to it; the
 peak resident memory of pyflm's process tree (getrusage of the child, and of its children: the worker
 processes); the scores of both MTZs (../shared/tools/score_mtz.py, --dmax 10); the machine load
-(os.getloadavg), since the cores may be shared; and, with --profile (default), the top cProfile lines of
+(os.getloadavg), since the cores may be shared; with --together N, the machine's own ceiling for N
+workers (N copies of the 1-process job run at once, between the same runs: the cores share memory
+bandwidth, caches and, on a virtual machine, their host); and, with --profile (default), the top cProfile lines of
 each pyflm stage, from a second, profiled run (profiling slows it; the times above are unprofiled).
 
 Simulated images are written under /tmp (never into the repository) and reused when already there.
@@ -227,7 +231,8 @@ def child(deck_path, workdir, profile):
     return status
 
 
-def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
+def start_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
+    """The pyflm child started on the deck in `workdir` (made anew): its Popen."""
     workdir = pathlib.Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -236,20 +241,45 @@ def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, sched
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if scheduler:
         env["PYFLM_SCHEDULER"] = scheduler
-    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    r = subprocess.run([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
-                       + (["--profile"] if profile else []), env=env, capture_output=True, text=True)
-    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    return subprocess.Popen([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
+                            + (["--profile"] if profile else []), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_pyflm(proc, workdir):
+    """The child's figures (stages.json) once it has ended; CPU of its whole tree from wait4."""
+    workdir = pathlib.Path(workdir)
+    out_text, err_text = proc.communicate()          # (its log read as it comes: never a full pipe)
     res_path = workdir / "stages.json"
-    if r.returncode != 0 or not res_path.exists():
-        sys.exit(f"pyflm failed (status {r.returncode}) in {workdir}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    if proc.returncode != 0 or not res_path.exists():
+        sys.exit(f"pyflm failed (status {proc.returncode}) in {workdir}:\n{out_text[-3000:]}{err_text[-3000:]}")
     out = json.loads(res_path.read_text())
     out["mtz"] = str(workdir / "pyflm.mtz")
     out["peak_rss_mb"] = max(out["maxrss_self_mb"], out["maxrss_children_mb"])
+    return out
+
+
+def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    out = finish_pyflm(start_pyflm(sweep, n_images, workdir, last, nproc, profile, scheduler), workdir)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     # CPU of the whole process tree (the child, its workers: each reaped by its parent), start-up and
     # exit included: against the wall time it says how busy the cores were
     out["cpu_tree"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out["wall_tree"] = wall
+    return out
+
+
+def run_pyflm_together(sweep, n_images, workdirs):
+    """Copies of the 1-process job, one per workdir, run at the same time: their figures.  What the
+    machine's cores give independent work of this kind (they share memory bandwidth and caches, and
+    a virtual machine's cores their host's) is the most that worker processes could give one job."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = [start_pyflm(sweep, n_images, w) for w in workdirs]
+    out = [finish_pyflm(p, w) for p, w in zip(procs, workdirs)]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for o in out:      # (their CPU shared out: each copy's own is not told apart by getrusage)
+        o["cpu_tree"] = ((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)) / len(out)
     return out
 
 
@@ -337,7 +367,7 @@ def report_main(args, sweep, n_images):
     print(f"== sweep {sweep} ({n_images} images)")
     print(f"   {load()}")
     nprocs = [int(x) for x in args.nproc.split(",")]
-    runs, all_runs = {}, {p: [] for p in nprocs}
+    runs, all_runs, together, together_cpu = {}, {p: [] for p in nprocs}, [], []
     from pyflm._heap import tune
     tune()      # fabio decodes with the process settings pyflm runs with (malloc, page size)
     fabio_decode(sweep, n_images, 2)           # (fabio's first open imports its CBF reader)
@@ -355,6 +385,14 @@ def report_main(args, sweep, n_images):
             print(f"   pyflm nproc {p}: {r['total']:.1f} s  ({load()})"
                   + (f"; integration {r['stages']['integrate'] / n_images / r['decode']:.2f} x fabio decode "
                      f"({r['decode']:.4f} s/image, timed beside it)" if p == nprocs[0] else ""), flush=True)
+        if args.together:
+            # the machine's own ceiling for this job on `together` cores, measured between the same runs
+            tog = run_pyflm_together(sweep, n_images, [TMP / f"run-{sweep.name}-pyflm-together-{k}"
+                                                       for k in range(args.together)])
+            together.append(max(t["total"] for t in tog))
+            together_cpu.append(tog[0]["cpu_tree"])
+            print(f"   {args.together} copies of the 1-process job at once: " +
+                  " ".join(f"{t['total']:.1f}" for t in tog) + f" s  ({load()})", flush=True)
     for p in nprocs:
         ordered = sorted(all_runs[p], key=lambda r: r["total"])
         runs[p] = ordered[(len(ordered) - 1) // 2]
@@ -425,6 +463,19 @@ def report_main(args, sweep, n_images):
                   f"{base['cpu_tree']:.2f} -> {r['cpu_tree']:.2f} ({100 * (r['cpu_tree'] / base['cpu_tree'] - 1):+.0f} %);"
                   f" left idle at nproc {p}: {max(0.0, p * r['wall_tree'] - r['cpu_tree']):.2f} core-seconds of "
                   f"{p} x {r['wall_tree']:.2f} s")
+            if together and nprocs[0] == 1 and p == args.together:
+                # n copies at once take t_n each where one alone takes t_1: the cores do n t_1 / t_n of
+                # one job's work in its time, the most that p workers could give
+                alone = statistics.median(r1["total"] for r1 in all_runs[1])
+                ceiling = args.together * alone / statistics.median(together)
+                print(f"   the machine's own ceiling: {args.together} copies of the 1-process job at once took "
+                      + " ".join(f"{t:.2f}" for t in together) + f" s (median {statistics.median(together):.2f}"
+                      f" s) where one alone took {alone:.2f} s (median): {args.together} cores do {ceiling:.2f} x "
+                      f"one's work; nproc {p} gave {base['total'] / r['total']:.2f} x, "
+                      f"{100 * base['total'] / r['total'] / ceiling:.0f} % of that.  CPU seconds of each copy "
+                      f"{statistics.median(together_cpu):.2f} (median), of one alone "
+                      f"{statistics.median(r1['cpu_tree'] for r1 in all_runs[1]):.2f}: the same work slower on "
+                      "cores that are busy together")
             ok, why = same_content(base["mtz"], r["mtz"])
             print(f"   nproc {p} vs {nprocs[0]}: integration {base['stages']['integrate']:.2f} s -> "
                   f"{r['stages']['integrate']:.2f} s = {base['stages']['integrate'] / r['stages']['integrate']:.2f}x,"
@@ -506,6 +557,9 @@ def main():
                     help="also run on a Dask LocalCluster of N worker processes (MTZ compared)")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run pyflm N times at each --nproc count, in turn, and report the median run (the lower middle one for even N)")
+    ap.add_argument("--together", type=int, default=0, metavar="N",
+                    help="in each --repeat, also run N copies of the 1-process job at the same time: what "
+                         "N cores give independent work of this kind (the ceiling for NPROC N)")
     ap.add_argument("--no-dials", action="store_true")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile", dest="profile", action="store_true", default=True)
