@@ -241,15 +241,18 @@ def start_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, sch
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if scheduler:
         env["PYFLM_SCHEDULER"] = scheduler
-    return subprocess.Popen([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
-                            + (["--profile"] if profile else []), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # its log goes to files, not pipes: copies run together are waited for one after the other, and a
+    # pipe that nobody reads until the first has ended stalls the second once it holds 64 kB
+    with open(workdir / "child.out", "w") as out, open(workdir / "child.err", "w") as err:
+        return subprocess.Popen([sys.executable, __file__, "--_child", str(workdir / "job.deck"), str(workdir)]
+                                + (["--profile"] if profile else []), env=env, stdout=out, stderr=err)
 
 
 def finish_pyflm(proc, workdir):
     """The child's figures (stages.json) once it has ended; CPU of its whole tree from wait4."""
     workdir = pathlib.Path(workdir)
-    out_text, err_text = proc.communicate()          # (its log read as it comes: never a full pipe)
+    proc.wait()
+    out_text, err_text = ((workdir / f).read_text(errors="replace") for f in ("child.out", "child.err"))
     res_path = workdir / "stages.json"
     if proc.returncode != 0 or not res_path.exists():
         sys.exit(f"pyflm failed (status {proc.returncode}) in {workdir}:\n{out_text[-3000:]}{err_text[-3000:]}")
