@@ -410,11 +410,12 @@ def report_main(args, sweep, n_images):
     for rep in range(max(1, args.repeat)):
         for p in nprocs:
             before = fabio_decode(sweep, n_images) if p == nprocs[0] else []
-            page_us = fresh_page_cost()
             r = run_pyflm(sweep, n_images, TMP / (f"run-{sweep.name}-pyflm-np{p}" + (f"-{rep}" if rep else "")), nproc=p)
-            r["page_us"] = page_us
             if p == nprocs[0]:
                 r["decode"] = statistics.median(before + fabio_decode(sweep, n_images))
+            # after the run, not before: memory just written and freed is cheap to fault in again for a
+            # while, and the probe would hand the run that warmth
+            r["page_us"] = fresh_page_cost()
             all_runs[p].append(r)
             print(f"   pyflm nproc {p}: {r['total']:.1f} s  ({load()})"
                   + (f"; integration {r['stages']['integrate'] / n_images / r['decode']:.2f} x fabio decode "
@@ -503,7 +504,7 @@ def report_main(args, sweep, n_images):
                   f"{base['sys_tree']:.2f} -> {r['sys_tree']:.2f} s, {base['faults_tree'] / 1e3:.0f}k -> "
                   f"{r['faults_tree'] / 1e3:.0f}k faults" + (
                       f"; a fresh 4 kB page cost this machine {statistics.median(costs):.1f} us of system time "
-                      f"(256 MB written before each run: {min(costs):.1f}-{max(costs):.1f} us)" if costs else ""))
+                      f"(256 MB written after each run: {min(costs):.1f}-{max(costs):.1f} us)" if costs else ""))
             if together and nprocs[0] == 1 and p == args.together:
                 # n copies at once take t_n each where one alone takes t_1: the cores do n t_1 / t_n of
                 # one job's work in its time, the most that p workers could give
