@@ -275,33 +275,6 @@ def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, sched
     return out
 
 
-def fresh_page_cost(mb=256):
-    """Microseconds of system time per page fault when a new process takes `mb` MB of new memory in
-    4 kB pages (huge pages off, as pyflm's processes run: pyflm._heap.no_huge_pages), each written
-    once; None where it cannot be measured.  Each worker process faults in its own heap, so this cost
-    times the extra faults is what the sharing-out pays the kernel; on a virtual machine whose host
-    backs guest memory lazily it is several times a bare machine's ~1 us."""
-    if not sys.platform.startswith("linux"):
-        return None
-    code = ("import resource, numpy as np\n"
-            "from pyflm._heap import no_huge_pages\n"
-            "no_huge_pages()\n"
-            f"n = {mb << 20}\n"
-            "r0 = resource.getrusage(resource.RUSAGE_SELF)\n"
-            "a = np.empty(n, np.uint8)\n"
-            "a[::4096] = 1\n"
-            "r1 = resource.getrusage(resource.RUSAGE_SELF)\n"
-            "print(r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime)\n")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        faults, sys_s = out.stdout.split()
-        faults, sys_s = int(faults), float(sys_s)
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-    return 1e6 * sys_s / faults if faults > (mb << 20) // 8192 else None
-
-
 def run_pyflm_together(sweep, n_images, workdirs):
     """Copies of the 1-process job, one per workdir, run at the same time: their figures.  What the
     machine's cores give independent work of this kind (they share memory bandwidth and caches, and
@@ -413,9 +386,6 @@ def report_main(args, sweep, n_images):
             r = run_pyflm(sweep, n_images, TMP / (f"run-{sweep.name}-pyflm-np{p}" + (f"-{rep}" if rep else "")), nproc=p)
             if p == nprocs[0]:
                 r["decode"] = statistics.median(before + fabio_decode(sweep, n_images))
-            # after the run, not before: memory just written and freed is cheap to fault in again for a
-            # while, and the probe would hand the run that warmth
-            r["page_us"] = fresh_page_cost()
             all_runs[p].append(r)
             print(f"   pyflm nproc {p}: {r['total']:.1f} s  ({load()})"
                   + (f"; integration {r['stages']['integrate'] / n_images / r['decode']:.2f} x fabio decode "
@@ -498,13 +468,10 @@ def report_main(args, sweep, n_images):
                   f"{base['cpu_tree']:.2f} -> {r['cpu_tree']:.2f} ({100 * (r['cpu_tree'] / base['cpu_tree'] - 1):+.0f} %);"
                   f" left idle at nproc {p}: {max(0.0, p * r['wall_tree'] - r['cpu_tree']):.2f} core-seconds of "
                   f"{p} x {r['wall_tree']:.2f} s")
-            # the workers' heaps are faulted in each for itself: the kernel's share of the extra CPU
-            costs = [x["page_us"] for x in all_runs[nprocs[0]] + all_runs[p] if x.get("page_us")]
+            # each worker faults its own heap in: the kernel's share of the extra CPU
             print(f"   system CPU seconds and page faults of all processes, nproc {nprocs[0]} -> {p}: "
                   f"{base['sys_tree']:.2f} -> {r['sys_tree']:.2f} s, {base['faults_tree'] / 1e3:.0f}k -> "
-                  f"{r['faults_tree'] / 1e3:.0f}k faults" + (
-                      f"; a fresh 4 kB page cost this machine {statistics.median(costs):.1f} us of system time "
-                      f"(256 MB written after each run: {min(costs):.1f}-{max(costs):.1f} us)" if costs else ""))
+                  f"{r['faults_tree'] / 1e3:.0f}k faults")
             if together and nprocs[0] == 1 and p == args.together:
                 # n copies at once take t_n each where one alone takes t_1: the cores do n t_1 / t_n of
                 # one job's work in its time, the most that p workers could give
