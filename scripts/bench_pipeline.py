@@ -25,6 +25,9 @@ workers (N copies of the 1-process job run at once, between the same runs: the c
 bandwidth, caches and, on a virtual machine, their host); and, with --profile (default), the top cProfile lines of
 each pyflm stage, from a second, profiled run (profiling slows it; the times above are unprofiled).
 
+Each timed run (and DIALS step, and decode sample) finds the images in one state of the page cache,
+--cache: read into it just before (warm, the default), evicted (cold), or as left (asis).
+
 Simulated images are written under /tmp (never into the repository) and reused when already there.
 """
 from __future__ import annotations
@@ -231,8 +234,45 @@ def child(deck_path, workdir, profile):
     return status
 
 
-def start_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
-    """The pyflm child started on the deck in `workdir` (made anew): its Popen."""
+# how each timed run finds the sweep's images in the page cache (--cache).  This machine's kernel pages
+# out file pages left unread for ~6 s (a DAMON "pageout" scheme), so without a set state each run would
+# find its own share of the images on disk: a 6M run on images just read 7.9-8.0 s (nproc 1) and 4.3-4.6
+# (nproc 2), on images evicted 8.0-8.4 and 4.6-4.9
+CACHE = {"mode": "warm"}
+
+
+def set_cache(paths):
+    """The files in the state --cache asks for before a timed step: "warm" read whole (in the page cache,
+    as a sweep just written is), "cold" evicted (posix_fadvise DONTNEED: read from the disk, as over a
+    network file system), "asis" left alone."""
+    mode = CACHE["mode"]
+    if mode == "asis":
+        return
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if mode == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 1 << 22):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def sweep_files(sweep, n_images=None):
+    files = sorted(pathlib.Path(sweep).glob("sim_*.cbf"))
+    return files[:n_images] if n_images else files
+
+
+def start_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None, cache=True):
+    """The pyflm child started on the deck in `workdir` (made anew): its Popen.  cache: the sweep's
+    images set as --cache says first (set_cache)."""
+    if cache:
+        set_cache(sweep_files(sweep, n_images))
     workdir = pathlib.Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -263,8 +303,10 @@ def finish_pyflm(proc, workdir):
 
 
 def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
+    set_cache(sweep_files(sweep, n_images))
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    out = finish_pyflm(start_pyflm(sweep, n_images, workdir, last, nproc, profile, scheduler), workdir)
+    out = finish_pyflm(start_pyflm(sweep, n_images, workdir, last, nproc, profile, scheduler, cache=False),
+                       workdir)
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     # CPU of the whole process tree (the child, its workers: each reaped by its parent), start-up and
     # exit included: against the wall time it says how busy the cores were
@@ -279,8 +321,9 @@ def run_pyflm_together(sweep, n_images, workdirs):
     """Copies of the 1-process job, one per workdir, run at the same time: their figures.  What the
     machine's cores give independent work of this kind (they share memory bandwidth and caches, and
     a virtual machine's cores their host's) is the most that worker processes could give one job."""
+    set_cache(sweep_files(sweep, n_images))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    procs = [start_pyflm(sweep, n_images, w) for w in workdirs]
+    procs = [start_pyflm(sweep, n_images, w, cache=False) for w in workdirs]
     out = [finish_pyflm(p, w) for p, w in zip(procs, workdirs)]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for o in out:      # (their CPU shared out: each copy's own is not told apart by getrusage)
@@ -307,6 +350,7 @@ def run_dials(sweep, workdir):
     t = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     for name, cmd in steps:
+        set_cache(sweep_files(sweep))       # (its own time not counted, as for pyflm's runs)
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
         t[name] = time.perf_counter() - t0
@@ -324,6 +368,8 @@ def fabio_decode(sweep, n_images, n_sample=10):
     import fabio
     nums = sorted({1 + round(i * (n_images - 1) / max(1, n_sample - 1)) for i in range(n_sample)})
     ts = []
+    # (the sample's files in the state pyflm's runs find them: with them on disk the decode is slower)
+    set_cache([sweep / f"sim_{n:04d}.cbf" for n in nums])
     for n in nums:
         p = sweep / f"sim_{n:04d}.cbf"
         t0 = time.perf_counter()
@@ -371,6 +417,12 @@ def per_image(t, n):
 def report_main(args, sweep, n_images):
     print(f"== sweep {sweep} ({n_images} images)")
     print(f"   {load()}")
+    print("   page cache: " + {"warm": "the sweep's images read into it before each timed run, DIALS step and "
+                                         "decode sample (as a sweep just written is)",
+                                 "cold": "the sweep's images evicted from it before each timed run, DIALS step "
+                                         "and decode sample (read from the disk)",
+                                 "asis": "the images left as earlier runs left them"}[CACHE["mode"]]
+          + "; this machine pages out file pages unread for ~6 s (--cache warm|cold|asis)")
     nprocs = [int(x) for x in args.nproc.split(",")]
     runs, all_runs, together, together_cpu = {}, {p: [] for p in nprocs}, [], []
     from pyflm._heap import tune
@@ -569,6 +621,10 @@ def main():
     ap.add_argument("--together", type=int, default=0, metavar="N",
                     help="in each --repeat, also run N copies of the 1-process job at the same time: what "
                          "N cores give independent work of this kind (the ceiling for NPROC N)")
+    ap.add_argument("--cache", choices=("warm", "cold", "asis"), default="warm",
+                    help="the sweep's images before each timed run (and each DIALS step, and fabio's decode): "
+                         "read into the page cache (warm, the default), evicted from it (cold), or left as "
+                         "they are (asis)")
     ap.add_argument("--no-dials", action="store_true")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile", dest="profile", action="store_true", default=True)
@@ -577,6 +633,7 @@ def main():
     if args._child:
         sys.exit(child(*args._child, profile=args.profile and "--profile" in sys.argv))
     compile_bytecode()
+    CACHE["mode"] = args.cache
     if args.memory and args.sweep is None and args.sim6m is None:
         report_memory(args)
         return
