@@ -513,8 +513,9 @@ def _probe_task(read_image, detector, scan, img):
 class EarlyProbes:
     """Probe searches run by the job's worker pool (distributed.local_pool), in the order the deck's
     PROCESS actions need them: while indexing runs one at a time, the next submitted when one ends, so
-    one worker probes while indexing keeps this process busy on its own and the other stays free for
-    indexing's fits; once a PROCESS takes one, the rest at once, behind the blocks it has queued.
+    a worker probes while indexing keeps this process busy on its own, and indexing's fits are not
+    queued behind several probes; once a PROCESS takes one, the rest at once, behind the blocks it has
+    queued.
     take(key) gives a probe's result, waiting for it if it is being searched, else None (one not
     started is then not started at all; the caller searches itself, as it would without).  (One per
     worker at once, the second in a thread at nice 19 so that the beam search kept its core, left the
@@ -560,7 +561,7 @@ class EarlyProbes:
         if f is None or f.cancel():
             return None
         try:
-            return f.result()
+            return self.pool.wait(f)
         except Exception:               # a broken worker: the caller searches itself
             return None
 

@@ -116,7 +116,7 @@ def run_tasks(fn, tasks, nproc=1, scheduler=None, meanwhile=None):
             if pending:
                 i = pending.pop()
                 done[i] = fn(*tasks[i])
-        out = [done[i] if i in done else futures[i].result() for i in range(len(tasks))]
+        out = [done[i] if i in done else ex.wait(futures[i]) for i in range(len(tasks))]
         return (out, here) if meanwhile else out
     except cf.process.BrokenProcessPool:
         drop_pool(ex)
@@ -132,37 +132,119 @@ _POOLS = {}
 
 
 def local_pool(n):
-    """The job's n local worker processes, one pool for every stage (spot searches, indexing's fits,
-    PROCESS's blocks), kept from one action to the next: forking a pool per PROCESS cost each new
-    worker its start and its first block's page faults (a third slower than the blocks after it on
-    the 6M sweep).  A broken pool (a worker died) is replaced.  They end with the program."""
+    """The job's worker processes for NPROC n: n - 1 of them, this process being the n-th (it runs tasks
+    not yet handed to a worker while it waits for a result: _Pool.wait).  One pool for every stage
+    (spot searches, indexing's fits, PROCESS's blocks), kept from one action to the next: forking a
+    pool per PROCESS cost each new worker its start and its first block's page faults (a third slower
+    than the blocks after it on the 6M sweep).  A broken pool (a worker died) is replaced.  They end
+    with the program."""
     ex = _POOLS.get(n)
     if ex is None or getattr(ex, "_broken", False):
         no_huge_pages()          # (tune() at the program's start did it already; a caller's own start may not)
         _import_for_workers()
-        ex = _POOLS[n] = _Pool(max_workers=n, initializer=_worker_start)
+        ex = _POOLS[n] = _Pool(max_workers=max(1, n - 1), initializer=_worker_start)
     return ex
 
 
 class _Pool(cf.ProcessPoolExecutor):
-    """The job's worker pool, counting its tasks not yet finished (`outstanding`: run_tasks hands a
-    worker a task only when one is free)."""
+    """The job's worker pool.  A task is handed to a worker only when one is free (each worker holds
+    one at a time); until then it is held here, and this process runs held tasks itself, oldest first,
+    while it waits for a result (wait): for NPROC n it is one of the n.  (With n workers besides it,
+    this process sat idle while they worked, and each worker faulted in a heap of its own: on the 6M
+    sweep a block's 160 MB, 40 000 page faults of 1-8 us each on this machine.)  A held task can be
+    cancelled, as a queued one in ProcessPoolExecutor.  `outstanding` counts the tasks not yet
+    finished, wherever they are."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
+        self.n_workers = self._max_workers
         self.outstanding, self._count_lock = 0, threading.Lock()
+        self._held, self._in_workers = collections.deque(), 0
         _widen_pipe(self._result_queue)
 
     def submit(self, fn, /, *args, **kwargs):
-        f = super().submit(fn, *args, **kwargs)
+        f = cf.Future()
         with self._count_lock:
             self.outstanding += 1
+            self._held.append((f, fn, args, kwargs))
         f.add_done_callback(self._finished)
+        self._feed()
         return f
 
     def _finished(self, _):
         with self._count_lock:
             self.outstanding -= 1
+
+    def _next_held(self, for_worker):
+        """The oldest held task not cancelled, marked running (None: none; or, for a worker, none free)."""
+        with self._count_lock:
+            while self._held and not (for_worker and self._in_workers >= self.n_workers):
+                item = self._held.popleft()
+                if item[0].set_running_or_notify_cancel():
+                    if for_worker:
+                        self._in_workers += 1
+                    return item
+        return None
+
+    def _feed(self, forward_all=False):
+        """Held tasks to the workers free for them (every held one: forward_all)."""
+        while True:
+            item = self._next_held(for_worker=not forward_all)
+            if item is None:
+                return
+            f, fn, args, kwargs = item
+            try:
+                w = super().submit(fn, *args, **kwargs)
+            except BaseException as e:        # a broken or stopped pool
+                with self._count_lock:
+                    self._in_workers -= 1
+                f.set_exception(e)
+                continue
+            w.add_done_callback(lambda w, f=f: self._returned(f, w))
+
+    def _returned(self, f, w):
+        with self._count_lock:
+            self._in_workers -= 1
+        if w.cancelled():
+            f.set_exception(cf.CancelledError())
+        elif w.exception() is not None:
+            f.set_exception(w.exception())
+        else:
+            f.set_result(w.result())
+        self._feed()
+
+    def wait(self, f):
+        """f's result; until it is done, this process runs the held tasks itself, oldest first."""
+        while not f.done():
+            item = self._next_held(for_worker=False)
+            if item is None:
+                break
+            g, fn, args, kwargs = item
+            try:
+                r = fn(*args, **kwargs)
+            except Exception as e:
+                g.set_exception(e)
+            except BaseException as e:        # a signal (Interrupted) or an exit: this process stops
+                g.set_exception(e)
+                raise
+            else:
+                g.set_result(r)
+        return f.result()
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        if cancel_futures:
+            with self._count_lock:
+                held, self._held = list(self._held), collections.deque()
+            for f, *_ in held:
+                f.cancel()
+        else:
+            self._feed(forward_all=True)
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def wait_for(ex, f):
+    """f's result, from an executor of local_pool's (this process helping meanwhile) or any other."""
+    return ex.wait(f) if isinstance(ex, _Pool) else f.result()
 
 
 def _widen_pipe(queue):

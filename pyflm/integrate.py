@@ -445,7 +445,7 @@ class Started:
 def start_blocks(crystal, beam, detector, goniometer, scan, images, settings, read_image, integrate_fn):
     """Submit the blocks of `images` to the worker processes (or the Dask cluster) now, a Started for
     integrate_images: this process is then free for other work while they run (PROCESS's probe of the
-    sweep).  Even one block goes to a worker."""
+    sweep), and takes those not yet begun on a worker itself when it waits (distributed._Pool.wait)."""
     blocks = _block_ranges(images, max(1, settings.block))
     ex = _executor(settings)
     try:
@@ -488,8 +488,9 @@ def integrate_images(crystal, beam, detector, goniometer, scan, images, settings
             futures = started.futures
             if meanwhile is not None:
                 meanwhile()
+            from .distributed import wait_for
             for b, f in zip(blocks, futures):
-                take(b, *f.result())
+                take(b, *wait_for(started.executor, f))
         except Interrupted as e:
             interrupted = e
             for f in futures:
@@ -858,8 +859,8 @@ def _blocks_key(block_args):
 
 def _start_next_segment(job, spec, first, last):
     """A cell refinement's segment that is not the last: the next segment's PROCESS (the deck's next
-    action) gets its blocks started now, on the worker this segment's few blocks leave free (a segment
-    is one block: the segments' blocks otherwise run one after the other, each on one worker).  They
+    action) gets its blocks started now, on a process this segment's few blocks leave free (a segment
+    is one block: the segments' blocks otherwise run one after the other).  They
     are started with what that PROCESS will be given if nothing changes before it: the crystal, the
     settings, its images' geometry; it takes them only if it starts the very same (take_early_blocks)."""
     from .distributed import scheduler_from

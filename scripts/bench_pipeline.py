@@ -541,7 +541,7 @@ def report_main(args, sweep, n_images):
             print(f"   nproc {p} vs {nprocs[0]}: integration {base['stages']['integrate']:.2f} s -> "
                   f"{r['stages']['integrate']:.2f} s = {base['stages']['integrate'] / r['stages']['integrate']:.2f}x,"
                   f" total {base['total']:.2f} -> {r['total']:.2f} s = {base['total'] / r['total']:.2f}x; "
-                  f"RSS main {r['maxrss_self_mb']:.0f} MB + {p} workers of at most "
+                  f"RSS main {r['maxrss_self_mb']:.0f} MB + {p - 1} worker{'s' if p > 2 else ''} of at most "
                   f"{r['maxrss_children_mb']:.0f} MB; MTZ {'identical' if ok else 'DIFFERENT'} ({why})")
     if dask_run:
         ok, why = same_content(py["mtz"], dask_run["mtz"])

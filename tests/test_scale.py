@@ -184,9 +184,9 @@ def test_pyflm_batch_on_local_processes_and_bad_arguments(tmp_path):
 
 
 def test_every_process_of_a_job_uses_the_same_worker_processes(one_process, tmp_path, monkeypatch):
-    """NPROC 2: the job's two workers are started once and kept for each PROCESS (a new pool per PROCESS
-    cost every worker its start and a slow first block); the second PROCESS's MTZ is still the one
-    a single process writes."""
+    """NPROC 2: the job's worker (this process being the second of the two) is started once and kept for
+    each PROCESS (a new pool per PROCESS cost every worker its start and a slow first block); the
+    second PROCESS's MTZ is still the one a single process writes."""
     from pyflm import distributed, integrate, job as job_mod
     from pyflm.cli import run_batch
     monkeypatch.chdir(tmp_path)
@@ -205,7 +205,7 @@ def test_every_process_of_a_job_uses_the_same_worker_processes(one_process, tmp_
         assert run_batch(deck.splitlines(), job) == 0
     finally:
         distributed.drop_pool(distributed.local_pool(2), wait=True)
-    assert len(workers) == 2 and len(workers[0]) == 2 and workers[0] == workers[1]
+    assert len(workers) == 2 and len(workers[0]) == 1 and workers[0] == workers[1]
     assert_same_content(one_process, tmp_path / "two.mtz")
 
 
@@ -226,5 +226,52 @@ def test_a_blocks_records_go_back_in_one_write():
         size = fcntl.fcntl(ex._result_queue._writer.fileno(), 1032)       # F_GETPIPE_SZ
         assert size >= min(1 << 20, int(open("/proc/sys/fs/pipe-max-size").read()))
         assert [len(f.result()) for f in [ex.submit(_megabyte) for _ in range(3)]] == [1 << 20] * 3
+    finally:
+        distributed.drop_pool(ex, wait=True)
+
+
+def _pid_after(seconds):
+    import os
+    import time
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _interrupted():
+    from pyflm.errors import Interrupted
+    raise Interrupted(2)
+
+
+def test_nproc_2_is_this_process_and_one_worker():
+    """NPROC 2 is two processes doing the work: one worker, and this one, which runs the tasks no
+    worker has begun while it waits for a result (a second worker sat beside an idle main process and
+    faulted in a heap of its own)."""
+    import os
+    from pyflm import distributed
+    ex = distributed.local_pool(2)
+    try:
+        assert ex.n_workers == 1
+        futures = [ex.submit(_pid_after, 0.3) for _ in range(4)]
+        pids = [ex.wait(f) for f in futures]
+        assert os.getpid() in pids and len(set(pids)) == 2
+        # a task not begun can still be cancelled, as one queued in a ProcessPoolExecutor
+        busy, held = ex.submit(_pid_after, 0.5), ex.submit(_pid_after, 0.0)
+        assert held.cancel()
+        assert ex.wait(busy) != os.getpid() and ex.outstanding == 0
+    finally:
+        distributed.drop_pool(ex, wait=True)
+
+
+def test_a_signal_in_a_task_run_here_stops_this_process():
+    """SIGINT while this process runs a block for the workers: the Interrupted reaches PROCESS (which
+    writes what is finished), not the task's future alone."""
+    from pyflm import distributed
+    from pyflm.errors import Interrupted
+    ex = distributed.local_pool(2)
+    try:
+        busy, here = ex.submit(_pid_after, 0.5), ex.submit(_interrupted)
+        with pytest.raises(Interrupted):
+            ex.wait(busy)
+        assert here.done() and isinstance(here.exception(), Interrupted)
     finally:
         distributed.drop_pool(ex, wait=True)
