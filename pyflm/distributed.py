@@ -175,10 +175,11 @@ class _Pool(cf.ProcessPoolExecutor):
         with self._count_lock:
             self.outstanding -= 1
 
-    def _next_held(self, for_worker):
-        """The oldest held task not cancelled, marked running (None: none; or, for a worker, none free)."""
+    def _next_held(self, for_worker, any_worker=False):
+        """The oldest held task not cancelled, marked running (None: none; or, for a worker, none free
+        unless any_worker: the pool's own queue takes it)."""
         with self._count_lock:
-            while self._held and not (for_worker and self._in_workers >= self.n_workers):
+            while self._held and not (for_worker and not any_worker and self._in_workers >= self.n_workers):
                 item = self._held.popleft()
                 if item[0].set_running_or_notify_cancel():
                     if for_worker:
@@ -189,7 +190,7 @@ class _Pool(cf.ProcessPoolExecutor):
     def _feed(self, forward_all=False):
         """Held tasks to the workers free for them (every held one: forward_all)."""
         while True:
-            item = self._next_held(for_worker=not forward_all)
+            item = self._next_held(for_worker=True, any_worker=forward_all)
             if item is None:
                 return
             f, fn, args, kwargs = item

@@ -275,3 +275,12 @@ def test_a_signal_in_a_task_run_here_stops_this_process():
         assert here.done() and isinstance(here.exception(), Interrupted)
     finally:
         distributed.drop_pool(ex, wait=True)
+
+
+def test_a_pool_shut_down_without_cancelling_runs_what_it_holds():
+    from pyflm import distributed
+    ex = distributed.local_pool(2)
+    futures = [ex.submit(_pid_after, 0.1) for _ in range(3)]
+    ex.shutdown(wait=True)
+    distributed.drop_pool(ex)
+    assert all(f.done() and not f.cancelled() for f in futures) and ex._in_workers == 0
