@@ -110,7 +110,7 @@ def run_batch(lines, job):
     try:
         return _run_batch(lines, job)
     finally:       # work started early for a PROCESS that did not come (an error, EXIT) is dropped
-        if job.results.get("early_blocks") is not None:
+        if job.results.get("early_blocks") is not None or job.results.get("early_blocks_after") is not None:
             from .integrate import cancel_early_blocks
             cancel_early_blocks(job)
         if job.results.get("early_probes") is not None:
@@ -124,6 +124,7 @@ def _run_batch(lines, job):
     dry = JobState()
     dry.files = dict(job.files)
     upcoming = []        # the actions GO will run, in order (several AUTOINDEX lines make one, as here)
+    lines_of, since_go = [], []     # and the statements before each GO (work started early replays them)
     for st in statements:
         try:
             act = apply_statement(dry, st)
@@ -131,7 +132,11 @@ def _run_batch(lines, job):
                 break
             if act == "go":
                 upcoming += [(q[0], dict(q[1]), dry.template, dry.directory, dry.extension) for q in dry.queue]
+                lines_of += [list(since_go)] * len(dry.queue)
                 dry.queue.clear()
+                since_go = []
+            else:
+                since_go.append(st)
         except InputError as e:
             errors.append(e)
     if errors:
@@ -139,7 +144,7 @@ def _run_batch(lines, job):
             job.log.line(f" Error: {e.line()}")
         job.log.line(f" {len(errors)} error(s) in the input: nothing has been processed.")
         return 1
-    job.upcoming = upcoming
+    job.upcoming, job.upcoming_lines = upcoming, lines_of
     for st in statements:
         job.log.echo(st.text)
         action = apply_statement(job, st)

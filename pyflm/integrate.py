@@ -747,9 +747,8 @@ def run_process(job, args):
     plain = settings_from_job(job, det)
     started = spec = None
     if plain.nproc > 1 or plain.scheduler:
-        spec = copy.copy(crystal)
-        spec.mosaic = crystal.mosaic or 0.3
-        block_args = (spec, beam, det, gonio, scan, range(first, last + 1), plain, reader, integrate_image)
+        block_args = _block_args(job, crystal, (beam, det, gonio, scan), first, last, plain)
+        spec = block_args[0]
         started = take_early_blocks(job, block_args) or start_blocks(*block_args)
     try:
         if started is not None:
@@ -851,6 +850,16 @@ def run_process(job, args):
         writer.abort()                 # an unfinished MTZ (nothing once it is in place)
 
 
+def _block_args(job, crystal, models, first, last, settings):
+    """What PROCESS first TO last starts its blocks with (start_blocks' arguments) before its probe of
+    the sweep: the crystal with a mosaic spread (0.3 when none is given), the images' geometry, the
+    settings of the job's keywords."""
+    from .shoebox import integrate_image
+    spec = copy.copy(crystal)
+    spec.mosaic = crystal.mosaic or 0.3
+    return (spec, *models, range(first, last + 1), settings, job_image_reader(job), integrate_image)
+
+
 def _blocks_key(block_args):
     from .refine import _task_key
     crystal, beam, det, gonio, scan, images, settings, reader, fn = block_args
@@ -893,24 +902,31 @@ def _start_next_segment(job, spec, first, last):
 
 
 def take_early_blocks(job, block_args):
-    """The blocks started early for this PROCESS (_start_next_segment) if they were started with exactly
-    these arguments (their pickled bytes), else None (and they are dropped)."""
-    early = job.results.pop("early_blocks", None)
-    if early is None:
-        return None
-    key, started = early
-    if started.executor is not None and key == _blocks_key(block_args):
-        job.results["early_blocks_taken"] = job.results.get("early_blocks_taken", 0) + 1
-        return started
-    started.cancel()
-    return None
+    """The blocks started early for this PROCESS (_start_next_segment, _start_after_cell_refinement) if
+    they were started with exactly these arguments (their pickled bytes), else None (and they are
+    dropped).  Blocks started for a later PROCESS (of other images) are left for it."""
+    key, images = _blocks_key(block_args), block_args[5]
+    candidates = [job.results.pop("early_blocks")] if job.results.get("early_blocks") else []
+    after = job.results.get("early_blocks_after")
+    if after is not None and after[1].blocks and after[1].blocks[0][0] == images[0] and \
+            after[1].blocks[-1][-1] == images[-1]:
+        candidates.append(job.results.pop("early_blocks_after"))
+    taken = None
+    for k, started in candidates:
+        if taken is None and started.executor is not None and k == key:
+            job.results["early_blocks_taken"] = job.results.get("early_blocks_taken", 0) + 1
+            taken = started
+        else:
+            started.cancel()
+    return taken
 
 
 def cancel_early_blocks(job):
     """Drop blocks started early that no PROCESS took (the job ends, or another early start replaces them)."""
-    early = job.results.pop("early_blocks", None)
-    if early is not None:
-        early[1].cancel()
+    for slot in ("early_blocks", "early_blocks_after"):
+        early = job.results.pop(slot, None)
+        if early is not None:
+            early[1].cancel()
 
 
 def _last_segment_early(job, models, first, last, started):
@@ -929,10 +945,65 @@ def _last_segment_early(job, models, first, last, started):
     from .refine import refine_cell_early, refinement_pending
     if len(segs) == need - 1 and nxt is not None and "early_blocks" in job.results:
         (a, b), next_models = nxt
-        return lambda: refine_cell_early(job, segs + [(a, b)], next_models)
+
+        def early():
+            refine_cell_early(job, segs + [(a, b)], next_models)
+            _start_after_cell_refinement(job, ahead=1)
+        return early
     if len(segs) != need or refinement_pending(job, segs, models[1:]):
         return None
-    return lambda: refine_cell_early(job, segs, models[1:])
+
+    def early_here():
+        refine_cell_early(job, segs, models[1:])
+        _start_after_cell_refinement(job, ahead=0)
+    return early_here
+
+
+def _start_after_cell_refinement(job, ahead):
+    """The PROCESS after a cell refinement's last segment gets its blocks started as soon as the
+    refinement is known (refine_cell_early), where a worker would otherwise wait for the segments to
+    end: with the crystal, geometry and settings it will have if nothing changes before it, found by
+    replaying on a copy of the job the deck's statements up to it (job.upcoming_lines), with the
+    refinement applied where the last segment applies it (`ahead`: the segments' PROCESS actions still
+    to come, 1 or 0).  That PROCESS takes them only if it starts the very same (take_early_blocks)."""
+    from .distributed import scheduler_from
+    from .job import apply_statement
+    from .log import NullLog
+    from .refine import apply_cell_refinement
+    early = job.results.get("cellref_early")
+    if early is None or nproc_from(job.kw) < 2 or scheduler_from(job.kw) or job.crystal is None \
+            or len(job.upcoming) <= ahead or len(job.upcoming_lines) != len(job.upcoming):
+        return
+    name, args, template, directory, extension = job.upcoming[ahead]
+    if name != "PROCESS" or "START" in args or any(job.upcoming[k][0] != "PROCESS" for k in range(ahead)):
+        return
+    try:
+        sim = copy.copy(job)
+        sim.kw, sim.crystal = copy.deepcopy(job.kw), copy.deepcopy(job.crystal)
+        sim.files, sim.phi_override, sim.queue, sim.results = dict(job.files), dict(job.phi_override), [], {}
+        sim.log = NullLog()
+        for k in range(ahead + 1):
+            if k == ahead:
+                apply_cell_refinement(sim, early[1])
+            for st in job.upcoming_lines[k]:
+                if apply_statement(sim, st) is not None:      # (HELP, EXIT: not a plain run)
+                    return
+        if (template, directory, extension) != (sim.template, sim.directory, sim.extension):
+            return
+        a, b = _image_range(sim, args)
+        models = sim.experiment(a)
+        scan = models[3]
+        if b < a or scan.first > a or scan.last < b:
+            return
+        block_args = _block_args(sim, sim.crystal, models, a, b, settings_from_job(sim, models[1]))
+        if not (block_args[6].nproc > 1 and not block_args[6].scheduler):
+            return
+        old = job.results.pop("early_blocks_after", None)
+        if old is not None:
+            old[1].cancel()
+        job.results["early_blocks_after"] = (_blocks_key(block_args), start_blocks(*block_args))
+    except Exception:          # early work only: that PROCESS starts its own
+        return
 
 
 def _process_streamed(job, stream, writer, hklout, models, first, last, settings, reader, integrate_image,

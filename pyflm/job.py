@@ -53,6 +53,8 @@ class JobState:
     upcoming: list = field(default_factory=list)    # the deck's actions, in order, as a batch run found
     #                                                 them: (NAME, args, template, directory, extension),
     #                                                 for work that can start early (PROCESS's probes)
+    upcoming_lines: list = field(default_factory=list)  # beside each of those, the statements the deck
+    #                                                 gives between the GO before it and its own GO
     batch: bool = True                              # False at the interactive prompt
     failed: bool = False
 
@@ -66,6 +68,8 @@ class JobState:
         for name, args, line_no in queue:
             if self.upcoming and self.upcoming[0][0] == name:    # what is still to come, from the next on
                 self.upcoming.pop(0)
+                if self.upcoming_lines:
+                    self.upcoming_lines.pop(0)
             fn = resolve_action(name)
             if fn is None:
                 self.log.line(f" {name} is recognised but not implemented yet (input line {line_no}).")

@@ -1278,6 +1278,21 @@ def refine_cell_early(job, segments, models):
     job.results["cellref_early"] = (key, res)
 
 
+def apply_cell_refinement(job, res):
+    """What a finished cell refinement changes for the PROCESS lines after it: the crystal's cell,
+    orientation (missets folded in) and mosaic spread, and the refined detector, carried as MOSFLM
+    does through its keywords."""
+    d = res["detector"]
+    job.crystal.cell = tuple(res["cell"])
+    job.crystal.U = res["U"]
+    job.crystal.missets = (0.0, 0.0, 0.0)
+    job.crystal.mosaic = res["mosaic"]
+    job.kw.setdefault("BEAM", {})["_args"] = [d.beam_x, d.beam_y]
+    job.kw.setdefault("DISTANCE", {})["_args"] = [d.distance]
+    dist = job.kw.setdefault("DISTORTION", {})
+    dist["TILT"], dist["TWIST"] = d.tilt * 100, d.twist * 100
+
+
 def cell_refinement_segment(job, result, models, first, last):
     """Collect one PROCESS segment; when POSTREF MULTI SEGMENTS n have been collected, refine."""
     beam, det, gonio, scan = models
@@ -1309,15 +1324,7 @@ def cell_refinement_segment(job, result, models, first, last):
         log.line(" ***** WARNING ***** One or more cell parameters has changed by more than 2%")
     log.line(f" Refined detector: XCEN {bx:8.3f}  YCEN {by:8.3f}  distance {d.distance:8.3f}"
              f"  TILT {int(round(d.tilt * 100)):5d}  TWIST {int(round(d.twist * 100)):5d}  (used for later processing)")
-    job.crystal.cell = tuple(res["cell"])
-    job.crystal.U = res["U"]
-    job.crystal.missets = (0.0, 0.0, 0.0)
-    job.crystal.mosaic = res["mosaic"]
-    # the refined detector is carried to later PROCESS lines as MOSFLM does, through its keywords
-    job.kw.setdefault("BEAM", {})["_args"] = [d.beam_x, d.beam_y]
-    job.kw.setdefault("DISTANCE", {})["_args"] = [d.distance]
-    dist = job.kw.setdefault("DISTORTION", {})
-    dist["TILT"], dist["TWIST"] = d.tilt * 100, d.twist * 100
+    apply_cell_refinement(job, res)
     job.results["cell_refinement"] = res
     if "NEWMAT" in job.files:
         from .matrix import write_matrix

@@ -112,6 +112,29 @@ def test_cell_refinement_is_done_while_the_segments_blocks_run(tmp_path, monkeyp
     assert np.array_equal(res[2]["U"], res[1]["U"])
 
 
+@pytest.mark.parametrize("between", ["", "mosaic 0.35\n"])
+def test_the_process_after_cell_refinement_starts_while_the_segments_end(tmp_path, monkeypatch, between):
+    """NPROC 2: once the cell refinement is known (while the first segment's block runs), the PROCESS
+    after the segments gets its blocks started on the worker the segments leave free, with the deck's
+    statements up to it replayed (POSTREF NOSEGMENT, and a MOSAIC given between).  It takes them, and
+    writes the MTZ one process writes."""
+    from pyflm.cli import run_batch
+    from pyflm.job import JobState
+    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
+            "symmetry P212121\nnproc {n}\npostref multi segments 2\nprocess 1 3\ngo\nprocess 58 60\ngo\n"
+            "postref nosegment\n" + between + "process 1 10\ngo\n")
+    taken = {}
+    for n in (1, 2):
+        monkeypatch.chdir(tmp_path)
+        job = JobState()
+        job.files["HKLOUT"] = f"after{n}.mtz"
+        assert run_batch(deck.format(n=n).splitlines(), job) == 0
+        taken[n] = job.results.get("early_blocks_taken", 0)
+        assert "early_blocks" not in job.results and "early_blocks_after" not in job.results
+    assert taken == {1: 0, 2: 2}          # the second segment's block, and the last PROCESS's
+    assert_same_content(tmp_path / "after1.mtz", tmp_path / "after2.mtz")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
