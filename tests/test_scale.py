@@ -82,6 +82,22 @@ def test_a_sparse_sweep_on_two_processes_writes_the_same_mtz_as_one(tmp_path):
     assert_same_content(tmp_path / "1" / "lcys.mtz", tmp_path / "2" / "lcys.mtz")
 
 
+# two segments of cell refinement on the sim sweep, {n} processes
+SEGMENTS = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
+            "symmetry P212121\nnproc {n}\npostref multi segments 2\nprocess 1 3\ngo\n")
+
+
+def _in_process(deck, hklout, monkeypatch):
+    """The deck run here (run_batch, in hklout's folder): the job it leaves."""
+    from pyflm.cli import run_batch
+    from pyflm.job import JobState
+    monkeypatch.chdir(hklout.parent)
+    job = JobState()
+    job.files["HKLOUT"] = hklout.name
+    assert run_batch(deck.splitlines(), job) == 0
+    return job
+
+
 @pytest.mark.parametrize("between", ["", "mosaic 0.35\n"])
 def test_cell_refinement_is_done_while_the_segments_blocks_run(tmp_path, monkeypatch, between):
     """NPROC 2: the second segment's blocks start with the first segment's PROCESS (on the worker its
@@ -89,17 +105,10 @@ def test_cell_refinement_is_done_while_the_segments_blocks_run(tmp_path, monkeyp
     second segment's PROCESS takes both.  A MOSAIC given between the segments changes what they would
     be integrated and refined with, so none of that is taken; the refinement is then done again while
     the second segment's own blocks run.  The same cell, cycles and MTZ either way."""
-    from pyflm.cli import run_batch
-    from pyflm.job import JobState
-    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
-            "symmetry P212121\nnproc {n}\npostref multi segments 2\nprocess 1 3\ngo\n" + between +
-            "process 58 60\ngo\n")
+    deck = SEGMENTS + between + "process 58 60\ngo\n"
     res = {}
     for n in (1, 2):
-        monkeypatch.chdir(tmp_path)
-        job = JobState()
-        job.files["HKLOUT"] = f"seg{n}.mtz"
-        assert run_batch(deck.format(n=n).splitlines(), job) == 0
+        job = _in_process(deck.format(n=n), tmp_path / f"seg{n}.mtz", monkeypatch)
         res[n] = job.results["cell_refinement"]
         res[n]["early_blocks"] = job.results.get("early_blocks_taken", 0)
         assert "early_blocks" not in job.results          # nothing started early is left running
@@ -118,17 +127,10 @@ def test_the_process_after_cell_refinement_starts_while_the_segments_end(tmp_pat
     after the segments gets its blocks started on the worker the segments leave free, with the deck's
     statements up to it replayed (POSTREF NOSEGMENT, and a MOSAIC given between).  It takes them, and
     writes the MTZ one process writes."""
-    from pyflm.cli import run_batch
-    from pyflm.job import JobState
-    deck = (f'template "sim_####.cbf"\ndirectory "{SIM}"\nmatrix "{SIM}/truth.mat"\nmosaic 0.3\n'
-            "symmetry P212121\nnproc {n}\npostref multi segments 2\nprocess 1 3\ngo\nprocess 58 60\ngo\n"
-            "postref nosegment\n" + between + "process 1 10\ngo\n")
+    deck = SEGMENTS + "process 58 60\ngo\npostref nosegment\n" + between + "process 1 10\ngo\n"
     taken = {}
     for n in (1, 2):
-        monkeypatch.chdir(tmp_path)
-        job = JobState()
-        job.files["HKLOUT"] = f"after{n}.mtz"
-        assert run_batch(deck.format(n=n).splitlines(), job) == 0
+        job = _in_process(deck.format(n=n), tmp_path / f"after{n}.mtz", monkeypatch)
         taken[n] = job.results.get("early_blocks_taken", 0)
         assert "early_blocks" not in job.results and "early_blocks_after" not in job.results
     assert taken == {1: 0, 2: 2}          # the second segment's block, and the last PROCESS's
