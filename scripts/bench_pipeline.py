@@ -268,11 +268,9 @@ def sweep_files(sweep, n_images=None):
     return files[:n_images] if n_images else files
 
 
-def start_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None, cache=True):
-    """The pyflm child started on the deck in `workdir` (made anew): its Popen.  cache: the sweep's
-    images set as --cache says first (set_cache)."""
-    if cache:
-        set_cache(sweep_files(sweep, n_images))
+def start_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
+    """The pyflm child started on the deck in `workdir` (made anew): its Popen.  (Its callers set the
+    images' cache state first, outside their clocks: set_cache.)"""
     workdir = pathlib.Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -305,8 +303,7 @@ def finish_pyflm(proc, workdir):
 def run_pyflm(sweep, n_images, workdir, last=None, nproc=1, profile=False, scheduler=None):
     set_cache(sweep_files(sweep, n_images))
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    out = finish_pyflm(start_pyflm(sweep, n_images, workdir, last, nproc, profile, scheduler, cache=False),
-                       workdir)
+    out = finish_pyflm(start_pyflm(sweep, n_images, workdir, last, nproc, profile, scheduler), workdir)
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     # CPU of the whole process tree (the child, its workers: each reaped by its parent), start-up and
     # exit included: against the wall time it says how busy the cores were
@@ -323,7 +320,7 @@ def run_pyflm_together(sweep, n_images, workdirs):
     a virtual machine's cores their host's) is the most that worker processes could give one job."""
     set_cache(sweep_files(sweep, n_images))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    procs = [start_pyflm(sweep, n_images, w, cache=False) for w in workdirs]
+    procs = [start_pyflm(sweep, n_images, w) for w in workdirs]
     out = [finish_pyflm(p, w) for p, w in zip(procs, workdirs)]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for o in out:      # (their CPU shared out: each copy's own is not told apart by getrusage)
