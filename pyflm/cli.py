@@ -110,7 +110,7 @@ def run_batch(lines, job):
     try:
         return _run_batch(lines, job)
     finally:       # work started early for a PROCESS that did not come (an error, EXIT) is dropped
-        if job.results.get("early_blocks") is not None or job.results.get("early_blocks_after") is not None:
+        if job.results.get("early_blocks"):
             from .integrate import cancel_early_blocks
             cancel_early_blocks(job)
         if job.results.get("early_probes") is not None:

@@ -889,44 +889,51 @@ def _start_next_segment(job, spec, first, last):
         return
     if b < a or scan.first > a or scan.last < b or (a, b) == (first, last):
         return
-    from .shoebox import integrate_image
     cancel_early_blocks(job)
     try:
-        settings = settings_from_job(job, det)
-        block_args = (copy.copy(spec), beam, det, gonio, scan, range(a, b + 1), settings, job_image_reader(job),
-                      integrate_image)
-        job.results["early_blocks"] = (_blocks_key(block_args), start_blocks(*block_args))
+        block_args = _block_args(job, spec, (beam, det, gonio, scan), a, b, settings_from_job(job, det))
+        _keep_early_blocks(job, block_args)
         job.results["next_segment"] = ((a, b), (beam, det, gonio, scan))
     except Exception:          # early work only: that PROCESS starts its own
         pass
 
 
+def _keep_early_blocks(job, block_args):
+    """Blocks started now for a PROCESS still to come, kept in job.results['early_blocks'] (a list, one
+    start for each PROCESS's images: an earlier one for the same images is dropped)."""
+    images = block_args[5]
+    kept = []
+    for key, started in job.results.pop("early_blocks", []):
+        if started.blocks and (started.blocks[0][0], started.blocks[-1][-1]) == (images[0], images[-1]):
+            started.cancel()
+        else:
+            kept.append((key, started))
+    job.results["early_blocks"] = kept + [(_blocks_key(block_args), start_blocks(*block_args))]
+
+
 def take_early_blocks(job, block_args):
-    """The blocks started early for this PROCESS (_start_next_segment, _start_after_cell_refinement) if
-    they were started with exactly these arguments (their pickled bytes), else None (and they are
-    dropped).  Blocks started for a later PROCESS (of other images) are left for it."""
+    """The blocks started early for this PROCESS's images (_start_next_segment,
+    _start_after_cell_refinement) if they were started with exactly these arguments (their pickled
+    bytes), else None (and they are dropped).  Those started for another PROCESS are left for it."""
     key, images = _blocks_key(block_args), block_args[5]
-    candidates = [job.results.pop("early_blocks")] if job.results.get("early_blocks") else []
-    after = job.results.get("early_blocks_after")
-    if after is not None and after[1].blocks and after[1].blocks[0][0] == images[0] and \
-            after[1].blocks[-1][-1] == images[-1]:
-        candidates.append(job.results.pop("early_blocks_after"))
-    taken = None
-    for k, started in candidates:
-        if taken is None and started.executor is not None and k == key:
+    taken, kept = None, []
+    for k, started in job.results.pop("early_blocks", []):
+        if not started.blocks or (started.blocks[0][0], started.blocks[-1][-1]) != (images[0], images[-1]):
+            kept.append((k, started))
+        elif taken is None and started.executor is not None and k == key:
             job.results["early_blocks_taken"] = job.results.get("early_blocks_taken", 0) + 1
             taken = started
         else:
             started.cancel()
+    if kept:
+        job.results["early_blocks"] = kept
     return taken
 
 
 def cancel_early_blocks(job):
     """Drop blocks started early that no PROCESS took (the job ends, or another early start replaces them)."""
-    for slot in ("early_blocks", "early_blocks_after"):
-        early = job.results.pop(slot, None)
-        if early is not None:
-            early[1].cancel()
+    for _, started in job.results.pop("early_blocks", []):
+        started.cancel()
 
 
 def _last_segment_early(job, models, first, last, started):
@@ -998,10 +1005,7 @@ def _start_after_cell_refinement(job, ahead):
         block_args = _block_args(sim, sim.crystal, models, a, b, settings_from_job(sim, models[1]))
         if not (block_args[6].nproc > 1 and not block_args[6].scheduler):
             return
-        old = job.results.pop("early_blocks_after", None)
-        if old is not None:
-            old[1].cancel()
-        job.results["early_blocks_after"] = (_blocks_key(block_args), start_blocks(*block_args))
+        _keep_early_blocks(job, block_args)
     except Exception:          # early work only: that PROCESS starts its own
         return
 

@@ -132,7 +132,7 @@ def test_the_process_after_cell_refinement_starts_while_the_segments_end(tmp_pat
     for n in (1, 2):
         job = _in_process(deck.format(n=n), tmp_path / f"after{n}.mtz", monkeypatch)
         taken[n] = job.results.get("early_blocks_taken", 0)
-        assert "early_blocks" not in job.results and "early_blocks_after" not in job.results
+        assert "early_blocks" not in job.results          # nothing started early is left running
     assert taken == {1: 0, 2: 2}          # the second segment's block, and the last PROCESS's
     assert_same_content(tmp_path / "after1.mtz", tmp_path / "after2.mtz")
 
