@@ -843,6 +843,7 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
     cdef const unsigned char *mm = NULL
     cdef unsigned char *cm = NULL
     cdef int avx2 = pyflm_avx2()
+    cdef int no_masks = not (use_mask or use_bgx or use_bgx2 or use_bgx3)
     if dense:
         for i in range(nxs + 1):
             rim_row[i] = n_bg_all
@@ -862,6 +863,10 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         mstep[1] = nf if use_bgx else 0
         mstep[2] = nf if use_bgx2 else 0
         mstep[3] = nf if use_bgx3 else 0
+    elif no_masks:
+        # nothing masked (refinement's measurements): the boxes' mask bits read from one box's rows of
+        # zeros, not from an image of them made, streamed ahead and read for every box (1 byte a pixel)
+        cm = <unsigned char *>calloc(nxs * nf, 1)
     else:
         cm = <unsigned char *>malloc(ns * nf)
         _combine(mask, use_mask, bgx, use_bgx, bgx2, use_bgx2, bgx3, use_bgx3, ns * nf, cm)
@@ -931,20 +936,25 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
         else:
             if cs > pf_row:
                 pf_row = cs if cs < ns else ns
-            pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, cm, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
+            pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, NULL if no_masks else cm, pf_row,
+                                    cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
             if on:
                 # the box on the image (nearly all): its pixels read where they are, through the offsets of
                 # the peak and rim pixels from the box's corner (no copy of the box, no mask bits per pixel)
                 base = cs * nf + cf
                 d0 = &data[0, 0] + base
-                mc = cm + base
+                mc = cm if no_masks else cm + base
                 if n_nb >= 1:
                     e0 = &nb0[0, 0] + base
                 if n_nb >= 2:
                     e1 = &nb1[0, 0] + base
                 po, bo = pk_o, bg_o
             else:
-                _load_cm(data, cm, cs, cf, nxs, nys, box, mb)
+                if no_masks:
+                    _load_px(data, cs, cf, nxs, nys, box)
+                    memset(mb, 0, npix)
+                else:
+                    _load_cm(data, cm, cs, cf, nxs, nys, box, mb)
                 d0, mc = box, mb
                 if n_nb >= 1:
                     _load_px(nb0, cs, cf, nxs, nys, box0)
