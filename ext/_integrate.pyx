@@ -1445,7 +1445,7 @@ cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] s
     """The boxes in `order` (the image's rows: neighbouring boxes share cache lines and pages; the
     predictions come in any order).  A box on the image is read as runs of peak or rim pixels along
     its rows (no mask per pixel); each sum still takes its pixels in the order of the rows."""
-    cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1], b, i, j, si, q, bn, r
+    cdef Py_ssize_t n = fast.shape[0], ns = data.shape[0], nf = data.shape[1], b, i, j, si, q, r
     cdef long long cs, cf
     cdef double c, pk, rim
     cdef int npk, nrim, nrun = 0, kind
