@@ -534,13 +534,16 @@ cdef inline void _bg_row(pix_t[:, ::1] data, pix_t[:, ::1] nb0, pix_t[:, ::1] nb
 
 
 cdef inline Py_ssize_t _prefetch_rows(const void *a, const void *b, const void *c, const void *d,
-                                      Py_ssize_t row, Py_ssize_t upto, Py_ssize_t ns,
+                                      Py_ssize_t row, Py_ssize_t cs, int nxs, Py_ssize_t ns,
                                       Py_ssize_t row_bytes, Py_ssize_t mrow_bytes) noexcept nogil:
-    """Ask for whole image rows from `row` up to (not including) `upto`, in order: the boxes come in
+    """Ask for whole image rows, in order, for a box whose first row is cs: from `row` (the next not yet
+    asked for; from cs if that is further on) up to ROWS_AHEAD rows past the box.  The boxes come in
     the order of the image's rows at scattered columns, so each box's rows were cache misses one after
     the other (most of measure's time); whole rows in order are a stream the memory system keeps up
     with.  a, b, c: images (NULL: none), d: a byte mask (NULL: none).  Returns the next row to ask for."""
-    cdef Py_ssize_t k
+    cdef Py_ssize_t k, upto = cs + nxs + ROWS_AHEAD
+    if cs > row:
+        row = cs if cs < ns else ns
     if upto > ns:
         upto = ns
     while row < upto:
@@ -934,10 +937,8 @@ cdef void _measure(pix_t[:, ::1] data, const double[::1] fast, const double[::1]
                         if c == c:
                             nb = _append(nb, bg_x[q], bg_y[q], c, bx, by, bc, bu)
         else:
-            if cs > pf_row:
-                pf_row = cs if cs < ns else ns
-            pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, NULL if no_masks else cm, pf_row,
-                                    cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
+            pf_row = _prefetch_rows(&data[0, 0], pf_b, pf_c, NULL if no_masks else cm, pf_row, cs, nxs, ns,
+                                    row_bytes, nf)
             if on:
                 # the box on the image (nearly all): its pixels read where they are, through the offsets of
                 # the peak and rim pixels from the box's corner (no copy of the box, no mask bits per pixel)
@@ -1124,9 +1125,7 @@ cdef void _fit(pix_t[:, ::1] data, const double[::1] fast, const double[::1] slo
         r = reg[b]
         cs = _corner(slow[b], nxs // 2)
         cf = _corner(fast[b], nys // 2)
-        if cs > pf_row:
-            pf_row = cs if cs < ns else ns
-        pf_row = _prefetch_rows(&data[0, 0], NULL, NULL, pf_m, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, nf)
+        pf_row = _prefetch_rows(&data[0, 0], NULL, NULL, pf_m, pf_row, cs, nxs, ns, row_bytes, nf)
         on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
         ds = slow[b] - floor(slow[b]) - 0.5
         df = fast[b] - floor(fast[b]) - 0.5
@@ -1477,9 +1476,7 @@ cdef void _quick(pix_t[:, ::1] data, const double[::1] fast, const double[::1] s
         # whole rows ahead, in order, as measure's sparse path: the image is seldom still in the cache
         # (the block's other images were decoded and read since), and each box's rows asked for one box
         # ahead were misses the memory system served one by one (sim block, cold image 1.3 us a box)
-        if cs > pf_row:
-            pf_row = cs if cs < ns else ns
-        pf_row = _prefetch_rows(&data[0, 0], NULL, NULL, NULL, pf_row, cs + nxs + ROWS_AHEAD, ns, row_bytes, 0)
+        pf_row = _prefetch_rows(&data[0, 0], NULL, NULL, NULL, pf_row, cs, nxs, ns, row_bytes, 0)
         on = cs >= 0 and cf >= 0 and cs + nxs <= ns and cf + nys <= nf
         pk = rim = 0.0
         npk = nrim = 0
