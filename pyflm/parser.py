@@ -65,6 +65,7 @@ def logical_lines(lines, source=None, depth=0):
 
 
 def _include(path, label, depth):
+    _no_nul(path, label, "@")
     if depth > 10:
         raise InputError("@file includes nest too deeply", line_no=label, keyword="@", given=path,
                          expected="at most 10 levels")
@@ -78,7 +79,16 @@ def _include(path, label, depth):
     yield from logical_lines(data.splitlines(), os.path.basename(path), depth + 1)
 
 
+def _no_nul(text, line_no, keyword=None):
+    """A NUL byte is no part of any keyword, value or file name (the system refuses such a name with a
+    ValueError, not an OSError): the line is named here, before anything opens a file by it."""
+    if "\x00" in text:
+        raise InputError("a NUL byte in the line", line_no=line_no, keyword=keyword, given=text,
+                         expected="text (keywords, numbers and file names)")
+
+
 def tokenize(text, line_no=None):
+    _no_nul(text, line_no)
     try:
         lex = shlex.shlex(text, posix=True)
         lex.whitespace_split = True

@@ -68,3 +68,16 @@ def test_the_program_exits_0_or_1_without_traceback(tmp_path_factory, lines):
     assert r.returncode in (0, 1) and "Traceback" not in r.stdout + r.stderr
     if r.returncode == 1:
         assert any(ln.startswith(" Error") or "TERMINATED" in ln for ln in r.stdout.splitlines())
+
+
+def test_a_nul_byte_in_a_line_is_named_not_a_traceback(tmp_path):
+    """The fuzzer's find ('@ \\x00'): a NUL byte in a file name made open() raise ValueError.  Any line
+    holding one is refused by name, the @file line as every other, and the batch run exits 1."""
+    statements, errors = parse_lines(["@ \x00", "distance 120"])
+    assert [e.line_no for e in errors] == [1] and "NUL byte" in errors[0].line()
+    statements, errors = parse_lines(["matrix a\x00b.mat", "distance 120"])
+    assert [e.line_no for e in errors] == [1] and [s.keyword for s in statements] == ["DISTANCE"]
+    r = subprocess.run([sys.executable, "-m", "pyflm.cli"], input="matrix a\x00b.mat\nexit\n", text=True,
+                       capture_output=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert any("Input line 1" in ln and "NUL byte" in ln for ln in r.stdout.splitlines())
