@@ -125,6 +125,103 @@ cdef extern from *:
                         const double *p3, const double *p4, double nullpix, unsigned char *valid,
                         double *med) nogil
 
+cdef extern from *:
+    """
+    /* Any other block size up to PYFLM_KMAX images (a block's last few images, cell refinement's
+       3-image segments, another BLOCK): the same validity and median as the general scalar path, the k
+       values sorted by the same odd-even transposition network of min/max on four (AVX2) or two (SSE2)
+       pixels at once; a sorted list is the same whatever sorts it, so the medians are the same bits.
+       K a constant in each case of the switch, so the network is unrolled into registers. */
+    #define PYFLM_KMAX 16
+    #define PYFLM_MEDK_BODY(VEC, W, LOAD, SET1, ZERO, ADD, AND, MAX, MIN, GT, DIV, STORE, MASK) \
+        const VEC zero = ZERO(), nul = SET1(nullpix), one = SET1(1.0), half = SET1(0.5 * K), two = SET1(2.0); \
+        VEC v[PYFLM_KMAX]; \
+        Py_ssize_t i = 0; \
+        for (; i + W <= n; i += W) { \
+            VEC nv = zero; \
+            for (int t = 0; t < K; t++) { \
+                VEC a = LOAD(p[t] + i); \
+                nv = ADD(nv, AND(GT(a, nul), one)); \
+                v[t] = MAX(a, zero); \
+            } \
+            for (int u = 0; u < K; u++) \
+                for (int t = u & 1; t < K - 1; t += 2) { \
+                    VEC x = v[t], y = v[t + 1]; \
+                    v[t] = MIN(x, y); \
+                    v[t + 1] = MAX(x, y); \
+                } \
+            VEC m = (K & 1) ? v[K / 2] : DIV(ADD(v[K / 2 - 1], v[K / 2]), two); \
+            VEC ok = GT(nv, half); \
+            STORE(med + i, AND(m, ok)); \
+            int bits = MASK(ok); \
+            for (int t = 0; t < W; t++) valid[i + t] = (bits >> t) & 1; \
+        } \
+        return i;
+    #define PYFLM_GT4(a, b) _mm256_cmp_pd(a, b, _CMP_GT_OQ)
+    #define PYFLM_MEDK_AVX2(NAME, T, LOAD4) \
+    static inline __attribute__((always_inline, target("avx2"))) Py_ssize_t NAME##_k(Py_ssize_t n, const int K, \
+            const T **p, double nullpix, unsigned char *valid, double *med) { \
+        PYFLM_MEDK_BODY(__m256d, 4, LOAD4, _mm256_set1_pd, _mm256_setzero_pd, _mm256_add_pd, _mm256_and_pd, \
+                        _mm256_max_pd, _mm256_min_pd, PYFLM_GT4, _mm256_div_pd, _mm256_storeu_pd, \
+                        _mm256_movemask_pd) \
+    } \
+    __attribute__((target("avx2"))) static Py_ssize_t NAME(Py_ssize_t n, int k, const T **p, double nullpix, \
+                                                          unsigned char *valid, double *med) { \
+        switch (k) { \
+        case 1: return NAME##_k(n, 1, p, nullpix, valid, med); \
+        case 2: return NAME##_k(n, 2, p, nullpix, valid, med); \
+        case 3: return NAME##_k(n, 3, p, nullpix, valid, med); \
+        case 4: return NAME##_k(n, 4, p, nullpix, valid, med); \
+        case 6: return NAME##_k(n, 6, p, nullpix, valid, med); \
+        case 7: return NAME##_k(n, 7, p, nullpix, valid, med); \
+        case 8: return NAME##_k(n, 8, p, nullpix, valid, med); \
+        default: return NAME##_k(n, k, p, nullpix, valid, med); \
+        } \
+    }
+    #define PYFLM_MEDK(NAME, T, LOAD2) \
+    static inline __attribute__((always_inline)) Py_ssize_t NAME##_k(Py_ssize_t n, const int K, const T **p, \
+            double nullpix, unsigned char *valid, double *med) { \
+        PYFLM_MEDK_BODY(__m128d, 2, LOAD2, _mm_set1_pd, _mm_setzero_pd, _mm_add_pd, _mm_and_pd, _mm_max_pd, \
+                        _mm_min_pd, _mm_cmpgt_pd, _mm_div_pd, _mm_storeu_pd, _mm_movemask_pd) \
+    } \
+    /* the pixels the AVX2 pass left (all of them without AVX2) two at a time, the last as the scalar path */ \
+    static void NAME(Py_ssize_t n, int k, const T **p, double nullpix, unsigned char *valid, double *med) { \
+        Py_ssize_t i = pyflm_sh_avx2() ? NAME##_4(n, k, p, nullpix, valid, med) : 0, j; \
+        const T *q[PYFLM_KMAX]; \
+        for (int t = 0; t < k; t++) q[t] = p[t] + i; \
+        switch (k) { \
+        case 1: j = NAME##_k(n - i, 1, q, nullpix, valid + i, med + i); break; \
+        case 2: j = NAME##_k(n - i, 2, q, nullpix, valid + i, med + i); break; \
+        case 3: j = NAME##_k(n - i, 3, q, nullpix, valid + i, med + i); break; \
+        case 4: j = NAME##_k(n - i, 4, q, nullpix, valid + i, med + i); break; \
+        default: j = NAME##_k(n - i, k, q, nullpix, valid + i, med + i); \
+        } \
+        for (i += j; i < n; i++) { \
+            double v[PYFLM_KMAX]; \
+            int nv = 0; \
+            for (int t = 0; t < k; t++) { double x = p[t][i]; nv += x > nullpix; v[t] = x > 0 ? x : 0.0; } \
+            for (int u = 0; u < k; u++) \
+                for (int t = u & 1; t < k - 1; t += 2) { \
+                    double x = v[t], y = v[t + 1]; v[t] = pyflm_min(x, y); v[t + 1] = pyflm_max(x, y); } \
+            valid[i] = 2 * nv > k; \
+            med[i] = 2 * nv > k ? ((k & 1) ? v[k / 2] : (v[k / 2 - 1] + v[k / 2]) / 2.0) : 0.0; \
+        } \
+    }
+    PYFLM_MEDK_AVX2(pyflm_medk_i32_4, int, PYFLM_LOAD4_I32)
+    PYFLM_MEDK_AVX2(pyflm_medk_f32_4, float, PYFLM_LOAD4_F32)
+    PYFLM_MEDK_AVX2(pyflm_medk_f64_4, double, PYFLM_LOAD4_F64)
+    PYFLM_MEDK(pyflm_medk_i32, int, PYFLM_LOAD_I32)
+    PYFLM_MEDK(pyflm_medk_f32, float, PYFLM_LOAD_F32)
+    PYFLM_MEDK(pyflm_medk_f64, double, PYFLM_LOAD_F64)
+    """
+    void pyflm_medk_i32(Py_ssize_t n, int k, const int **p, double nullpix, unsigned char *valid,
+                        double *med) nogil
+    void pyflm_medk_f32(Py_ssize_t n, int k, const float **p, double nullpix, unsigned char *valid,
+                        double *med) nogil
+    void pyflm_medk_f64(Py_ssize_t n, int k, const double **p, double nullpix, unsigned char *valid,
+                        double *med) nogil
+
+
 def set_simd(int level):
     """0: SSE2 alone, -1: AVX2 where the CPU has it (the default); the level before."""
     return pyflm_sh_set_simd(level)
@@ -142,8 +239,8 @@ cdef inline double _median_sorted(double *v, int n) noexcept nogil:
     return (v[n // 2 - 1] + v[n // 2]) / 2.0
 
 
-DEF HIST = 256
-DEF HALVES = 512       # median5's counts: levels 0, 0.5, ... 255.5
+DEF KMAX = 16          # block sizes the vectorised median takes (PYFLM_KMAX); larger ones the loop below
+DEF HALVES = 512       # counts of levels 0, 0.5, ... 255.5 (bins' medians, median5's)
 
 
 cdef double _select(double *v, int n, int k) noexcept nogil:
@@ -190,7 +287,7 @@ cdef void _stats_bins(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, do
                       Py_ssize_t bi, Py_ssize_t nbc, unsigned char *V, double *M, double *C, double *buf,
                       double *bb, int *hist) noexcept nogil:
     """block_stats of the pixel rows of the bi-th row of bins: validity and median into V and M (laid out
-    from that row of bins' first pixel row, nf a row) and the bins' medians into C[0:nbc]; hist is all 0
+    from that row of bins' first pixel row, nf a row) and the bins' medians into C[0:nbc]; hist (HALVES) is all 0
     on entry and exit."""
     cdef Py_ssize_t i, j, t, u, bj, n, off
     cdef int nv
@@ -198,6 +295,7 @@ cdef void _stats_bins(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, do
     cdef Py_ssize_t r0 = bi * bin_, r1 = min(r0 + bin_, ns)
     cdef int small, top, h, cum, lo_rank, hi_rank
     cdef double lo_v, hi_v
+    cdef pix_t *rows[KMAX]
     # the pixels of this row of bins first, while they are in the cache for their bins' medians
     if k == 5:
         if pix_t is cnp.int32_t:
@@ -210,7 +308,16 @@ cdef void _stats_bins(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, do
         else:
             pyflm_med5_f64((r1 - r0) * nf, st[0] + r0 * nf, st[1] + r0 * nf, st[2] + r0 * nf,
                            st[3] + r0 * nf, st[4] + r0 * nf, nullpix, V, M)
-    for i in range(r0 if k != 5 else r1, r1):
+    elif k <= KMAX:
+        for t in range(k):
+            rows[t] = st[t] + r0 * nf
+        if pix_t is cnp.int32_t:
+            pyflm_medk_i32((r1 - r0) * nf, <int>k, <const int **>rows, nullpix, V, M)
+        elif pix_t is float:
+            pyflm_medk_f32((r1 - r0) * nf, <int>k, <const float **>rows, nullpix, V, M)
+        else:
+            pyflm_medk_f64((r1 - r0) * nf, <int>k, <const double **>rows, nullpix, V, M)
+    for i in range(r0 if k > KMAX else r1, r1):
         for j in range(nf):
             off = i * nf + j
             nv = 0
@@ -243,11 +350,13 @@ cdef void _stats_bins(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, do
                     x = M[i * nf + j]
                     bb[n] = x
                     n += 1
-                    # medians of counts are mostly small whole numbers: counted, not sorted
-                    if small and x < HIST and x == <int>x:
-                        hist[<int>x] += 1
-                        if <int>x > top:
-                            top = <int>x
+                    # medians of counts are mostly small whole numbers (halves over an even block):
+                    # counted in halves, not sorted
+                    y = 2.0 * x
+                    if small and y < HALVES and y == <int>y:
+                        hist[<int>y] += 1
+                        if <int>y > top:
+                            top = <int>y
                     else:
                         small = 0
         if n == 0:
@@ -261,9 +370,9 @@ cdef void _stats_bins(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, do
             for h in range(top + 1):
                 cum += hist[h]
                 if lo_v < 0 and cum > lo_rank:
-                    lo_v = h
+                    lo_v = h / 2.0
                 if cum > hi_rank:
-                    hi_v = h
+                    hi_v = h / 2.0
                     break
             C[bj] = (lo_v + hi_v) / 2.0 if n % 2 == 0 else hi_v
         else:
@@ -276,10 +385,10 @@ cdef void _stats(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, double 
                  unsigned char[:, ::1] V, double[:, ::1] M, double[:, ::1] C) noexcept nogil:
     cdef double *buf = <double *>malloc(k * sizeof(double))
     cdef double *bb = <double *>malloc(bin_ * bin_ * sizeof(double))
-    cdef int hist[HIST]
+    cdef int hist[HALVES]
     cdef Py_ssize_t bi
     cdef int h
-    for h in range(HIST):
+    for h in range(HALVES):
         hist[h] = 0
     for bi in range(C.shape[0]):
         _stats_bins(st, k, ns, nf, nullpix, bin_, bi, C.shape[1], &V[bi * bin_, 0], &M[bi * bin_, 0],
@@ -582,7 +691,7 @@ cdef Py_ssize_t _block(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, d
     cdef Py_ssize_t nbr = (ns + bin_ - 1) // bin_, nbc = (nf + bin_ - 1) // bin_, slot = bin_ * nf
     cdef Py_ssize_t bi, nxt = 0, need, a, r, i, n = 0
     cdef int h
-    cdef int hist[HIST]
+    cdef int hist[HALVES]
     cdef int hist5[HALVES]
     cdef unsigned char *Vr = <unsigned char *>malloc(4 * slot)
     cdef double *Mr = <double *>malloc(4 * slot * sizeof(double))
@@ -597,7 +706,7 @@ cdef Py_ssize_t _block(pix_t **st, Py_ssize_t k, Py_ssize_t ns, Py_ssize_t nf, d
     cdef double *RM = <double *>malloc(3 * nf * sizeof(double))
     cdef double *RV = <double *>malloc(3 * nf * sizeof(double))
     cdef unsigned char *hrow = <unsigned char *>malloc(nf)
-    for h in range(HIST):
+    for h in range(HALVES):
         hist[h] = 0
     for h in range(HALVES):
         hist5[h] = 0

@@ -123,3 +123,35 @@ def test_avx2_median_of_5_is_sse2s_to_the_bit():
             for x, y in zip(a, b):
                 assert x.tobytes() == y.tobytes()
             assert a[0].any() and (ns < 30 or not a[0].all())       # some pixels not valid
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 7, 8, 9, 16, 17])
+def test_every_block_size_has_the_twins_medians_on_avx2_and_sse2(k):
+    # blocks other than five images (the last few of a sweep, cell refinement's 3-image segments,
+    # another BLOCK): the vectorised sort of k values (up to 16; 17 is the scalar loop's) gives the
+    # numpy twin's validity and medians to the bit, four pixels at a time and two, with tails,
+    # negatives, -0 and each pixel type; with a NaN (which the twin's median keeps) AVX2 and SSE2 to the bit
+    ext = shoebox._shadow_ext
+    rng = np.random.default_rng(100 + k)
+    for ns, nf in ((37, 29), (3, 1)):
+        base = [rng.normal(2.0, 3.0, (ns, nf)) for _ in range(k)]
+        base[-1][-1, -1] = -0.0
+        for d in base[: k // 2 + 1]:
+            d[ns // 2, :] = -5.0                     # below NULLPIX on most images: not valid
+        nan = [d.copy() for d in base]
+        nan[0][0, 0] = np.nan
+        for imgs, twin in (([d.round().astype(np.int32) for d in base], True),
+                           ([d.astype(np.float32) for d in base], True), (base, True),
+                           ([d.astype(np.float32) for d in nan], False), (nan, False)):
+            old = ext.set_simd(0)
+            try:
+                sse2 = ext.block_stats(imgs, -1.0, 8)
+            finally:
+                ext.set_simd(old)
+            avx2 = ext.block_stats(imgs, -1.0, 8)
+            for x, y in zip(sse2, avx2):
+                assert x.tobytes() == y.tobytes()
+            if twin:        # (to the value: the twin's np.maximum(-0.0, 0) may keep the sign of a zero)
+                for x, y in zip(shoebox.shadow_stats_numpy(imgs, -1.0, 8), avx2):
+                    assert x.shape == y.shape and np.array_equal(x, y)
+            assert avx2[0].any() and (ns < 30 or not avx2[0].all())
